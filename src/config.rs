@@ -1,0 +1,626 @@
+//! Configuration: the TOML file, `HASS_EDGE_<SECTION>_<KEY>` environment overrides, and
+//! validation into a [`Config`] the rest of the daemon can trust.
+//!
+//! Parsing is pure ([`parse_config`] takes the file text and the environment), so it is tested
+//! without touching the file system. The shape follows ntpd-rs and greetd: a raw serde layer
+//! with `deny_unknown_fields`, then a validated value; every error names the key it is about.
+//! A bad config makes the daemon exit with `EX_CONFIG` (78, see sysexits(3)).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default location of the config file (the Debian package ships it as a conffile).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hass-edge/config.toml";
+
+/// Prefix of the environment variables that override config keys, e.g. `HASS_EDGE_HA_URL`.
+pub const ENV_PREFIX: &str = "HASS_EDGE_";
+
+/// Exit code for a bad configuration: `EX_CONFIG` from sysexits(3).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Sections of the file; env overrides are split as `HASS_EDGE_<SECTION>_<KEY>`.
+const SECTIONS: &[&str] = &["ha", "filter", "cache", "reconnect", "heartbeat", "http", "log"];
+
+/// Keys whose value is a list; from the environment they are comma-separated.
+const LIST_KEYS: &[&str] = &["include_prefixes", "exclude_domains"];
+
+/// A configuration error. The message always names the key or file it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse, or a key is unknown or of the wrong type.
+    #[error("invalid config{origin}: {message}")]
+    Syntax {
+        /// Where the text came from (` in /etc/…` or empty).
+        origin: String,
+        /// What toml/serde said, which names the key.
+        message: String,
+    },
+    /// A key has a value of the right type but outside its range.
+    #[error("invalid config key {key}: {message}")]
+    Invalid {
+        /// `section.key`.
+        key: String,
+        /// What is wrong with the value.
+        message: String,
+    },
+    /// The token could not be read (it lives in its own file, never in the config).
+    #[error("failed to read the Home Assistant token from {path}: {message}")]
+    Token {
+        /// The file that was tried.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The file as written: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    ha: RawHa,
+    filter: RawFilter,
+    cache: RawCache,
+    reconnect: RawReconnect,
+    heartbeat: RawHeartbeat,
+    http: RawHttp,
+    log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHa {
+    url: String,
+    token_file: PathBuf,
+    ca_file: PathBuf,
+}
+
+impl Default for RawHa {
+    fn default() -> Self {
+        RawHa {
+            url: "http://homeassistant.local:8123".into(),
+            token_file: "/etc/hass-edge/token".into(),
+            ca_file: PathBuf::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawFilter {
+    enabled: bool,
+    include_prefixes: Vec<String>,
+    exclude_domains: Vec<String>,
+}
+
+impl Default for RawFilter {
+    fn default() -> Self {
+        RawFilter {
+            enabled: true,
+            include_prefixes: Vec::new(),
+            exclude_domains: vec!["media_player".into(), "camera".into(), "automation".into()],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCache {
+    mode: CacheMode,
+    max_entities: u64,
+    ttl_seconds: u64,
+    negative_ttl_seconds: u64,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        RawCache { mode: CacheMode::Update, max_entities: 10_000, ttl_seconds: 30, negative_ttl_seconds: 30 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawReconnect {
+    max_attempts: u64,
+    max_delay_seconds: u64,
+}
+
+impl Default for RawReconnect {
+    fn default() -> Self {
+        RawReconnect { max_attempts: 0, max_delay_seconds: 60 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHeartbeat {
+    interval_seconds: u64,
+    timeout_seconds: u64,
+}
+
+impl Default for RawHeartbeat {
+    fn default() -> Self {
+        RawHeartbeat { interval_seconds: 30, timeout_seconds: 10 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp { listen: "127.0.0.1:8124".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { level: "info".into() }
+    }
+}
+
+/// What an HA event does to the store (`[cache] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Events write the new state into the store.
+    Update,
+    /// Events drop the entity; the next read goes to HA's REST API.
+    Invalidate,
+}
+
+/// The validated configuration. Printed by `check-config` (it holds no secrets: the token
+/// lives in its own file and only the path is kept here).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// `[ha]`: where Home Assistant is.
+    pub ha: HaConfig,
+    /// `[filter]`: which entities are tracked.
+    pub filter: FilterConfig,
+    /// `[cache]`: the state store.
+    pub cache: CacheConfig,
+    /// `[reconnect]`: back-off after a lost connection.
+    pub reconnect: ReconnectConfig,
+    /// `[heartbeat]`: detection of half-open connections.
+    pub heartbeat: HeartbeatConfig,
+    /// `[http]`: the local API.
+    pub http: HttpConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+}
+
+/// `[ha]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HaConfig {
+    /// Base URL (`http://host:port`, optionally with a path prefix), without a trailing `/`.
+    pub url: String,
+    /// The WebSocket URL derived from `url`: `ws`/`wss` + `<path>/api/websocket`.
+    pub websocket_url: String,
+    /// File holding the long-lived access token.
+    pub token_file: PathBuf,
+    /// Extra CA certificate (PEM) added to the system roots; `None` when empty.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[filter]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FilterConfig {
+    /// `false` tracks every entity.
+    pub enabled: bool,
+    /// Entity-id prefixes to keep (empty = all); applied after `exclude_domains`.
+    pub include_prefixes: Vec<String>,
+    /// Domains never tracked.
+    pub exclude_domains: Vec<String>,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CacheConfig {
+    /// See [`CacheMode`].
+    pub mode: CacheMode,
+    /// LRU bound on the number of entries (≥ 1).
+    pub max_entities: usize,
+    /// Life of REST-fetched entries, and of pushed ones while the subscription is down.
+    #[serde(rename = "ttl_seconds", serialize_with = "as_seconds")]
+    pub ttl: Duration,
+    /// Life of a cached 404 from HA.
+    #[serde(rename = "negative_ttl_seconds", serialize_with = "as_seconds")]
+    pub negative_ttl: Duration,
+}
+
+/// `[reconnect]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReconnectConfig {
+    /// Attempts before giving up; 0 = forever.
+    pub max_attempts: u32,
+    /// Cap of the exponential back-off, and the retry period after `auth_invalid`.
+    #[serde(rename = "max_delay_seconds", serialize_with = "as_seconds")]
+    pub max_delay: Duration,
+}
+
+/// `[heartbeat]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HeartbeatConfig {
+    /// Period of app-level `ping` messages.
+    #[serde(rename = "interval_seconds", serialize_with = "as_seconds")]
+    pub interval: Duration,
+    /// How long to wait for the `pong` before declaring the connection dead.
+    #[serde(rename = "timeout_seconds", serialize_with = "as_seconds")]
+    pub timeout: Duration,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HttpConfig {
+    /// Address the local API listens on.
+    pub listen: SocketAddr,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogConfig {
+    /// `error|warn|info|debug|trace|off`; `RUST_LOG` overrides.
+    pub level: String,
+}
+
+fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+impl Config {
+    /// Reads and parses `path`, applying overrides from the process environment.
+    ///
+    /// Errors: [`ConfigError::Read`] when the file cannot be read (a missing file at the
+    /// default path is not an error: defaults and the environment apply), otherwise as
+    /// [`parse_config`].
+    pub fn load(path: &Path, path_was_given: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_was_given => String::new(),
+            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+        };
+        let env = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX));
+        parse_config(&text, env).map_err(|e| match e {
+            ConfigError::Syntax { message, .. } => {
+                ConfigError::Syntax { origin: format!(" in {}", path.display()), message }
+            }
+            other => other,
+        })
+    }
+
+    /// Renders the effective config as TOML, as `check-config` prints it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Reads the HA token: `$CREDENTIALS_DIRECTORY/ha-token` when systemd passed it
+    /// (`LoadCredential=`, see systemd.exec(5) "Credentials"), else `ha.token_file`.
+    /// Surrounding white space is trimmed.
+    ///
+    /// Errors: [`ConfigError::Token`] naming the file, when it is unreadable or empty.
+    pub fn read_token(&self) -> Result<Secret, ConfigError> {
+        let path = std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|dir| Path::new(&dir).join("ha-token"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| self.ha.token_file.clone());
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::Token { path: path.clone(), message: e.to_string() })?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(ConfigError::Token { path, message: "the file is empty".into() });
+        }
+        if token.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(ConfigError::Token { path, message: "the token contains white space or control characters".into() });
+        }
+        Ok(Secret(token.to_owned()))
+    }
+}
+
+/// A secret (the HA token). Its `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that must send it (the `auth` message, the REST header).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Parses config text plus `HASS_EDGE_*` overrides (`(name, value)` pairs) into a [`Config`].
+///
+/// An override value is read as a TOML value when it parses as one (`true`, `42`,
+/// `["a", "b"]`), else as a string; list keys also accept `a,b,c`.
+///
+/// Errors: [`ConfigError::Syntax`] for bad TOML, unknown keys (from the file or the
+/// environment) and wrong types; [`ConfigError::Invalid`] for out-of-range values.
+pub fn parse_config(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let syntax = |message: String| ConfigError::Syntax { origin: String::new(), message };
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax(e.to_string()))?;
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let rest = rest.to_ascii_lowercase();
+        let split = SECTIONS.iter().find_map(|s| {
+            rest.strip_prefix(s).and_then(|r| r.strip_prefix('_')).map(|key| (*s, key.to_owned()))
+        });
+        let Some((section, key)) = split.filter(|(_, k)| !k.is_empty()) else {
+            return Err(syntax(format!(
+                "environment variable {name} does not name a config key (expected {ENV_PREFIX}<SECTION>_<KEY> with SECTION one of {})",
+                SECTIONS.join(", ")
+            )));
+        };
+        let entry = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(syntax(format!("{section} must be a table")));
+        };
+        section_table.insert(key.clone(), env_value(&key, &value));
+    }
+    let raw: RawConfig = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| syntax(e.to_string()))?;
+    validate(raw)
+}
+
+fn env_value(key: &str, value: &str) -> toml::Value {
+    if let Ok(t) = format!("v = {value}").parse::<toml::Table>() {
+        if let Some(v) = t.get("v") {
+            return v.clone();
+        }
+    }
+    if LIST_KEYS.contains(&key) {
+        let items = value.split(',').map(str::trim).filter(|s| !s.is_empty());
+        return toml::Value::Array(items.map(|s| toml::Value::String(s.into())).collect());
+    }
+    toml::Value::String(value.to_owned())
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+fn positive_seconds(key: &str, value: u64) -> Result<Duration, ConfigError> {
+    // One day is far beyond any sensible value and keeps Instant arithmetic safe.
+    match value {
+        0 => Err(invalid(key, "must be at least 1")),
+        v if v > 86_400 => Err(invalid(key, "must be at most 86400 (one day)")),
+        v => Ok(Duration::from_secs(v)),
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let (url, websocket_url) = ha_urls(&raw.ha.url)?;
+    if raw.ha.token_file.as_os_str().is_empty() {
+        return Err(invalid("ha.token_file", "must not be empty"));
+    }
+    let ca_file = (!raw.ha.ca_file.as_os_str().is_empty()).then_some(raw.ha.ca_file);
+
+    for (i, p) in raw.filter.include_prefixes.iter().enumerate() {
+        if p.is_empty() {
+            return Err(invalid("filter.include_prefixes", format!("entry {i} is empty")));
+        }
+    }
+    for (i, d) in raw.filter.exclude_domains.iter().enumerate() {
+        if d.is_empty() || d.contains('.') {
+            return Err(invalid("filter.exclude_domains", format!("entry {i} ({d:?}) is not a domain (no dots, e.g. \"camera\")")));
+        }
+    }
+
+    let max_entities = match raw.cache.max_entities {
+        0 => return Err(invalid("cache.max_entities", "must be at least 1")),
+        n if n > 10_000_000 => return Err(invalid("cache.max_entities", "must be at most 10000000")),
+        n => n as usize,
+    };
+    let max_attempts = u32::try_from(raw.reconnect.max_attempts)
+        .map_err(|_| invalid("reconnect.max_attempts", "too large"))?;
+    let heartbeat = HeartbeatConfig {
+        interval: positive_seconds("heartbeat.interval_seconds", raw.heartbeat.interval_seconds)?,
+        timeout: positive_seconds("heartbeat.timeout_seconds", raw.heartbeat.timeout_seconds)?,
+    };
+    let listen: SocketAddr = raw
+        .http
+        .listen
+        .parse()
+        .map_err(|_| invalid("http.listen", format!("{:?} is not an IP:port address, e.g. \"127.0.0.1:8124\"", raw.http.listen)))?;
+    let level = raw.log.level.to_ascii_lowercase();
+    if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+        return Err(invalid("log.level", format!("{:?} is not one of off, error, warn, info, debug, trace", raw.log.level)));
+    }
+
+    Ok(Config {
+        ha: HaConfig { url, websocket_url, token_file: raw.ha.token_file, ca_file },
+        filter: FilterConfig {
+            enabled: raw.filter.enabled,
+            include_prefixes: raw.filter.include_prefixes,
+            exclude_domains: raw.filter.exclude_domains,
+        },
+        cache: CacheConfig {
+            mode: raw.cache.mode,
+            max_entities,
+            ttl: positive_seconds("cache.ttl_seconds", raw.cache.ttl_seconds)?,
+            negative_ttl: positive_seconds("cache.negative_ttl_seconds", raw.cache.negative_ttl_seconds)?,
+        },
+        reconnect: ReconnectConfig {
+            max_attempts,
+            max_delay: positive_seconds("reconnect.max_delay_seconds", raw.reconnect.max_delay_seconds)?,
+        },
+        heartbeat,
+        http: HttpConfig { listen },
+        log: LogConfig { level },
+    })
+}
+
+/// Splits `ha.url` into the REST base and the WebSocket URL (`/api/websocket`, see HA's
+/// `websocket_api/const.py` `URL`).
+fn ha_urls(url: &str) -> Result<(String, String), ConfigError> {
+    let key = "ha.url";
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| invalid(key, format!("{url:?} is not a URL: {e}")))?;
+    let ws_scheme = match uri.scheme_str() {
+        Some("http") => "ws",
+        Some("https") => "wss",
+        _ => return Err(invalid(key, format!("{url:?} must start with http:// or https://"))),
+    };
+    let Some(authority) = uri.authority() else {
+        return Err(invalid(key, format!("{url:?} has no host")));
+    };
+    if uri.query().is_some() || authority.as_str().contains('@') {
+        return Err(invalid(key, "must not contain a query or user info"));
+    }
+    let path = uri.path().trim_end_matches('/');
+    let base = format!("{}://{}{}", uri.scheme_str().unwrap_or("http"), authority, path);
+    let ws = format!("{ws_scheme}://{authority}{path}/api/websocket");
+    Ok((base, ws))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        parse_config(text, Vec::new())
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.ha.url, "http://homeassistant.local:8123");
+        assert_eq!(c.ha.websocket_url, "ws://homeassistant.local:8123/api/websocket");
+        assert_eq!(c.ha.token_file, PathBuf::from("/etc/hass-edge/token"));
+        assert_eq!(c.ha.ca_file, None);
+        assert!(c.filter.enabled);
+        assert!(c.filter.include_prefixes.is_empty());
+        assert_eq!(c.filter.exclude_domains, ["media_player", "camera", "automation"]);
+        assert_eq!(c.cache.mode, CacheMode::Update);
+        assert_eq!(c.cache.max_entities, 10_000);
+        assert_eq!(c.cache.ttl, Duration::from_secs(30));
+        assert_eq!(c.cache.negative_ttl, Duration::from_secs(30));
+        assert_eq!(c.reconnect.max_attempts, 0);
+        assert_eq!(c.reconnect.max_delay, Duration::from_secs(60));
+        assert_eq!(c.heartbeat.interval, Duration::from_secs(30));
+        assert_eq!(c.heartbeat.timeout, Duration::from_secs(10));
+        assert_eq!(c.http.listen, "127.0.0.1:8124".parse().unwrap());
+        assert_eq!(c.log.level, "info");
+    }
+
+    #[test]
+    fn https_url_with_path_derives_wss() {
+        let c = parse("[ha]\nurl = \"https://ha.example:8443/proxy/\"\n").unwrap();
+        assert_eq!(c.ha.url, "https://ha.example:8443/proxy");
+        assert_eq!(c.ha.websocket_url, "wss://ha.example:8443/proxy/api/websocket");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let e = parse("[cache]\nmax_entitys = 5\n").unwrap_err().to_string();
+        assert!(e.contains("max_entitys"), "{e}");
+        let e = parse("[cachee]\n").unwrap_err().to_string();
+        assert!(e.contains("cachee"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = parse("[cache]\nttl_seconds = \"thirty\"\n").unwrap_err().to_string();
+        assert!(e.contains("ttl_seconds"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        for (text, key) in [
+            ("[cache]\nmax_entities = 0", "cache.max_entities"),
+            ("[heartbeat]\ntimeout_seconds = 0", "heartbeat.timeout_seconds"),
+            ("[http]\nlisten = \"localhost\"", "http.listen"),
+            ("[ha]\nurl = \"ftp://x\"", "ha.url"),
+            ("[ha]\nurl = \"not a url\"", "ha.url"),
+            ("[log]\nlevel = \"loud\"", "log.level"),
+            ("[filter]\nexclude_domains = [\"light.kitchen\"]", "filter.exclude_domains"),
+            ("[cache]\nmode = \"sometimes\"", "mode"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = parse_config(
+            "[ha]\nurl = \"http://a:1\"\n",
+            env(&[
+                ("HASS_EDGE_HA_URL", "http://127.0.0.1:8123"),
+                ("HASS_EDGE_CACHE_MAX_ENTITIES", "50"),
+                ("HASS_EDGE_FILTER_ENABLED", "false"),
+                ("HASS_EDGE_FILTER_INCLUDE_PREFIXES", "light., switch."),
+                ("HASS_EDGE_FILTER_EXCLUDE_DOMAINS", "[\"camera\"]"),
+                ("HASS_EDGE_CACHE_MODE", "invalidate"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.ha.url, "http://127.0.0.1:8123");
+        assert_eq!(c.cache.max_entities, 50);
+        assert!(!c.filter.enabled);
+        assert_eq!(c.filter.include_prefixes, ["light.", "switch."]);
+        assert_eq!(c.filter.exclude_domains, ["camera"]);
+        assert_eq!(c.cache.mode, CacheMode::Invalidate);
+    }
+
+    #[test]
+    fn unknown_environment_key_is_rejected_by_name() {
+        let e = parse_config("", env(&[("HASS_EDGE_HA_URLL", "x")])).unwrap_err().to_string();
+        assert!(e.contains("url"), "{e}");
+        let e = parse_config("", env(&[("HASS_EDGE_NOPE", "x")])).unwrap_err().to_string();
+        assert!(e.contains("HASS_EDGE_NOPE"), "{e}");
+    }
+
+    #[test]
+    fn printed_config_shows_token_path_and_durations_in_seconds() {
+        let c = parse("[ha]\ntoken_file = \"/run/secret/tok\"\n").unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("token_file = \"/run/secret/tok\""), "{text}");
+        assert!(text.contains("ttl_seconds = 30"), "{text}");
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        assert_eq!(format!("{:?}", Secret::new("abc.def")), "Secret(<redacted>)");
+    }
+}

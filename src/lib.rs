@@ -1,0 +1,14 @@
+//! hass-edge: an edge daemon between Home Assistant and the consumers on a Raspberry Pi.
+//!
+//! One WebSocket subscription to HA keeps a bounded store of the tracked entities fresh; a
+//! local HTTP API answers from it in HA's own JSON shapes. The pure parts (config, filter,
+//! entity model, store, protocol session) take plain inputs and `now`; the I/O parts wire them
+//! to sockets, systemd and D-Bus.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod config;
+pub mod entity;
+pub mod filter;
+pub mod session;
+pub mod store;

@@ -1,0 +1,560 @@
+//! The state store: an LRU-bounded map from `entity_id` to the last known state, with the
+//! freshness rules of issue #2 §4. Pure: no I/O, every call takes `now`.
+//!
+//! - Entries pushed by the live subscription are authoritative (fresh, `Age: 0`) while it is
+//!   live; once it goes down they age out `ttl` after the moment it went down.
+//! - Entries fetched over REST expire `ttl` after the fetch; cached 404s after `negative_ttl`.
+//! - An expired entry is still handed back as `stale`, so the caller can serve it when HA
+//!   cannot be reached rather than fail.
+//! - `invalidate` mode drops an entry on every event instead of applying it.
+
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+
+use crate::config::CacheMode;
+use crate::entity::{DecodeError, EntityState, StateDiff};
+use crate::filter::EntityFilter;
+
+/// Where an entry came from; decides how long it stays fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From the `subscribe_entities` stream (snapshot or event).
+    Pushed,
+    /// From a REST read-through.
+    Rest,
+    /// Loaded from an earlier run (warm start): stale until HA confirms it.
+    Restored,
+}
+
+/// A cached value: a state, or HA's 404 for the id.
+#[derive(Debug, Clone)]
+pub enum Cached {
+    /// HA had this state.
+    State(Rc<EntityState>),
+    /// HA answered 404 (negative cache).
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    /// The value.
+    value: Cached,
+    /// Its origin.
+    origin: Origin,
+    /// When it was last known to be current.
+    at: Instant,
+}
+
+/// The answer to [`Store::lookup`].
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// A fresh state; `age` is how long since it was known current (0 when pushed and live).
+    Hit {
+        /// The state.
+        state: Rc<EntityState>,
+        /// Time since it was last known current.
+        age: Duration,
+    },
+    /// A fresh cached 404.
+    NotFound {
+        /// Time since HA said so.
+        age: Duration,
+    },
+    /// Nothing fresh: fetch from HA; serve `stale` (if any) when HA cannot be reached.
+    Miss {
+        /// The expired state, if one is kept.
+        stale: Option<(Rc<EntityState>, Duration)>,
+    },
+}
+
+/// A change to a tracked entity, for watchers (SSE, D-Bus signals): `None` = absent.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The entity.
+    pub entity_id: String,
+    /// The state before.
+    pub old_state: Option<Rc<EntityState>>,
+    /// The state after; `None` when the entity was removed.
+    pub new_state: Option<Rc<EntityState>>,
+}
+
+/// Counters kept by the store. All are totals since start except `entities`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Lookups answered fresh from the store (states and cached 404s).
+    pub hits: u64,
+    /// Lookups that needed HA.
+    pub misses: u64,
+    /// Expired states served because HA could not be reached.
+    pub stale_serves: u64,
+    /// Entries pushed out by the LRU bound.
+    pub evictions: u64,
+    /// Events that could not be applied (the entry was dropped instead).
+    pub failed_updates: u64,
+}
+
+/// The store. See the module docs for the rules.
+#[derive(Debug)]
+pub struct Store {
+    /// Entries by entity id, least recently used first out.
+    entries: LruCache<String, Entry>,
+    /// Update or invalidate on events.
+    mode: CacheMode,
+    /// Life of REST entries, and of pushed ones while the subscription is down.
+    ttl: Duration,
+    /// Life of a cached 404.
+    negative_ttl: Duration,
+    /// When the subscription went down; `None` while it is live.
+    down_since: Option<Instant>,
+    /// Counters.
+    stats: StoreStats,
+}
+
+impl Store {
+    /// An empty store; the subscription counts as down since `now`.
+    pub fn new(mode: CacheMode, max_entities: usize, ttl: Duration, negative_ttl: Duration, now: Instant) -> Store {
+        let cap = std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+        Store { entries: LruCache::new(cap), mode, ttl, negative_ttl, down_since: Some(now), stats: StoreStats::default() }
+    }
+
+    /// Changes the limits in place (config reload); shrinking evicts the least recently used.
+    pub fn reconfigure(&mut self, mode: CacheMode, max_entities: usize, ttl: Duration, negative_ttl: Duration) {
+        let cap = std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+        let before = self.entries.len();
+        self.entries.resize(cap);
+        self.stats.evictions += (before - self.entries.len()) as u64;
+        self.mode = mode;
+        self.ttl = ttl;
+        self.negative_ttl = negative_ttl;
+    }
+
+    /// Marks the subscription live (after a snapshot): pushed entries are authoritative.
+    pub fn set_live(&mut self) {
+        self.down_since = None;
+    }
+
+    /// Marks the subscription down at `now`: pushed entries start to age.
+    pub fn set_down(&mut self, now: Instant) {
+        self.down_since.get_or_insert(now);
+    }
+
+    /// Whether the subscription is live.
+    pub fn is_live(&self) -> bool {
+        self.down_since.is_none()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> StoreStats {
+        self.stats
+    }
+
+    /// Number of entries (states and cached 404s).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Number of entities pushed by the subscription (or restored from disk).
+    pub fn tracked_len(&self) -> usize {
+        self.entries.iter().filter(|(_, e)| e.origin != Origin::Rest).count()
+    }
+
+    fn age_and_fresh(&self, e: &Entry, now: Instant) -> (Duration, bool) {
+        match (e.origin, &e.value) {
+            (Origin::Pushed, _) => match self.down_since {
+                None => (Duration::ZERO, true),
+                Some(down) => {
+                    let age = now.saturating_duration_since(e.at.max(down));
+                    (age, age < self.ttl)
+                }
+            },
+            (Origin::Restored, _) => (now.saturating_duration_since(e.at), false),
+            (Origin::Rest, Cached::NotFound) => {
+                let age = now.saturating_duration_since(e.at);
+                (age, age < self.negative_ttl)
+            }
+            (Origin::Rest, Cached::State(_)) => {
+                let age = now.saturating_duration_since(e.at);
+                (age, age < self.ttl)
+            }
+        }
+    }
+
+    /// Looks `entity_id` up and counts a hit or a miss. Marks the entry recently used.
+    pub fn lookup(&mut self, entity_id: &str, now: Instant) -> Lookup {
+        let Some(e) = self.entries.get(entity_id).cloned() else {
+            self.stats.misses += 1;
+            return Lookup::Miss { stale: None };
+        };
+        let (age, fresh) = self.age_and_fresh(&e, now);
+        match (fresh, e.value) {
+            (true, Cached::State(state)) => {
+                self.stats.hits += 1;
+                Lookup::Hit { state, age }
+            }
+            (true, Cached::NotFound) => {
+                self.stats.hits += 1;
+                Lookup::NotFound { age }
+            }
+            (false, Cached::State(state)) => {
+                self.stats.misses += 1;
+                Lookup::Miss { stale: Some((state, age)) }
+            }
+            (false, Cached::NotFound) => {
+                self.stats.misses += 1;
+                Lookup::Miss { stale: None }
+            }
+        }
+    }
+
+    /// Counts an expired state served because HA could not be reached.
+    pub fn note_stale_serve(&mut self) {
+        self.stats.stale_serves += 1;
+    }
+
+    /// A tracked state without touching LRU order or counters (D-Bus, SSE snapshots).
+    pub fn peek(&self, entity_id: &str) -> Option<Rc<EntityState>> {
+        match self.entries.peek(entity_id) {
+            Some(Entry { value: Cached::State(s), .. }) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    /// Stores the result of a REST read-through (`None` = HA said 404).
+    /// A pushed entry that is fresh wins: the subscription is at least as new as the fetch.
+    pub fn insert_fetched(&mut self, entity_id: &str, state: Option<EntityState>, now: Instant) {
+        if let Some(e) = self.entries.peek(entity_id) {
+            if e.origin == Origin::Pushed && self.age_and_fresh(e, now).1 {
+                return;
+            }
+        }
+        let value = match state {
+            Some(s) => Cached::State(Rc::new(s)),
+            None => Cached::NotFound,
+        };
+        self.put(entity_id.to_owned(), Entry { value, origin: Origin::Rest, at: now });
+    }
+
+    /// Loads states saved by an earlier run; they stay stale (never fresh) until the first
+    /// snapshot replaces them. `saved_at` is when they were last known current.
+    pub fn insert_restored(&mut self, state: EntityState, saved_at: Instant) {
+        let id = state.entity_id.clone();
+        self.put(id, Entry { value: Cached::State(Rc::new(state)), origin: Origin::Restored, at: saved_at });
+    }
+
+    fn put(&mut self, entity_id: String, entry: Entry) -> Option<Entry> {
+        match self.entries.push(entity_id, entry) {
+            Some((k, old)) if self.entries.contains(&k) => Some(old),
+            Some(_) => {
+                self.stats.evictions += 1;
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn state_of(entry: Option<Entry>) -> Option<Rc<EntityState>> {
+        match entry {
+            Some(Entry { value: Cached::State(s), origin: Origin::Pushed | Origin::Restored, .. }) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Replaces the tracked set with a snapshot (the first `subscribe_entities` event): tracked
+    /// entities absent from it are removed (deleted in HA while we were away). Returns what
+    /// changed, for watchers.
+    pub fn replace_tracked(&mut self, states: Vec<EntityState>, now: Instant) -> Vec<Change> {
+        let ids: HashSet<&str> = states.iter().map(|s| s.entity_id.as_str()).collect();
+        let gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(id, e)| e.origin != Origin::Rest && !ids.contains(id.as_str()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut changes = Vec::new();
+        for id in gone {
+            if let Some(old) = Self::state_of(self.entries.pop_entry(&id).map(|(_, e)| e)) {
+                changes.push(Change { entity_id: id, old_state: Some(old), new_state: None });
+            }
+        }
+        for state in states {
+            if let Some(c) = self.upsert(state, now, true) {
+                changes.push(c);
+            }
+        }
+        changes
+    }
+
+    /// Applies a full state pushed by the subscription (`a`). In invalidate mode the entry is
+    /// dropped instead. Returns the change, if any.
+    pub fn upsert_pushed(&mut self, state: EntityState, now: Instant) -> Option<Change> {
+        if self.mode == CacheMode::Invalidate {
+            return self.remove(&state.entity_id);
+        }
+        self.upsert(state, now, false)
+    }
+
+    fn upsert(&mut self, state: EntityState, now: Instant, snapshot: bool) -> Option<Change> {
+        let id = state.entity_id.clone();
+        let new = Rc::new(state);
+        let old = Self::state_of(self.put(id.clone(), Entry { value: Cached::State(new.clone()), origin: Origin::Pushed, at: now }));
+        if snapshot && old.as_deref() == Some(&*new) {
+            return None;
+        }
+        Some(Change { entity_id: id, old_state: old, new_state: Some(new) })
+    }
+
+    /// Applies a `c` diff to a pushed entry. If the entry is not a pushed one (absent,
+    /// evicted, fetched over REST) or the diff fails, the entry is dropped so the next read
+    /// goes to HA: a half-applied or unverifiable state is never kept.
+    ///
+    /// Errors: the diff's [`DecodeError`] (the entry has been removed and counted).
+    pub fn apply_diff(&mut self, entity_id: &str, diff: StateDiff, now: Instant) -> Result<Option<Change>, DecodeError> {
+        if self.mode == CacheMode::Invalidate {
+            return Ok(self.remove(entity_id));
+        }
+        let Some(entry) = self.entries.peek_mut(entity_id) else { return Ok(None) };
+        let (Origin::Pushed, Cached::State(state)) = (entry.origin, &mut entry.value) else {
+            // A REST copy may predate this diff: applying it could miss earlier changes.
+            self.entries.pop(entity_id);
+            return Ok(None);
+        };
+        let old = state.clone();
+        let mut new = (*old).clone();
+        match new.apply_diff(diff) {
+            Ok(()) => {
+                let new = Rc::new(new);
+                *state = new.clone();
+                entry.at = now;
+                self.entries.promote(entity_id);
+                Ok(Some(Change { entity_id: entity_id.to_owned(), old_state: Some(old), new_state: Some(new) }))
+            }
+            Err(e) => {
+                self.stats.failed_updates += 1;
+                self.entries.pop(entity_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes an entity (`r` event, or a failed decode). Returns the change if it was tracked.
+    pub fn remove(&mut self, entity_id: &str) -> Option<Change> {
+        let old = Self::state_of(self.entries.pop(entity_id))?;
+        Some(Change { entity_id: entity_id.to_owned(), old_state: Some(old), new_state: None })
+    }
+
+    /// Counts an event that could not be decoded and drops its entity.
+    pub fn drop_undecodable(&mut self, entity_id: &str) -> Option<Change> {
+        self.stats.failed_updates += 1;
+        self.remove(entity_id)
+    }
+
+    /// The tracked states (pushed or restored), sorted by entity id.
+    pub fn tracked_states(&self) -> Vec<Rc<EntityState>> {
+        let mut v: Vec<Rc<EntityState>> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.origin != Origin::Rest)
+            .filter_map(|(_, e)| match &e.value {
+                Cached::State(s) => Some(s.clone()),
+                Cached::NotFound => None,
+            })
+            .collect();
+        v.sort_unstable_by(|a, b| a.entity_id.cmp(&b.entity_id));
+        v
+    }
+
+    /// Drops tracked entries the filter no longer tracks (config reload, warm start).
+    pub fn retain_tracked(&mut self, filter: &EntityFilter) -> Vec<Change> {
+        let gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(id, e)| e.origin != Origin::Rest && !filter.tracks(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        gone.iter().filter_map(|id| self.remove(id)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entity::{Context, Timestamp};
+    use serde_json::json;
+
+    const TTL: Duration = Duration::from_secs(30);
+    const NEG: Duration = Duration::from_secs(10);
+
+    fn state(id: &str, s: &str) -> EntityState {
+        EntityState {
+            entity_id: id.into(),
+            state: s.into(),
+            attributes: Default::default(),
+            last_changed: Timestamp(1),
+            last_reported: None,
+            last_updated: Timestamp(1),
+            context: Context { id: "c".into(), ..Default::default() },
+        }
+    }
+
+    fn store(max: usize, t0: Instant) -> Store {
+        Store::new(CacheMode::Update, max, TTL, NEG, t0)
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn hit_state(l: Lookup) -> String {
+        match l {
+            Lookup::Hit { state, .. } => state.state.clone(),
+            other => panic!("expected a hit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pushed_entries_are_fresh_while_live_and_age_out_after_going_down() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.replace_tracked(vec![state("light.a", "on")], t0);
+        s.set_live();
+        assert_eq!(hit_state(s.lookup("light.a", t0 + secs(3600))), "on", "live: no expiry");
+        s.set_down(t0 + secs(3600));
+        assert!(matches!(s.lookup("light.a", t0 + secs(3610)), Lookup::Hit { age, .. } if age == secs(10)));
+        match s.lookup("light.a", t0 + secs(3631)) {
+            Lookup::Miss { stale: Some((st, age)) } => {
+                assert_eq!(st.state, "on");
+                assert_eq!(age, secs(31));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.stats().hits, 2);
+        assert_eq!(s.stats().misses, 1);
+    }
+
+    #[test]
+    fn rest_entries_and_404s_expire_after_their_ttl() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.set_live();
+        s.insert_fetched("sensor.x", Some(state("sensor.x", "1")), t0);
+        s.insert_fetched("sensor.gone", None, t0);
+        assert!(matches!(s.lookup("sensor.x", t0 + secs(29)), Lookup::Hit { age, .. } if age == secs(29)));
+        assert!(matches!(s.lookup("sensor.x", t0 + secs(30)), Lookup::Miss { stale: Some(_) }));
+        assert!(matches!(s.lookup("sensor.gone", t0 + secs(9)), Lookup::NotFound { .. }));
+        assert!(matches!(s.lookup("sensor.gone", t0 + secs(10)), Lookup::Miss { stale: None }));
+        assert!(matches!(s.lookup("sensor.never", t0), Lookup::Miss { stale: None }));
+        assert_eq!(s.tracked_len(), 0, "REST entries are not tracked");
+    }
+
+    #[test]
+    fn snapshot_replaces_the_tracked_set_and_reports_changes() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.replace_tracked(vec![state("light.a", "on"), state("light.b", "off")], t0);
+        s.insert_fetched("sensor.untracked", Some(state("sensor.untracked", "5")), t0);
+        let changes = s.replace_tracked(vec![state("light.a", "on"), state("light.c", "on")], t0);
+        let mut summary: Vec<(String, bool, bool)> =
+            changes.iter().map(|c| (c.entity_id.clone(), c.old_state.is_some(), c.new_state.is_some())).collect();
+        summary.sort();
+        assert_eq!(summary, [("light.b".to_string(), true, false), ("light.c".to_string(), false, true)], "unchanged light.a is not reported");
+        let ids: Vec<String> = s.tracked_states().iter().map(|s| s.entity_id.clone()).collect();
+        assert_eq!(ids, ["light.a", "light.c"]);
+        assert!(s.peek("sensor.untracked").is_some(), "REST entries survive a snapshot");
+    }
+
+    #[test]
+    fn lru_bound_evicts_least_recently_used_and_counts() {
+        let t0 = Instant::now();
+        let mut s = store(2, t0);
+        s.set_live();
+        s.upsert_pushed(state("a.1", "x"), t0);
+        s.upsert_pushed(state("a.2", "x"), t0);
+        s.lookup("a.1", t0);
+        s.upsert_pushed(state("a.3", "x"), t0);
+        assert_eq!(s.len(), 2);
+        assert!(s.peek("a.2").is_none(), "a.2 was least recently used");
+        assert!(s.peek("a.1").is_some());
+        assert_eq!(s.stats().evictions, 1);
+        s.reconfigure(CacheMode::Update, 1, TTL, NEG);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.stats().evictions, 2);
+    }
+
+    #[test]
+    fn diffs_apply_to_pushed_entries_only() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.set_live();
+        s.upsert_pushed(state("light.a", "off"), t0);
+        let diff = |v| serde_json::from_value::<StateDiff>(v).unwrap();
+        let c = s.apply_diff("light.a", diff(json!({"+": {"s": "on"}})), t0).unwrap().unwrap();
+        assert_eq!(c.old_state.unwrap().state, "off");
+        assert_eq!(c.new_state.unwrap().state, "on");
+        assert_eq!(hit_state(s.lookup("light.a", t0)), "on");
+
+        // A diff for an entity we only have from REST drops it: the copy may be older.
+        s.insert_fetched("sensor.r", Some(state("sensor.r", "1")), t0);
+        assert!(s.apply_diff("sensor.r", diff(json!({"+": {"s": "2"}})), t0).unwrap().is_none());
+        assert!(s.peek("sensor.r").is_none());
+
+        // A diff that fails leaves no half-applied state behind.
+        assert!(s.apply_diff("light.a", diff(json!({"+": {"s": "x", "lc": -1.0}})), t0).is_err());
+        assert!(s.peek("light.a").is_none());
+        assert_eq!(s.stats().failed_updates, 1);
+    }
+
+    #[test]
+    fn invalidate_mode_drops_on_events() {
+        let t0 = Instant::now();
+        let mut s = Store::new(CacheMode::Invalidate, 10, TTL, NEG, t0);
+        s.replace_tracked(vec![state("light.a", "off"), state("light.b", "off")], t0);
+        s.set_live();
+        assert_eq!(hit_state(s.lookup("light.a", t0)), "off");
+        s.apply_diff("light.a", StateDiff::default(), t0).unwrap();
+        assert!(matches!(s.lookup("light.a", t0), Lookup::Miss { stale: None }));
+        s.upsert_pushed(state("light.b", "on"), t0);
+        assert!(s.peek("light.b").is_none());
+    }
+
+    #[test]
+    fn fresh_pushed_state_wins_over_a_racing_rest_fetch() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.set_live();
+        s.upsert_pushed(state("light.a", "on"), t0);
+        s.insert_fetched("light.a", Some(state("light.a", "off")), t0);
+        assert_eq!(hit_state(s.lookup("light.a", t0)), "on");
+    }
+
+    #[test]
+    fn restored_entries_are_stale_until_the_snapshot() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.insert_restored(state("light.a", "on"), t0);
+        s.insert_restored(state("light.gone", "on"), t0);
+        assert!(matches!(s.lookup("light.a", t0 + secs(5)), Lookup::Miss { stale: Some((_, age)) } if age == secs(5)));
+        s.replace_tracked(vec![state("light.a", "off")], t0 + secs(6));
+        s.set_live();
+        assert_eq!(hit_state(s.lookup("light.a", t0 + secs(6))), "off");
+        assert!(s.peek("light.gone").is_none());
+    }
+
+    #[test]
+    fn retain_tracked_applies_a_new_filter() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.replace_tracked(vec![state("light.a", "on"), state("camera.b", "idle")], t0);
+        let f = EntityFilter::new(&crate::config::FilterConfig { enabled: true, include_prefixes: vec![], exclude_domains: vec!["camera".into()] });
+        let gone = s.retain_tracked(&f);
+        assert_eq!(gone.len(), 1);
+        assert!(s.peek("camera.b").is_none());
+    }
+}
