@@ -1,0 +1,302 @@
+//! The daemon: builds the hub, starts the HA link, the HTTP API and the systemd reporters on
+//! one smol `LocalExecutor`, and owns the lifecycle — signals, reload (SIGHUP) and shutdown
+//! (SIGTERM/SIGINT: Close frame to HA, stop accepting, exit within 2 s).
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use async_signal::{Signal, Signals};
+use smol::future::FutureExt;
+use smol::stream::StreamExt;
+use smol::{LocalExecutor, Timer};
+
+use crate::config::{Config, ConfigError};
+use crate::filter::EntityFilter;
+use crate::ha::{self, ChangeSink, Command, LinkSettings};
+use crate::hub::{Hub, LinkState};
+use crate::rest::RestClient;
+use crate::store::Change;
+use crate::tls::{Roots, TlsError};
+use crate::{http, logging, notify, shutdown};
+
+/// How long shutdown may take before we exit anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Bad config or token (exit 78).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad TLS setup, e.g. `ha.ca_file` (exit 78).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The HTTP listener could not be bound.
+    #[error("failed to listen on {addr} (http.listen): {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Signal handling could not be set up.
+    #[error("failed to install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// `reconnect.max_attempts` used up.
+    #[error("{0}")]
+    GaveUp(String),
+}
+
+impl AppError {
+    /// The process exit code: 78 (EX_CONFIG) for config problems, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) | AppError::Tls(_) => crate::config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
+/// Where the config came from, for reloads.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The file.
+    pub path: PathBuf,
+    /// Whether the path was given on the command line (a missing file is then an error).
+    pub given: bool,
+}
+
+fn link_settings(config: &Config) -> Result<LinkSettings, AppError> {
+    let token = config.read_token()?;
+    let roots = Roots::load(config.ha.ca_file.as_deref())?;
+    Ok(LinkSettings { websocket_url: config.ha.websocket_url.clone(), token, tls: roots.client_config()? })
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
+///
+/// Errors: see [`AppError`]; config and TLS problems are found before anything starts.
+pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
+    let settings = link_settings(&config)?;
+    let roots = Roots::load(config.ha.ca_file.as_deref())?;
+    let rest = RestClient::new(&config.ha.url, settings.token.clone(), &roots);
+    let listener = std::net::TcpListener::bind(config.http.listen)
+        .map_err(|source| AppError::Bind { addr: config.http.listen, source })?;
+    let listener = smol::net::TcpListener::try_from(listener)
+        .map_err(|source| AppError::Bind { addr: config.http.listen, source })?;
+    let signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(AppError::Signals)?;
+    log::info!(
+        "hass-edge {} listening on http://{}, Home Assistant at {}",
+        env!("CARGO_PKG_VERSION"),
+        config.http.listen,
+        config.ha.url
+    );
+    let hub = Rc::new(Hub::new(Rc::new(config), rest));
+    let executor = Rc::new(LocalExecutor::new());
+    smol::block_on(executor.run(daemon(hub, settings, listener, signals, source, executor.clone())))
+}
+
+async fn daemon(
+    hub: Rc<Hub>,
+    settings: LinkSettings,
+    listener: smol::net::TcpListener,
+    mut signals: Signals,
+    source: ConfigSource,
+    executor: Rc<LocalExecutor<'static>>,
+) -> Result<(), AppError> {
+    let (trigger, shutdown) = shutdown::channel();
+    let token = std::cell::RefCell::new(settings.token.clone());
+    let (commands_tx, commands_rx) = smol::channel::bounded::<Command>(8);
+    let on_change: ChangeSink = Rc::new(|changes: &[Change]| {
+        log::trace!("{} tracked entities changed", changes.len());
+    });
+
+    let http_task = executor.spawn(http::serve(listener, hub.clone(), executor.clone(), shutdown.clone()));
+    let link_task = executor.spawn(ha::run(hub.clone(), settings, commands_rx, on_change.clone(), shutdown.clone()));
+    let _status_task = executor.spawn(report_status(hub.clone()));
+    let _watchdog_task = notify::watchdog_period().map(|period| {
+        executor.spawn(async move {
+            // Runs on the executor thread: if the event loop hangs, the pings stop and
+            // systemd restarts us (WatchdogSec=, systemd.service(5)).
+            loop {
+                notify::watchdog();
+                Timer::after(period).await;
+            }
+        })
+    });
+
+    // Signals, until a stop signal or the link gives up.
+    let mut link_task = Some(link_task);
+    let outcome = loop {
+        enum Wake {
+            Signal(Option<std::io::Result<Signal>>),
+            LinkDone(Result<(), String>),
+        }
+        let link = link_task.as_mut().expect("the link task runs until the loop ends");
+        let wake = async { Wake::Signal(signals.next().await) }.or(async { Wake::LinkDone(link.await) }).await;
+        match wake {
+            Wake::Signal(Some(Ok(Signal::Hup))) => reload(&hub, &source, &token, &commands_tx, &on_change).await,
+            Wake::Signal(Some(Ok(sig))) => {
+                log::info!("received {sig:?}, shutting down");
+                break Ok(());
+            }
+            Wake::Signal(_) => break Ok(()),
+            Wake::LinkDone(result) => {
+                link_task = None;
+                break result.map_err(AppError::GaveUp);
+            }
+        }
+    };
+
+    notify::stopping();
+    hub.update_link(|l| l.state = LinkState::Stopping);
+    trigger.trigger();
+    let finish = async {
+        if let Some(link) = link_task {
+            let _ = link.await;
+        }
+        http_task.await;
+    };
+    let in_time = async {
+        finish.await;
+        true
+    }
+    .or(async {
+        Timer::after(SHUTDOWN_GRACE).await;
+        false
+    })
+    .await;
+    if !in_time {
+        log::warn!("shutdown took longer than {}s; exiting anyway", SHUTDOWN_GRACE.as_secs());
+    }
+    if let Err(e) = &outcome {
+        log::error!("{e}");
+    }
+    log::info!("stopped");
+    outcome
+}
+
+/// Formats a count with thousands separators: `2031` → `2,031`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The one-line summary for `systemctl status` (sd_notify `STATUS=`).
+pub fn status_line(hub: &Hub) -> String {
+    let link = hub.link.borrow();
+    let version = link.ha_version.as_deref().unwrap_or("?");
+    match link.state {
+        LinkState::Live => format!(
+            "live: HA {version}, {} entities tracked ({} filtered out), {} HA REST calls in the last hour",
+            thousands(hub.store.borrow().tracked_len() as u64),
+            thousands(hub.snapshot_filtered_out.get()),
+            thousands(hub.rest_calls_last_hour() as u64)
+        ),
+        LinkState::Backoff => format!(
+            "backoff: retry {} after: {}",
+            link.reconnect_attempts,
+            link.last_error.as_deref().unwrap_or("connection lost")
+        ),
+        LinkState::AuthFailed => {
+            let every = hub.config.borrow().reconnect.max_delay.as_secs();
+            format!("auth_failed: Home Assistant rejected the access token; retrying every {every}s")
+        }
+        state => format!("{}: {}", state.as_str(), hub.config.borrow().ha.url),
+    }
+}
+
+/// Sends `READY=1` once live, and `STATUS=` whenever the line changes (coalesced).
+async fn report_status(hub: Rc<Hub>) {
+    let mut ready = false;
+    let mut last = String::new();
+    loop {
+        let listener = hub.changed.listen();
+        let line = status_line(&hub);
+        if !ready && hub.link_state() == LinkState::Live {
+            notify::ready(&line);
+            ready = true;
+            last = line;
+        } else if line != last {
+            notify::status(&line);
+            last = line;
+        }
+        listener.await;
+        // Coalesce bursts (an event storm) into at most two updates per second.
+        Timer::after(Duration::from_millis(500)).await;
+    }
+}
+
+/// SIGHUP: re-read the config and apply what can change in place (systemd `ExecReload=`).
+async fn reload(
+    hub: &Rc<Hub>,
+    source: &ConfigSource,
+    token: &std::cell::RefCell<crate::config::Secret>,
+    commands: &smol::channel::Sender<Command>,
+    on_change: &ChangeSink,
+) {
+    notify::reloading();
+    log::info!("reloading {}", source.path.display());
+    let result = Config::load(&source.path, source.given).map_err(AppError::from).and_then(|new| {
+        let old = hub.config.borrow().clone();
+        // The token is re-read too: a rotated token means a new connection.
+        let settings = link_settings(&new)?;
+        let relink = new.ha != old.ha || settings.token != *token.borrow();
+        Ok((new, relink.then_some(settings)))
+    });
+    match result {
+        Err(e) => log::error!("reload rejected, the old config stays in force: {e}"),
+        Ok((new, settings)) => {
+            let old = hub.config.borrow().clone();
+            if new.http != old.http {
+                log::warn!("http.listen changed; it takes effect at the next restart");
+            }
+            logging::set_level(&new.log.level);
+            let filter = EntityFilter::new(&new.filter);
+            let filter_changed = *hub.filter.borrow() != filter;
+            if filter_changed {
+                let changes = hub.store.borrow_mut().retain_tracked(&filter);
+                *hub.filter.borrow_mut() = filter;
+                on_change(&changes);
+            }
+            let c = &new.cache;
+            hub.store.borrow_mut().reconfigure(c.mode, c.max_entities, c.ttl, c.negative_ttl);
+            *hub.config.borrow_mut() = Rc::new(new);
+            if let Some(settings) = settings {
+                log::info!("Home Assistant settings changed: reconnecting");
+                match Roots::load(hub.config.borrow().ha.ca_file.as_deref()) {
+                    Ok(roots) => hub.set_rest(RestClient::new(&hub.config.borrow().ha.url, settings.token.clone(), &roots)),
+                    Err(e) => log::error!("{e}"),
+                }
+                *token.borrow_mut() = settings.token.clone();
+                let _ = commands.send(Command::Reconnect(Box::new(settings))).await;
+            } else if filter_changed {
+                log::info!("filter changed: resubscribing for a fresh snapshot");
+                let _ = commands.send(Command::Resubscribe).await;
+            }
+            log::info!("reload done");
+        }
+    }
+    hub.changed.notify(usize::MAX);
+    notify::ready(&status_line(hub));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(412), "412");
+        assert_eq!(thousands(2031), "2,031");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+}

@@ -1,0 +1,346 @@
+//! The WebSocket link to Home Assistant: connect (TCP, TLS, WebSocket handshake, each with a
+//! timeout), drive a [`Session`], apply what it yields to the [`Hub`], and reconnect with
+//! exponential back-off and jitter. Reading never waits on anything slow: HA drops a client
+//! that lets 4096 messages pile up (HA `websocket_api/http.py` `MAX_PENDING_MSG`).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use smol::future::FutureExt;
+use smol::stream::StreamExt;
+use smol::Timer;
+use smol::net::TcpStream;
+
+use crate::config::Secret;
+use crate::hub::{Counters, Hub, LinkState};
+use crate::session::{Output, Session};
+use crate::shutdown::Shutdown;
+use crate::store::Change;
+
+/// Budget for TCP connect + TLS + WebSocket upgrade.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest message accepted from HA. A 15k-entity snapshot is ~5 MB; leave head-room.
+const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+
+/// A request to the link task.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Take a fresh snapshot (D-Bus `Resync()`); reconnects if the link is down.
+    Resync,
+    /// The HA-side filter changed (config reload): resubscribe with it.
+    Resubscribe,
+    /// URL, token or CA changed (config reload): reconnect with the new settings.
+    Reconnect(Box<LinkSettings>),
+}
+
+/// What a connection needs that may change on reload.
+#[derive(Clone)]
+pub struct LinkSettings {
+    /// `ws://…/api/websocket` or `wss://…`.
+    pub websocket_url: String,
+    /// The access token.
+    pub token: Secret,
+    /// TLS config for `wss`.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for LinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSettings").field("websocket_url", &self.websocket_url).finish_non_exhaustive()
+    }
+}
+
+/// Receives the changes each HA event made to tracked entities (SSE, D-Bus signals).
+pub type ChangeSink = Rc<dyn Fn(&[Change])>;
+
+/// How a connection ended.
+enum End {
+    /// Shutdown requested; a Close frame was sent.
+    Shutdown,
+    /// HA refused the token.
+    AuthInvalid(String),
+    /// Lost or failed; `synced` tells whether it got as far as a snapshot.
+    Lost { reason: String, synced: bool },
+    /// Asked to reconnect with new settings.
+    Reconnect(Box<LinkSettings>),
+}
+
+/// Back-off before attempt `attempt` (1-based): 2^attempt s plus 0–10 % jitter, at most
+/// `max_delay`. `jitter` is in `0.0..1.0`.
+pub fn backoff_delay(attempt: u32, max_delay: Duration, jitter: f64) -> Duration {
+    let base = Duration::from_secs(1u64 << attempt.min(20));
+    base.mul_f64(1.0 + 0.1 * jitter.clamp(0.0, 1.0)).min(max_delay)
+}
+
+/// Runs the link until `shutdown` resolves. Returns `Err` only when `max_attempts` is used up.
+pub async fn run(
+    hub: Rc<Hub>,
+    mut settings: LinkSettings,
+    commands: smol::channel::Receiver<Command>,
+    on_change: ChangeSink,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    let mut attempts: u32 = 0;
+    loop {
+        hub.update_link(|l| l.state = LinkState::Connecting);
+        let end = connect_and_run(&hub, &settings, &commands, &on_change, &shutdown).await;
+        let (max_attempts, max_delay) = {
+            let c = hub.config.borrow();
+            (c.reconnect.max_attempts, c.reconnect.max_delay)
+        };
+        let delay = match end {
+            End::Shutdown => return Ok(()),
+            End::Reconnect(new) => {
+                settings = *new;
+                hub.link_lost("reconnecting with new settings");
+                attempts = 0;
+                continue;
+            }
+            End::AuthInvalid(message) => {
+                Counters::add(&hub.counters.auth_failures, 1);
+                Counters::add(&hub.counters.reconnects, 1);
+                attempts = attempts.saturating_add(1);
+                let delay = max_delay.mul_f64(1.0 + 0.1 * fastrand::f64());
+                log::error!("Home Assistant rejected the access token ({message}); next attempt in {}s", delay.as_secs());
+                hub.link_lost(&format!("auth_invalid: {message}"));
+                hub.update_link(|l| {
+                    l.state = LinkState::AuthFailed;
+                    l.reconnect_attempts = attempts;
+                });
+                delay
+            }
+            End::Lost { reason, synced } => {
+                Counters::add(&hub.counters.reconnects, 1);
+                if synced {
+                    attempts = 0;
+                }
+                attempts = attempts.saturating_add(1);
+                let delay = backoff_delay(attempts, max_delay, fastrand::f64());
+                log::warn!("connection to Home Assistant lost: {reason}; attempt {attempts} in {:.1}s", delay.as_secs_f64());
+                hub.link_lost(&reason);
+                hub.update_link(|l| {
+                    l.state = LinkState::Backoff;
+                    l.reconnect_attempts = attempts;
+                });
+                delay
+            }
+        };
+        if max_attempts > 0 && attempts >= max_attempts {
+            return Err(format!("gave up after {attempts} failed attempts to reach Home Assistant (reconnect.max_attempts)"));
+        }
+        // Wait out the back-off; a Resync or new settings cut it short.
+        let wake = async {
+            Timer::after(delay).await;
+            Wake::Timer
+        }
+        .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
+        .or(async {
+            shutdown.wait().await;
+            Wake::Shutdown
+        });
+        match wake.await {
+            Wake::Command(Command::Reconnect(new)) => settings = *new,
+            Wake::Shutdown => return Ok(()),
+            _ => {}
+        }
+    }
+}
+
+/// Opens TCP (+TLS) and upgrades to a WebSocket.
+async fn open(settings: &LinkSettings) -> Result<async_tungstenite::WebSocketStream<Box<dyn Stream>>, String> {
+    let request = settings.websocket_url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let uri = request.uri().clone();
+    let host = uri.host().ok_or("the URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let tls = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connect to {host}:{port}: {e}"))?;
+    tcp.set_nodelay(true).ok();
+    let stream: Box<dyn Stream> = if tls {
+        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("server name {host}: {e}"))?;
+        let connector = futures_rustls::TlsConnector::from(settings.tls.clone());
+        Box::new(connector.connect(name, tcp).await.map_err(|e| format!("TLS with {host}: {e}"))?)
+    } else {
+        Box::new(tcp)
+    };
+    let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE));
+    let (ws, _) = async_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .map_err(|e| format!("WebSocket handshake: {e}"))?;
+    Ok(ws)
+}
+
+/// A byte stream the WebSocket can run over (plain TCP or TLS).
+pub trait Stream: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin {}
+impl<T: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin> Stream for T {}
+
+enum Wake {
+    Frame(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
+    Timer,
+    Command(Command),
+    Shutdown,
+}
+
+async fn connect_and_run(
+    hub: &Rc<Hub>,
+    settings: &LinkSettings,
+    commands: &smol::channel::Receiver<Command>,
+    on_change: &ChangeSink,
+    shutdown: &Shutdown,
+) -> End {
+    let lost = |reason: String, synced: bool| End::Lost { reason, synced };
+    let opened = async { Some(open(settings).await) }
+        .or(async {
+            Timer::after(CONNECT_TIMEOUT).await;
+            Some(Err(format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())))
+        })
+        .or(async {
+            shutdown.wait().await;
+            None
+        })
+        .await;
+    let mut ws = match opened {
+        None => return End::Shutdown,
+        Some(Ok(ws)) => ws,
+        Some(Err(e)) => return lost(e, false),
+    };
+    log::info!("connected to {}", settings.websocket_url);
+    hub.update_link(|l| {
+        l.state = LinkState::Authenticating;
+        l.last_connected = Some(SystemTime::now());
+    });
+
+    let (interval, timeout) = {
+        let c = hub.config.borrow();
+        (c.heartbeat.interval, c.heartbeat.timeout)
+    };
+    let ha_filter = hub.filter.borrow().ha_filter();
+    let mut session = Session::new(settings.token.clone(), ha_filter, interval, timeout, Instant::now());
+    let mut out = Vec::new();
+    let mut synced = false;
+    loop {
+        let deadline = session.next_wakeup().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let wake = async { Wake::Frame(ws.next().await) }
+            .or(async {
+                Timer::at(deadline).await;
+                Wake::Timer
+            })
+            .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
+            .or(async {
+                shutdown.wait().await;
+                Wake::Shutdown
+            })
+            .await;
+        let now = Instant::now();
+        match wake {
+            Wake::Frame(Some(Ok(Message::Text(text)))) => {
+                if let Err(e) = session.handle_frame(text.as_str(), now, &mut out) {
+                    Counters::add(&hub.counters.decode_errors, 1);
+                    log::warn!("{e}");
+                }
+            }
+            Wake::Frame(Some(Ok(Message::Close(frame)))) => {
+                let why = frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default();
+                return lost(format!("Home Assistant closed the connection {why}").trim_end().to_owned(), synced);
+            }
+            // Protocol pings are answered by tungstenite; binary frames carry nothing for us.
+            Wake::Frame(Some(Ok(_))) => {}
+            Wake::Frame(Some(Err(e))) => return lost(format!("WebSocket error: {e}"), synced),
+            Wake::Frame(None) => return lost("connection closed".into(), synced),
+            Wake::Timer => session.poll_timers(now, &mut out),
+            Wake::Command(Command::Resync) => {
+                log::info!("resync requested: taking a fresh snapshot");
+                session.resubscribe(hub.filter.borrow().ha_filter(), &mut out);
+            }
+            Wake::Command(Command::Resubscribe) => session.resubscribe(hub.filter.borrow().ha_filter(), &mut out),
+            Wake::Command(Command::Reconnect(new)) => {
+                let _ = ws.close(None).await;
+                return End::Reconnect(new);
+            }
+            Wake::Shutdown => {
+                // A clean Close (RFC 6455 §5.5.1), bounded so a dead peer cannot hold us up.
+                let _ = ws.close(None).or(async {
+                    Timer::after(Duration::from_millis(500)).await;
+                    Ok(())
+                }).await;
+                return End::Shutdown;
+            }
+        }
+        for output in out.drain(..) {
+            match output {
+                Output::Send(text) => {
+                    if let Err(e) = ws.send(Message::text(text)).await {
+                        return lost(format!("send failed: {e}"), synced);
+                    }
+                }
+                Output::Authenticating { ha_version } => {
+                    log::info!("Home Assistant {ha_version}: authenticating");
+                    hub.update_link(|l| l.ha_version = Some(ha_version));
+                }
+                Output::Authenticated => {
+                    log::info!("authenticated; waiting for Home Assistant to run");
+                    hub.update_link(|l| {
+                        l.state = LinkState::Syncing;
+                        l.subscriptions = 1;
+                    });
+                }
+                Output::AuthInvalid { message } => return End::AuthInvalid(message),
+                Output::Syncing => {
+                    let filtered = session.filter_sent();
+                    hub.update_link(|l| {
+                        l.state = LinkState::Syncing;
+                        l.subscriptions = 4;
+                        l.ha_filter_active = filtered;
+                    });
+                }
+                Output::Snapshot(event) => {
+                    let n = event.added.len();
+                    let changes = hub.apply_snapshot(event);
+                    synced = true;
+                    let tracked = hub.store.borrow().tracked_len();
+                    log::info!("live: snapshot of {n} entities, {tracked} tracked, {} changed since last sync", changes.len());
+                    hub.update_link(|l| {
+                        l.state = LinkState::Live;
+                        l.reconnect_attempts = 0;
+                        l.last_error = None;
+                    });
+                    on_change(&changes);
+                }
+                Output::Entities(event) => {
+                    let changes = hub.apply_entities(event);
+                    if !changes.is_empty() {
+                        on_change(&changes);
+                    }
+                }
+                Output::ServicesChanged(kind) => {
+                    Counters::add(&hub.counters.service_events, 1);
+                    log::debug!("{kind}");
+                    hub.changed.notify(usize::MAX);
+                }
+                Output::CommandFailed { command, code, message } => {
+                    Counters::add(&hub.counters.command_errors, 1);
+                    log::warn!("Home Assistant refused {command}: {code}: {message}");
+                }
+                Output::Disconnect(reason) => return lost(reason.into(), synced),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_bounded_jitter_and_cap() {
+        let max = Duration::from_secs(60);
+        assert_eq!(backoff_delay(1, max, 0.0), Duration::from_secs(2));
+        assert_eq!(backoff_delay(3, max, 0.0), Duration::from_secs(8));
+        assert_eq!(backoff_delay(3, max, 1.0), Duration::from_millis(8800));
+        assert_eq!(backoff_delay(6, max, 0.5), max);
+        assert_eq!(backoff_delay(40, max, 0.0), max);
+    }
+}

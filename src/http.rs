@@ -1,0 +1,360 @@
+//! The local HTTP/1.1 API (RFC 9112): httparse for request heads, a small responder,
+//! keep-alive and pipelining, `HEAD`, and caps on everything a client controls: header size
+//! and count (431), body size (413), connections (503), idle and slow clients (timeouts).
+//! Errors are JSON bodies `{"message": …}`, the shape HA's REST API uses.
+//!
+//! Routing and the handlers live in [`crate::api`].
+
+use std::cell::Cell;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde_json::json;
+use smol::future::FutureExt;
+use smol::io::{AsyncReadExt, AsyncWriteExt};
+use smol::net::{TcpListener, TcpStream};
+use smol::{LocalExecutor, Timer};
+
+use crate::hub::Hub;
+use crate::shutdown::Shutdown;
+
+/// Concurrent connections; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Largest request head (request line + headers), bytes.
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Most headers in one request.
+pub const MAX_HEADERS: usize = 48;
+/// Largest request body, bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// A connection with no request in progress is closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A started request must arrive completely within this long (slow-loris guard).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response must be written within this long.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A parsed request: what the handlers need.
+#[derive(Debug)]
+pub struct Request {
+    /// Method, upper case.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// Decoded query pairs.
+    pub query: Vec<(String, String)>,
+    /// `Authorization` header value.
+    pub authorization: Option<String>,
+    /// `Origin` header value.
+    pub origin: Option<String>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The first value of a query parameter.
+    pub fn query_value(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Whether a boolean query flag is set (`true`, `1`, or present without a value).
+    pub fn flag(&self, name: &str) -> bool {
+        matches!(self.query_value(name), Some("" | "1" | "true" | "yes"))
+    }
+}
+
+/// A response under construction.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Extra headers (Content-Type/Length and Connection are added when written).
+    pub headers: Vec<(&'static str, String)>,
+    /// Body bytes (omitted on HEAD, but its length is still announced).
+    pub body: Vec<u8>,
+    /// Content type of `body`.
+    pub content_type: &'static str,
+}
+
+impl Response {
+    /// A JSON response.
+    pub fn json(status: u16, body: Vec<u8>) -> Response {
+        Response { status, headers: Vec::new(), body, content_type: "application/json" }
+    }
+
+    /// An error in HA's shape: `{"message": …}`.
+    pub fn error(status: u16, message: impl std::fmt::Display) -> Response {
+        Response::json(status, json!({"message": message.to_string()}).to_string().into_bytes())
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
+    }
+}
+
+/// Serves the API on `listener` until `shutdown`. Each connection is a task on `executor`.
+pub async fn serve(listener: TcpListener, hub: Rc<Hub>, executor: Rc<LocalExecutor<'static>>, shutdown: Shutdown) {
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = async { Some(listener.accept().await) }
+            .or(async {
+                shutdown.wait().await;
+                None
+            })
+            .await;
+        let (mut stream, _) = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning (mini-redis does the same).
+                log::warn!("accept failed: {e}");
+                Timer::after(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        stream.set_nodelay(true).ok();
+        if open.get() >= MAX_CONNECTIONS {
+            hub.count_http("overload", 503);
+            let r = Response::error(503, "too many connections").with_header("Retry-After", "1");
+            executor
+                .spawn(async move {
+                    let _ = write_response(&mut stream, &r, false, false).or(timeout(WRITE_TIMEOUT)).await;
+                })
+                .detach();
+            continue;
+        }
+        open.set(open.get() + 1);
+        let (hub, shutdown, open) = (hub.clone(), shutdown.clone(), open.clone());
+        executor
+            .spawn(async move {
+                if let Err(e) = connection(stream, &hub, &shutdown).await {
+                    log::debug!("HTTP connection ended: {e}");
+                }
+                open.set(open.get() - 1);
+            })
+            .detach();
+    }
+}
+
+async fn timeout<T>(d: Duration) -> std::io::Result<T> {
+    Timer::after(d).await;
+    Err(std::io::ErrorKind::TimedOut.into())
+}
+
+/// Serves one connection: requests in order until close, error, timeout or shutdown.
+async fn connection(mut stream: TcpStream, hub: &Rc<Hub>, shutdown: &Shutdown) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    loop {
+        let (request, consumed, keep_alive) = match read_request(&mut stream, &mut buf, shutdown).await? {
+            Parsed::Request { request, consumed, keep_alive } => (request, consumed, keep_alive),
+            Parsed::Closed => return Ok(()),
+            Parsed::Reject(response) => {
+                hub.count_http("invalid", response.status);
+                write_response(&mut stream, &response, false, false).or(timeout(WRITE_TIMEOUT)).await?;
+                return Ok(());
+            }
+        };
+        buf.drain(..consumed);
+        let head = request.method == "HEAD";
+        let (route, response) = crate::api::handle(hub, &request).await;
+        hub.count_http(route, response.status);
+        let keep_alive = keep_alive && !shutdown.is_triggered();
+        write_response(&mut stream, &response, head, keep_alive).or(timeout(WRITE_TIMEOUT)).await?;
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+enum Parsed {
+    Request { request: Request, consumed: usize, keep_alive: bool },
+    Closed,
+    Reject(Response),
+}
+
+/// The parts of a request head we keep.
+#[derive(Debug)]
+struct Head {
+    method: String,
+    target: String,
+    keep_alive: bool,
+    content_length: usize,
+    authorization: Option<String>,
+    origin: Option<String>,
+}
+
+/// Parses a complete head from `buf`: `Ok(None)` when more bytes are needed, `Err` with the
+/// response for a request that must be refused.
+fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+            return Err(Response::error(431, format!("request head larger than {MAX_HEAD_BYTES} bytes")));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Response::error(431, format!("more than {MAX_HEADERS} headers"))),
+        Err(e) => return Err(Response::error(400, format!("malformed request: {e}"))),
+    };
+    if head_len > MAX_HEAD_BYTES {
+        return Err(Response::error(431, format!("request head larger than {MAX_HEAD_BYTES} bytes")));
+    }
+    let mut head = Head {
+        method: req.method.unwrap_or("").to_owned(),
+        target: req.path.unwrap_or("/").to_owned(),
+        keep_alive: req.version != Some(0),
+        content_length: 0,
+        authorization: None,
+        origin: None,
+    };
+    let mut content_length = None::<usize>;
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let Ok(n) = value.parse::<usize>() else {
+                return Err(Response::error(400, "invalid Content-Length"));
+            };
+            if content_length.is_some_and(|c| c != n) {
+                return Err(Response::error(400, "conflicting Content-Length headers"));
+            }
+            content_length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Response::error(411, "chunked request bodies are not supported; send Content-Length"));
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            let v = value.to_ascii_lowercase();
+            if v.contains("close") {
+                head.keep_alive = false;
+            } else if v.contains("keep-alive") {
+                head.keep_alive = true;
+            }
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            head.authorization = Some(value.to_owned());
+        } else if h.name.eq_ignore_ascii_case("origin") {
+            head.origin = Some(value.to_owned());
+        }
+    }
+    head.content_length = content_length.unwrap_or(0);
+    if head.content_length > MAX_BODY_BYTES {
+        return Err(Response::error(413, format!("request body larger than {MAX_BODY_BYTES} bytes")));
+    }
+    if !head.target.starts_with('/') {
+        return Err(Response::error(400, "request target must be an absolute path"));
+    }
+    Ok(Some((head, head_len)))
+}
+
+/// Reads more bytes into `buf` within `wait`: `Ok(None)` on timeout, `Ok(Some(0))` on EOF
+/// (or shutdown when `idle`).
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, wait: Duration, idle: bool, shutdown: &Shutdown) -> std::io::Result<Option<usize>> {
+    let mut chunk = [0u8; 4096];
+    let n = async { stream.read(&mut chunk).await.map(Some) }
+        .or(async {
+            Timer::after(wait).await;
+            Ok(None)
+        })
+        .or(async {
+            // Between requests, shutdown closes the connection; mid-request it may finish.
+            if idle {
+                shutdown.wait().await;
+                Ok(Some(0))
+            } else {
+                std::future::pending().await
+            }
+        })
+        .await?;
+    if let Some(n) = n {
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(n)
+}
+
+/// Reads one request from `buf` + `stream`.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, shutdown: &Shutdown) -> std::io::Result<Parsed> {
+    let mut deadline = None;
+    let (head, head_len) = loop {
+        match parse_head(buf) {
+            Ok(Some(parsed)) => break parsed,
+            Ok(None) => {}
+            Err(response) => return Ok(Parsed::Reject(response)),
+        }
+        let idle = buf.is_empty();
+        if idle && shutdown.is_triggered() {
+            return Ok(Parsed::Closed);
+        }
+        let wait = if idle {
+            IDLE_TIMEOUT
+        } else {
+            let d = *deadline.get_or_insert_with(|| std::time::Instant::now() + REQUEST_TIMEOUT);
+            d.saturating_duration_since(std::time::Instant::now())
+        };
+        match fill(stream, buf, wait, idle, shutdown).await? {
+            Some(0) => return Ok(Parsed::Closed),
+            Some(_) => {}
+            None if idle => return Ok(Parsed::Closed),
+            None => return Ok(Parsed::Reject(Response::error(408, "request not received in time"))),
+        }
+    };
+    let needed = head_len + head.content_length;
+    let deadline = *deadline.get_or_insert_with(|| std::time::Instant::now() + REQUEST_TIMEOUT);
+    while buf.len() < needed {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        match fill(stream, buf, wait, false, shutdown).await? {
+            Some(0) => return Ok(Parsed::Closed),
+            Some(_) => {}
+            None => return Ok(Parsed::Reject(Response::error(408, "request body not received in time"))),
+        }
+    }
+    let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
+    let request = Request {
+        query: form_urlencoded::parse(query.as_bytes()).into_owned().collect(),
+        path: path.to_owned(),
+        method: head.method,
+        authorization: head.authorization,
+        origin: head.origin,
+        body: buf[head_len..needed].to_vec(),
+    };
+    Ok(Parsed::Request { request, consumed: needed, keep_alive: head.keep_alive })
+}
+
+/// Writes `response`; on `head`, the headers only.
+async fn write_response(stream: &mut TcpStream, r: &Response, head: bool, keep_alive: bool) -> std::io::Result<()> {
+    let mut out = String::with_capacity(160);
+    let _ = write!(out, "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n", r.status, reason(r.status), r.content_type, r.body.len());
+    for (name, value) in &r.headers {
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    out.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+    if head || r.body.is_empty() {
+        stream.write_all(out.as_bytes()).await?;
+    } else {
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(&r.body);
+        stream.write_all(&bytes).await?;
+    }
+    stream.flush().await
+}
