@@ -91,7 +91,9 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
         config.http.listen,
         config.ha.url
     );
+    let api_token = config.read_api_token()?;
     let hub = Rc::new(Hub::new(Rc::new(config), rest));
+    *hub.api_token.borrow_mut() = api_token;
     let executor = Rc::new(LocalExecutor::new());
     smol::block_on(executor.run(daemon(hub, settings, listener, signals, source, executor.clone())))
 }
@@ -107,9 +109,10 @@ async fn daemon(
     let (trigger, shutdown) = shutdown::channel();
     let token = std::cell::RefCell::new(settings.token.clone());
     let (commands_tx, commands_rx) = smol::channel::bounded::<Command>(8);
-    let on_change: ChangeSink = Rc::new(|changes: &[Change]| {
-        log::trace!("{} tracked entities changed", changes.len());
-    });
+    let on_change: ChangeSink = {
+        let hub = hub.clone();
+        Rc::new(move |changes: &[Change]| hub.stream.publish(changes))
+    };
 
     let http_task = executor.spawn(http::serve(listener, hub.clone(), executor.clone(), shutdown.clone()));
     let link_task = executor.spawn(ha::run(hub.clone(), settings, commands_rx, on_change.clone(), shutdown.clone()));
@@ -249,11 +252,13 @@ async fn reload(
         // The token is re-read too: a rotated token means a new connection.
         let settings = link_settings(&new)?;
         let relink = new.ha != old.ha || settings.token != *token.borrow();
-        Ok((new, relink.then_some(settings)))
+        let api_token = new.read_api_token()?;
+        Ok((new, relink.then_some(settings), api_token))
     });
     match result {
         Err(e) => log::error!("reload rejected, the old config stays in force: {e}"),
-        Ok((new, settings)) => {
+        Ok((new, settings, api_token)) => {
+            *hub.api_token.borrow_mut() = api_token;
             let old = hub.config.borrow().clone();
             if new.http != old.http {
                 log::warn!("http.listen changed; it takes effect at the next restart");

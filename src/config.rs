@@ -26,7 +26,7 @@ pub const EXIT_CONFIG: u8 = 78;
 const SECTIONS: &[&str] = &["ha", "filter", "cache", "reconnect", "heartbeat", "http", "log"];
 
 /// Keys whose value is a list; from the environment they are comma-separated.
-const LIST_KEYS: &[&str] = &["include_prefixes", "exclude_domains"];
+const LIST_KEYS: &[&str] = &["include_prefixes", "exclude_domains", "cors_origins"];
 
 /// A configuration error. The message always names the key or file it is about.
 #[derive(Debug, thiserror::Error)]
@@ -159,11 +159,19 @@ impl Default for RawHeartbeat {
 #[serde(deny_unknown_fields, default)]
 struct RawHttp {
     listen: String,
+    api_token_file: PathBuf,
+    allow_service_calls: bool,
+    cors_origins: Vec<String>,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
-        RawHttp { listen: "127.0.0.1:8124".into() }
+        RawHttp {
+            listen: "127.0.0.1:8124".into(),
+            api_token_file: PathBuf::new(),
+            allow_service_calls: true,
+            cors_origins: Vec::new(),
+        }
     }
 }
 
@@ -274,6 +282,12 @@ pub struct HeartbeatConfig {
 pub struct HttpConfig {
     /// Address the local API listens on.
     pub listen: SocketAddr,
+    /// File with the bearer token clients must send; `None` = no API auth (loopback only).
+    pub api_token_file: Option<PathBuf>,
+    /// `false` answers `POST /api/services/…` with 403.
+    pub allow_service_calls: bool,
+    /// Browser origins allowed by CORS (exact `scheme://host[:port]`).
+    pub cors_origins: Vec<String>,
 }
 
 /// `[log]`.
@@ -311,6 +325,20 @@ impl Config {
     /// Renders the effective config as TOML, as `check-config` prints it.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Reads the local API token from `http.api_token_file`, if set.
+    ///
+    /// Errors: [`ConfigError::Token`] naming the file.
+    pub fn read_api_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let Some(path) = &self.http.api_token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Token { path: path.clone(), message: format!("http.api_token_file: {e}") })?;
+        let token = text.trim();
+        if token.len() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(ConfigError::Token { path: path.clone(), message: "http.api_token_file must hold one token of at least 16 characters without white space".into() });
+        }
+        Ok(Some(Secret(token.to_owned())))
     }
 
     /// Reads the HA token: `$CREDENTIALS_DIRECTORY/ha-token` when systemd passed it
@@ -457,6 +485,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         .listen
         .parse()
         .map_err(|_| invalid("http.listen", format!("{:?} is not an IP:port address, e.g. \"127.0.0.1:8124\"", raw.http.listen)))?;
+    let api_token_file = (!raw.http.api_token_file.as_os_str().is_empty()).then_some(raw.http.api_token_file);
+    if api_token_file.is_none() && !listen.ip().is_loopback() {
+        return Err(invalid(
+            "http.api_token_file",
+            format!("must be set when http.listen ({listen}) is not a loopback address: anyone on the network could otherwise call Home Assistant services"),
+        ));
+    }
+    for origin in &raw.http.cors_origins {
+        let ok = (origin.starts_with("http://") || origin.starts_with("https://")) && !origin.ends_with('/') && !origin.contains(char::is_whitespace);
+        if !ok {
+            return Err(invalid("http.cors_origins", format!("{origin:?} is not an origin like \"http://kiosk.local:8080\" (scheme://host[:port], no path)")));
+        }
+    }
     let level = raw.log.level.to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
         return Err(invalid("log.level", format!("{:?} is not one of off, error, warn, info, debug, trace", raw.log.level)));
@@ -480,7 +521,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_delay: positive_seconds("reconnect.max_delay_seconds", raw.reconnect.max_delay_seconds)?,
         },
         heartbeat,
-        http: HttpConfig { listen },
+        http: HttpConfig {
+            listen,
+            api_token_file,
+            allow_service_calls: raw.http.allow_service_calls,
+            cors_origins: raw.http.cors_origins,
+        },
         log: LogConfig { level },
     })
 }
@@ -617,6 +663,24 @@ mod tests {
         let text = c.to_toml();
         assert!(text.contains("token_file = \"/run/secret/tok\""), "{text}");
         assert!(text.contains("ttl_seconds = 30"), "{text}");
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_an_api_token() {
+        let e = parse("[http]\nlisten = \"0.0.0.0:8124\"").unwrap_err().to_string();
+        assert!(e.contains("http.api_token_file"), "{e}");
+        let c = parse("[http]\nlisten = \"0.0.0.0:8124\"\napi_token_file = \"/etc/hass-edge/api-token\"").unwrap();
+        assert_eq!(c.http.api_token_file, Some(PathBuf::from("/etc/hass-edge/api-token")));
+        assert!(parse("[http]\nlisten = \"[::1]:8124\"").is_ok());
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins() {
+        assert!(parse("[http]\ncors_origins = [\"http://kiosk.local:8080\"]").is_ok());
+        for bad in ["kiosk.local", "http://kiosk.local/", "*"] {
+            let e = parse(&format!("[http]\ncors_origins = [\"{bad}\"]")).unwrap_err().to_string();
+            assert!(e.contains("http.cors_origins"), "{e}");
+        }
     }
 
     #[test]

@@ -317,6 +317,7 @@ async fn connect_and_run(
                 }
                 Output::ServicesChanged(kind) => {
                     Counters::add(&hub.counters.service_events, 1);
+                    hub.invalidate_services();
                     log::debug!("{kind}");
                     hub.changed.notify(usize::MAX);
                 }

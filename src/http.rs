@@ -16,6 +16,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::{LocalExecutor, Timer};
 
+use crate::api::Reply;
 use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 
@@ -180,8 +181,24 @@ async fn connection(mut stream: TcpStream, hub: &Rc<Hub>, shutdown: &Shutdown) -
         };
         buf.drain(..consumed);
         let head = request.method == "HEAD";
-        let (route, response) = crate::api::handle(hub, &request).await;
-        hub.count_http(route, response.status);
+        let response = match crate::api::handle(hub, &request).await {
+            (route, Reply::Full(response)) => {
+                hub.count_http(route, response.status);
+                response
+            }
+            (route, Reply::Stream { headers, first, subscription }) => {
+                hub.count_http(route, 200);
+                let mut h = String::from("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+                for (name, value) in headers {
+                    let _ = write!(h, "{name}: {value}\r\n");
+                }
+                h.push_str("Connection: close\r\n\r\n");
+                hub.changed.notify(usize::MAX);
+                let result = crate::sse::serve(stream, h, first, subscription, shutdown).await;
+                hub.changed.notify(usize::MAX);
+                return result;
+            }
+        };
         let keep_alive = keep_alive && !shutdown.is_triggered();
         write_response(&mut stream, &response, head, keep_alive).or(timeout(WRITE_TIMEOUT)).await?;
         if !keep_alive {

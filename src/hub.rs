@@ -11,11 +11,12 @@ use std::time::{Duration, Instant, SystemTime};
 use event_listener::Event;
 use smol::lock::OnceCell;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::entity::EntityState;
 use crate::filter::EntityFilter;
 use crate::rest::{RestClient, RestError};
 use crate::session::EntitiesEvent;
+use crate::sse::Broadcast;
 use crate::store::{Change, Lookup, Store};
 
 /// After HA's REST API was unreachable, expired states are served stale without asking HA
@@ -170,6 +171,12 @@ pub struct Hub {
     pub started_wall: SystemTime,
     /// Fired whenever something reported in status outputs changes.
     pub changed: Event,
+    /// `/api/stream` clients.
+    pub stream: Broadcast,
+    /// The token local API clients must present (`http.api_token_file`).
+    pub api_token: RefCell<Option<Secret>>,
+    /// HA's service list, fetched once and dropped on `service_registered`/`service_removed`.
+    services: RefCell<Rc<OnceCell<Rc<str>>>>,
     /// REST client (replaced when a reload changes HA's URL, token or CA).
     rest: RefCell<RestClient>,
     /// In-flight REST reads by entity id: concurrent misses share one request.
@@ -205,6 +212,9 @@ impl Hub {
             started: now,
             started_wall: SystemTime::now(),
             changed: Event::new(),
+            stream: Broadcast::default(),
+            api_token: RefCell::new(None),
+            services: RefCell::new(Rc::new(OnceCell::new())),
             rest: RefCell::new(rest),
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
@@ -419,6 +429,53 @@ impl Hub {
             .iter()
             .filter(|t| now.saturating_duration_since(**t) < Duration::from_secs(3600))
             .count()
+    }
+
+    /// Forgets the cached service list (HA registered or removed a service).
+    pub fn invalidate_services(&self) {
+        *self.services.borrow_mut() = Rc::new(OnceCell::new());
+    }
+
+    /// HA's service list (`GET /api/services` JSON), from the cache or fetched once.
+    ///
+    /// Errors: the REST failure; nothing is cached then.
+    pub async fn services(&self) -> Result<Rc<str>, RestError> {
+        let cell = self.services.borrow().clone();
+        cell.get_or_try_init(|| async {
+            let rest = self.rest();
+            let result = smol::unblock(move || rest.get_services()).await;
+            self.record_rest(&result.as_ref().map(|_| Some(())).map_err(Clone::clone));
+            result.map(Rc::from)
+        })
+        .await
+        .cloned()
+    }
+
+    /// Forwards a service call to HA. On success (200, a list of changed states) the states
+    /// are written into the store at once and published to watchers. Returns HA's status and
+    /// body unchanged.
+    ///
+    /// Errors: HA unreachable.
+    pub async fn call_service(&self, domain: &str, service: &str, body: Vec<u8>) -> Result<(u16, String), RestError> {
+        let rest = self.rest();
+        let (d, s) = (domain.to_owned(), service.to_owned());
+        let result = smol::unblock(move || rest.call_service(&d, &s, &body)).await;
+        match &result {
+            Ok((200, _)) => self.record_rest::<()>(&Ok(Some(()))),
+            Ok((status, body)) => self.record_rest::<()>(&Err(crate::rest::status_error(*status, body))),
+            Err(e) => self.record_rest::<()>(&Err(e.clone())),
+        }
+        if let Ok((200, text)) = &result {
+            match serde_json::from_str::<Vec<EntityState>>(text) {
+                Ok(states) => {
+                    let filter = self.filter.borrow().clone();
+                    let changes = self.store.borrow_mut().apply_call_result(states, &filter, Instant::now());
+                    self.stream.publish(&changes);
+                }
+                Err(e) => log::warn!("could not read the states returned by {domain}.{service}: {e}"),
+            }
+        }
+        result
     }
 
     /// Counts a local HTTP request by route label and status.

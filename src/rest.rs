@@ -89,6 +89,23 @@ impl RestClient {
         }
     }
 
+    /// `GET /api/services`: HA's list of domains and their services, as raw JSON. Blocking.
+    pub fn get_services(&self) -> Result<String, RestError> {
+        let (status, body) = self.request("GET", &format!("{}/api/services", self.base), None)?;
+        match status {
+            200 if body.trim_start().starts_with('[') => Ok(body),
+            200 => Err(RestError::BadBody("expected a JSON list of services".into())),
+            status => Err(status_error(status, &body)),
+        }
+    }
+
+    /// `POST /api/services/<domain>/<service>` with a JSON object body. Returns HA's status
+    /// and body as they are (200: the list of states the call changed). Blocking.
+    /// `domain` and `service` must already be validated (they become part of the path).
+    pub fn call_service(&self, domain: &str, service: &str, body: &[u8]) -> Result<(u16, String), RestError> {
+        self.request("POST", &format!("{}/api/services/{domain}/{service}", self.base), Some(body))
+    }
+
     /// Performs one request and reads the body (bounded). Blocking.
     pub(crate) fn request(&self, method: &str, url: &str, json_body: Option<&[u8]>) -> Result<(u16, String), RestError> {
         let auth = format!("Bearer {}", self.token.expose());

@@ -329,6 +329,11 @@ impl Store {
         let old = state.clone();
         let mut new = (*old).clone();
         match new.apply_diff(diff) {
+            Ok(()) if new == *old => {
+                // Already current (e.g. written from a service call's answer): no change.
+                entry.at = now;
+                Ok(None)
+            }
             Ok(()) => {
                 let new = Rc::new(new);
                 *state = new.clone();
@@ -342,6 +347,32 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// Writes the states a service call returned (HA's answer to `POST /api/services/…`),
+    /// so the next read reflects the call before the subscription's event arrives. Tracked
+    /// entities become pushed entries unless the store already holds a newer update;
+    /// untracked ones are cached like a REST read.
+    pub fn apply_call_result(&mut self, states: Vec<EntityState>, filter: &EntityFilter, now: Instant) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for state in states {
+            if !filter.tracks(&state.entity_id) {
+                self.insert_fetched(&state.entity_id.clone(), Some(state), now);
+                continue;
+            }
+            if self.mode == CacheMode::Invalidate {
+                changes.extend(self.remove(&state.entity_id));
+                continue;
+            }
+            let newer_known = matches!(
+                self.entries.peek(&state.entity_id),
+                Some(Entry { value: Cached::State(s), origin: Origin::Pushed, .. }) if s.last_updated > state.last_updated || **s == state
+            );
+            if !newer_known {
+                changes.extend(self.upsert(state, now, false));
+            }
+        }
+        changes
     }
 
     /// Removes an entity (`r` event, or a failed decode). Returns the change if it was tracked.
@@ -509,6 +540,24 @@ mod tests {
         assert!(s.apply_diff("light.a", diff(json!({"+": {"s": "x", "lc": -1.0}})), t0).is_err());
         assert!(s.peek("light.a").is_none());
         assert_eq!(s.stats().failed_updates, 1);
+    }
+
+    #[test]
+    fn call_result_is_written_unless_newer_is_known() {
+        let t0 = Instant::now();
+        let mut s = store(10, t0);
+        s.set_live();
+        let all = EntityFilter::track_all();
+        let mut newer = state("light.b", "on");
+        newer.last_updated = Timestamp(10);
+        s.upsert_pushed(newer, t0);
+        let changes = s.apply_call_result(vec![state("light.a", "on"), state("light.b", "off")], &all, t0);
+        assert_eq!(changes.len(), 1, "light.b already holds a newer update");
+        assert_eq!(hit_state(s.lookup("light.a", t0)), "on");
+        assert_eq!(hit_state(s.lookup("light.b", t0)), "on");
+        // The subscription's diff for the same change is then a no-op, not a second change.
+        let diff = serde_json::from_value::<StateDiff>(json!({"+": {"s": "on"}})).unwrap();
+        assert!(s.apply_diff("light.a", diff, t0).unwrap().is_none());
     }
 
     #[test]
