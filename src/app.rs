@@ -18,7 +18,7 @@ use crate::hub::{Hub, LinkState};
 use crate::rest::RestClient;
 use crate::store::Change;
 use crate::tls::{Roots, TlsError};
-use crate::{http, logging, notify, shutdown};
+use crate::{dbus, http, logging, notify, shutdown};
 
 /// How long shutdown may take before we exit anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -109,9 +109,19 @@ async fn daemon(
     let (trigger, shutdown) = shutdown::channel();
     let token = std::cell::RefCell::new(settings.token.clone());
     let (commands_tx, commands_rx) = smol::channel::bounded::<Command>(8);
+    let (bus, entity_signals) = {
+        let c = hub.config.borrow();
+        (c.dbus.bus, c.dbus.entity_signals)
+    };
+    let signals_sink = dbus::start(hub.clone(), bus, entity_signals, commands_tx.clone(), &executor, shutdown.clone()).await;
     let on_change: ChangeSink = {
         let hub = hub.clone();
-        Rc::new(move |changes: &[Change]| hub.stream.publish(changes))
+        Rc::new(move |changes: &[Change]| {
+            hub.stream.publish(changes);
+            if let Some(sink) = &signals_sink {
+                sink.publish(changes);
+            }
+        })
     };
 
     let http_task = executor.spawn(http::serve(listener, hub.clone(), executor.clone(), shutdown.clone()));

@@ -23,7 +23,7 @@ pub const ENV_PREFIX: &str = "HASS_EDGE_";
 pub const EXIT_CONFIG: u8 = 78;
 
 /// Sections of the file; env overrides are split as `HASS_EDGE_<SECTION>_<KEY>`.
-const SECTIONS: &[&str] = &["ha", "filter", "cache", "reconnect", "heartbeat", "http", "log"];
+const SECTIONS: &[&str] = &["ha", "filter", "cache", "reconnect", "heartbeat", "http", "dbus", "log"];
 
 /// Keys whose value is a list; from the environment they are comma-separated.
 const LIST_KEYS: &[&str] = &["include_prefixes", "exclude_domains", "cors_origins"];
@@ -75,6 +75,7 @@ struct RawConfig {
     reconnect: RawReconnect,
     heartbeat: RawHeartbeat,
     http: RawHttp,
+    dbus: RawDbus,
     log: RawLog,
 }
 
@@ -175,6 +176,13 @@ impl Default for RawHttp {
     }
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDbus {
+    bus: DbusBus,
+    entity_signals: bool,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawLog {
@@ -197,6 +205,28 @@ pub enum CacheMode {
     Invalidate,
 }
 
+/// Which D-Bus bus to serve status on (`[dbus] bus`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbusBus {
+    /// The system bus (needs the policy file the package installs).
+    #[default]
+    System,
+    /// The user's session bus (development, tests).
+    Session,
+    /// No D-Bus.
+    None,
+}
+
+/// `[dbus]`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DbusConfig {
+    /// Which bus.
+    pub bus: DbusBus,
+    /// Emit `EntityChanged(entity_id, state)` for tracked entities.
+    pub entity_signals: bool,
+}
+
 /// The validated configuration. Printed by `check-config` (it holds no secrets: the token
 /// lives in its own file and only the path is kept here).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -213,6 +243,8 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     /// `[http]`: the local API.
     pub http: HttpConfig,
+    /// `[dbus]`: status for control panels.
+    pub dbus: DbusConfig,
     /// `[log]`.
     pub log: LogConfig,
 }
@@ -527,6 +559,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             allow_service_calls: raw.http.allow_service_calls,
             cors_origins: raw.http.cors_origins,
         },
+        dbus: DbusConfig { bus: raw.dbus.bus, entity_signals: raw.dbus.entity_signals },
         log: LogConfig { level },
     })
 }
@@ -587,6 +620,9 @@ mod tests {
         assert_eq!(c.heartbeat.timeout, Duration::from_secs(10));
         assert_eq!(c.http.listen, "127.0.0.1:8124".parse().unwrap());
         assert_eq!(c.log.level, "info");
+        assert_eq!(c.dbus, DbusConfig { bus: DbusBus::System, entity_signals: false });
+        assert!(c.http.allow_service_calls);
+        assert_eq!(c.http.api_token_file, None);
     }
 
     #[test]

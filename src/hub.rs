@@ -350,7 +350,11 @@ impl Hub {
             None
         } else {
             match self.store.borrow_mut().lookup(entity_id, Instant::now()) {
-                Lookup::Hit { state, age } => return Read::Fresh { state, age, cache: "hit" },
+                Lookup::Hit { state, age } => {
+                    // Wakes the D-Bus counter announcer (coalesced to once a second there).
+                    self.changed.notify(usize::MAX);
+                    return Read::Fresh { state, age, cache: "hit" };
+                }
                 Lookup::NotFound { .. } => return Read::NotFound { cache: "hit" },
                 Lookup::Miss { stale } => stale,
             }

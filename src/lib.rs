@@ -14,6 +14,7 @@ pub mod session;
 pub mod store;
 pub mod api;
 pub mod app;
+pub mod dbus;
 pub mod ha;
 pub mod http;
 pub mod hub;
