@@ -24,4 +24,5 @@ pub mod notify;
 pub mod rest;
 pub mod shutdown;
 pub mod sse;
+pub mod status;
 pub mod tls;

@@ -13,6 +13,8 @@ const USAGE: &str = "\
 Usage:
   hass-edge [--config PATH]                run the daemon
   hass-edge check-config [--config PATH]   validate the config and print the effective one
+  hass-edge status [--json] [--session]    ask the running daemon over D-Bus
+                                           (exit 0 live, 3 not live, 4 not running)
   hass-edge --version | --help
 
 Config: /etc/hass-edge/config.toml unless --config is given; every key can be
@@ -22,6 +24,7 @@ overridden by HASS_EDGE_<SECTION>_<KEY> (e.g. HASS_EDGE_HA_URL). Exit codes:
 enum Mode {
     Run,
     CheckConfig,
+    Status,
 }
 
 fn usage_error(message: &str) -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut mode = Mode::Run;
     let mut config_path: Option<PathBuf> = None;
+    let (mut json, mut session) = (false, false);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" | "-c" => match args.next() {
@@ -41,6 +45,9 @@ fn main() -> ExitCode {
             },
             s if s.starts_with("--config=") => config_path = Some(s["--config=".len()..].into()),
             "check-config" => mode = Mode::CheckConfig,
+            "status" => mode = Mode::Status,
+            "--json" if matches!(mode, Mode::Status) => json = true,
+            "--session" if matches!(mode, Mode::Status) => session = true,
             "--version" | "-V" => {
                 println!("hass-edge {}", env!("CARGO_PKG_VERSION"));
                 return ExitCode::SUCCESS;
@@ -51,6 +58,9 @@ fn main() -> ExitCode {
             }
             other => return usage_error(&format!("unexpected argument {other:?}")),
         }
+    }
+    if let Mode::Status = mode {
+        return ExitCode::from(hass_edge::status::run(json, session));
     }
     let source = ConfigSource {
         given: config_path.is_some(),
@@ -63,20 +73,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match mode {
-        Mode::CheckConfig => {
-            print!("{}", config.to_toml());
-            ExitCode::SUCCESS
-        }
-        Mode::Run => {
-            logging::init(&config.log.level);
-            match app::run(config, source) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    log::error!("{e}");
-                    ExitCode::from(e.exit_code())
-                }
-            }
+    if let Mode::CheckConfig = mode {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    logging::init(&config.log.level);
+    match app::run(config, source) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
