@@ -411,7 +411,13 @@ async fn announce(hub: Rc<Hub>, conn: zbus::Connection, props: Arc<Mutex<Props>>
             }
             Wake::Changed
         }
-        .or(async { Wake::Signal(signals.recv().await.ok()) })
+        .or(async {
+            match signals.recv().await {
+                Ok(signal) => Wake::Signal(Some(signal)),
+                // No sender (entity_signals = false): never wake for signals.
+                Err(_) => std::future::pending().await,
+            }
+        })
         .or(async {
             shutdown.wait().await;
             Wake::Stop

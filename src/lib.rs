@@ -21,6 +21,7 @@ pub mod hub;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod persist;
 pub mod rest;
 pub mod shutdown;
 pub mod sse;

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Runs every test of hass-edge. Each stage needs what .ci/run installs (Rust, the real
+# Home Assistant peers, dbus-daemon, promtool, Chromium, the aarch64 toolchain, qemu,
+# debootstrap/systemd-nspawn); a missing prerequisite fails its stage, it is never skipped.
+#
+#   scripts/test.sh            all stages
+#   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 browser aarch64 packaging
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+WORK=${TEST_WORK_DIR:-/tmp/hass-edge-test}
+mkdir -p "$WORK"
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# Our own test knobs must not leak into the daemon's HASS_EDGE_* config overrides.
+for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
+
+declare -a RESULTS=()
+FAILED=0
+stage() {
+	local name=$1; shift
+	printf '\n=== stage %s ===\n' "$name"
+	local t0=$SECONDS
+	if "$@"; then RESULTS+=("PASS  $name ($((SECONDS - t0)) s)")
+	else RESULTS+=("FAIL  $name ($((SECONDS - t0)) s)"); FAILED=1; fi
+}
+
+unit() {
+	cargo test --all-targets -- --test-threads=2
+}
+
+# Starts the real HA peer VERSION on PORT (installing it once) and runs the e2e suite.
+e2e() {
+	local version=$1 port=$2 dir="$WORK/ha-$1"
+	bash tests/ha-peer/install.sh "$version" || return 1
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	rm -rf "$dir"
+	bash tests/ha-peer/ha-peer.sh start "$version" "$dir" "$port" >/dev/null || return 1
+	HA_PEER_DIR=$dir HA_PEER_SCRIPT=$ROOT/tests/ha-peer/ha-peer.sh \
+		cargo test --features e2e --test e2e_real_ha -- --test-threads=1
+	local rc=$?
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	return $rc
+}
+
+browser() {
+	local version=2024.3.3 dir="$WORK/ha-browser"
+	bash tests/ha-peer/install.sh "$version" || return 1
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	rm -rf "$dir"
+	bash tests/ha-peer/ha-peer.sh start "$version" "$dir" 18127 >/dev/null || return 1
+	cargo build --quiet || return 1
+	HA_PEER_DIR=$dir OUT_DIR="$WORK/browser" bash tests/browser/run.sh
+	local rc=$?
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	return $rc
+}
+
+aarch64() {
+	# The tests that need no external peer, built for aarch64 and run under qemu-user.
+	EDGE_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" \
+		cargo test --target aarch64-unknown-linux-gnu --lib --bins --test golden_replay \
+		--test daemon_fake_ha --test http_limits --test persist_crash -- --test-threads=2
+}
+
+packaging() {
+	local version=2024.3.3 dir="$WORK/ha-packaging"
+	bash tests/ha-peer/install.sh "$version" || return 1
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	rm -rf "$dir"
+	bash tests/ha-peer/ha-peer.sh start "$version" "$dir" 18128 >/dev/null || return 1
+	bash scripts/build-debs.sh &&
+		HASS_EDGE_TEST_HA_URL=$(cat "$dir/url") HASS_EDGE_TEST_HA_TOKEN_FILE=$dir/token bash scripts/test-packaging.sh
+	local rc=$?
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	return $rc
+}
+
+STAGES=("$@")
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 browser aarch64 packaging)
+for s in "${STAGES[@]}"; do
+	case $s in
+		unit) stage unit unit ;;
+		e2e-2024.3.3) stage "$s" e2e 2024.3.3 18125 ;;
+		e2e-2025.4.4) stage "$s" e2e 2025.4.4 18126 ;;
+		browser) stage browser browser ;;
+		aarch64) stage aarch64 aarch64 ;;
+		packaging) stage packaging packaging ;;
+		*) echo "unknown stage $s" >&2; exit 2 ;;
+	esac
+done
+printf '\n=== summary ===\n'
+printf '%s\n' "${RESULTS[@]}"
+exit $FAILED
