@@ -315,6 +315,12 @@ async fn connect_and_run(
                         on_change(&changes);
                     }
                 }
+                Output::LastReported(rows) => {
+                    let mut store = hub.store.borrow_mut();
+                    for (entity_id, last_updated, last_reported) in rows {
+                        store.set_last_reported(&entity_id, last_updated, last_reported);
+                    }
+                }
                 Output::ServicesChanged(kind) => {
                     Counters::add(&hub.counters.service_events, 1);
                     hub.invalidate_services();

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::config::Secret;
-use crate::entity::{CompressedState, DecodeError, EntityState, StateDiff};
+use crate::entity::{CompressedState, DecodeError, EntityState, StateDiff, Timestamp};
 
 /// How long HA may take to send `auth_required` and answer `auth` (HA itself allows 10 s
 /// for the client's `auth`, `websocket_api/const.py` `AUTH_TIMEOUT`).
@@ -69,6 +69,12 @@ pub enum Output {
     Snapshot(EntitiesEvent),
     /// A later `subscribe_entities` event.
     Entities(EntitiesEvent),
+    /// `last_reported` as HA serialises it right after a snapshot, from `get_states`
+    /// (HA ≥ 2024.4): `(entity_id, last_updated, last_reported)`. The compressed format has
+    /// no `last_reported`, and HA's REST serialises a state lazily, so a state re-reported
+    /// before anyone read it shows a later `last_reported` than its `last_updated`.
+    /// `get_states` reads (and caches) the same JSON REST serves.
+    LastReported(Vec<(String, Timestamp, Timestamp)>),
     /// A `service_registered` / `service_removed` event (the event type).
     ServicesChanged(String),
     /// A command failed; logged and counted, the session goes on.
@@ -116,6 +122,7 @@ pub struct FrameError(pub String);
 /// Ids of the commands whose answers matter.
 #[derive(Debug, Default)]
 struct Ids {
+    states: u64,
     features: u64,
     started: u64,
     config: u64,
@@ -324,6 +331,23 @@ impl Session {
     fn handle_result(&mut self, msg: Incoming<'_>, out: &mut Vec<Output>) -> Result<(), FrameError> {
         let Some(id) = msg.id else { return Err(FrameError("result without id".into())) };
         if msg.success == Some(true) {
+            if id == self.ids.states && id != 0 {
+                #[derive(Deserialize)]
+                struct Row {
+                    entity_id: String,
+                    last_updated: Timestamp,
+                    last_reported: Option<Timestamp>,
+                }
+                let rows: Vec<Row> = msg
+                    .result
+                    .map(|r| serde_json::from_str(r.get()))
+                    .transpose()
+                    .map_err(|e| FrameError(format!("get_states result: {e}")))?
+                    .unwrap_or_default();
+                let rows = rows.into_iter().filter_map(|r| Some((r.entity_id, r.last_updated, r.last_reported?))).collect();
+                out.push(Output::LastReported(rows));
+                return Ok(());
+            }
             if id == self.ids.config && self.phase == Phase::AwaitRunning {
                 #[derive(Deserialize)]
                 struct CoreConfig {
@@ -379,6 +403,9 @@ impl Session {
                 self.snapshot_pending = false;
                 self.phase = Phase::Live;
                 out.push(Output::Snapshot(ev));
+                if self.version_at_least(LAST_REPORTED_SINCE) {
+                    self.ids.states = self.command(json!({"type": "get_states"}), out);
+                }
             } else {
                 out.push(Output::Entities(ev));
             }
@@ -587,7 +614,14 @@ mod tests {
         let mut s = session(t, None);
         to_syncing(&mut s, "2025.4.4", t);
         let out = feed(&mut s, r#"[{"id":4,"type":"result","success":true,"result":null},{"id":4,"type":"event","event":{"a":{}}},{"id":5,"type":"event","event":{"event_type":"service_registered"}}]"#, t);
-        assert!(matches!(&out[..], [Output::Snapshot(_), Output::ServicesChanged(k)] if k == "service_registered"));
+        assert!(matches!(&out[..], [Output::Snapshot(_), Output::Send(_), Output::ServicesChanged(k)] if k == "service_registered"));
+        // HA >= 2024.4: the snapshot is followed by get_states, whose last_reported values win.
+        assert_eq!(sent(&out)[0]["type"], "get_states");
+        let id = sent(&out)[0]["id"].as_u64().unwrap();
+        let out = feed(&mut s, &format!(r#"{{"id":{id},"type":"result","success":true,"result":[{{"entity_id":"sun.sun","state":"above_horizon","attributes":{{}},"last_changed":"2026-11-24T20:08:36+00:00","last_reported":"2026-11-24T20:08:37.5+00:00","last_updated":"2026-11-24T20:08:36+00:00","context":{{"id":"x","parent_id":null,"user_id":null}}}}]}}"#).replace("37.5+", "37.500000+"), t);
+        let [Output::LastReported(rows)] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(rows[0].0, "sun.sun");
+        assert_eq!(rows[0].2.to_string(), "2026-11-24T20:08:37.500000+00:00");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 
 use crate::config::CacheMode;
-use crate::entity::{DecodeError, EntityState, StateDiff};
+use crate::entity::{DecodeError, EntityState, StateDiff, Timestamp};
 use crate::filter::EntityFilter;
 
 /// Where an entry came from; decides how long it stays fresh.
@@ -375,6 +375,17 @@ impl Store {
         changes
     }
 
+    /// Sets `last_reported` of a pushed state whose `last_updated` still matches (see
+    /// `session::Output::LastReported`). Not a change for watchers: HA fires no
+    /// `state_changed` for a re-report either.
+    pub fn set_last_reported(&mut self, entity_id: &str, last_updated: Timestamp, last_reported: Timestamp) {
+        if let Some(Entry { value: Cached::State(state), origin: Origin::Pushed, .. }) = self.entries.peek_mut(entity_id) {
+            if state.last_updated == last_updated && state.last_reported.is_some_and(|r| r != last_reported) {
+                Rc::make_mut(state).last_reported = Some(last_reported);
+            }
+        }
+    }
+
     /// Removes an entity (`r` event, or a failed decode). Returns the change if it was tracked.
     pub fn remove(&mut self, entity_id: &str) -> Option<Change> {
         let old = Self::state_of(self.entries.pop(entity_id))?;
@@ -417,7 +428,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entity::{Context, Timestamp};
+    use crate::entity::Context;
     use serde_json::json;
 
     const TTL: Duration = Duration::from_secs(30);
