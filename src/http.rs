@@ -215,18 +215,25 @@ enum Parsed {
 
 /// The parts of a request head we keep.
 #[derive(Debug)]
-struct Head {
-    method: String,
-    target: String,
-    keep_alive: bool,
-    content_length: usize,
-    authorization: Option<String>,
-    origin: Option<String>,
+pub struct Head {
+    /// Method.
+    pub method: String,
+    /// Request target (path and query).
+    pub target: String,
+    /// Whether the connection stays open after the response.
+    pub keep_alive: bool,
+    /// Body length announced by `Content-Length` (0 when absent).
+    pub content_length: usize,
+    /// `Authorization` value.
+    pub authorization: Option<String>,
+    /// `Origin` value.
+    pub origin: Option<String>,
 }
 
-/// Parses a complete head from `buf`: `Ok(None)` when more bytes are needed, `Err` with the
-/// response for a request that must be refused.
-fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
+/// Parses a complete head from `buf`: `Ok(Some((head, head_len)))`, `Ok(None)` when more
+/// bytes are needed, `Err` with the response (400/411/413/431) for a request that must be
+/// refused. Pure; the fuzz target `http_request` drives it.
+pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
