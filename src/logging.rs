@@ -21,6 +21,11 @@ pub fn init(level: &str) {
             builder.filter_level(LevelFilter::Info).filter_module("hass_edge", LevelFilter::Trace);
         }
     }
+    // These crates log frame payloads and request headers at debug/trace: the `auth` frame
+    // and the `Authorization` header carry the HA token, which must never reach a log.
+    for noisy in ["tungstenite", "async_tungstenite", "ureq", "ureq_proto"] {
+        builder.filter_module(noisy, LevelFilter::Info);
+    }
     builder.format(move |f, record| {
         if journal {
             let priority = match record.level() {

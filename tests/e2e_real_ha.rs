@@ -386,7 +386,8 @@ fn change_in_ha_shows_through_us_within_50ms() {
 #[test]
 fn excluded_domains_are_not_tracked_but_answer_via_rest() {
     let peer = peer();
-    let daemon = Daemon::start(&peer, Options::default());
+    // Trace logging everywhere: the token still must not appear (auth frame, REST header).
+    let daemon = Daemon::start(&peer, Options { env: vec![("RUST_LOG", "trace".into())], ..Default::default() });
     daemon.wait_live();
     let automation = peer.states().into_keys().find(|id| id.starts_with("automation.")).expect("the peer has an automation");
     assert!(!daemon.tracked_ids().contains(&automation));
@@ -406,6 +407,8 @@ fn excluded_domains_are_not_tracked_but_answer_via_rest() {
     let refreshed = daemon.get(&format!("/api/states/{automation}?refresh=true"));
     assert_eq!(refreshed.headers["x-cache"], "miss");
     assert_eq!(daemon.metric("hass_edge_ha_rest_requests_total"), 3.0);
+    let log = daemon.log_text();
+    assert!(!log.contains(&peer.token), "the HA token appears in the log");
 }
 
 #[test]
