@@ -27,6 +27,8 @@ token_file = "$DIR/ha/token"
 listen = "127.0.0.1:$EDGE_PORT"
 [dbus]
 bus = "none"
+[cache]
+state_file = "$DIR/states.json"
 TOML
 ./target/release/hass-edge check-config --config "$DIR/config.toml" >/dev/null
 

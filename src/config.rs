@@ -122,11 +122,22 @@ struct RawCache {
     max_entities: u64,
     ttl_seconds: u64,
     negative_ttl_seconds: u64,
+    persist: bool,
+    state_file: PathBuf,
+    persist_interval_seconds: u64,
 }
 
 impl Default for RawCache {
     fn default() -> Self {
-        RawCache { mode: CacheMode::Update, max_entities: 10_000, ttl_seconds: 30, negative_ttl_seconds: 30 }
+        RawCache {
+            mode: CacheMode::Update,
+            max_entities: 10_000,
+            ttl_seconds: 30,
+            negative_ttl_seconds: 30,
+            persist: true,
+            state_file: "/var/lib/hass-edge/states.json".into(),
+            persist_interval_seconds: 900,
+        }
     }
 }
 
@@ -286,6 +297,13 @@ pub struct CacheConfig {
     /// Life of a cached 404 from HA.
     #[serde(rename = "negative_ttl_seconds", serialize_with = "as_seconds")]
     pub negative_ttl: Duration,
+    /// Keep the tracked states across restarts (warm start).
+    pub persist: bool,
+    /// Where they are kept (the unit's `StateDirectory`).
+    pub state_file: PathBuf,
+    /// At most one write per this interval while running (SD-card wear), and only after a change.
+    #[serde(rename = "persist_interval_seconds", serialize_with = "as_seconds")]
+    pub persist_interval: Duration,
 }
 
 /// `[reconnect]`.
@@ -501,6 +519,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    if raw.cache.persist && raw.cache.state_file.file_name().is_none() {
+        return Err(invalid("cache.state_file", "must name a file when cache.persist is true"));
+    }
     let max_entities = match raw.cache.max_entities {
         0 => return Err(invalid("cache.max_entities", "must be at least 1")),
         n if n > 10_000_000 => return Err(invalid("cache.max_entities", "must be at most 10000000")),
@@ -547,6 +568,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_entities,
             ttl: positive_seconds("cache.ttl_seconds", raw.cache.ttl_seconds)?,
             negative_ttl: positive_seconds("cache.negative_ttl_seconds", raw.cache.negative_ttl_seconds)?,
+            persist: raw.cache.persist,
+            state_file: raw.cache.state_file,
+            persist_interval: positive_seconds("cache.persist_interval_seconds", raw.cache.persist_interval_seconds)?,
         },
         reconnect: ReconnectConfig {
             max_attempts,
@@ -614,6 +638,9 @@ mod tests {
         assert_eq!(c.cache.max_entities, 10_000);
         assert_eq!(c.cache.ttl, Duration::from_secs(30));
         assert_eq!(c.cache.negative_ttl, Duration::from_secs(30));
+        assert!(c.cache.persist);
+        assert_eq!(c.cache.state_file, PathBuf::from("/var/lib/hass-edge/states.json"));
+        assert_eq!(c.cache.persist_interval, Duration::from_secs(900));
         assert_eq!(c.reconnect.max_attempts, 0);
         assert_eq!(c.reconnect.max_delay, Duration::from_secs(60));
         assert_eq!(c.heartbeat.interval, Duration::from_secs(30));

@@ -190,6 +190,9 @@ impl Daemon {
         if !text.contains("[dbus]") {
             text.push_str("[dbus]\nbus = \"none\"\n");
         }
+        if !text.contains("[cache]") {
+            text.push_str(&format!("[cache]\nstate_file = \"{}\"\n", dir.0.join("states.json").display()));
+        }
         std::fs::write(&config, text).unwrap();
         let log = dir.0.join("daemon.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hass-edge"));
