@@ -228,6 +228,10 @@ pub fn status(hub: &Hub) -> Value {
             "by_outcome": *c.rest_requests.borrow(),
         },
         "stream_clients": hub.stream.clients(),
+        // Warm start: states loaded from disk are served stale (X-Cache: stale, Age from the
+        // save) until HA's snapshot replaces them.
+        "warm_start": hub.restored.get().map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
+        "serving_stale": !hub.store.borrow().is_live() && tracked > 0,
     })
 }
 

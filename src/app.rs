@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_signal::{Signal, Signals};
 use smol::future::FutureExt;
@@ -18,6 +18,7 @@ use crate::hub::{Hub, LinkState};
 use crate::rest::RestClient;
 use crate::store::Change;
 use crate::tls::{Roots, TlsError};
+use crate::persist::{self, SavePolicy};
 use crate::{dbus, http, logging, notify, shutdown};
 
 /// How long shutdown may take before we exit anyway.
@@ -94,6 +95,7 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
     let api_token = config.read_api_token()?;
     let hub = Rc::new(Hub::new(Rc::new(config), rest));
     *hub.api_token.borrow_mut() = api_token;
+    restore(&hub);
     let executor = Rc::new(LocalExecutor::new());
     smol::block_on(executor.run(daemon(hub, settings, listener, signals, source, executor.clone())))
 }
@@ -125,6 +127,7 @@ async fn daemon(
     };
 
     let http_task = executor.spawn(http::serve(listener, hub.clone(), executor.clone(), shutdown.clone()));
+    let save_task = executor.spawn(save_states(hub.clone(), shutdown.clone()));
     let link_task = executor.spawn(ha::run(hub.clone(), settings, commands_rx, on_change.clone(), shutdown.clone()));
     let _status_task = executor.spawn(report_status(hub.clone()));
     let _watchdog_task = notify::watchdog_period().map(|period| {
@@ -169,6 +172,7 @@ async fn daemon(
             let _ = link.await;
         }
         http_task.await;
+        save_task.await;
     };
     let in_time = async {
         finish.await;
@@ -188,6 +192,98 @@ async fn daemon(
     log::info!("stopped");
     outcome
 }
+
+/// Warm start: loads the states saved by an earlier run (if `cache.persist`), keeps those the
+/// current filter tracks, and puts them in the store as stale until HA's snapshot replaces
+/// them. A missing file is normal; a bad one is moved aside by [`persist::load`] and logged.
+fn restore(hub: &Hub) {
+    let config = hub.config.borrow().clone();
+    if !config.cache.persist {
+        return;
+    }
+    let saved = match persist::load(&config.cache.state_file) {
+        Ok(Some(saved)) => saved,
+        Ok(None) => return,
+        Err(e) => {
+            log::warn!("warm start skipped: {e}");
+            return;
+        }
+    };
+    let age = SystemTime::now().duration_since(saved.saved_at).unwrap_or_default();
+    let saved_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+    let filter = hub.filter.borrow();
+    let mut store = hub.store.borrow_mut();
+    let mut kept = 0;
+    for state in saved.states.into_iter().filter(|s| filter.tracks(&s.entity_id)) {
+        store.insert_restored(state, saved_at);
+        kept += 1;
+    }
+    let loaded = store.tracked_len();
+    log::info!(
+        "warm start: {loaded} states from {} (saved {}s ago; {} left out by the filter or max_entities), stale until Home Assistant answers",
+        config.cache.state_file.display(),
+        age.as_secs(),
+        kept - loaded.min(kept)
+    );
+    hub.restored.set(Some((loaded, saved.saved_at)));
+}
+
+/// Saves the tracked states at most every `persist_interval_seconds` and only after a
+/// change (SD-card wear), and once more at a clean stop. Only while live: states are then
+/// current, so the file's time is honest about their age.
+async fn save_states(hub: Rc<Hub>, shutdown: shutdown::Shutdown) {
+    let (enabled, interval) = {
+        let c = hub.config.borrow();
+        (c.cache.persist, c.cache.persist_interval)
+    };
+    if !enabled {
+        return;
+    }
+    let mut policy = SavePolicy::new(interval, Instant::now());
+    let mut seen = hub.generation.get();
+    loop {
+        let listener = hub.states_changed.listen();
+        if hub.generation.get() != seen {
+            seen = hub.generation.get();
+            policy.mark_changed();
+        }
+        let stopping = shutdown.is_triggered();
+        let live = hub.store.borrow().is_live();
+        if live && (policy.due(Instant::now()) || (stopping && policy.pending())) {
+            let mark = policy.mark();
+            let bytes = persist::encode(&hub.store.borrow().tracked_states(), SystemTime::now());
+            let path = hub.config.borrow().cache.state_file.clone();
+            let written = smol::unblock(move || persist::write_file(&path, &bytes)).await;
+            match written {
+                Ok(n) => {
+                    log::debug!("saved {n} bytes of states");
+                    policy.saved_through(mark, Instant::now());
+                }
+                Err(e) => {
+                    log::error!("failed to save states (retrying in {}s): {e}", interval.as_secs());
+                    policy.failed(Instant::now());
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+        let due = policy.next_due();
+        async {
+            match due {
+                Some(at) if live => {
+                    Timer::at(at).await;
+                }
+                _ => listener.await,
+            }
+        }
+        .or(async {
+            shutdown.wait().await;
+        })
+        .await;
+    }
+}
+
 
 /// Formats a count with thousands separators: `2031` → `2,031`.
 fn thousands(n: u64) -> String {

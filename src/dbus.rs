@@ -81,6 +81,8 @@ pub struct Props {
     pub start_time: u64,
     /// Daemon version.
     pub version: String,
+    /// States are served but not live (HA unreachable, or restored from disk at start).
+    pub serving_stale: bool,
 }
 
 impl Props {
@@ -107,6 +109,7 @@ impl Props {
             last_event_time: micros(hub.last_event.get()),
             start_time: micros(Some(hub.started_wall)),
             version: env!("CARGO_PKG_VERSION").into(),
+            serving_stale: !store.is_live() && store.tracked_len() > 0,
         }
     }
 
@@ -239,6 +242,11 @@ mod object {
         fn version(&self) -> String {
             self.props().version
         }
+        /// States are served but not live (HA unreachable, or restored from disk at start).
+        #[zbus(property)]
+        fn serving_stale(&self) -> bool {
+            self.props().serving_stale
+        }
     }
 }
 use object::HassEdge;
@@ -352,6 +360,7 @@ async fn emit_changes(object: &HassEdge, e: &SignalEmitter<'_>, old: &Props, new
         cache_misses => cache_misses_changed,
         ha_rest_requests => ha_rest_requests_changed,
         last_event_time => last_event_time_changed,
+        serving_stale => serving_stale_changed,
     );
     Ok(())
 }
@@ -382,6 +391,7 @@ async fn announce(hub: Rc<Hub>, conn: zbus::Connection, props: Arc<Mutex<Props>>
                 ha_version: now.ha_version.clone(),
                 reconnect_attempts: now.reconnect_attempts,
                 subscriptions: now.subscriptions,
+                serving_stale: now.serving_stale,
                 ..announced.clone()
             }
         };

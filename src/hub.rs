@@ -173,6 +173,12 @@ pub struct Hub {
     pub changed: Event,
     /// `/api/stream` clients.
     pub stream: Broadcast,
+    /// Bumped whenever tracked states change (for the warm-start saver).
+    pub generation: Cell<u64>,
+    /// Fired with [`Hub::generation`].
+    pub states_changed: Event,
+    /// Warm start: how many states were loaded from disk and when they were saved.
+    pub restored: Cell<Option<(usize, SystemTime)>>,
     /// The token local API clients must present (`http.api_token_file`).
     pub api_token: RefCell<Option<Secret>>,
     /// HA's service list, fetched once and dropped on `service_registered`/`service_removed`.
@@ -213,6 +219,9 @@ impl Hub {
             started_wall: SystemTime::now(),
             changed: Event::new(),
             stream: Broadcast::default(),
+            generation: Cell::new(0),
+            states_changed: Event::new(),
+            restored: Cell::new(None),
             api_token: RefCell::new(None),
             services: RefCell::new(Rc::new(OnceCell::new())),
             rest: RefCell::new(rest),
@@ -262,8 +271,15 @@ impl Hub {
         store.set_live();
         drop(store);
         self.last_event.set(Some(SystemTime::now()));
-        self.changed.notify(usize::MAX);
+        self.bump_generation();
         changes
+    }
+
+    /// Records that tracked states changed: wakes status reporters and the saver.
+    pub fn bump_generation(&self) {
+        self.generation.set(self.generation.get() + 1);
+        self.states_changed.notify(usize::MAX);
+        self.changed.notify(usize::MAX);
     }
 
     /// Applies a later `subscribe_entities` event.
@@ -328,7 +344,11 @@ impl Hub {
         Counters::add(&c.events_applied, applied);
         Counters::add(&c.events_filtered_out, filtered_out);
         self.last_event.set(Some(SystemTime::now()));
-        self.changed.notify(usize::MAX);
+        if changes.is_empty() {
+            self.changed.notify(usize::MAX);
+        } else {
+            self.bump_generation();
+        }
         changes
     }
 
@@ -474,6 +494,9 @@ impl Hub {
                 Ok(states) => {
                     let filter = self.filter.borrow().clone();
                     let changes = self.store.borrow_mut().apply_call_result(states, &filter, Instant::now());
+                    if !changes.is_empty() {
+                        self.bump_generation();
+                    }
                     self.stream.publish(&changes);
                 }
                 Err(e) => log::warn!("could not read the states returned by {domain}.{service}: {e}"),
