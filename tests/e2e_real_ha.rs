@@ -774,3 +774,79 @@ fn reload_applies_a_filter_without_reconnecting_and_refuses_a_bad_config() {
     assert!(daemon.tracked_ids().contains("light.kitchen"));
     assert_eq!(daemon.metric("hass_edge_reconnects_total"), 0.0);
 }
+
+// ---------------------------------------------------------------- issue 7
+
+#[test]
+fn warm_start_serves_saved_states_stale_until_ha_is_back() {
+    let peer = peer();
+    let dir = TempDir::new();
+    let state_file = dir.0.join("states.json");
+    let cache = format!("[cache]\nstate_file = \"{}\"\n[reconnect]\nmax_delay_seconds = 2", state_file.display());
+    let mut first = Daemon::start(&peer, Options { extra: &cache, ..Default::default() });
+    first.wait_live();
+    let before: Value = serde_json::from_str(&first.get("/api/states/light.kitchen").body).unwrap();
+    assert_eq!(first.stop().0, Some(0));
+    let saved_at = Instant::now();
+    assert!(state_file.exists(), "states saved at a clean stop");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "readable only by the service user");
+    assert!(!std::fs::read_to_string(&state_file).unwrap().contains(&peer.token), "no secrets in the file");
+
+    // Restart with HA down: the last known states are served, marked stale, with their age.
+    peer.run(&["stop"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let second = Daemon::start(&peer, Options { extra: &cache, ..Default::default() });
+    wait_until("HTTP up", Duration::from_secs(10), || std::net::TcpStream::connect(second.base.trim_start_matches("http://")).is_ok());
+    let a = second.get("/api/states/light.kitchen");
+    assert_eq!(a.status, 200, "{}", second.log_text());
+    assert_eq!(a.headers["x-cache"], "stale");
+    let age: u64 = a.headers["age"].parse().unwrap();
+    assert!(age >= 2 && age <= saved_at.elapsed().as_secs() + 1, "Age {age}");
+    assert_eq!(serde_json::from_str::<Value>(&a.body).unwrap(), before);
+    assert_eq!(second.get("/health").status, 503, "not live");
+    let status = second.json("/status").1;
+    assert_eq!(status["serving_stale"], true);
+    assert!(status["warm_start"]["restored"].as_u64().unwrap() > 10);
+    assert_eq!(second.get("/api/states").headers["x-cache"], "stale");
+
+    // HA back: the snapshot replaces them; stale markers are gone and we match HA.
+    peer.start();
+    second.wait_live();
+    assert_eq!(second.get("/api/states/light.kitchen").headers["x-cache"], "hit");
+    assert_eq!(second.json("/status").1["serving_stale"], false);
+    assert_mirrors_ha(&peer, &second);
+}
+
+#[test]
+fn corrupt_or_unwritable_state_files_never_stop_the_daemon() {
+    let peer = peer();
+    let dir = TempDir::new();
+    let file = dir.0.join("states.json");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", b"{\"format\":\"hass-edge-states\",\"version\":1,\"saved_at_us\":1,\"count\":3,\"length\":900,\"crc32\":1}\n[{\"entity_id\":\"light.k".to_vec()),
+        ("random bytes", (0..4096).map(|_| fastrand::u8(..)).collect()),
+        ("wrong shape", br#"{"states": {"light.kitchen": "on"}}"#.to_vec()),
+        ("future version", b"{\"format\":\"hass-edge-states\",\"version\":99,\"saved_at_us\":1,\"count\":0,\"length\":2,\"crc32\":0}\n[]\n".to_vec()),
+    ];
+    for (name, bytes) in cases {
+        std::fs::write(&file, &bytes).unwrap();
+        let _ = std::fs::remove_file(dir.0.join("states.json.corrupt"));
+        let extra = format!("[cache]\nstate_file = \"{}\"", file.display());
+        let daemon = Daemon::start(&peer, Options { extra: &extra, ..Default::default() });
+        daemon.wait_live();
+        assert!(dir.0.join("states.json.corrupt").exists(), "{name}: moved aside");
+        let log = daemon.log_text();
+        assert!(log.contains("states.json"), "{name}: the log names the file:\n{log}");
+        assert!(daemon.json("/status").1["warm_start"].is_null(), "{name}: nothing loaded");
+        assert_mirrors_ha(&peer, &daemon);
+    }
+    // An unwritable state directory (its parent is a regular file): logged, still syncs.
+    let blocker = dir.0.join("not-a-dir");
+    std::fs::write(&blocker, b"x").unwrap();
+    let extra = format!("[cache]\nstate_file = \"{}/states.json\"", blocker.display());
+    let mut daemon = Daemon::start(&peer, Options { extra: &extra, ..Default::default() });
+    daemon.wait_live();
+    assert_eq!(daemon.stop().0, Some(0), "a failed save at stop is not a failure to stop");
+    assert!(daemon.log_text().contains("failed to save states"), "{}", daemon.log_text());
+}
