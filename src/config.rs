@@ -265,7 +265,9 @@ pub struct Config {
 pub struct HaConfig {
     /// Base URL (`http://host:port`, optionally with a path prefix), without a trailing `/`.
     pub url: String,
-    /// The WebSocket URL derived from `url`: `ws`/`wss` + `<path>/api/websocket`.
+    /// The WebSocket URL derived from `url`: `ws`/`wss` + `<path>/api/websocket`. Not printed
+    /// by `check-config`, whose output must itself be a valid config.
+    #[serde(skip_serializing)]
     pub websocket_url: String,
     /// File holding the long-lived access token.
     pub token_file: PathBuf,
@@ -724,6 +726,7 @@ mod tests {
     fn printed_config_shows_token_path_and_durations_in_seconds() {
         let c = parse("[ha]\ntoken_file = \"/run/secret/tok\"\n").unwrap();
         let text = c.to_toml();
+        assert_eq!(parse(&text).unwrap(), c, "the printed config parses back to the same config");
         assert!(text.contains("token_file = \"/run/secret/tok\""), "{text}");
         assert!(text.contains("ttl_seconds = 30"), "{text}");
     }
