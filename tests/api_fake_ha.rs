@@ -1,0 +1,287 @@
+//! The local API beyond plain reads, against the real daemon binary and the fake HA: the
+//! push stream (selection, snapshot, removals, resync after a reconnect, a client that never
+//! reads, the client cap), REST single-flight, the API token, CORS, `allow_service_calls`,
+//! `/status`, and the config rule for non-loopback listeners.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::daemon::{DaemonOptions, TempDir, command, run_to_exit};
+use support::{Daemon, FakeHa, deadline, wait_until};
+
+fn live_with(options: DaemonOptions) -> (FakeHa, Daemon) {
+    let fake = FakeHa::start("2025.4.4");
+    let daemon = Daemon::start_with(&fake, options);
+    daemon.wait_live();
+    (fake, daemon)
+}
+
+fn metric(daemon: &Daemon, name: &str) -> f64 {
+    let text = daemon.get("/metrics").text();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// An SSE client reading `data:` lines.
+struct Stream(BufReader<TcpStream>);
+
+impl Stream {
+    fn open(daemon: &Daemon, query: &str, headers: &str) -> (u16, Stream) {
+        let mut s = TcpStream::connect(daemon.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        write!(s, "GET /api/stream{query} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        let end = Instant::now() + deadline();
+        while line.is_empty() && Instant::now() < end {
+            let _ = r.read_line(&mut line);
+        }
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, Stream(r))
+    }
+
+    /// The next `state_changed` payload, or `None` after `wait` without one.
+    fn next(&mut self, wait: Duration) -> Option<Value> {
+        let end = Instant::now() + wait;
+        let mut line = String::new();
+        while Instant::now() < end {
+            line.clear();
+            match self.0.read_line(&mut line) {
+                Ok(0) => return None,
+                Ok(_) => {
+                    if let Some(data) = line.strip_prefix("data: ") {
+                        return Some(serde_json::from_str(data.trim()).unwrap());
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        None
+    }
+}
+
+fn toggled(fake: &FakeHa, entity_id: &str) -> Value {
+    fake.next_state(entity_id, |s| s["state"] = if s["state"] == "on" { "off".into() } else { "on".into() })
+}
+
+#[test]
+fn stream_selects_snapshots_and_reports_removals() {
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    let (status, mut stream) = Stream::open(&daemon, "?entity_id=light.,input_boolean.kitchen&snapshot=true", "");
+    assert_eq!(status, 200);
+    // The snapshot: every matching tracked state, as a creation (old_state null).
+    let mut snapshot = Vec::new();
+    while let Some(ev) = stream.next(Duration::from_millis(500)) {
+        assert!(ev["old_state"].is_null());
+        snapshot.push(ev["entity_id"].as_str().unwrap().to_owned());
+    }
+    snapshot.sort();
+    assert_eq!(snapshot, ["input_boolean.kitchen", "light.kitchen"]);
+    // Live changes, narrowed to the selection.
+    let old = fake.entity("input_boolean.kitchen").unwrap();
+    fake.push_change(toggled(&fake, "sensor.living_temperature"));
+    let new = toggled(&fake, "input_boolean.kitchen");
+    fake.push_change(new.clone());
+    let ev = stream.next(deadline()).expect("an event");
+    assert_eq!(ev["entity_id"], "input_boolean.kitchen", "sensor.* was not selected");
+    assert_eq!(ev["old_state"], old);
+    assert_eq!(ev["new_state"], new);
+    fake.push_remove("light.kitchen");
+    let ev = stream.next(deadline()).expect("a removal");
+    assert_eq!(ev["entity_id"], "light.kitchen");
+    assert!(ev["new_state"].is_null());
+}
+
+#[test]
+fn stream_reports_what_a_resync_revealed() {
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    let (_, mut stream) = Stream::open(&daemon, "?entity_id=input_boolean.", "");
+    fake.set_refusing(true);
+    fake.drop_all();
+    daemon.wait_health(503);
+    // While we are away: one entity changes, one is deleted.
+    let changed = toggled(&fake, "input_boolean.kitchen");
+    fake.set_entity(changed.clone());
+    fake.remove_entity("input_boolean.garage_open");
+    fake.set_refusing(false);
+    daemon.wait_live();
+    let mut seen = std::collections::BTreeMap::new();
+    while let Some(ev) = stream.next(Duration::from_secs(2)) {
+        seen.insert(ev["entity_id"].as_str().unwrap().to_owned(), ev["new_state"].clone());
+    }
+    assert_eq!(seen.get("input_boolean.kitchen"), Some(&changed), "{seen:?}");
+    assert_eq!(seen.get("input_boolean.garage_open"), Some(&Value::Null), "{seen:?}");
+}
+
+#[test]
+fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    // Connects, asks for everything, and never reads a byte.
+    let mut idle = TcpStream::connect(daemon.addr).unwrap();
+    idle.write_all(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    wait_until("the stream client is registered", deadline(), || {
+        if metric(&daemon, "hass_edge_sse_clients") == 1.0 { Ok(()) } else { Err("not yet".to_string()) }
+    });
+    let rss_before = rss_kib(daemon.pid());
+    // Large attributes fill the socket buffers quickly; then the queue bound applies.
+    let big = "x".repeat(4000);
+    for i in 0..2000 {
+        let new = fake.next_state("sensor.living_temperature", |s| {
+            s["state"] = i.to_string().into();
+            s["attributes"]["padding"] = big.clone().into();
+        });
+        fake.push_change(new);
+        if metric(&daemon, "hass_edge_sse_clients_dropped_total") >= 1.0 {
+            break;
+        }
+    }
+    wait_until("the slow client is disconnected and counted", deadline(), || {
+        let dropped = metric(&daemon, "hass_edge_sse_clients_dropped_total");
+        let clients = metric(&daemon, "hass_edge_sse_clients");
+        if dropped >= 1.0 && clients == 0.0 { Ok(()) } else { Err(format!("dropped {dropped}, clients {clients}")) }
+    });
+    let rss_after = rss_kib(daemon.pid());
+    assert!(rss_after < rss_before + 16 * 1024, "RSS grew from {rss_before} KiB to {rss_after} KiB");
+    assert_eq!(daemon.health().unwrap().0, 200, "everyone else is unaffected");
+    assert_eq!(fake.sessions().len(), 1, "the subscription was never disturbed");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn stream_clients_are_capped() {
+    let (_fake, daemon) = live_with(DaemonOptions::default());
+    let streams: Vec<Stream> = (0..hass_edge::sse::MAX_STREAM_CLIENTS)
+        .map(|_| {
+            let (status, s) = Stream::open(&daemon, "", "");
+            assert_eq!(status, 200);
+            s
+        })
+        .collect();
+    let (status, _) = Stream::open(&daemon, "", "");
+    assert_eq!(status, 503);
+    drop(streams);
+    wait_until("a slot frees up", deadline(), || match Stream::open(&daemon, "", "").0 {
+        200 => Ok(()),
+        s => Err(s.to_string()),
+    });
+}
+
+#[test]
+fn concurrent_misses_share_one_ha_request() {
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    fake.set_rest_delay(Duration::from_millis(500));
+    let id = fake.entities().into_iter().map(|s| s["entity_id"].as_str().unwrap().to_owned()).find(|id| id.starts_with("automation.")).unwrap();
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = daemon.addr;
+            let path = format!("/api/states/{id}");
+            std::thread::spawn(move || support::http_client::fetch(addr, "GET", &path).unwrap())
+        })
+        .collect();
+    for t in threads {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json(), fake.entity(&id).unwrap());
+    }
+    assert_eq!(fake.rest_reads_of(&id), 1, "ten concurrent misses, one HA request");
+}
+
+fn with_api_token() -> (TempDir, String, DaemonOptions) {
+    let dir = TempDir::new("api-token");
+    let token = "kiosk-token-0123456789abcdef".to_string();
+    let path = dir.write("api-token", &format!("{token}\n"));
+    let options = DaemonOptions::default()
+        .set("http", "api_token_file", format!("\"{}\"", path.display()))
+        .set("http", "cors_origins", "[\"http://kiosk.local:8080\"]")
+        .set("http", "allow_service_calls", "false");
+    (dir, token, options)
+}
+
+#[test]
+fn api_token_guards_everything_but_health() {
+    let (_dir, token, options) = with_api_token();
+    let (_fake, daemon) = live_with(options);
+    for path in ["/api/states", "/api/states/light.kitchen", "/status", "/metrics", "/api/services"] {
+        let r = daemon.get(path);
+        assert_eq!(r.status, 401, "{path} without a token");
+        assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"));
+        assert!(r.json()["message"].is_string());
+    }
+    assert_eq!(daemon.get("/health").status, 200, "/health stays open");
+    let mut conn = daemon.connect();
+    let ok = conn.request("GET", "/api/states/light.kitchen", &[&format!("Authorization: Bearer {token}")]).unwrap();
+    assert_eq!(ok.status, 200);
+    let wrong = conn.request("GET", "/api/states/light.kitchen", &["Authorization: Bearer kiosk-token-0123456789abcdeX"]).unwrap();
+    assert_eq!(wrong.status, 401);
+    // EventSource cannot send headers: the stream also takes ?access_token=.
+    assert_eq!(Stream::open(&daemon, "", "").0, 401);
+    assert_eq!(Stream::open(&daemon, &format!("?access_token={token}"), "").0, 200);
+    // …but only the stream does.
+    assert_eq!(daemon.get(&format!("/api/states/light.kitchen?access_token={token}")).status, 401);
+    let status = conn.request("GET", "/status", &[&format!("Authorization: Bearer {token}")]).unwrap().json();
+    assert!(!status.to_string().contains(&token), "the API token is not echoed");
+    assert!(!status.to_string().contains(support::fake_ha::TOKEN), "nor the HA token");
+}
+
+#[test]
+fn cors_only_for_configured_origins_and_service_calls_can_be_disabled() {
+    let (_dir, token, options) = with_api_token();
+    let (_fake, daemon) = live_with(options);
+    let mut conn = daemon.connect();
+    let pre = conn
+        .request("OPTIONS", "/api/states/light.kitchen", &["Origin: http://kiosk.local:8080", "Access-Control-Request-Method: GET", "Access-Control-Request-Headers: authorization"])
+        .unwrap();
+    assert_eq!(pre.status, 204, "a preflight needs no token");
+    assert_eq!(pre.header("Access-Control-Allow-Origin"), Some("http://kiosk.local:8080"));
+    assert!(pre.header("Access-Control-Allow-Headers").unwrap().contains("Authorization"));
+    let bad = conn.request("OPTIONS", "/api/states/light.kitchen", &["Origin: http://evil.example", "Access-Control-Request-Method: GET"]).unwrap();
+    assert_eq!(bad.status, 403);
+    assert_eq!(bad.header("Access-Control-Allow-Origin"), None);
+    let auth = format!("Authorization: Bearer {token}");
+    let get = conn.request("GET", "/api/states/light.kitchen", &[&auth, "Origin: http://kiosk.local:8080"]).unwrap();
+    assert_eq!(get.header("Access-Control-Allow-Origin"), Some("http://kiosk.local:8080"));
+    assert!(get.header("Access-Control-Expose-Headers").unwrap().contains("X-Cache"));
+    let other = conn.request("GET", "/api/states/light.kitchen", &[&auth, "Origin: http://evil.example"]).unwrap();
+    assert_eq!(other.header("Access-Control-Allow-Origin"), None);
+    let mut raw = daemon.connect();
+    raw.send(format!("POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
+    let r = raw.read_response(false).unwrap();
+    assert_eq!(r.status, 403, "allow_service_calls = false");
+}
+
+#[test]
+fn status_reports_link_filters_cache_and_counters() {
+    let (_fake, daemon) = live_with(DaemonOptions::default());
+    daemon.get("/api/states/light.kitchen");
+    let s = daemon.get("/status").json();
+    assert_eq!(s["connection"]["state"], "live");
+    assert_eq!(s["home_assistant"]["version"], "2025.4.4");
+    assert!(s["home_assistant"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    assert_eq!(s["filter"]["exclude_domains"], json!(["media_player", "camera", "automation"]));
+    assert_eq!(s["cache"]["mode"], "update");
+    assert_eq!(s["cache"]["ttl_seconds"], 30);
+    assert!(s["store"]["tracked"].as_u64().unwrap() > 10);
+    assert!(s["store"]["hits"].as_u64().unwrap() >= 1);
+    assert_eq!(s["ha_rest_requests"]["total"], 0);
+    assert_eq!(s["connection"]["ha_side_filter"], true, "2025.4.4 gets the filter");
+    assert!(!s.to_string().contains(support::fake_ha::TOKEN));
+}
+
+#[test]
+fn non_loopback_listen_without_api_token_is_refused() {
+    let dir = TempDir::new("listen");
+    let config = dir.write("config.toml", "[http]\nlisten = \"0.0.0.0:18999\"\n[dbus]\nbus = \"none\"\n");
+    let finished = run_to_exit(command(&["--config", config.to_str().unwrap()]), &dir, Duration::from_secs(20));
+    assert_eq!(finished.status.code(), Some(78));
+    assert!(finished.stderr.contains("http.api_token_file"), "{}", finished.stderr);
+}
