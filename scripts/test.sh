@@ -59,7 +59,7 @@ aarch64() {
 	# The tests that need no external peer, built for aarch64 and run under qemu-user.
 	EDGE_TEST_RUNNER="qemu-aarch64-static -L /usr/aarch64-linux-gnu" \
 		cargo test --target aarch64-unknown-linux-gnu --lib --bins --test golden_replay \
-		--test daemon_fake_ha --test http_limits --test api_fake_ha --test persist_crash --test fuzz_regressions -- --test-threads=2
+		--test daemon_fake_ha --test http_limits --test api_fake_ha --test reload_fake_ha --test persist_crash --test fuzz_regressions -- --test-threads=2
 }
 
 packaging() {

@@ -1,0 +1,62 @@
+//! Reload (SIGHUP) against the real daemon and fake HAs: a new HA URL reconnects to the new
+//! HA; a cache-limit change applies in place without reconnecting; a config that does not
+//! parse is refused and the old one stays in force.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Daemon, DaemonOptions, FakeHa, deadline, wait_until};
+
+fn rewrite(daemon: &Daemon, edit: impl FnOnce(String) -> String) {
+    let text = std::fs::read_to_string(&daemon.config_path).unwrap();
+    std::fs::write(&daemon.config_path, edit(text)).unwrap();
+    daemon.signal("HUP");
+}
+
+#[test]
+fn a_new_ha_url_reconnects_to_the_new_ha() {
+    let first = FakeHa::start("2024.3.3");
+    let second = FakeHa::start("2025.4.4");
+    let daemon = Daemon::start_with(&first, DaemonOptions::default());
+    daemon.wait_live();
+    assert_eq!(daemon.get("/status").json()["home_assistant"]["version"], "2024.3.3");
+    rewrite(&daemon, |t| t.replace(&first.url(), &second.url()));
+    wait_until("the daemon follows the new URL", deadline(), || {
+        let s = daemon.get("/status").json();
+        if s["home_assistant"]["version"] == "2025.4.4" && s["connection"]["state"] == "live" { Ok(()) } else { Err(s["connection"].to_string()) }
+    });
+    assert_eq!(second.subscribed_sessions(), 1);
+    // The entity set now is the second HA's (its backup sensors exist only on 2025.4.4).
+    wait_until("the new snapshot", deadline(), || {
+        let r = daemon.get("/api/states/sensor.backup_backup_manager_state");
+        if r.status == 200 && r.header("X-Cache") == Some("hit") { Ok(()) } else { Err(r.status.to_string()) }
+    });
+}
+
+#[test]
+fn cache_limits_apply_in_place_and_a_broken_config_is_refused() {
+    let fake = FakeHa::start("2025.4.4");
+    let daemon = Daemon::start_with(&fake, DaemonOptions::default());
+    daemon.wait_live();
+    let tracked = daemon.get("/status").json()["store"]["tracked"].as_u64().unwrap();
+    assert!(tracked > 5);
+    rewrite(&daemon, |t| {
+        assert!(t.contains("[cache]\n"), "the harness writes a [cache] table");
+        t.replacen("[cache]\n", "[cache]\nmax_entities = 5\n", 1)
+    });
+    wait_until("the LRU bound shrinks the store", deadline(), || {
+        let s = daemon.get("/status").json();
+        if s["store"]["entities"].as_u64() == Some(5) { Ok(()) } else { Err(s["store"].to_string()) }
+    });
+    assert_eq!(daemon.get("/status").json()["cache"]["max_entities"], 5);
+    assert!(daemon.get("/status").json()["store"]["evictions"].as_u64().unwrap() >= tracked - 5);
+    assert_eq!(fake.sessions().len(), 1, "no reconnect for a cache change");
+
+    rewrite(&daemon, |t| format!("{t}\nthis is not toml ["));
+    wait_until("the refusal is logged", deadline(), || if daemon.log().contains("reload rejected") { Ok(()) } else { Err("not yet".into()) });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(daemon.health().unwrap().0, 200);
+    assert_eq!(daemon.get("/status").json()["cache"]["max_entities"], 5, "the old config stays in force");
+    assert_eq!(fake.sessions().len(), 1);
+}
