@@ -28,13 +28,18 @@ unit() {
 	cargo test --all-targets -- --test-threads=2
 }
 
-# Starts the real HA peer VERSION on PORT (installing it once) and runs the e2e suite.
+# start_peer VERSION DIR PORT: a fresh real HA peer (installed once, cached).
+start_peer() {
+	bash tests/ha-peer/install.sh "$1" || return 1
+	bash tests/ha-peer/ha-peer.sh stop "$2" >/dev/null 2>&1 || true
+	rm -rf "$2"
+	bash tests/ha-peer/ha-peer.sh start "$1" "$2" "$3" >/dev/null
+}
+
+# Starts the real HA peer VERSION on PORT and runs the e2e suite.
 e2e() {
 	local version=$1 port=$2 dir="$WORK/ha-$1"
-	bash tests/ha-peer/install.sh "$version" || return 1
-	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
-	rm -rf "$dir"
-	bash tests/ha-peer/ha-peer.sh start "$version" "$dir" "$port" >/dev/null || return 1
+	start_peer "$version" "$dir" "$port" || return 1
 	HA_PEER_DIR=$dir HA_PEER_SCRIPT=$ROOT/tests/ha-peer/ha-peer.sh \
 		cargo test --features e2e --test e2e_real_ha -- --test-threads=1
 	local rc=$?
@@ -43,11 +48,8 @@ e2e() {
 }
 
 browser() {
-	local version=2024.3.3 dir="$WORK/ha-browser"
-	bash tests/ha-peer/install.sh "$version" || return 1
-	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
-	rm -rf "$dir"
-	bash tests/ha-peer/ha-peer.sh start "$version" "$dir" 18127 >/dev/null || return 1
+	local dir="$WORK/ha-browser"
+	start_peer 2024.3.3 "$dir" 18127 || return 1
 	cargo build --quiet || return 1
 	HA_PEER_DIR=$dir OUT_DIR="$WORK/browser" bash tests/browser/run.sh
 	local rc=$?
@@ -63,11 +65,8 @@ aarch64() {
 }
 
 packaging() {
-	local version=2024.3.3 dir="$WORK/ha-packaging"
-	bash tests/ha-peer/install.sh "$version" || return 1
-	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
-	rm -rf "$dir"
-	bash tests/ha-peer/ha-peer.sh start "$version" "$dir" 18128 >/dev/null || return 1
+	local dir="$WORK/ha-packaging"
+	start_peer 2024.3.3 "$dir" 18128 || return 1
 	bash scripts/build-debs.sh &&
 		HASS_EDGE_TEST_HA_URL=$(cat "$dir/url") HASS_EDGE_TEST_HA_TOKEN_FILE=$dir/token bash scripts/test-packaging.sh
 	local rc=$?

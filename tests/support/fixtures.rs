@@ -137,6 +137,8 @@ pub fn tracked_by_default(entity_id: &str) -> bool {
 }
 
 // ---- timestamps -------------------------------------------------------------------------
+// Deliberately independent of `hass_edge::entity::Timestamp`: the fake HA is a test oracle,
+// and sharing the daemon's conversion would let one bug hide itself on both sides.
 
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
