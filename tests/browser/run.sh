@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The real-browser test of hass-edge (issue #3); see tests/browser/README.md.
+#
+#   HA_PEER_DIR=<dir of a running tests/ha-peer peer> OUT_DIR=<dir> bash tests/browser/run.sh
+#
+# Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root),
+# CHROMIUM (default /usr/bin/chromium). Writes $OUT_DIR/browser-stream.png (the kiosk right after
+# the change made in HA arrived), $OUT_DIR/browser-final.png (at the end) (and, on failure,
+# $OUT_DIR/browser-failure.png) and $OUT_DIR/browser-daemon.log. Exit 0 = pass.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+T0=$SECONDS
+
+say() { printf 'browser: %s\n' "$*"; }
+die() { printf 'browser: FAIL: %s\n' "$*" >&2; exit 1; }
+
+# ---------- prerequisites ----------
+[[ -n ${HA_PEER_DIR:-} ]] || die "HA_PEER_DIR is not set (the DIR of 'tests/ha-peer/ha-peer.sh start VERSION DIR PORT')"
+[[ -n ${OUT_DIR:-} ]] || die "OUT_DIR is not set (where the screenshot goes)"
+[[ -s $HA_PEER_DIR/url && -s $HA_PEER_DIR/token ]] || die "$HA_PEER_DIR has no url/token: is the HA peer started?"
+EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
+[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+[[ -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+[[ -x $CHROMIUM ]] || die "no Chromium at $CHROMIUM (Debian package chromium)"
+for tool in node npm python3 curl; do
+	command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd)
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+rm -f "$OUT_DIR/browser-stream.png" "$OUT_DIR/browser-final.png" "$OUT_DIR/browser-failure.png"
+HA_URL=$(cat "$HA_PEER_DIR/url")
+curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
+	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
+
+# ---------- playwright-core (no browser download: Debian's Chromium is used) ----------
+# Installed once per package-lock.json; a later run only compares a checksum.
+lock_sum=$(cat "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -d' ' -f1)
+stamp=$HERE/node_modules/.hass-edge-installed
+if [[ ! -f $HERE/node_modules/playwright-core/package.json || "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]]; then
+	t=$SECONDS
+	if ! (cd "$HERE" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) >"$OUT_DIR/browser-npm.log" 2>&1; then
+		cat "$OUT_DIR/browser-npm.log" >&2
+		die "npm ci in tests/browser failed"
+	fi
+	echo "$lock_sum" >"$stamp"
+	say "npm ci: playwright-core $(node -p "require('$HERE/node_modules/playwright-core/package.json').version") installed in $((SECONDS - t)) s"
+fi
+
+# ---------- processes and their cleanup ----------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-browser.XXXXXX")
+EDGE_PID='' PAGE_PID='' NODE_PID=''
+
+stop_pid() { # PID: TERM, then KILL after 5 s
+	local pid=$1 i
+	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 50; i++)); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	stop_pid "$NODE_PID" # closes its Chromium
+	# A Chromium that outlived its driver (node killed hard): ours are the ones with our profile.
+	local pid
+	for pid in $(pgrep -f -- "--user-data-dir=$WORK/profile" || true); do
+		kill -KILL "$pid" 2>/dev/null || true
+	done
+	stop_pid "$EDGE_PID"
+	stop_pid "$PAGE_PID"
+	if ((rc != 0)); then
+		[[ ! -s $OUT_DIR/browser-daemon.log ]] || { echo "--- hass-edge log (tail) ---" >&2; tail -n 30 "$OUT_DIR/browser-daemon.log" >&2; }
+		[[ ! -s $WORK/page-server.log ]] || { echo "--- page server log (tail) ---" >&2; tail -n 15 "$WORK/page-server.log" >&2; }
+	fi
+	rm -rf "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+API_PORT=$(free_port)
+PAGE_PORT=$(free_port)
+while [[ $PAGE_PORT == "$API_PORT" ]]; do PAGE_PORT=$(free_port); done
+API_BASE=http://127.0.0.1:$API_PORT
+PAGE_BASE=http://localhost:$PAGE_PORT   # the allowed origin
+OTHER_BASE=http://127.0.0.1:$PAGE_PORT  # the same server under an origin not in cors_origins
+
+# ---------- hass-edge ----------
+(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
+cat >"$WORK/config.toml" <<EOF
+[ha]
+url = "$HA_URL"
+token_file = "$HA_PEER_DIR/token"
+
+[http]
+listen = "127.0.0.1:$API_PORT"
+api_token_file = "$WORK/api-token"
+cors_origins = ["$PAGE_BASE"]
+
+[dbus]
+bus = "none"
+EOF
+# Keep a saved-states file (builds that have [cache] persist) out of /var/lib.
+if "$EDGE_BIN" check-config --config "$WORK/config.toml" 2>/dev/null | grep -q '^state_file'; then
+	printf '\n[cache]\nstate_file = "%s"\n' "$WORK/states.json" >>"$WORK/config.toml"
+fi
+(
+	# Our callers' knobs must not reach the daemon as config overrides.
+	for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
+	unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
+	exec "$EDGE_BIN" --config "$WORK/config.toml"
+) >"$OUT_DIR/browser-daemon.log" 2>&1 &
+EDGE_PID=$!
+for ((i = 0; ; i++)); do
+	kill -0 "$EDGE_PID" 2>/dev/null || die "hass-edge exited at start (log: $OUT_DIR/browser-daemon.log)"
+	code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$API_BASE/health" || true)
+	[[ $code != 200 ]] || break
+	((i < 300)) || die "hass-edge's /health is not 200 after 30 s (last: $code)"
+	sleep 0.1
+done
+say "hass-edge live on $API_BASE (cors_origins = [\"$PAGE_BASE\"]) after $((SECONDS - T0)) s"
+
+# ---------- the page, on another origin ----------
+python3 -m http.server "$PAGE_PORT" --bind 127.0.0.1 --directory "$HERE/page" >"$WORK/page-server.log" 2>&1 &
+PAGE_PID=$!
+for ((i = 0; ; i++)); do
+	kill -0 "$PAGE_PID" 2>/dev/null || die "the page server (python3 -m http.server) exited"
+	curl -fs -o /dev/null --max-time 2 "$PAGE_BASE/index.html" && break
+	((i < 100)) || die "the page server does not answer on $PAGE_BASE after 10 s"
+	sleep 0.1
+done
+
+# ---------- the browser ----------
+mkdir -m 700 "$WORK/profile"
+(
+	cd "$HERE"
+	export API_BASE PAGE_BASE OTHER_BASE OUT_DIR HA_URL CHROMIUM
+	export API_TOKEN_FILE=$WORK/api-token HA_TOKEN_FILE=$HA_PEER_DIR/token PROFILE_DIR=$WORK/profile
+	# Chromium's crash-report database goes under XDG_CONFIG_HOME: keep it in WORK too.
+	export XDG_CONFIG_HOME=$WORK/xdg
+	exec node test.mjs
+) &
+NODE_PID=$!
+rc=0
+wait "$NODE_PID" || rc=$?
+NODE_PID=''
+((rc == 0)) || die "the browser test failed (exit $rc)"
+say "done in $((SECONDS - T0)) s"
