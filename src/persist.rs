@@ -62,7 +62,8 @@ pub const FORMAT_VERSION: u64 = 1;
 /// Longest header line accepted, in bytes without its `\n` (a real one is about 120).
 pub const MAX_HEADER_BYTES: usize = 256;
 
-/// Largest state file [`save`] writes and [`load`] reads: 256 MiB, about a million states.
+/// Largest state file [`save`] writes and [`load`] reads: 256 MiB, about 700,000 states of
+/// 370 bytes.
 /// Bounds the memory a bad or foreign file can make [`load`] allocate.
 pub const MAX_FILE_BYTES: u64 = 256 << 20;
 
@@ -197,6 +198,7 @@ pub fn encode(states: &[Rc<EntityState>], saved_at: SystemTime) -> Vec<u8> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Header {
+    // Checked before; listed so that `deny_unknown_fields` accepts them.
     #[allow(dead_code)]
     format: String,
     #[allow(dead_code)]
@@ -223,7 +225,9 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
     let Some(newline) = window.iter().position(|&b| b == b'\n') else {
         // A torn first write can stop inside the header; anything else is someone else's file.
         let magic = format!("{{\"format\":\"{FORMAT_NAME}\"");
-        return Err(if bytes.len() <= MAX_HEADER_BYTES && (bytes.starts_with(magic.as_bytes()) || magic.as_bytes().starts_with(bytes)) {
+        let magic = magic.as_bytes();
+        let torn_header = bytes.len() <= MAX_HEADER_BYTES && (bytes.starts_with(magic) || magic.starts_with(bytes));
+        return Err(if torn_header {
             FormatError::Truncated("the header line is incomplete".into())
         } else {
             FormatError::Foreign(format!("no header line in the first {MAX_HEADER_BYTES} bytes"))
@@ -243,15 +247,21 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
     match fields.get("version").and_then(Value::as_u64) {
         Some(FORMAT_VERSION) => {}
         Some(v) if v > FORMAT_VERSION => return Err(FormatError::NewerVersion(v)),
-        _ => return Err(FormatError::Malformed(format!("version is {:?}, not a known version", fields.get("version")))),
+        _ => {
+            let v = fields.get("version").map_or_else(|| "missing".to_owned(), Value::to_string);
+            return Err(FormatError::Malformed(format!("version is {v}, not a known version")));
+        }
     }
-    let header: Header = serde_json::from_value(Value::Object(fields))
-        .map_err(|e| FormatError::Malformed(format!("header: {e}")))?;
+    let header: Header =
+        serde_json::from_value(Value::Object(fields)).map_err(|e| FormatError::Malformed(format!("header: {e}")))?;
 
     // The body and its final newline, nothing more.
     let have = rest.len() as u64;
     if have < header.length.saturating_add(1) {
-        return Err(FormatError::Truncated(format!("the body has {have} of {} bytes", header.length.saturating_add(1))));
+        return Err(FormatError::Truncated(format!(
+            "the body has {have} of {} bytes",
+            header.length.saturating_add(1)
+        )));
     }
     if have > header.length + 1 {
         return Err(FormatError::Malformed(format!("{} unexpected bytes after the body", have - header.length - 1)));
@@ -280,7 +290,7 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
 /// (created fresh, mode 0600, any stale one removed first), which is fsynced, renamed over
 /// `path`, and then the directory is fsynced so the rename itself is durable.
 ///
-/// Returns the number of bytes written. Blocks on disk I/O (tens of ms on an SD card per MB).
+/// Returns the number of bytes written. Blocks until the data is on disk (both fsyncs).
 ///
 /// Errors: [`PersistError::Io`] naming the step and file (missing or read-only directory,
 /// full disk; the old file is then untouched, the temp file removed when possible),
@@ -327,9 +337,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, PersistError> {
     }
     // Without this the rename may be lost at power loss (ext4 `data=ordered` usually keeps
     // it, other file systems need it): see rename(2) and fsync(2), "fsync on the directory".
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))?;
     Ok(bytes.len() as u64)
 }
 
@@ -648,7 +656,10 @@ mod tests {
         let dir = TestDir::new("round-trip");
         let n = save(&dir.file(), &states, at(T, 0)).unwrap();
         assert_eq!(n, fs::metadata(dir.file()).unwrap().len());
-        assert_eq!(load(&dir.file()).unwrap().unwrap(), Saved { saved_at: at(T, 0), states: states.iter().map(|s| (**s).clone()).collect() });
+        assert_eq!(
+            load(&dir.file()).unwrap().unwrap(),
+            Saved { saved_at: at(T, 0), states: states.iter().map(|s| (**s).clone()).collect() }
+        );
         save(&dir.file(), &[], at(T + 1, 0)).unwrap();
         assert_eq!(load(&dir.file()).unwrap().unwrap(), Saved { saved_at: at(T + 1, 0), states: vec![] });
         assert!(!temp_path(&dir.file()).exists(), "no temp file after a successful save");
@@ -666,11 +677,16 @@ mod tests {
         // Backs the "bytes per state" figure in the module docs (README: bytes/day).
         let mut total = (0, 0);
         for (version, json) in fixture_json() {
-            let states: Vec<Rc<EntityState>> = json.into_iter().map(|v| Rc::new(serde_json::from_value(v).unwrap())).collect();
+            let states: Vec<Rc<EntityState>> =
+                json.into_iter().map(|v| Rc::new(serde_json::from_value(v).unwrap())).collect();
             let bytes = encode(&states, at(T, 123_456_000));
             let header = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
             let per_state = (bytes.len() - header) / states.len();
-            println!("HA {version}: {} states, {} bytes, header {header}, {per_state} bytes/state", states.len(), bytes.len());
+            println!(
+                "HA {version}: {} states, {} bytes, header {header}, {per_state} bytes/state",
+                states.len(),
+                bytes.len()
+            );
             total = (total.0 + states.len(), total.1 + bytes.len() - header);
             assert!((300..=450).contains(&per_state), "module docs say 340 and 395 bytes/state, measured {per_state}");
             assert!(header <= 130, "module docs say a header of about 120 bytes, measured {header}");
@@ -736,7 +752,10 @@ mod tests {
         assert_eq!(err, FormatError::NewerVersion(2));
         assert!(err.to_string().contains("written by a newer hass-edge (format version 2)"), "{err}");
         // A newer header may have other fields: still reported as newer, not as malformed.
-        let err = assert_rejected(b"{\"format\":\"hass-edge-states\",\"version\":7,\"zstd\":true}\n\x28\xb5\x2f\xfd", "version 7");
+        let err = assert_rejected(
+            b"{\"format\":\"hass-edge-states\",\"version\":7,\"zstd\":true}\n\x28\xb5\x2f\xfd",
+            "version 7",
+        );
         assert_eq!(err, FormatError::NewerVersion(7));
         let err = assert_rejected(&frame(FORMAT_NAME, 0, 0, b"[]"), "version 0");
         assert!(matches!(err, FormatError::Malformed(_)), "{err}");
@@ -762,7 +781,10 @@ mod tests {
         let body = format!("[{state}]");
         let err = assert_rejected(&frame(FORMAT_NAME, 1, 2, body.as_bytes()), "count 2 for 1 state");
         assert_eq!(err, FormatError::Count { expected: 2, actual: 1 });
-        assert!(decode(&frame(FORMAT_NAME, 1, 1, body.as_bytes())).is_ok(), "the same frame with the right count is fine");
+        assert!(
+            decode(&frame(FORMAT_NAME, 1, 1, body.as_bytes())).is_ok(),
+            "the same frame with the right count is fine"
+        );
     }
 
     #[test]
@@ -830,6 +852,7 @@ mod tests {
         let dir = TestDir::new("messages");
         fs::write(dir.file(), frame(FORMAT_NAME, 3, 0, b"[]")).unwrap();
         let msg = load(&dir.file()).unwrap_err().to_string();
+        println!("{msg}");
         assert!(msg.contains(&dir.file().display().to_string()), "{msg}");
         assert!(msg.contains("written by a newer hass-edge (format version 3)"), "{msg}");
         assert!(msg.contains(".corrupt"), "{msg}");
