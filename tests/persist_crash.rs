@@ -55,6 +55,22 @@ fn generation(tag: char) -> (Vec<Rc<EntityState>>, SystemTime) {
     (states, UNIX_EPOCH + Duration::from_micros(base as u64))
 }
 
+/// This test binary again, through `EDGE_TEST_RUNNER` (e.g. `qemu-aarch64-static -L …` when
+/// cross-testing: there is no binfmt_misc to run it directly).
+fn writer_command() -> Command {
+    let exe = std::env::current_exe().unwrap();
+    let runner = std::env::var("EDGE_TEST_RUNNER").unwrap_or_default();
+    let mut parts = runner.split_whitespace();
+    match parts.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(parts).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    }
+}
+
 /// The child: writes A and B alternately until killed. Does nothing in a normal test run.
 #[test]
 fn crash_writer_child() {
