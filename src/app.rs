@@ -316,7 +316,7 @@ pub fn status_line(hub: &Hub) -> String {
         ),
         LinkState::AuthFailed => {
             let every = hub.config.borrow().reconnect.max_delay.as_secs();
-            format!("auth_failed: Home Assistant rejected the access token; retrying every {every}s")
+            format!("auth_failed: Home Assistant rejected the access token; waiting for a valid one (checked every {every}s)")
         }
         state => format!("{}: {}", state.as_str(), hub.config.borrow().ha.url),
     }

@@ -54,6 +54,12 @@ impl std::fmt::Debug for LinkSettings {
     }
 }
 
+/// How often one rejected token is tried again before hass-edge waits for a new one. HA
+/// counts every `auth_invalid` toward its IP ban (`http.login_attempts_threshold`, e.g. 5)
+/// and forgets the count only on a successful login (HA `components/http/ban.py`), so any
+/// fixed retry period would end in a ban: 1 + 2 retries stays below a threshold of 5.
+pub const SAME_TOKEN_RETRIES: u32 = 2;
+
 /// Receives the changes each HA event made to tracked entities (SSE, D-Bus signals).
 pub type ChangeSink = Rc<dyn Fn(&[Change])>;
 
@@ -85,7 +91,41 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), String> {
     let mut attempts: u32 = 0;
+    // Failures of the current token (see SAME_TOKEN_RETRIES).
+    let mut token_failures: u32 = 0;
     loop {
+        if token_failures > SAME_TOKEN_RETRIES {
+            // Hold: re-read the token every max_delay; try again only once it changed.
+            let max_delay = hub.config.borrow().reconnect.max_delay;
+            match hub.config.borrow().read_token() {
+                Ok(token) if token != settings.token => {
+                    log::info!("the access token changed; trying it");
+                    settings.token = token.clone();
+                    hub.replace_rest_token(token);
+                    token_failures = 0;
+                }
+                _ => {
+                    let wake = async {
+                        Timer::after(max_delay).await;
+                        Wake::Timer
+                    }
+                    .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
+                    .or(async {
+                        shutdown.wait().await;
+                        Wake::Shutdown
+                    });
+                    match wake.await {
+                        Wake::Command(Command::Reconnect(new)) => {
+                            settings = *new;
+                            token_failures = 0;
+                        }
+                        Wake::Shutdown => return Ok(()),
+                        _ => {}
+                    }
+                    continue;
+                }
+            }
+        }
         hub.update_link(|l| l.state = LinkState::Connecting);
         let end = connect_and_run(&hub, &settings, &commands, &on_change, &shutdown).await;
         let (max_attempts, max_delay) = {
@@ -98,14 +138,22 @@ pub async fn run(
                 settings = *new;
                 hub.link_lost("reconnecting with new settings");
                 attempts = 0;
+                token_failures = 0;
                 continue;
             }
             End::AuthInvalid(message) => {
                 Counters::add(&hub.counters.auth_failures, 1);
                 Counters::add(&hub.counters.reconnects, 1);
                 attempts = attempts.saturating_add(1);
+                token_failures += 1;
                 let delay = max_delay.mul_f64(1.0 + 0.1 * fastrand::f64());
-                log::error!("Home Assistant rejected the access token ({message}); next attempt in {}s", delay.as_secs());
+                if token_failures > SAME_TOKEN_RETRIES {
+                    log::error!(
+                        "Home Assistant rejected the access token {token_failures} times ({message}); not sending it again (HA would ban this address): write a valid token and restart or reload hass-edge"
+                    );
+                } else {
+                    log::error!("Home Assistant rejected the access token ({message}); next attempt in {}s", delay.as_secs());
+                }
                 hub.link_lost(&format!("auth_invalid: {message}"));
                 hub.update_link(|l| {
                     l.state = LinkState::AuthFailed;
@@ -117,6 +165,7 @@ pub async fn run(
                 Counters::add(&hub.counters.reconnects, 1);
                 if synced {
                     attempts = 0;
+                    token_failures = 0;
                 }
                 attempts = attempts.saturating_add(1);
                 let delay = backoff_delay(attempts, max_delay, fastrand::f64());

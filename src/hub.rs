@@ -399,7 +399,16 @@ impl Hub {
         }
     }
 
+    /// HA rejected our token: every REST call would be another 401 toward HA's IP ban.
+    fn auth_failed(&self) -> Option<RestError> {
+        (self.link_state() == LinkState::AuthFailed)
+            .then(|| RestError::Status { status: 401, message: "Home Assistant rejected the access token (see /status)".into() })
+    }
+
     async fn fetch(&self, entity_id: &str) -> Fetch {
+        if let Some(e) = self.auth_failed() {
+            return Err(e);
+        }
         let cell = self.inflight.borrow_mut().entry(entity_id.to_owned()).or_default().clone();
         let result = cell
             .get_or_init(|| async {
@@ -464,6 +473,9 @@ impl Hub {
     ///
     /// Errors: the REST failure; nothing is cached then.
     pub async fn services(&self) -> Result<Rc<str>, RestError> {
+        if let Some(e) = self.auth_failed() {
+            return Err(e);
+        }
         let cell = self.services.borrow().clone();
         cell.get_or_try_init(|| async {
             let rest = self.rest();
@@ -481,6 +493,9 @@ impl Hub {
     ///
     /// Errors: HA unreachable.
     pub async fn call_service(&self, domain: &str, service: &str, body: Vec<u8>) -> Result<(u16, String), RestError> {
+        if let Some(e) = self.auth_failed() {
+            return Err(e);
+        }
         let rest = self.rest();
         let (d, s) = (domain.to_owned(), service.to_owned());
         let result = smol::unblock(move || rest.call_service(&d, &s, &body)).await;
@@ -513,6 +528,12 @@ impl Hub {
     /// The REST client (for service calls and other pass-through requests).
     pub fn rest(&self) -> RestClient {
         self.rest.borrow().clone()
+    }
+
+    /// Uses a new token for REST (the link found a changed token file).
+    pub fn replace_rest_token(&self, token: Secret) {
+        let rest = self.rest.borrow().with_token(token);
+        *self.rest.borrow_mut() = rest;
     }
 
     /// Replaces the REST client (reload with new HA settings).

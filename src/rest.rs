@@ -76,6 +76,11 @@ impl RestClient {
         RestClient { agent, base: base.trim_end_matches('/').to_owned(), token }
     }
 
+    /// The same client (pool, TLS, timeouts) with another token.
+    pub fn with_token(&self, token: Secret) -> RestClient {
+        RestClient { agent: self.agent.clone(), base: self.base.clone(), token }
+    }
+
     /// `GET /api/states/<entity_id>`: `Ok(None)` on HA's 404. Blocking.
     ///
     /// `entity_id` must already be validated (it becomes part of the path).

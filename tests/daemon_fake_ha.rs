@@ -272,6 +272,20 @@ fn rejected_token_reports_auth_failed_and_retries_slowly() {
         assert_eq!(s.ended.as_ref().unwrap().1, SessionEnd::ClosedByFake(1000), "HA closes with 1000 after auth_invalid");
     }
     assert!(!daemon.log().contains("not-the-right-token"), "the token stays out of the log");
+
+    // HA forgets failed logins only after a success: after 1 + SAME_TOKEN_RETRIES rejections
+    // the same token is not sent again (a fourth and fifth would get this address banned).
+    assert_eq!(attempts.len() as u32, 1 + hass_edge::ha::SAME_TOKEN_RETRIES);
+    std::thread::sleep(Duration::from_secs(max_delay * 3));
+    assert_eq!(fake.auth_attempts().len(), attempts.len(), "no attempt with the rejected token after the retries");
+    // REST would be a 401 too, which HA also counts: none is made.
+    let r = daemon.get("/api/states/automation.doorbell_sets_message");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(fake.rest_requests().len(), 0);
+
+    // A new (valid) token in the file is picked up at the next check, without a restart.
+    std::fs::write(daemon.dir.path.join("token"), support::fake_ha::TOKEN).unwrap();
+    daemon.wait_live();
 }
 
 // ---- 4. coalesced frames -----------------------------------------------------------------------
