@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the fuzz targets into fuzz/seeds/<target>/.
+
+ha_frame: every frame recorded from real Home Assistant in tests/fixtures/<version>/ (each
+file, each line of a .jsonl, each received frame of restart_transcript.jsonl), also with the
+`id` rewritten to 4 (the id subscribe_entities gets on a fresh connection, so the frame hits
+the live subscription), plus a few hand-made frames for paths the recordings miss (removal,
+attribute removal, failures, coalesced mixes).
+http_request: raw requests like the local API's clients send, and a few refusals.
+config: TOML files covering every section.
+
+Deterministic; re-run after the fixtures change. tests/fuzz_regressions.rs replays them.
+"""
+import json
+import pathlib
+import shutil
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SEEDS = ROOT / "fuzz" / "seeds"
+ENTITIES_ID = 4
+
+
+def write(target, name, data):
+    d = SEEDS / target
+    d.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    (d / name).write_bytes(data)
+
+
+def ha_frames():
+    n = 0
+    for version in ["2024.3.3", "2025.4.4"]:
+        for f in sorted((ROOT / "tests" / "fixtures" / version).iterdir()):
+            text = f.read_text()
+            stem = f"{version}-{f.stem}"
+            frames = []
+            if f.name == "restart_transcript.jsonl":
+                frames = [json.loads(l)["frame"] for l in text.splitlines() if l.strip() and json.loads(l)["dir"] == "recv"]
+            elif f.suffix == ".jsonl":
+                frames = [l for l in text.splitlines() if l.strip()]
+            else:
+                frames = [text.strip()]
+            for i, frame in enumerate(frames):
+                write("ha_frame", f"{stem}-{i}", frame)
+                n += 1
+                try:
+                    v = json.loads(frame)
+                except ValueError:
+                    continue
+                if isinstance(v, dict) and "id" in v and v["id"] != ENTITIES_ID:
+                    v["id"] = ENTITIES_ID
+                    write("ha_frame", f"{stem}-{i}-id4", json.dumps(v, separators=(",", ":")))
+                    n += 1
+    hand = {
+        "remove-tracked": {"id": 4, "type": "event", "event": {"r": ["input_boolean.kitchen", "light.nope"]}},
+        "add-new-and-excluded": {"id": 4, "type": "event", "event": {"a": {
+            "sensor.new": {"s": "1", "a": {"unit_of_measurement": "W", "x": [1, {"y": None}]}, "c": "01ABC", "lc": 1795349249.5},
+            "camera.front": {"s": "idle", "a": {}, "c": "01ABD", "lc": 1795349249.5, "lu": 1795349250.25}}}},
+        "diff-attr-remove": {"id": 4, "type": "event", "event": {"c": {"input_boolean.kitchen": {
+            "+": {"a": {"icon": "mdi:x"}, "lu": 1795349251.000001, "c": {"id": "01X", "parent_id": "01P"}}, "-": {"a": ["friendly_name"]}}}}},
+        "diff-unknown-entity": {"id": 4, "type": "event", "event": {"c": {"light.unknown": {"+": {"s": "on"}}}}},
+        "diff-bad-timestamp": {"id": 4, "type": "event", "event": {"c": {"input_boolean.kitchen": {"+": {"lc": 1e300}}}}},
+        "add-bad-timestamp": {"id": 4, "type": "event", "event": {"a": {"sensor.x": {"s": "1", "c": "c", "lc": -1}}}},
+        "result-failed-4": {"id": 4, "type": "result", "success": False, "error": {"code": "invalid_format", "message": "extra keys"}},
+        "result-failed-3": {"id": 3, "type": "result", "success": False, "error": {"code": "unknown_error", "message": "x"}},
+        "pong": {"id": 1, "type": "pong"},
+        "auth-invalid": {"type": "auth_invalid", "message": "Invalid access token or password"},
+        "service-registered": {"id": 5, "type": "event", "event": {"event_type": "service_registered", "data": {"domain": "script", "service": "x"}}},
+        "get-states-7": {"id": 7, "type": "result", "success": True, "result": [
+            {"entity_id": "input_boolean.kitchen", "state": "off", "attributes": {}, "last_changed": "2026-11-22T12:07:28+00:00",
+             "last_reported": "2026-11-22T12:07:29.500000+00:00", "last_updated": "2026-11-22T12:07:28.000001+00:00", "context": {"id": "x", "parent_id": None, "user_id": None}}]},
+    }
+    for name, v in hand.items():
+        write("ha_frame", f"hand-{name}", json.dumps(v, separators=(",", ":")))
+        n += 1
+    coalesced = [hand["add-new-and-excluded"], hand["diff-attr-remove"], hand["remove-tracked"], hand["pong"]]
+    write("ha_frame", "hand-coalesced-mix", json.dumps(coalesced, separators=(",", ":")))
+    write("ha_frame", "hand-not-json", "{\"id\":4,\"type\":\"event\",\"event\":{\"a\":")
+    return n + 2
+
+
+def http_requests():
+    reqs = {
+        "get-health": "GET /health HTTP/1.1\r\nHost: 127.0.0.1:8124\r\n\r\n",
+        "get-states-keepalive": "GET /api/states HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nAuthorization: Bearer abcdefghijklmnop\r\n\r\n",
+        "get-state-refresh": "GET /api/states/light.kitchen?refresh=true HTTP/1.1\r\nHost: x\r\n\r\n",
+        "head-metrics-http10": "HEAD /metrics HTTP/1.0\r\n\r\n",
+        "stream-query": "GET /api/stream?entity_id=light.,switch.kitchen,sensor.*&snapshot=1&access_token=a%20b%2Bc HTTP/1.1\r\nHost: x\r\nOrigin: http://localhost:3000\r\n\r\n",
+        "post-service": "POST /api/services/light/turn_on HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 31\r\n\r\n{\"entity_id\": \"light.kitchen\"}\n",
+        "options-preflight": "OPTIONS /api/states HTTP/1.1\r\nOrigin: http://a.b\r\nAccess-Control-Request-Method: GET\r\n\r\n",
+        "chunked": "POST /api/services/a/b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "conflicting-length": "POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        "bad-length": "POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        "huge-length": "POST /x HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        "absolute-target": "GET http://example.com/health HTTP/1.1\r\n\r\n",
+        "partial": "GET /health HTTP/1.1\r\nHost: 127.0",
+        "percent-query": "GET /api/states?%ZZ=%&&=&a=%E2%82%AC+x HTTP/1.1\r\n\r\n",
+        "many-headers": "GET / HTTP/1.1\r\n" + "".join(f"X-{i}: {i}\r\n" for i in range(60)) + "\r\n",
+        "pipelined": "GET /health HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\n\r\n",
+    }
+    for name, r in reqs.items():
+        write("http_request", name, r)
+    return len(reqs)
+
+
+def configs():
+    cfgs = {
+        "minimal.toml": '[ha]\nurl = "http://127.0.0.1:8123"\ntoken_file = "/tmp/token"\n',
+        "full.toml": """[ha]
+url = "https://ha.example:8443/prefix/"
+token_file = "/etc/hass-edge/token"
+ca_file = "/etc/hass-edge/ca.pem"
+
+[filter]
+enabled = true
+include_prefixes = ["light.", "sensor.living_"]
+exclude_domains = ["camera", "media_player"]
+
+[cache]
+mode = "invalidate"
+max_entities = 1000
+ttl_seconds = 5
+negative_ttl_seconds = 60
+persist = true
+state_file = "/var/lib/hass-edge/states.json"
+persist_interval_seconds = 900
+
+[reconnect]
+max_attempts = 0
+max_delay_seconds = 10
+
+[heartbeat]
+interval_seconds = 5
+timeout_seconds = 3
+
+[http]
+listen = "127.0.0.1:18124"
+api_token_file = "/etc/hass-edge/api-token"
+allow_service_calls = false
+cors_origins = ["http://localhost:3000", "https://panel.example"]
+
+[dbus]
+bus = "none"
+entity_signals = true
+
+[log]
+level = "debug"
+""",
+        "bad-key.toml": '[cache]\nmax_entitys = 5\n',
+        "bad-range.toml": '[heartbeat]\ninterval_seconds = 0\n[cache]\nmax_entities = 0\n',
+        "ipv6-listen.toml": '[http]\nlisten = "[::1]:8124"\n[ha]\nurl = "http://[::1]:8123"\n',
+        "empty.toml": "",
+        "no-persist.toml": '[cache]\npersist = false\nstate_file = ""\n',
+        "bad-persist.toml": '[cache]\npersist = true\nstate_file = "/"\n',
+    }
+    for name, c in cfgs.items():
+        write("config", name, c)
+    return len(cfgs)
+
+
+def main():
+    for t in ["ha_frame", "http_request", "config"]:
+        shutil.rmtree(SEEDS / t, ignore_errors=True)
+    counts = {"ha_frame": ha_frames(), "http_request": http_requests(), "config": configs()}
+    for t, n in counts.items():
+        print(f"{t}: {n} seeds in {SEEDS / t}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# reliability/run.sh [--short]: runs the whole reliability suite (issue #6) against real
+# Home Assistant peers (tests/ha-peer, ports 18200-18209) and the real hass-edge binary,
+# writes RELIABILITY.md (what was tried, how often, what held, figures, machine) and prints
+# a summary. Exits non-zero when any check failed.
+#
+#   --short   small counts for a CI smoke run (≈ 5 min instead of ≈ 45 min)
+#
+# Environment: HA_VERSION (default 2025.4.4), HASS_EDGE_BIN (default
+# /work/target-rel/fast/hass-edge), REL_WORK (default /tmp/hass-edge-rel), REL_ONLY (names of
+# the scripts to run, e.g. "flood auth"), and per-script overrides:
+# REL_RESTARTS, REL_AUTH_WINDOW, REL_FLOOD_ARGS, REL_ABUSE_ARGS, REL_HALF_OPEN_ARGS.
+set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+MODE=full
+[[ ${1:-} == --short ]] && MODE=short
+export REL_RESULTS=${REL_RESULTS:-$HERE/results}
+mkdir -p "$REL_RESULTS"
+
+if [[ -z ${HASS_EDGE_BIN:-} ]]; then
+	echo "building hass-edge (CARGO_TARGET_DIR=/work/target-rel, --profile fast)…" >&2
+	(cd "$ROOT" && CARGO_TARGET_DIR=/work/target-rel cargo build --profile fast --bin hass-edge) >&2 || exit 1
+	export HASS_EDGE_BIN=/work/target-rel/fast/hass-edge
+fi
+bash "$ROOT/tests/ha-peer/install.sh" "${HA_VERSION:-2025.4.4}" >&2 || exit 1
+
+if [[ $MODE == short ]]; then
+	RESTARTS=${REL_RESTARTS:-6}
+	HALF=${REL_HALF_OPEN_ARGS:---rounds 2}
+	AUTH_WINDOW=${REL_AUTH_WINDOW:-60}
+	FLOOD=${REL_FLOOD_ARGS:---flood 10 --budget 30 --overflow 10}
+	ABUSE=${REL_ABUSE_ARGS:---short}
+else
+	RESTARTS=${REL_RESTARTS:-50}
+	HALF=${REL_HALF_OPEN_ARGS:---rounds 6}
+	AUTH_WINDOW=${REL_AUTH_WINDOW:-600}
+	FLOOD=${REL_FLOOD_ARGS:---flood 60 --budget 600 --overflow 30}
+	ABUSE=${REL_ABUSE_ARGS:-}
+fi
+
+declare -A cmds=(
+	[ha_restarts]="bash $HERE/ha_restarts.sh $RESTARTS"
+	[half_open]="python3 $HERE/half_open.py $HALF"
+	[auth]="python3 $HERE/auth.py --window $AUTH_WINDOW"
+	[flood]="python3 $HERE/flood.py $FLOOD"
+	[http_abuse]="python3 $HERE/http_abuse.py $ABUSE"
+)
+ORDER=${REL_ONLY:-ha_restarts half_open auth flood http_abuse}
+failed=()
+start=$(date +%s)
+for name in $ORDER; do
+	# Results of scripts not run now (REL_ONLY) stay and are reported as they were.
+	rm -f "$REL_RESULTS/$name".{json,log,rc}
+	echo "=== $name: ${cmds[$name]}" >&2
+	t0=$(date +%s)
+	${cmds[$name]} 2>&1 | tee "$REL_RESULTS/$name.log"
+	rc=${PIPESTATUS[0]}
+	echo "$rc $(($(date +%s) - t0)) ${cmds[$name]}" >"$REL_RESULTS/$name.rc"
+	((rc == 0)) || failed+=("$name")
+done
+
+python3 "$HERE/report.py" "$REL_RESULTS" "$MODE" "$(($(date +%s) - start))" >"$ROOT/RELIABILITY.md"
+echo
+echo "== reliability suite ($MODE): $(($(date +%s) - start))s; RELIABILITY.md written"
+for name in $ORDER; do
+	[[ -f $REL_RESULTS/$name.rc ]] || continue
+	read -r rc secs _ <"$REL_RESULTS/$name.rc"
+	printf '   %-12s %s (%ss)\n' "$name" "$([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc)")" "$secs"
+done
+((${#failed[@]} == 0))
