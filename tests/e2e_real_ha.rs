@@ -766,7 +766,8 @@ fn reload_applies_a_filter_without_reconnecting_and_refuses_a_bad_config() {
     wait_until("light.kitchen back", Duration::from_secs(10), || daemon.tracked_ids().contains("light.kitchen"));
 
     // A bad config is refused; the old one stays in force and the daemon keeps running.
-    std::fs::write(&config, format!("{original}[cache]\nmax_entitys = 5\n")).unwrap();
+    assert!(original.contains("[cache]\n"), "the harness writes a [cache] table");
+    std::fs::write(&config, original.replacen("[cache]\n", "[cache]\nmax_entitys = 5\n", 1)).unwrap();
     daemon.signal("HUP");
     wait_until("the refusal is logged", Duration::from_secs(10), || daemon.log_text().contains("reload rejected"));
     assert!(daemon.log_text().contains("max_entitys"), "the error names the key");
