@@ -598,7 +598,7 @@ fn dbus_properties_methods_signals_and_status_command() {
     let mut daemon = Daemon::start(
         &peer,
         Options {
-            extra: "[dbus]\nbus = \"session\"\n[reconnect]\nmax_delay_seconds = 2",
+            extra: "[dbus]\nbus = \"session\"\nentity_signals = true\n[reconnect]\nmax_delay_seconds = 2",
             env: vec![("DBUS_SESSION_BUS_ADDRESS", bus.address.clone())],
             ..Default::default()
         },
@@ -625,6 +625,27 @@ fn dbus_properties_methods_signals_and_status_command() {
     assert!(!v.contains("automation."), "excluded domains are not listed");
     assert_eq!(bus.status(false).0, 0);
     assert!(bus.status(false).1.contains("Connected"));
+    let usage = Command::new(env!("CARGO_BIN_EXE_hass-edge")).args(["status", "--bogus"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2), "bad usage prints help and exits 2");
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("Usage:"));
+
+    // EntityChanged(entity_id, state JSON) for a tracked change ([dbus] entity_signals = true).
+    let mut signals = Command::new("dbus-monitor")
+        .args(["--address", &bus.address, "type='signal',interface='io.hassedge.HassEdge1',member='EntityChanged'"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("dbus-monitor");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(peer.post("/api/services/input_boolean/toggle", json!({"entity_id": "input_boolean.kitchen"})).0, 200);
+    let now_ha = peer.get("/api/states/input_boolean.kitchen").1;
+    std::thread::sleep(Duration::from_millis(700));
+    let _ = signals.kill();
+    let mut text = String::new();
+    signals.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+    let _ = signals.wait();
+    assert!(text.contains("member=EntityChanged"), "{text}");
+    assert!(text.contains("string \"input_boolean.kitchen\""), "{text}");
+    assert!(text.contains(&format!("\\\"state\\\":\\\"{}\\\"", now_ha["state"].as_str().unwrap())) || text.contains(&format!("\"state\":\"{}\"", now_ha["state"].as_str().unwrap())), "the state JSON rides along: {text}");
 
     // PropertiesChanged for Connection when HA goes away and when it is back.
     let mut monitor = Command::new("dbus-monitor")
