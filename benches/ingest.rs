@@ -86,7 +86,15 @@ fn parse_args() -> Args {
         rounds: 5,
         passes: None,
     };
-    let mut it = std::env::args().skip(1);
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it
+    // (and with libtest flags such as `--test-threads=2`): then a short smoke is enough.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        a.seconds = 0.2;
+        a.rounds = 1;
+        a.events = 2_000;
+    }
+    let mut it = args.into_iter();
     let usage = "usage: ingest [--version V] [--entities N] [--events N] [--frames mixed|single|coalesced|all] [--seconds S] [--rounds N] [--passes N]";
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value\n{usage}"));
@@ -106,8 +114,9 @@ fn parse_args() -> Args {
                     other => panic!("unknown --frames {other}\n{usage}"),
                 }
             }
-            // `cargo bench` passes `--bench`; libtest filters are not used here.
             "--bench" => {}
+            // libtest flags from `cargo test -- …` mean nothing here.
+            libtest if libtest.starts_with("--test-threads") || ["--nocapture", "--quiet", "-q", "--test"].contains(&libtest) => {}
             "--help" | "-h" => {
                 println!("{usage}");
                 std::process::exit(0);
