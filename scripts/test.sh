@@ -51,7 +51,8 @@ browser() {
 	local dir="$WORK/ha-browser"
 	start_peer 2024.3.3 "$dir" 18127 || return 1
 	cargo build --quiet || return 1
-	HA_PEER_DIR=$dir OUT_DIR="$WORK/browser" bash tests/browser/run.sh
+	HA_PEER_DIR=$dir OUT_DIR="$WORK/browser" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
+		bash tests/browser/run.sh
 	local rc=$?
 	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
 	return $rc
