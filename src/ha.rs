@@ -105,16 +105,7 @@ pub async fn run(
                     token_failures = 0;
                 }
                 _ => {
-                    let wake = async {
-                        Timer::after(max_delay).await;
-                        Wake::Timer
-                    }
-                    .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
-                    .or(async {
-                        shutdown.wait().await;
-                        Wake::Shutdown
-                    });
-                    match wake.await {
+                    match pause(max_delay, &commands, &shutdown).await {
                         Wake::Command(Command::Reconnect(new)) => {
                             settings = *new;
                             token_failures = 0;
@@ -182,21 +173,26 @@ pub async fn run(
             return Err(format!("gave up after {attempts} failed attempts to reach Home Assistant (reconnect.max_attempts)"));
         }
         // Wait out the back-off; a Resync or new settings cut it short.
-        let wake = async {
-            Timer::after(delay).await;
-            Wake::Timer
-        }
-        .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
-        .or(async {
-            shutdown.wait().await;
-            Wake::Shutdown
-        });
-        match wake.await {
+        match pause(delay, &commands, &shutdown).await {
             Wake::Command(Command::Reconnect(new)) => settings = *new,
             Wake::Shutdown => return Ok(()),
             _ => {}
         }
     }
+}
+
+/// Waits `delay`, or until a command arrives or shutdown starts, whichever is first.
+async fn pause(delay: Duration, commands: &smol::channel::Receiver<Command>, shutdown: &Shutdown) -> Wake {
+    async {
+        Timer::after(delay).await;
+        Wake::Timer
+    }
+    .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
+    .or(async {
+        shutdown.wait().await;
+        Wake::Shutdown
+    })
+    .await
 }
 
 /// Opens TCP (+TLS) and upgrades to a WebSocket.
