@@ -52,8 +52,10 @@ for t in $TARGETS; do
 		crashes="?(rc $rc)"
 	fi
 	rows+=("$t|$execs|$rate|$corpus|$crashes")
-	# The latest result per target, for the summary (which covers every target run so far).
-	echo "$t|$execs|$rate|$corpus|$crashes|$SECS|$(date -u '+%Y-%m-%d %H:%M UTC')" >"$LOGS/$t.summary"
+	# Every run of every target is kept (one line each) for the summary.
+	kcount=$crashes
+	[[ $kcount =~ ^[0-9]+$ ]] || kcount=1
+	echo "$t|$execs|$rate|$corpus|$kcount|$SECS|$(date -u '+%Y-%m-%d %H:%M UTC')" >>"$LOGS/$t.history"
 	if ((rc != 0)) || [[ $crashes != 0 ]]; then
 		failed=1
 		echo "!! $t: exit code $rc; new artifacts:" >&2
@@ -69,11 +71,11 @@ for row in "${rows[@]}"; do
 done
 echo "(${SECS}s per target; logs in $LOGS)"
 {
-	printf '%-14s %8s %14s %10s %8s %8s  %s\n' target seconds executions exec/s corpus crashes when
-	for f in "$LOGS"/*.summary; do
-		IFS='|' read -r t e r c k s w <"$f"
-		printf '%-14s %8s %14s %10s %8s %8s  %s\n' "$t" "$s" "$e" "$r" "$c" "$k" "$w"
+	printf '%-14s %5s %8s %14s %12s %8s %8s  %s\n' target runs seconds executions "last exec/s" corpus crashes "last run"
+	for f in "$LOGS"/*.history; do
+		awk -F'|' '{n++; e += $2; s += $6; k += $5; r = $3; c = $4; w = $7; t = $1}
+			END {printf "%-14s %5d %8d %14d %12d %8d %8d  %s\n", t, n, s, e, r, c, k, w}' "$f"
 	done
-	echo "($(nproc) cores shared with other work; corpus = inputs kept in fuzz/corpus/<target>)"
+	echo "(all runs of fuzz/run.sh on this checkout; $(nproc) cores shared with other work; corpus = inputs now in fuzz/corpus/<target>)"
 } >"$LOGS/summary.txt"
 exit $failed

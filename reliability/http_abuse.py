@@ -211,29 +211,33 @@ async def idle_phase(r, daemon, n_idle: int, short: bool, marks: dict) -> None:
     conns = []
     for _ in range(n_idle):
         try:
-            conns.append(await asyncio.open_connection("127.0.0.1", daemon.port))
+            conns.append((time.monotonic(), await asyncio.open_connection("127.0.0.1", daemon.port)))
         except OSError as e:
-            conns.append(e)
+            conns.append((time.monotonic(), e))
     await asyncio.sleep(1.0)
     held, rejected, other = [], 0, []
-    for c in conns:
+
+    async def classify(opened: float, c) -> None:
+        nonlocal rejected
         if isinstance(c, Exception):
             other.append(str(c))
-            continue
+            return
         reader, writer = c
         try:
-            data = await asyncio.wait_for(reader.read(4096), 0.05)
+            data = await asyncio.wait_for(reader.read(4096), 0.2)
         except asyncio.TimeoutError:
-            held.append(c)
-            continue
+            held.append((opened, reader, writer))
+            return
         except OSError as e:
             other.append(str(e))
-            continue
+            return
         if data.startswith(b"HTTP/1.1 503"):
             rejected += 1
         else:
             other.append(repr(data[:30]))
         writer.close()
+
+    await asyncio.gather(*(classify(t, c) for t, c in conns))
     r.figure("1. idle connections held / answered 503 / other", f"{len(held)} / {rejected} / {len(other)}")
     r.check(len(held) <= CAP - 1, f"at most {CAP} connections in service ({len(held)} idle + the probe)")
     r.check(rejected >= n_idle - CAP, f"connections beyond the cap answered 503 at once ({rejected} >= {n_idle - CAP})")
@@ -243,27 +247,27 @@ async def idle_phase(r, daemon, n_idle: int, short: bool, marks: dict) -> None:
     await asyncio.sleep(5)
     marks["idle_held_end"] = time.time()
     if short:
-        for _, w in held:
+        for _, _, w in held:
             w.close()
         await asyncio.sleep(1)
     else:
         r.tried(f"1b. hold the idle connections until hass-edge's idle timeout ({IDLE_TIMEOUT}s) closes them")
-        t0 = time.monotonic()
         closed_at = []
 
-        async def wait_closed(reader) -> None:
+        async def wait_closed(opened: float, reader) -> None:
             try:
                 data = await asyncio.wait_for(reader.read(1), IDLE_TIMEOUT + 15)
                 if not data:
-                    closed_at.append(time.monotonic() - t0)
+                    closed_at.append(time.monotonic() - opened)
             except (asyncio.TimeoutError, OSError):
                 pass
 
-        await asyncio.gather(*(wait_closed(rd) for rd, _ in held))
+        await asyncio.gather(*(wait_closed(t, rd) for t, rd, _ in held))
         r.check(len(closed_at) == len(held), f"hass-edge closed all {len(held)} idle connections itself ({len(closed_at)} closed within {IDLE_TIMEOUT + 15}s)")
         if closed_at:
-            r.figure("1b. idle connections closed by hass-edge after", rel.spread(closed_at))
-        for _, w in held:
+            r.figure("1b. idle connection closed by hass-edge, seconds after it was opened", rel.spread(closed_at))
+            r.check(min(closed_at) >= IDLE_TIMEOUT - 1 and max(closed_at) <= IDLE_TIMEOUT + 5, f"closed after the {IDLE_TIMEOUT}s idle timeout, not before or much after")
+        for _, _, w in held:
             w.close()
     marks["idle_end"] = time.time()
     st = await asyncio.to_thread(fresh_status, daemon.port)
@@ -310,6 +314,7 @@ async def malformed_phase(r, daemon, total: int, concurrency: int, marks: dict) 
     marks["malformed_end"] = time.time()
     for kind, outcomes in tally.items():
         print(f"   {kind:18s} {outcomes}")
+    r.figure("2. outcomes by kind", "; ".join(f"{k}: " + ", ".join(f"{o} x{n}" for o, n in v.items()) for k, v in tally.items()))
     r.figure("2. malformed requests sent", sum(sum(o.values()) for o in tally.values()))
     r.figure("2. time per malformed request", rel.spread(durations, "s", 3))
     r.check(not bad, f"every malformed request refused with the expected 4xx or closed; none hung ({len(bad)} not: {bad[:4]})")
@@ -418,8 +423,12 @@ async def main_async(args) -> int:
         r.figure("memory after", rel.fmt_mem(mem1))
         r.check(mem1.get("VmRSS", 0) <= mem0.get("VmRSS", 0) + 32 * 1024 and mem1.get("VmHWM", 0) <= 128 * 1024,
                 f"RSS bounded: VmRSS {mem0.get('VmRSS', 0) / 1024:.1f} -> {mem1.get('VmRSS', 0) / 1024:.1f} MiB (<= +32 MiB), VmHWM {mem1.get('VmHWM', 0) / 1024:.1f} MiB (<= 128 MiB)")
-        m = daemon.metrics()
-        r.figure("hass-edge counted invalid requests", {k: v for k, v in m.items() if "http" in k})
+        status, _, body = daemon.http.request("GET", "/metrics")
+        invalid = {}
+        for line in body.decode().splitlines():
+            if line.startswith("hass_edge_http_requests_total{") and ('route="invalid"' in line or 'route="overload"' in line):
+                invalid[line.split("{", 1)[1].split("}", 1)[0]] = int(float(line.rsplit(" ", 1)[1]))
+        r.figure("hass-edge's own count of refused requests (hass_edge_http_requests_total)", invalid)
         log = daemon.log_text()
         r.check("panicked" not in log, "no panic in hass-edge's log")
     finally:

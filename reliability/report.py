@@ -60,10 +60,19 @@ def main() -> None:
             if key == name and rc.exists():
                 _, secs, cmd = (rc.read_text().split(" ", 2) + ["", "", ""])[:3]
                 cmd = cmd.strip().replace(str(rel.ROOT) + "/", "")
+            d["command"], d["seconds"] = cmd, secs
             data[key] = (name, d)
             version = d.get("ha_version", "?")
             w(f"| `{key}` | {WHAT[name]} (HA {version}) | {len(d['held'])} | {len(d['failed'])} | {secs} s | `{cmd}` |")
     w("")
+    findings = [(key, f, "did not hold") for key, (_, d) in data.items() for f in d["failed"]]
+    findings += [(key, n, "note") for key, (_, d) in data.items() for n in d.get("notes", [])]
+    if findings:
+        w("## Findings")
+        w("")
+        for key, text, kind in findings:
+            w(f"- **{key}** ({kind}): {text}")
+        w("")
     for key, (name, d) in data.items():
         w(f"## {key}")
         w("")
@@ -103,8 +112,13 @@ def main() -> None:
     w("reliability/run.sh            # everything (~45 min), rewrites this file")
     w("reliability/run.sh --short    # CI smoke (~5 min)")
     w("REL_ONLY='auth flood' reliability/run.sh   # some scripts; the others' last results stay in the report")
-    w("reliability/ha_restarts.sh 50 | reliability/half_open.py | reliability/auth.py --window 600 |")
-    w("reliability/flood.py --flood 60 --budget 600 | reliability/http_abuse.py   # one at a time")
+    w("# one at a time (each starts and stops its own HA peer; REL_RESULTS=dir to keep a result):")
+    w("reliability/ha_restarts.sh 50")
+    w("reliability/half_open.py --rounds 6")
+    w("reliability/auth.py --window 600")
+    w("reliability/flood.py --flood 60 --budget 600 --overflow 30")
+    w("reliability/http_abuse.py")
+    w("HA_VERSION=2024.3.3 reliability/ha_restarts.sh 15   # against the other HA version")
     w("fuzz/run.sh 300               # each fuzz target for 300 s")
     w("```")
     print("\n".join(out))

@@ -133,6 +133,8 @@ struct Live {
     store: Store,
     filter: EntityFilter,
     now: Instant,
+    /// The last message id sent to HA (ids must strictly increase, else HA answers `id_reuse`).
+    last_id: u64,
 }
 
 impl Live {
@@ -144,6 +146,7 @@ impl Live {
             store: Store::new(CacheMode::Update, 10_000, secs(30), secs(30), now),
             filter: filter.clone(),
             now,
+            last_id: 0,
         };
         let mut out = Vec::new();
         for frame in [rec.auth_required.trim(), rec.auth_ok.trim()] {
@@ -173,9 +176,10 @@ impl Live {
         self.apply(new, false);
     }
 
-    /// What `ha.rs` `connect_and_run` does with each output (store side only).
-    /// `publish`: format the changes as SSE events (skipped while setting up, to keep the
-    /// fuzzer fast; the recorded frames are covered by golden_replay.rs).
+    /// What `ha.rs` `connect_and_run` does with each output (store side only), and what HA
+    /// requires of the frames we send. With `publish_changes` the changes are formatted as SSE
+    /// events (skipped while setting up, to keep the fuzzer fast; golden_replay.rs covers
+    /// the recorded frames).
     fn apply(&mut self, outputs: Vec<Output>, publish_changes: bool) {
         for output in outputs {
             let changes = match output {
@@ -188,9 +192,16 @@ impl Live {
                     Vec::new()
                 }
                 Output::Send(text) => {
-                    // What we send HA must be JSON with a fresh id.
+                    // What we send HA must be JSON with a fresh, larger id (only `auth` has none).
                     let v: Value = serde_json::from_str(&text).expect("frames we send are JSON");
                     assert!(v.get("type").is_some_and(Value::is_string));
+                    match v["id"].as_u64() {
+                        Some(id) => {
+                            assert!(id > self.last_id, "id {id} sent after id {}: HA would answer id_reuse", self.last_id);
+                            self.last_id = id;
+                        }
+                        None => assert_eq!(v["type"], "auth", "only auth goes without an id: {text}"),
+                    }
                     Vec::new()
                 }
                 _ => Vec::new(),
