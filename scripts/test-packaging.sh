@@ -255,9 +255,12 @@ boot_container() {
     systemd-nspawn -D "$SCRATCH/root" -b --register=no --keep-unit \
         -M "hass-edge-test-$$" --console=read-only >"$SCRATCH/boot.log" 2>&1 &
     NSPAWN_PID=$!
-    for _ in $(seq 20); do
+    # nspawn's first child is a short-lived intermediate that forks the container's PID 1:
+    # wait until the child we see is systemd itself (under load the intermediate is seen).
+    for _ in $(seq 40); do
         LEADER=$(pgrep -P "$NSPAWN_PID" | head -n1)
-        [ -n "$LEADER" ] && break
+        [ -n "$LEADER" ] && [ "$(cat "/proc/$LEADER/comm" 2>/dev/null)" = systemd ] && break
+        LEADER=""
         sleep 0.5
     done
     [ -n "$LEADER" ] || { tail -n 20 "$SCRATCH/boot.log"; return 1; }
