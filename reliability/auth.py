@@ -53,6 +53,17 @@ async def ws_commands(url: str, token: str, commands: list[dict]) -> list[dict]:
     return out
 
 
+def ban_note(failures: int, ha_lines: int) -> str:
+    return (f"HA banned 127.0.0.1 after {failures} auth_invalid answers to hass-edge ({ha_lines} of them counted in HA's log). "
+            "HA counts each failed WebSocket auth toward login_attempts_threshold with no decay; only a successful login from the same "
+            "address resets the count (homeassistant/components/http/ban.py process_wrong_login / process_success_login), so retrying a "
+            "rejected token every max_delay gets the address banned whatever max_delay is. HA counts a failure only if the client has "
+            "not closed the socket by the time process_wrong_login runs (it sends auth_invalid first, then does a reverse DNS lookup); "
+            "hass-edge closes at once, hence fewer counted than sent. After the ban every request from the address answers 403, even "
+            "with the valid token, until ip_bans.yaml is removed and HA restarted; hass-edge then reports 'backoff' with "
+            "'WebSocket handshake: HTTP error: 403 Forbidden' instead of auth_failed.")
+
+
 def valid_token_answers(peer: rel.Peer) -> int:
     """HTTP status of GET /api/ with the valid token (403 = banned)."""
     h = rel.Http(peer.url, peer.token, timeout=10)
@@ -163,7 +174,7 @@ async def part_b(r: rel.Report, peer: rel.Peer, window: float, max_delay: int) -
         r.check(not banned, "HA never banned 127.0.0.1 (no ip_bans.yaml, the valid token still answers 200)"
                 + (f" — banned (seen at {banned_at:.0f}s, after {failures} auth failures by hass-edge); ip_bans.yaml {'present' if ban_file.exists() else 'absent'}; GET /api/ with the valid token: {code}" if banned else ""))
         if banned:
-            r.note(f"HA banned 127.0.0.1 at ~{banned_at:.0f}s: HA counts every auth_invalid toward login_attempts_threshold (5) and only a successful login from the same address resets the count, so a fixed retry period cannot stay under the threshold")
+            r.note(ban_note(failures, ha_lines))
             r.figure("(b) hass-edge /health after the ban", daemon.health()[1].get("status"))
             last_err = daemon.status().get("connection", {}).get("last_error")
             r.figure("(b) hass-edge last_error after the ban", last_err)

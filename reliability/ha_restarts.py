@@ -46,6 +46,16 @@ def main() -> None:
     sys.exit(r.finish())
 
 
+def recover(peer: rel.Peer) -> bool:
+    """After a failed step: get the peer RUNNING again (start is a no-op when it is)."""
+    try:
+        peer.start()
+        return True
+    except RuntimeError as e:
+        print(f"   peer start failed: {e}", flush=True)
+        return False
+
+
 def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
     t = daemon.wait_live(60)
     if not r.check(t is not None, "hass-edge goes live at start"):
@@ -70,15 +80,22 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
         # Before: one REST entity that must vanish with the restart, one created and deleted
         # while connected, and a helper moved off its initial value (HA resets it).
         probe, gone = f"sensor.rel_restart_{i}", f"sensor.rel_deleted_{i}"
-        peer.post_state(probe, str(i), {"friendly_name": f"probe {i}"})
-        peer.post_state(gone, "x")
-        peer.delete_state(gone)
-        peer.call("input_number", "set_value", entity_id="input_number.living_temp", value=10 + i % 30)
-        ok, diff = rel.wait_mirror(peer, daemon, 10)
-        if ok is None:
-            failures.append(f"{what}: before the restart, ours != HA's: {diff}")
-        before = daemon.metrics().get("hass_edge_reconnects_total", 0)
-        connected_before = daemon.status().get("connection", {}).get("last_connected")
+        try:
+            peer.post_state(probe, str(i), {"friendly_name": f"probe {i}"})
+            peer.post_state(gone, "x")
+            peer.delete_state(gone)
+            peer.call("input_number", "set_value", entity_id="input_number.living_temp", value=10 + i % 30)
+            ok, diff = rel.wait_mirror(peer, daemon, 10)
+            if ok is None:
+                failures.append(f"{what}: before the restart, ours != HA's: {diff}")
+            before = daemon.metrics().get("hass_edge_reconnects_total", 0)
+            connected_before = daemon.status().get("connection", {}).get("last_connected")
+        except (OSError, RuntimeError) as e:
+            failures.append(f"{what}: HA or hass-edge unreachable before the restart: {e}")
+            if not recover(peer):
+                failures.append(f"{what}: the peer cannot be started again; stopping here")
+                break
+            continue
 
         t0 = time.monotonic()
         try:
@@ -91,6 +108,9 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
                 peer.start()
         except RuntimeError as e:
             failures.append(f"{what}: the peer did not come back: {e}")
+            if not recover(peer):
+                failures.append(f"{what}: the peer cannot be started again; stopping here")
+                break
             continue
         t_running = time.monotonic()
         ha_down[kind].append(t_running - t0)
@@ -100,16 +120,25 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
         recovered = None
         last = ""
         while time.monotonic() < deadline:
-            m = daemon.metrics()
-            st = daemon.status().get("connection", {})
-            if m.get("hass_edge_reconnects_total", 0) > before and st.get("last_connected") != connected_before and daemon.health()[0] == 200:
-                differ, missing, extra = rel.mirror_diff(peer, daemon)
-                if not (differ or missing or extra):
-                    recovered = time.monotonic()
-                    break
-                last = f"differ {differ[:4]} missing {missing[:4]} extra {extra[:4]}"
-                if differ:
-                    last += " | " + rel.explain_diff(peer, daemon, differ[0])
+            try:
+                m = daemon.metrics()
+                st = daemon.status().get("connection", {})
+                reconnected = m.get("hass_edge_reconnects_total", 0) > before and st.get("last_connected") != connected_before
+                if reconnected and daemon.health()[0] == 200:
+                    differ, missing, extra = rel.mirror_diff(peer, daemon)
+                else:
+                    time.sleep(0.05)
+                    continue
+            except (OSError, RuntimeError) as e:
+                last = f"unreachable: {e}"
+                time.sleep(0.2)
+                continue
+            if not (differ or missing or extra):
+                recovered = time.monotonic()
+                break
+            last = f"differ {differ[:4]} missing {missing[:4]} extra {extra[:4]}"
+            if differ:
+                last += " | " + rel.explain_diff(peer, daemon, differ[0])
             time.sleep(0.05)
         if recovered is None:
             failures.append(f"{what}: not resynced within 60 s of HA RUNNING: {last or daemon.health()}")

@@ -62,6 +62,14 @@ def daemon_bin() -> Path:
     sys.exit("no hass-edge binary: build with CARGO_TARGET_DIR=/work/target-rel cargo build --profile fast")
 
 
+def binary_info() -> str:
+    """The daemon binary, when it was built, and the commit checked out now."""
+    b = daemon_bin()
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(b.stat().st_mtime))
+    head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %ci"], capture_output=True, text=True).stdout.strip()
+    return f"{b} built {built}; HEAD {head}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,6 +151,7 @@ class Report:
                         "name": self.name,
                         "ha_version": VERSION,
                         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                        "binary": binary_info(),
                         "seconds": round(elapsed, 1),
                         "held": [w for ok, w in self.checks if ok],
                         "failed": failed,
@@ -235,11 +244,17 @@ class Peer:
         return r
 
     def start(self) -> None:
+        fresh = not (self.dir / "token").exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         args = ["start", self.version, str(self.dir), str(self.port)] + (["--ip-ban"] if self.ip_ban else [])
         self.sh(*args)
         self.token = (self.dir / "token").read_text().strip()
         self.http = Http(self.url, self.token)
+        if fresh:
+            # HA saves its auth storage (the onboarded user, our token) with a delay: a
+            # SIGKILL in the first seconds after onboarding loses it and the token stops
+            # working. A graceful restart writes it out.
+            self.restart()
 
     def stop(self) -> None:
         if self.dir.exists():

@@ -77,6 +77,9 @@ def main() -> None:
         w(f"## {key}")
         w("")
         w(f"{WHAT[name]}; against Home Assistant {d.get('ha_version', '?')}; {d.get('seconds', '?')} s; `{d.get('command', '?')}`.")
+        if d.get("binary"):
+            w("")
+            w(f"hass-edge: `{d['binary']}`.")
         w("")
         if d["failed"]:
             w("**Did not hold:**")
