@@ -4,7 +4,7 @@ bookkeeping every script prints and hands to `reliability/run.sh`.
 
 Environment:
   HA_VERSION       HA peer version (default 2025.4.4; 2024.3.3 also works)
-  HASS_EDGE_BIN    daemon binary (default /work/target-rel/fast/hass-edge, else .../debug/)
+  HASS_EDGE_BIN    daemon binary (default $CARGO_TARGET_DIR or target/: fast/, else debug/)
   REL_WORK         scratch directory (default /tmp/hass-edge-rel)
   REL_RESULTS      when set, each script writes <REL_RESULTS>/<script>.json for run.sh
   REL_PORT_BASE    first port for peers (default 18200; scripts use base+0..base+9)
@@ -56,10 +56,11 @@ def ensure_venv() -> None:
 def daemon_bin() -> Path:
     if os.environ.get("HASS_EDGE_BIN"):
         return Path(os.environ["HASS_EDGE_BIN"])
-    for p in (Path("/work/target-rel/fast/hass-edge"), Path("/work/target-rel/debug/hass-edge")):
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    for p in (target / "fast/hass-edge", target / "debug/hass-edge"):
         if p.exists():
             return p
-    sys.exit("no hass-edge binary: build with CARGO_TARGET_DIR=/work/target-rel cargo build --profile fast")
+    sys.exit(f"no hass-edge binary in {target}: build with cargo build --profile fast (or set HASS_EDGE_BIN)")
 
 
 def binary_info() -> str:

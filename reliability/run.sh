@@ -6,8 +6,10 @@
 #
 #   --short   small counts for a CI smoke run (≈ 5 min instead of ≈ 45 min)
 #
-# Environment: HA_VERSION (default 2025.4.4), HASS_EDGE_BIN (default
-# /work/target-rel/fast/hass-edge), REL_WORK (default /tmp/hass-edge-rel), REL_ONLY (names of
+# Environment: HA_VERSION (default 2025.4.4), HASS_EDGE_BIN (default: built here with
+# `--profile fast` into CARGO_TARGET_DIR, default target/), REL_WORK (default
+# /tmp/hass-edge-rel), REL_RESULTS (per-script results, default reliability/results),
+# REL_REPORT (the report, default RELIABILITY.md), REL_ONLY (names of
 # the scripts to run, e.g. "flood auth"), and per-script overrides:
 # REL_RESTARTS, REL_AUTH_WINDOW, REL_FLOOD_ARGS, REL_ABUSE_ARGS, REL_HALF_OPEN_ARGS.
 set -uo pipefail
@@ -18,10 +20,12 @@ MODE=full
 export REL_RESULTS=${REL_RESULTS:-$HERE/results}
 mkdir -p "$REL_RESULTS"
 
+REPORT=${REL_REPORT:-$ROOT/RELIABILITY.md}
 if [[ -z ${HASS_EDGE_BIN:-} ]]; then
-	echo "building hass-edge (CARGO_TARGET_DIR=/work/target-rel, --profile fast)…" >&2
-	(cd "$ROOT" && CARGO_TARGET_DIR=/work/target-rel cargo build --profile fast --bin hass-edge) >&2 || exit 1
-	export HASS_EDGE_BIN=/work/target-rel/fast/hass-edge
+	TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+	echo "building hass-edge (--profile fast: release without LTO, in $TARGET)…" >&2
+	(cd "$ROOT" && cargo build --profile fast --bin hass-edge) >&2 || exit 1
+	export HASS_EDGE_BIN=$TARGET/fast/hass-edge
 fi
 bash "$ROOT/tests/ha-peer/install.sh" "${HA_VERSION:-2025.4.4}" >&2 || exit 1
 
@@ -60,9 +64,9 @@ for name in $ORDER; do
 	((rc == 0)) || failed+=("$name")
 done
 
-python3 "$HERE/report.py" "$REL_RESULTS" "$MODE" "$(($(date +%s) - start))" >"$ROOT/RELIABILITY.md"
+python3 "$HERE/report.py" "$REL_RESULTS" "$MODE" "$(($(date +%s) - start))" >"$REPORT"
 echo
-echo "== reliability suite ($MODE): $(($(date +%s) - start))s; RELIABILITY.md written"
+echo "== reliability suite ($MODE): $(($(date +%s) - start))s; $REPORT written"
 for name in $ORDER; do
 	[[ -f $REL_RESULTS/$name.rc ]] || continue
 	read -r rc secs _ <"$REL_RESULTS/$name.rc"

@@ -5,6 +5,11 @@
 #
 #   scripts/test.sh            all stages
 #   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 browser aarch64 packaging
+#                              bench reliability fuzz
+#
+# The last three are short smokes of the measuring suites (issue #6): the benchmarks
+# (bench/run.sh --smoke), the reliability suite (reliability/run.sh --short) and 20 s of
+# each fuzz target; their reports go to $TEST_WORK_DIR, the committed figures stay.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -75,8 +80,23 @@ packaging() {
 	return $rc
 }
 
+bench() {
+	# Fails when a figure cannot be measured (a goal missed is reported, not a failure).
+	BENCH_WORK="$WORK/bench" bash bench/run.sh --smoke
+}
+
+reliability() {
+	REL_WORK="$WORK/rel" REL_RESULTS="$WORK/rel/results" REL_REPORT="$WORK/rel/RELIABILITY.smoke.md" \
+		bash reliability/run.sh --short
+}
+
+fuzz() {
+	# A crash, hang or OOM of any target fails the stage; the input is left in fuzz/artifacts/.
+	bash fuzz/run.sh 20
+}
+
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 browser aarch64 packaging)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 browser aarch64 packaging bench reliability fuzz)
 for s in "${STAGES[@]}"; do
 	case $s in
 		unit) stage unit unit ;;
@@ -85,6 +105,9 @@ for s in "${STAGES[@]}"; do
 		browser) stage browser browser ;;
 		aarch64) stage aarch64 aarch64 ;;
 		packaging) stage packaging packaging ;;
+		bench) stage bench bench ;;
+		reliability) stage reliability reliability ;;
+		fuzz) stage fuzz fuzz ;;
 		*) echo "unknown stage $s" >&2; exit 2 ;;
 	esac
 done

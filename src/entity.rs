@@ -16,6 +16,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// An error decoding or applying HA's data. Never fatal: the entity is dropped and counted.
@@ -194,6 +195,104 @@ pub struct Context {
     pub user_id: Option<String>,
 }
 
+/// An entity's attributes, kept as the JSON object text HA sent (compact, HA's key order).
+///
+/// Stored as text rather than a parsed map: a parsed `serde_json::Map` costs about three
+/// times the text (a hash table, a heap string per key, a `Value` per entry), and the text is
+/// what every read serialises anyway. Attribute diffs (`subscribe_entities` `c` with `a` or
+/// `-`) parse, patch and re-serialise it ([`Attributes::patch`]).
+///
+/// Equality is textual: two texts that differ only in formatting compare unequal, which at
+/// worst reports a change that was not one; it never hides a real change.
+#[derive(Clone)]
+pub struct Attributes(Box<RawValue>);
+
+impl Attributes {
+    /// The JSON text of the object.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The attributes as a map, in HA's order.
+    ///
+    /// Errors: never for a value built by this type (it holds a JSON object); kept a
+    /// `Result` so a broken invariant is a dropped entity, not a panic.
+    pub fn to_map(&self) -> Result<Map<String, Value>, DecodeError> {
+        serde_json::from_str(self.get()).map_err(|e| DecodeError(format!("attributes: {e}")))
+    }
+
+    /// Builds the text of `map`.
+    pub fn from_map(map: &Map<String, Value>) -> Attributes {
+        // A map of JSON values always serialises; the fallback is an empty object.
+        Attributes(serde_json::value::to_raw_value(map).unwrap_or_else(|_| Self::empty_raw()))
+    }
+
+    /// Sets `add` (in place, or appended in order) and removes `remove`, as HA's frontend
+    /// applies a diff (`home-assistant-js-websocket` `entities.ts`).
+    ///
+    /// Errors: see [`Attributes::to_map`].
+    pub fn patch(&mut self, add: Option<Map<String, Value>>, remove: &[String]) -> Result<(), DecodeError> {
+        if add.as_ref().is_none_or(Map::is_empty) && remove.is_empty() {
+            return Ok(());
+        }
+        let mut map = self.to_map()?;
+        for (k, v) in add.into_iter().flatten() {
+            map.insert(k, v);
+        }
+        for k in remove {
+            map.shift_remove(k);
+        }
+        *self = Attributes::from_map(&map);
+        Ok(())
+    }
+
+    fn empty_raw() -> Box<RawValue> {
+        // "{}" is valid JSON, so the fallback (`null`) is never taken.
+        RawValue::from_string("{}".to_owned()).unwrap_or_default()
+    }
+}
+
+impl Default for Attributes {
+    fn default() -> Attributes {
+        Attributes(Self::empty_raw())
+    }
+}
+
+impl PartialEq for Attributes {
+    fn eq(&self, other: &Attributes) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl fmt::Debug for Attributes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl Serialize for Attributes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Attributes {
+    /// Accepts a JSON object only (HA's attributes are always one).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(de::Error::invalid_type(de::Unexpected::Other("non-object attributes"), &"a JSON object"));
+        }
+        Ok(Attributes(raw))
+    }
+}
+
+impl From<Map<String, Value>> for Attributes {
+    fn from(map: Map<String, Value>) -> Attributes {
+        Attributes::from_map(&map)
+    }
+}
+
 /// One entity's state, as HA's REST API returns it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct EntityState {
@@ -203,7 +302,7 @@ pub struct EntityState {
     pub state: String,
     /// Attributes, in HA's order.
     #[serde(default)]
-    pub attributes: Map<String, Value>,
+    pub attributes: Attributes,
     /// When `state` last changed.
     pub last_changed: Timestamp,
     /// When HA last wrote the state (HA ≥ 2024.4); `None` for older HA, which omits the key.
@@ -289,16 +388,9 @@ impl EntityState {
             if self.last_reported.is_some() {
                 self.last_reported = Some(self.last_updated);
             }
-            if let Some(a) = add.a {
-                for (k, v) in a {
-                    self.attributes.insert(k, v);
-                }
-            }
-        }
-        if let Some(remove) = diff.remove {
-            for k in remove.a {
-                self.attributes.shift_remove(&k);
-            }
+            self.attributes.patch(add.a, diff.remove.as_ref().map_or(&[], |r| &r.a))?;
+        } else if let Some(remove) = &diff.remove {
+            self.attributes.patch(None, &remove.a)?;
         }
         Ok(())
     }
@@ -312,7 +404,7 @@ pub struct CompressedState {
     pub s: String,
     /// Attributes.
     #[serde(default)]
-    pub a: Map<String, Value>,
+    pub a: Attributes,
     /// Context.
     pub c: ContextPatch,
     /// `last_changed`, epoch seconds.
@@ -505,15 +597,29 @@ mod tests {
         assert_eq!(s.last_updated.to_string(), "2026-11-22T12:07:30.122669+00:00");
         assert_eq!(s.context.id, "01NEW");
         assert_eq!(s.context.user_id.as_deref(), Some("46a6"), "a string context keeps user_id");
-        assert_eq!(s.attributes["brightness"], 200);
+        assert_eq!(s.attributes.to_map().unwrap()["brightness"], 200);
+    }
+
+    #[test]
+    fn attributes_keep_ha_text_and_patch_in_place() {
+        let mut a: Attributes = serde_json::from_str(r#"{"b":1,"a":"x","c":[1,2]}"#).unwrap();
+        assert_eq!(a.get(), r#"{"b":1,"a":"x","c":[1,2]}"#, "HA's text and key order, untouched");
+        let add = serde_json::from_str(r#"{"a":"y","d":0.1}"#).unwrap();
+        a.patch(Some(add), &["b".to_owned()]).unwrap();
+        assert_eq!(a.get(), r#"{"a":"y","c":[1,2],"d":0.1}"#, "changed in place, new appended, removed dropped");
+        assert_eq!(Attributes::default().get(), "{}");
+        assert_ne!(a, Attributes::default());
     }
 
     #[test]
     fn malformed_compressed_data_is_an_error_not_a_panic() {
-        for bad in [json!({"s": 1, "c": "x", "lc": 1.0}), json!({"s": "on", "lc": 1.0}), json!({"s": "on", "c": 5, "lc": 1.0}), json!({"s": "on", "c": {"idd": "x"}, "lc": 1.0}), json!({"s": "on", "c": "x", "lc": 1.0, "zz": 1})] {
+        for bad in [json!({"s": 1, "c": "x", "lc": 1.0}), json!({"s": "on", "lc": 1.0}), json!({"s": "on", "c": 5, "lc": 1.0}), json!({"s": "on", "c": {"idd": "x"}, "lc": 1.0}), json!({"s": "on", "c": "x", "lc": 1.0, "zz": 1}), json!({"s": "on", "c": "x", "lc": 1.0, "a": [1]}), json!({"s": "on", "c": "x", "lc": 1.0, "a": "x"})] {
             assert!(serde_json::from_value::<CompressedState>(bad.clone()).is_err(), "{bad}");
         }
         assert!(serde_json::from_value::<StateDiff>(json!({"+": {"s": ["x"]}})).is_err());
+        // The same from text (the daemon's path): attributes must be an object.
+        assert!(serde_json::from_str::<CompressedState>(r#"{"s":"on","c":"x","lc":1.0,"a":null}"#).is_err());
+        assert!(serde_json::from_str::<EntityState>(&kitchen().to_json().replace(r#""attributes":{"#, r#""attributes":[{"#).replace(r#"},"last_changed""#, r#"}],"last_changed""#)).is_err());
         let mut s = kitchen();
         let d: StateDiff = serde_json::from_value(json!({"+": {"lc": -5.0}})).unwrap();
         assert!(s.apply_diff(d).is_err());

@@ -97,7 +97,10 @@ pub async fn run(
         if token_failures > SAME_TOKEN_RETRIES {
             // Hold: re-read the token every max_delay; try again only once it changed.
             let max_delay = hub.config.borrow().reconnect.max_delay;
-            match hub.config.borrow().read_token() {
+            // Read first: a borrow held across the pause below would make a reload's
+            // borrow_mut panic.
+            let token = hub.config.borrow().read_token();
+            match token {
                 Ok(token) if token != settings.token => {
                     log::info!("the access token changed; trying it");
                     settings.token = token.clone();

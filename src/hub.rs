@@ -379,12 +379,11 @@ impl Hub {
                 Lookup::Miss { stale } => stale,
             }
         };
-        if let (Some((state, age)), Some(until)) = (&stale, self.rest_down_until.get()) {
-            if Instant::now() < until {
+        if let (Some((state, age)), Some(until)) = (&stale, self.rest_down_until.get())
+            && Instant::now() < until {
                 self.store.borrow_mut().note_stale_serve();
                 return Read::Stale { state: state.clone(), age: *age };
             }
-        }
         match self.fetch(entity_id).await {
             Ok(Some(state)) => Read::Fresh { state: Rc::new(state), age: Duration::ZERO, cache: "miss" },
             Ok(None) => Read::NotFound { cache: "miss" },

@@ -50,7 +50,7 @@ fn generation(tag: char) -> (Vec<Rc<EntityState>>, SystemTime) {
             Rc::new(EntityState {
                 entity_id: format!("sensor.crash_test_power_{i:05}"),
                 state: format!("{tag}{i}.5"),
-                attributes,
+                attributes: attributes.into(),
                 last_changed: t,
                 last_reported: Some(t),
                 last_updated: t,

@@ -60,3 +60,26 @@ fn cache_limits_apply_in_place_and_a_broken_config_is_refused() {
     assert_eq!(daemon.get("/status").json()["cache"]["max_entities"], 5, "the old config stays in force");
     assert_eq!(fake.sessions().len(), 1);
 }
+
+/// While a rejected token is held (no more attempts until it changes), a reload must apply
+/// like any other: the hold keeps waiting without holding on to the config, so the daemon
+/// neither dies nor stops picking up a corrected token afterwards.
+#[test]
+fn a_reload_while_a_rejected_token_is_held_applies() {
+    let max_delay = 2;
+    let fake = FakeHa::start("2025.4.4");
+    let daemon = Daemon::start_with(&fake, DaemonOptions::default().token("not-the-right-token").set("reconnect", "max_delay_seconds", max_delay));
+    wait_until("the token is held after its retries", Duration::from_secs(30), || {
+        let n = fake.auth_attempts().len() as u32;
+        if n > hass_edge::ha::SAME_TOKEN_RETRIES { Ok(()) } else { Err(format!("{n} attempts")) }
+    });
+    // Past the back-off after the last attempt: the link is now in the hold.
+    std::thread::sleep(Duration::from_millis(max_delay * 1000 + 700));
+    rewrite(&daemon, |t| t.replacen("[cache]\n", "[cache]\nmax_entities = 7\n", 1));
+    wait_until("the reload applies", deadline(), || if daemon.log().contains("reload done") { Ok(()) } else { Err("not yet".into()) });
+    assert_eq!(daemon.get("/status").json()["cache"]["max_entities"], 7);
+    assert_eq!(daemon.health().unwrap().1["status"], "auth_failed");
+
+    std::fs::write(daemon.dir.path.join("token"), support::fake_ha::TOKEN).unwrap();
+    daemon.wait_live();
+}

@@ -53,11 +53,10 @@ pub fn http_request(data: &[u8]) {
     let _ = matches!(value("refresh"), Some("" | "1" | "true" | "yes"));
     let selection = hass_edge::sse::Selection::parse(value("entity_id").unwrap_or(""));
     let _ = selection.matches("light.kitchen");
-    if let Some(id) = path.strip_prefix("/api/states/") {
-        if hass_edge::hub::valid_entity_id(id) {
+    if let Some(id) = path.strip_prefix("/api/states/")
+        && hass_edge::hub::valid_entity_id(id) {
             assert!(id.is_ascii() && id.contains('.'));
         }
-    }
     if let Some(rest) = path.strip_prefix("/api/services/") {
         let _ = rest.split_once('/');
     }
