@@ -41,10 +41,14 @@ use hass_edge::session::{Output, Phase, Session};
 use hass_edge::tls::Roots;
 use serde_json::{Map, Value, json};
 
-/// Subscription ids our session assigns: supported_features 1, homeassistant_started 2,
-/// get_config 3, subscribe_entities 4 (see `session.rs`).
+/// Ids our session assigns: supported_features 1, homeassistant_started 2, get_config 3,
+/// then subscribe_entities 4 on HA 2024.3.3, or get_states 4 and subscribe_entities 5 on
+/// HA >= 2024.4 (see `session.rs`).
 const CONFIG_ID: u64 = 3;
-const ENTITIES_ID: u64 = 4;
+
+fn entities_id(version: &str) -> u64 {
+    if version.starts_with("2024.3") { 4 } else { 5 }
+}
 /// Largest coalesced array: 2025.4.4 packed up to ~40 messages per frame under load.
 const MAX_COALESCED: usize = 40;
 
@@ -215,7 +219,7 @@ fn build_stream(version: &str, entities: usize, events: usize, framing: Framing,
     let excluded = |id: &str| ["media_player.", "camera.", "automation."].iter().any(|d| id.starts_with(d));
     let tracked_entities = snapshot.keys().filter(|id| !excluded(id)).count();
     let snapshot_entities = snapshot.len();
-    let snapshot_frame = json!({"id": ENTITIES_ID, "type": "event", "event": {"a": snapshot}}).to_string();
+    let snapshot_frame = json!({"id": entities_id(version), "type": "event", "event": {"a": snapshot}}).to_string();
 
     // The recorded scene, one update per entry.
     let mut scene = Vec::new();
@@ -266,7 +270,7 @@ fn build_stream(version: &str, entities: usize, events: usize, framing: Framing,
                 }
                 Update::Remove(id) => json!({"r": [renamed(id, copy)]}),
             };
-            messages.push(json!({"type": "event", "event": event, "id": ENTITIES_ID}).to_string());
+            messages.push(json!({"type": "event", "event": event, "id": entities_id(version)}).to_string());
         }
     }
 
@@ -310,6 +314,8 @@ fn daemon_state(version: &str) -> (Rc<Hub>, Session) {
         session.handle_frame(frame.trim(), t, &mut out).expect("handshake frame");
     }
     assert_eq!(session.phase(), Phase::Syncing, "the recorded handshake reaches the subscription");
+    let asked = out.iter().any(|o| matches!(o, Output::Send(t) if t.contains("\"subscribe_entities\"") && t.contains(&format!("\"id\":{}", entities_id(version)))));
+    assert!(asked, "{version}: subscribe_entities has id {}", entities_id(version));
     (hub, session)
 }
 

@@ -69,11 +69,13 @@ pub enum Output {
     Snapshot(EntitiesEvent),
     /// A later `subscribe_entities` event.
     Entities(EntitiesEvent),
-    /// `last_reported` as HA serialises it right after a snapshot, from `get_states`
-    /// (HA ≥ 2024.4): `(entity_id, last_updated, last_reported)`. The compressed format has
-    /// no `last_reported`, and HA's REST serialises a state lazily, so a state re-reported
+    /// `last_reported` as HA serialises it at the snapshot, from `get_states` (HA ≥ 2024.4):
+    /// `(entity_id, last_updated, last_reported)`, only where the two differ; always right
+    /// after the [`Output::Snapshot`] it belongs to. The compressed format has no
+    /// `last_reported`, and HA's REST serialises a state lazily, so a state re-reported
     /// before anyone read it shows a later `last_reported` than its `last_updated`.
-    /// `get_states` reads (and caches) the same JSON REST serves.
+    /// `get_states` reads (and caches) the same JSON REST serves. Apply a row only while
+    /// the state's `last_updated` is still the row's (a later change moves both).
     LastReported(Vec<(String, Timestamp, Timestamp)>),
     /// A `service_registered` / `service_removed` event (the event type).
     ServicesChanged(String),
@@ -154,6 +156,9 @@ pub struct Session {
     ids: Ids,
     /// The first entities event is still to come.
     snapshot_pending: bool,
+    /// `last_reported` rows from `get_states` that arrived before the snapshot they belong
+    /// to; handed out right after it.
+    last_reported: Option<Vec<(String, Timestamp, Timestamp)>>,
     /// Outstanding ping id and when it was sent.
     ping: Option<(u64, Instant)>,
     /// When to send the next ping.
@@ -241,6 +246,7 @@ impl Session {
             ha_version: None,
             ids: Ids::default(),
             snapshot_pending: false,
+            last_reported: None,
             ping: None,
             next_ping: now + heartbeat_interval,
             connected_at: now,
@@ -331,20 +337,18 @@ impl Session {
         let Some(id) = msg.id else { return Err(FrameError("result without id".into())) };
         if msg.success == Some(true) {
             if id == self.ids.states && id != 0 {
-                #[derive(Deserialize)]
-                struct Row {
-                    entity_id: String,
-                    last_updated: Timestamp,
-                    last_reported: Option<Timestamp>,
-                }
-                let rows: Vec<Row> = msg
+                let rows = msg
                     .result
-                    .map(|r| serde_json::from_str(r.get()))
+                    .map(|r| serde_json::from_str::<ReportedRows>(r.get()))
                     .transpose()
                     .map_err(|e| FrameError(format!("get_states result: {e}")))?
+                    .map(|r| r.0)
                     .unwrap_or_default();
-                let rows = rows.into_iter().filter_map(|r| Some((r.entity_id, r.last_updated, r.last_reported?))).collect();
-                out.push(Output::LastReported(rows));
+                if self.snapshot_pending {
+                    self.last_reported = Some(rows);
+                } else {
+                    out.push(Output::LastReported(rows));
+                }
                 return Ok(());
             }
             if id == self.ids.config && self.phase == Phase::AwaitRunning {
@@ -402,8 +406,8 @@ impl Session {
                 self.snapshot_pending = false;
                 self.phase = Phase::Live;
                 out.push(Output::Snapshot(ev));
-                if self.version_at_least(LAST_REPORTED_SINCE) {
-                    self.ids.states = self.command(json!({"type": "get_states"}), out);
+                if let Some(rows) = self.last_reported.take() {
+                    out.push(Output::LastReported(rows));
                 }
             } else {
                 out.push(Output::Entities(ev));
@@ -444,7 +448,16 @@ impl Session {
         self.ids.removed = self.command(json!({"type": "subscribe_events", "event_type": "service_removed"}), out);
     }
 
+    /// Sends `subscribe_entities`, preceded on HA ≥ 2024.4 by `get_states` for
+    /// `last_reported` ([`Output::LastReported`]). `get_states` goes first so that its answer,
+    /// the largest message of a sync, arrives while the store is still the only other large
+    /// thing in memory: the WebSocket read buffer keeps the capacity of the largest message
+    /// it held, and receiving it after the snapshot grew it again (doubling).
     fn subscribe_entities(&mut self, with_filter: bool, out: &mut Vec<Output>) -> u64 {
+        self.last_reported = None;
+        if self.version_at_least(LAST_REPORTED_SINCE) {
+            self.ids.states = self.command(json!({"type": "get_states"}), out);
+        }
         let mut body = json!({"type": "subscribe_entities"});
         if let (true, Some(Value::Object(filter))) = (with_filter, &self.ha_filter) {
             for (k, v) in filter {
@@ -506,6 +519,38 @@ impl Session {
                 None => self.next_ping,
             }),
         }
+    }
+}
+
+/// The rows of a `get_states` answer whose `last_reported` differs from `last_updated`,
+/// decoded without keeping the rest (at 20,000 entities the answer is ≈ 9 MB).
+struct ReportedRows(Vec<(String, Timestamp, Timestamp)>);
+
+impl<'de> Deserialize<'de> for ReportedRows {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Row {
+            entity_id: String,
+            last_updated: Timestamp,
+            last_reported: Option<Timestamp>,
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ReportedRows;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of state objects")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ReportedRows, A::Error> {
+                let mut rows = Vec::new();
+                while let Some(r) = seq.next_element::<Row>()? {
+                    if let Some(reported) = r.last_reported.filter(|t| *t != r.last_updated) {
+                        rows.push((r.entity_id, r.last_updated, reported));
+                    }
+                }
+                Ok(ReportedRows(rows))
+            }
+        }
+        d.deserialize_seq(V)
     }
 }
 
@@ -576,7 +621,9 @@ mod tests {
         assert!(sent(&out).is_empty());
         assert_eq!(s.phase(), Phase::AwaitRunning);
         let out = feed(&mut s, r#"{"id":2,"type":"event","event":{"event_type":"homeassistant_started"}}"#, t);
-        assert_eq!(sent(&out)[0]["type"], "subscribe_entities");
+        // HA >= 2024.4: get_states (for last_reported) right before the subscription.
+        assert_eq!(sent(&out)[0]["type"], "get_states");
+        assert_eq!(sent(&out)[1]["type"], "subscribe_entities");
     }
 
     #[test]
@@ -588,13 +635,14 @@ mod tests {
         assert!(cmds[0].get("exclude").is_none());
         let mut new = session(t, filter);
         let cmds = to_syncing(&mut new, "2025.4.4", t);
-        assert_eq!(cmds[0]["exclude"]["domains"][0], "camera");
+        assert_eq!(cmds[1]["type"], "subscribe_entities");
+        assert_eq!(cmds[1]["exclude"]["domains"][0], "camera");
         // If HA rejects it anyway, we fall back to an unfiltered subscription.
-        let out = feed(&mut new, r#"{"id":4,"type":"result","success":false,"error":{"code":"invalid_format","message":"extra keys"}}"#, t);
+        let out = feed(&mut new, r#"{"id":5,"type":"result","success":false,"error":{"code":"invalid_format","message":"extra keys"}}"#, t);
         let resent = sent(&out);
-        assert_eq!(resent[0]["type"], "subscribe_entities");
-        assert!(resent[0].get("exclude").is_none());
-        assert!(resent[0]["id"].as_u64().unwrap() > 6);
+        assert_eq!(resent.last().unwrap()["type"], "subscribe_entities");
+        assert!(resent.last().unwrap().get("exclude").is_none());
+        assert!(resent.last().unwrap()["id"].as_u64().unwrap() > 7);
     }
 
     #[test]
@@ -611,14 +659,17 @@ mod tests {
     fn coalesced_arrays_are_split() {
         let t = Instant::now();
         let mut s = session(t, None);
-        to_syncing(&mut s, "2025.4.4", t);
-        let out = feed(&mut s, r#"[{"id":4,"type":"result","success":true,"result":null},{"id":4,"type":"event","event":{"a":{}}},{"id":5,"type":"event","event":{"event_type":"service_registered"}}]"#, t);
-        assert!(matches!(&out[..], [Output::Snapshot(_), Output::Send(_), Output::ServicesChanged(k)] if k == "service_registered"));
-        // HA >= 2024.4: the snapshot is followed by get_states, whose last_reported values win.
-        assert_eq!(sent(&out)[0]["type"], "get_states");
-        let id = sent(&out)[0]["id"].as_u64().unwrap();
-        let out = feed(&mut s, &format!(r#"{{"id":{id},"type":"result","success":true,"result":[{{"entity_id":"sun.sun","state":"above_horizon","attributes":{{}},"last_changed":"2026-11-24T20:08:36+00:00","last_reported":"2026-11-24T20:08:37.5+00:00","last_updated":"2026-11-24T20:08:36+00:00","context":{{"id":"x","parent_id":null,"user_id":null}}}}]}}"#).replace("37.5+", "37.500000+"), t);
-        let [Output::LastReported(rows)] = &out[..] else { panic!("{out:?}") };
+        let cmds = to_syncing(&mut s, "2025.4.4", t);
+        // HA >= 2024.4: get_states (id 4) goes before subscribe_entities (id 5); its answer
+        // comes first and is held until the snapshot, then only differing rows are handed out.
+        assert_eq!((cmds[0]["type"].as_str(), cmds[0]["id"].as_u64()), (Some("get_states"), Some(4)));
+        let row = |id: &str, reported: &str| format!(r#"{{"entity_id":"{id}","state":"x","attributes":{{}},"last_changed":"2026-11-24T20:08:36+00:00","last_reported":"{reported}","last_updated":"2026-11-24T20:08:36+00:00","context":{{"id":"x","parent_id":null,"user_id":null}}}}"#);
+        let out = feed(&mut s, &format!(r#"{{"id":4,"type":"result","success":true,"result":[{},{}]}}"#, row("sun.sun", "2026-11-24T20:08:37.500000+00:00"), row("light.a", "2026-11-24T20:08:36+00:00")), t);
+        assert!(out.is_empty(), "held until the snapshot: {out:?}");
+        let out = feed(&mut s, r#"[{"id":5,"type":"result","success":true,"result":null},{"id":5,"type":"event","event":{"a":{}}},{"id":6,"type":"event","event":{"event_type":"service_registered"}}]"#, t);
+        let [Output::Snapshot(_), Output::LastReported(rows), Output::ServicesChanged(k)] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(k, "service_registered");
+        assert_eq!(rows.len(), 1, "light.a's last_reported equals its last_updated: {rows:?}");
         assert_eq!(rows[0].0, "sun.sun");
         assert_eq!(rows[0].2.to_string(), "2026-11-24T20:08:37.500000+00:00");
     }

@@ -94,8 +94,11 @@ const RECORDINGS: [Recording; 2] = [
     },
 ];
 
-/// The id `subscribe_entities` gets on a fresh connection (after `supported_features` 1,
-/// `subscribe_events homeassistant_started` 2, `get_config` 3). Seeds use it.
+/// The id seeds give the entity subscription: what `subscribe_entities` gets on a fresh
+/// connection to HA 2024.3.3 (after `supported_features` 1, `subscribe_events
+/// homeassistant_started` 2, `get_config` 3). On HA ≥ 2024.4 `get_states` goes first and
+/// takes 4; [`ha_frame`] maps `"id":4` in the input to that session's subscription id, so the
+/// same seeds reach the subscription on both versions.
 pub const ENTITIES_ID: u64 = 4;
 
 /// Rewrites a recorded frame's `id` (the recordings come from other sessions). Cached: the
@@ -134,6 +137,8 @@ struct Live {
     now: Instant,
     /// The last message id sent to HA (ids must strictly increase, else HA answers `id_reuse`).
     last_id: u64,
+    /// The id of the entity subscription.
+    entities_id: u64,
 }
 
 impl Live {
@@ -146,6 +151,7 @@ impl Live {
             filter: filter.clone(),
             now,
             last_id: 0,
+            entities_id: 0,
         };
         let mut out = Vec::new();
         for frame in [rec.auth_required.trim(), rec.auth_ok.trim()] {
@@ -154,12 +160,13 @@ impl Live {
         let config_id = sent_id(&out, "get_config").expect("get_config sent after auth_ok");
         live.feed_setup(with_id(rec.get_config, config_id), &mut out);
         let entities_id = sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
-        debug_assert_eq!(entities_id, ENTITIES_ID);
-        live.feed_setup(with_id(rec.snapshot, entities_id), &mut out);
-        assert_eq!(live.session.phase(), Phase::Live, "{}: the recorded snapshot makes the session live", rec.version);
+        live.entities_id = entities_id;
+        // HA answers in the order asked: get_states (HA >= 2024.4) before the snapshot.
         if let Some(states_id) = sent_id(&out, "get_states") {
             live.feed_setup(with_id(rec.get_states, states_id), &mut out);
         }
+        live.feed_setup(with_id(rec.snapshot, entities_id), &mut out);
+        assert_eq!(live.session.phase(), Phase::Live, "{}: the recorded snapshot makes the session live", rec.version);
         live
     }
 
@@ -287,8 +294,8 @@ fn publish(changes: &[Change]) {
 }
 
 /// Bytes as one WebSocket text frame from HA on a live connection. The input's length
-/// picks the recorded HA version (even: 2024.3.3, no `last_reported`, no `get_states` after
-/// the snapshot; odd: 2025.4.4), which halves the set-up cost per input; the fuzzer reaches
+/// picks the recorded HA version (even: 2024.3.3, no `last_reported`, no `get_states`;
+/// odd: 2025.4.4), which halves the set-up cost per input; the fuzzer reaches
 /// both by adding a byte, and [`ha_frame_all_versions`] (the regression test) runs both.
 /// Input that is not UTF-8 is dropped (tungstenite refuses such text frames).
 pub fn ha_frame(data: &[u8]) {
@@ -306,6 +313,14 @@ fn ha_frame_on(rec: &'static Recording, data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let filter = default_filter();
     let mut live = Live::new(rec, &filter);
+    let mapped;
+    let text = if live.entities_id == ENTITIES_ID {
+        text
+    } else {
+        let id = live.entities_id;
+        mapped = text.replace("\"id\":4,", &format!("\"id\":{id},")).replace("\"id\":4}", &format!("\"id\":{id}}}"));
+        mapped.as_str()
+    };
     let mut out = Vec::new();
     // An error is counted and logged by the daemon; whatever came before it is applied.
     let _ = live.session.handle_frame(text, live.now, &mut out);
