@@ -350,7 +350,10 @@ async fn connect_and_run(
                     synced = true;
                     let tracked = hub.store.borrow().tracked_len();
                     log::info!("live: snapshot of {n} entities, {tracked} tracked, {} changed since last sync", changes.len());
+                    // Known only now: on HA >= 2024.4 the subscription goes out after get_states.
+                    let filtered = session.filter_sent();
                     hub.update_link(|l| {
+                        l.ha_filter_active = filtered;
                         l.state = LinkState::Live;
                         l.reconnect_attempts = 0;
                         l.last_error = None;

@@ -10,6 +10,7 @@
 //! full snapshot. Ids are strictly increasing per connection (else HA answers `id_reuse`).
 //! Heartbeat: an app-level `ping` every interval; no `pong` within the timeout = dead link.
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -96,8 +97,9 @@ pub enum Output {
 /// the caller drops that entity (and only that one) and counts it.
 #[derive(Debug, Default)]
 pub struct EntitiesEvent {
-    /// `a`: full states, added or replaced.
-    pub added: Vec<(String, Result<EntityState, DecodeError>)>,
+    /// `a`: full states, added or replaced; already in the `Rc` the store keeps, so a
+    /// 20,000-entity snapshot is not held twice on its way in.
+    pub added: Vec<(String, Result<Rc<EntityState>, DecodeError>)>,
     /// `c`: diffs.
     pub changed: Vec<(String, Result<StateDiff, DecodeError>)>,
     /// `r`: removed entity ids.
@@ -142,6 +144,8 @@ pub struct Session {
     ha_filter: Option<Value>,
     /// Whether the filter was sent with the current subscription.
     filter_sent: bool,
+    /// `subscribe_entities` waits for the `get_states` answer; `Some(with_filter)` until sent.
+    entities_after_states: Option<bool>,
     /// Ping period.
     heartbeat_interval: Duration,
     /// Pong deadline.
@@ -239,6 +243,7 @@ impl Session {
             token,
             ha_filter,
             filter_sent: false,
+            entities_after_states: None,
             heartbeat_interval,
             heartbeat_timeout,
             phase: Phase::AwaitAuthRequired,
@@ -349,6 +354,7 @@ impl Session {
                 } else {
                     out.push(Output::LastReported(rows));
                 }
+                self.subscribe_after_states(out);
                 return Ok(());
             }
             if id == self.ids.config && self.phase == Phase::AwaitRunning {
@@ -379,6 +385,11 @@ impl Session {
             }
             out.push(Output::CommandFailed { command: "subscribe_entities", code: err.code, message: err.message });
             out.push(Output::Disconnect("subscribe_entities failed"));
+            return Ok(());
+        }
+        if id == self.ids.states && id != 0 {
+            out.push(Output::CommandFailed { command: "get_states", code: err.code, message: err.message });
+            self.subscribe_after_states(out);
             return Ok(());
         }
         let command = match id {
@@ -429,7 +440,8 @@ impl Session {
         let added = raw.a.map(|p| p.0).unwrap_or_default().into_iter().map(|(id, v)| {
             let state = serde_json::from_str::<CompressedState>(v.get())
                 .map_err(|e| DecodeError(format!("compressed state of {id}: {e}")))
-                .and_then(|c| EntityState::from_compressed(&id, c, with_last_reported));
+                .and_then(|c| EntityState::from_compressed(&id, c, with_last_reported))
+                .map(Rc::new);
             (id, state)
         });
         let changed = raw.c.map(|p| p.0).unwrap_or_default().into_iter().map(|(id, v)| {
@@ -443,21 +455,45 @@ impl Session {
         self.phase = Phase::Syncing;
         out.push(Output::Syncing);
         let with_filter = self.ha_filter.is_some() && self.version_at_least(FILTER_SINCE);
-        self.ids.entities = self.subscribe_entities(with_filter, out);
-        self.ids.registered = self.command(json!({"type": "subscribe_events", "event_type": "service_registered"}), out);
-        self.ids.removed = self.command(json!({"type": "subscribe_events", "event_type": "service_removed"}), out);
+        self.start_entities(with_filter, out);
     }
 
-    /// Sends `subscribe_entities`, preceded on HA ≥ 2024.4 by `get_states` for
-    /// `last_reported` ([`Output::LastReported`]). `get_states` goes first so that its answer,
-    /// the largest message of a sync, arrives while the store is still the only other large
-    /// thing in memory: the WebSocket read buffer keeps the capacity of the largest message
-    /// it held, and receiving it after the snapshot grew it again (doubling).
-    fn subscribe_entities(&mut self, with_filter: bool, out: &mut Vec<Output>) -> u64 {
-        self.last_reported = None;
-        if self.version_at_least(LAST_REPORTED_SINCE) {
-            self.ids.states = self.command(json!({"type": "get_states"}), out);
+    /// `service_registered` / `service_removed`, once per connection, after the entities.
+    fn subscribe_services(&mut self, out: &mut Vec<Output>) {
+        if self.ids.registered == 0 {
+            self.ids.registered = self.command(json!({"type": "subscribe_events", "event_type": "service_registered"}), out);
+            self.ids.removed = self.command(json!({"type": "subscribe_events", "event_type": "service_removed"}), out);
         }
+    }
+
+    /// Starts the entity subscription. On HA ≥ 2024.4 it first asks `get_states` for
+    /// `last_reported` ([`Output::LastReported`]) and sends `subscribe_entities` only once
+    /// that is answered. The WebSocket read buffer keeps the capacity of the largest frame
+    /// it held: asked together, HA coalesces the `get_states` answer and the snapshot into one
+    /// frame (≈ 15 MB at 20,000 entities); asked after the snapshot, the answer grew the
+    /// buffer again by doubling. One after the other, the buffer is the larger of the two.
+    fn start_entities(&mut self, with_filter: bool, out: &mut Vec<Output>) {
+        self.last_reported = None;
+        self.snapshot_pending = true;
+        if self.version_at_least(LAST_REPORTED_SINCE) {
+            self.ids.entities = 0;
+            self.ids.states = self.command(json!({"type": "get_states"}), out);
+            self.entities_after_states = Some(with_filter);
+        } else {
+            self.ids.entities = self.subscribe_entities(with_filter, out);
+            self.subscribe_services(out);
+        }
+    }
+
+    /// Sends the `subscribe_entities` that waited for `get_states` (answered or failed).
+    fn subscribe_after_states(&mut self, out: &mut Vec<Output>) {
+        if let Some(with_filter) = self.entities_after_states.take() {
+            self.ids.entities = self.subscribe_entities(with_filter, out);
+            self.subscribe_services(out);
+        }
+    }
+
+    fn subscribe_entities(&mut self, with_filter: bool, out: &mut Vec<Output>) -> u64 {
         let mut body = json!({"type": "subscribe_entities"});
         if let (true, Some(Value::Object(filter))) = (with_filter, &self.ha_filter) {
             for (k, v) in filter {
@@ -478,11 +514,13 @@ impl Session {
             return;
         }
         let old = self.ids.entities;
-        self.command(json!({"type": "unsubscribe_events", "subscription": old}), out);
+        if old != 0 {
+            self.command(json!({"type": "unsubscribe_events", "subscription": old}), out);
+        }
         self.phase = Phase::Syncing;
         out.push(Output::Syncing);
         let with_filter = self.ha_filter.is_some() && self.version_at_least(FILTER_SINCE);
-        self.ids.entities = self.subscribe_entities(with_filter, out);
+        self.start_entities(with_filter, out);
     }
 
     /// Runs the timers: sends a ping when due; asks to disconnect when the pong or the auth
@@ -621,9 +659,11 @@ mod tests {
         assert!(sent(&out).is_empty());
         assert_eq!(s.phase(), Phase::AwaitRunning);
         let out = feed(&mut s, r#"{"id":2,"type":"event","event":{"event_type":"homeassistant_started"}}"#, t);
-        // HA >= 2024.4: get_states (for last_reported) right before the subscription.
+        // HA >= 2024.4: get_states (for last_reported) first; the subscription waits for it.
+        assert_eq!(sent(&out).len(), 1);
         assert_eq!(sent(&out)[0]["type"], "get_states");
-        assert_eq!(sent(&out)[1]["type"], "subscribe_entities");
+        let out = feed(&mut s, r#"{"id":4,"type":"result","success":true,"result":[]}"#, t);
+        assert_eq!(sent(&out)[0]["type"], "subscribe_entities");
     }
 
     #[test]
@@ -634,9 +674,10 @@ mod tests {
         let cmds = to_syncing(&mut old, "2024.3.3", t);
         assert!(cmds[0].get("exclude").is_none());
         let mut new = session(t, filter);
-        let cmds = to_syncing(&mut new, "2025.4.4", t);
-        assert_eq!(cmds[1]["type"], "subscribe_entities");
-        assert_eq!(cmds[1]["exclude"]["domains"][0], "camera");
+        to_syncing(&mut new, "2025.4.4", t);
+        let cmds = sent(&feed(&mut new, r#"{"id":4,"type":"result","success":true,"result":[]}"#, t));
+        assert_eq!(cmds[0]["type"], "subscribe_entities");
+        assert_eq!(cmds[0]["exclude"]["domains"][0], "camera");
         // If HA rejects it anyway, we fall back to an unfiltered subscription.
         let out = feed(&mut new, r#"{"id":5,"type":"result","success":false,"error":{"code":"invalid_format","message":"extra keys"}}"#, t);
         let resent = sent(&out);
@@ -660,18 +701,35 @@ mod tests {
         let t = Instant::now();
         let mut s = session(t, None);
         let cmds = to_syncing(&mut s, "2025.4.4", t);
-        // HA >= 2024.4: get_states (id 4) goes before subscribe_entities (id 5); its answer
-        // comes first and is held until the snapshot, then only differing rows are handed out.
+        // HA >= 2024.4: get_states (id 4) alone; subscribe_entities (id 5) once it is answered,
+        // so that HA cannot coalesce the two largest messages of a sync into one frame. The
+        // rows are held until the snapshot, then only differing ones are handed out.
+        assert_eq!(cmds.len(), 1);
         assert_eq!((cmds[0]["type"].as_str(), cmds[0]["id"].as_u64()), (Some("get_states"), Some(4)));
         let row = |id: &str, reported: &str| format!(r#"{{"entity_id":"{id}","state":"x","attributes":{{}},"last_changed":"2026-11-24T20:08:36+00:00","last_reported":"{reported}","last_updated":"2026-11-24T20:08:36+00:00","context":{{"id":"x","parent_id":null,"user_id":null}}}}"#);
         let out = feed(&mut s, &format!(r#"{{"id":4,"type":"result","success":true,"result":[{},{}]}}"#, row("sun.sun", "2026-11-24T20:08:37.500000+00:00"), row("light.a", "2026-11-24T20:08:36+00:00")), t);
-        assert!(out.is_empty(), "held until the snapshot: {out:?}");
+        let kinds: Vec<String> = sent(&out).iter().map(|c| format!("{} {}", c["id"], c["type"].as_str().unwrap())).collect();
+        assert_eq!(kinds, ["5 subscribe_entities", "6 subscribe_events", "7 subscribe_events"]);
+        assert!(out.iter().all(|o| matches!(o, Output::Send(_))), "rows held until the snapshot: {out:?}");
         let out = feed(&mut s, r#"[{"id":5,"type":"result","success":true,"result":null},{"id":5,"type":"event","event":{"a":{}}},{"id":6,"type":"event","event":{"event_type":"service_registered"}}]"#, t);
         let [Output::Snapshot(_), Output::LastReported(rows), Output::ServicesChanged(k)] = &out[..] else { panic!("{out:?}") };
         assert_eq!(k, "service_registered");
         assert_eq!(rows.len(), 1, "light.a's last_reported equals its last_updated: {rows:?}");
         assert_eq!(rows[0].0, "sun.sun");
         assert_eq!(rows[0].2.to_string(), "2026-11-24T20:08:37.500000+00:00");
+    }
+
+    #[test]
+    fn a_failed_get_states_still_subscribes() {
+        let t = Instant::now();
+        let mut s = session(t, None);
+        to_syncing(&mut s, "2025.4.4", t);
+        let out = feed(&mut s, r#"{"id":4,"type":"result","success":false,"error":{"code":"unknown_error","message":"boom"}}"#, t);
+        assert!(matches!(&out[0], Output::CommandFailed { command: "get_states", .. }), "{out:?}");
+        assert_eq!(sent(&out)[0]["type"], "subscribe_entities");
+        let out = feed(&mut s, r#"{"id":5,"type":"event","event":{"a":{"light.a":{"s":"on","c":"x","lc":1.0}}}}"#, t);
+        assert!(matches!(&out[..], [Output::Snapshot(ev)] if ev.added.len() == 1), "no rows to hand out: {out:?}");
+        assert_eq!(s.phase(), Phase::Live);
     }
 
     #[test]

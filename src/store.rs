@@ -268,8 +268,10 @@ impl Store {
 
     /// Replaces the tracked set with a snapshot (the first `subscribe_entities` event): tracked
     /// entities absent from it are removed (deleted in HA while we were away). Returns what
-    /// changed, for watchers.
-    pub fn replace_tracked(&mut self, states: Vec<EntityState>, now: Instant) -> Vec<Change> {
+    /// changed, for watchers. States may come shared (`Rc`, as the session decodes them, so
+    /// that a snapshot is not copied on its way in) or owned.
+    pub fn replace_tracked<S: Into<Rc<EntityState>>>(&mut self, states: Vec<S>, now: Instant) -> Vec<Change> {
+        let states: Vec<Rc<EntityState>> = states.into_iter().map(Into::into).collect();
         let ids: HashSet<&str> = states.iter().map(|s| s.entity_id.as_str()).collect();
         let gone: Vec<String> = self
             .entries
@@ -293,16 +295,16 @@ impl Store {
 
     /// Applies a full state pushed by the subscription (`a`). In invalidate mode the entry is
     /// dropped instead. Returns the change, if any.
-    pub fn upsert_pushed(&mut self, state: EntityState, now: Instant) -> Option<Change> {
+    pub fn upsert_pushed(&mut self, state: impl Into<Rc<EntityState>>, now: Instant) -> Option<Change> {
+        let state = state.into();
         if self.mode == CacheMode::Invalidate {
             return self.remove(&state.entity_id);
         }
         self.upsert(state, now, false)
     }
 
-    fn upsert(&mut self, state: EntityState, now: Instant, snapshot: bool) -> Option<Change> {
-        let id = state.entity_id.clone();
-        let new = Rc::new(state);
+    fn upsert(&mut self, new: Rc<EntityState>, now: Instant, snapshot: bool) -> Option<Change> {
+        let id = new.entity_id.clone();
         let old = Self::state_of(self.put(id.clone(), Entry { value: Cached::State(new.clone()), origin: Origin::Pushed, at: now }));
         if snapshot && old.as_deref() == Some(&*new) {
             return None;
@@ -368,7 +370,7 @@ impl Store {
                 Some(Entry { value: Cached::State(s), origin: Origin::Pushed, .. }) if s.last_updated > state.last_updated || **s == state
             );
             if !newer_known {
-                changes.extend(self.upsert(state, now, false));
+                changes.extend(self.upsert(Rc::new(state), now, false));
             }
         }
         changes

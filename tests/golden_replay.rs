@@ -33,17 +33,20 @@ fn replay(version: &str) -> (Store, BTreeMap<String, Value>) {
     session.handle_frame(fixture(version, "auth_required.json").trim(), t, &mut out).unwrap();
     session.handle_frame(fixture(version, "auth_ok.json").trim(), t, &mut out).unwrap();
     session.handle_frame(&with_id(&fixture(version, "get_config_result.json"), 3), t, &mut out).unwrap();
-    // The subscription's id: 4 on 2024.3.3; 5 on 2025.4.4, where get_states (4) goes first.
-    let entities_id = out
-        .iter()
-        .find_map(|o| match o {
+    let sent_id = |out: &[Output], kind: &str| {
+        out.iter().find_map(|o| match o {
             Output::Send(text) => {
                 let v: Value = serde_json::from_str(text).unwrap();
-                (v["type"] == "subscribe_entities").then(|| v["id"].as_u64().unwrap())
+                (v["type"] == kind).then(|| v["id"].as_u64().unwrap())
             }
             _ => None,
         })
-        .expect("subscribe_entities sent once RUNNING");
+    };
+    // HA >= 2024.4: get_states (4) first; subscribe_entities (5) once it is answered.
+    if let Some(states_id) = sent_id(&out, "get_states") {
+        session.handle_frame(&with_id(&fixture(version, "get_states_result.json"), states_id), t, &mut out).unwrap();
+    }
+    let entities_id = sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
     session.handle_frame(&with_id(&fixture(version, "subscribe_entities_initial.json"), entities_id), t, &mut out).unwrap();
     for line in fixture(version, "subscribe_entities_events.jsonl").lines() {
         session.handle_frame(&with_id(line, entities_id), t, &mut out).unwrap();

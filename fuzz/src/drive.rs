@@ -159,12 +159,12 @@ impl Live {
         }
         let config_id = sent_id(&out, "get_config").expect("get_config sent after auth_ok");
         live.feed_setup(with_id(rec.get_config, config_id), &mut out);
-        let entities_id = sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
-        live.entities_id = entities_id;
-        // HA answers in the order asked: get_states (HA >= 2024.4) before the snapshot.
+        // HA >= 2024.4: get_states first; subscribe_entities is sent once it is answered.
         if let Some(states_id) = sent_id(&out, "get_states") {
             live.feed_setup(with_id(rec.get_states, states_id), &mut out);
         }
+        let entities_id = sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
+        live.entities_id = entities_id;
         live.feed_setup(with_id(rec.snapshot, entities_id), &mut out);
         assert_eq!(live.session.phase(), Phase::Live, "{}: the recorded snapshot makes the session live", rec.version);
         live
