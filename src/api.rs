@@ -213,6 +213,7 @@ pub fn status(hub: &Hub) -> Value {
             "misses": stats.misses,
             "stale_serves": stats.stale_serves,
             "evictions": stats.evictions,
+            "tracked_evictions": stats.tracked_evictions,
             "failed_updates": stats.failed_updates,
         },
         "events": {

@@ -380,6 +380,7 @@ async fn reload(
             let c = &new.cache;
             hub.store.borrow_mut().reconfigure(c.mode, c.max_entities, c.ttl, c.negative_ttl);
             *hub.config.borrow_mut() = Rc::new(new);
+            hub.warn_tracked_evictions();
             if let Some(settings) = settings {
                 log::info!("Home Assistant settings changed: reconnecting");
                 match Roots::load(hub.config.borrow().ha.ca_file.as_deref()) {

@@ -163,6 +163,8 @@ pub struct Hub {
     pub counters: Counters,
     /// Entities in HA's last snapshot that the filter left out.
     pub snapshot_filtered_out: Cell<u64>,
+    /// `tracked_evictions` when last warned about, and when (see [`Hub::warn_tracked_evictions`]).
+    tracked_evictions_warned: Cell<(u64, Option<Instant>)>,
     /// When HA last sent an entity update (wall clock).
     pub last_event: Cell<Option<SystemTime>>,
     /// Start time (monotonic).
@@ -214,6 +216,7 @@ impl Hub {
             }),
             counters: Counters::default(),
             snapshot_filtered_out: Cell::new(0),
+            tracked_evictions_warned: Cell::new((0, None)),
             last_event: Cell::new(None),
             started: now,
             started_wall: SystemTime::now(),
@@ -275,8 +278,27 @@ impl Hub {
         changes
     }
 
+    /// Logs a warning when the LRU bound has evicted tracked states since the last warning,
+    /// at most once an hour: the tracked set does not fit `max_entities`, so `/api/states`
+    /// and `ListEntities` miss entities and their reads go to HA's REST API.
+    pub fn warn_tracked_evictions(&self) {
+        let evicted = self.store.borrow().stats().tracked_evictions;
+        let (warned, at) = self.tracked_evictions_warned.get();
+        let now = Instant::now();
+        if evicted > warned && at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(3600)) {
+            let max = self.config.borrow().cache.max_entities;
+            log::warn!(
+                "{} tracked entities evicted by [cache] max_entities = {max}: the tracked set does not fit, so lists are incomplete \
+                 and reads of evicted entities go to Home Assistant; raise max_entities or narrow [filter]",
+                evicted - warned
+            );
+            self.tracked_evictions_warned.set((evicted, Some(now)));
+        }
+    }
+
     /// Records that tracked states changed: wakes status reporters and the saver.
     pub fn bump_generation(&self) {
+        self.warn_tracked_evictions();
         self.generation.set(self.generation.get() + 1);
         self.states_changed.notify(usize::MAX);
         self.changed.notify(usize::MAX);

@@ -61,6 +61,12 @@ pub fn render(hub: &Hub) -> String {
     o.single("hass_edge_cache_misses_total", "counter", "Reads that needed Home Assistant.", stats.misses);
     o.single("hass_edge_cache_stale_serves_total", "counter", "Expired states served because Home Assistant could not be reached.", stats.stale_serves);
     o.single("hass_edge_cache_evictions_total", "counter", "Entries evicted by the max_entities bound.", stats.evictions);
+    o.single(
+        "hass_edge_cache_tracked_evictions_total",
+        "counter",
+        "Tracked states evicted by the max_entities bound (the tracked set does not fit).",
+        stats.tracked_evictions,
+    );
     o.single("hass_edge_cache_failed_updates_total", "counter", "Events that could not be applied; the entry was dropped.", stats.failed_updates);
 
     o.family("hass_edge_ha_rest_requests_total", "counter", "Requests to Home Assistant's REST API by outcome.");

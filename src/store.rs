@@ -92,6 +92,9 @@ pub struct StoreStats {
     pub stale_serves: u64,
     /// Entries pushed out by the LRU bound.
     pub evictions: u64,
+    /// Of those, tracked states (pushed by the subscription or restored): the tracked set
+    /// is larger than `max_entities`, so `/api/states` lacks some until they are pushed again.
+    pub tracked_evictions: u64,
     /// Events that could not be applied (the entry was dropped instead).
     pub failed_updates: u64,
 }
@@ -123,9 +126,10 @@ impl Store {
     /// Changes the limits in place (config reload); shrinking evicts the least recently used.
     pub fn reconfigure(&mut self, mode: CacheMode, max_entities: usize, ttl: Duration, negative_ttl: Duration) {
         let cap = std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
-        let before = self.entries.len();
+        let (before, tracked_before) = (self.entries.len(), self.tracked_len());
         self.entries.resize(cap);
         self.stats.evictions += (before - self.entries.len()) as u64;
+        self.stats.tracked_evictions += (tracked_before - self.tracked_len()) as u64;
         self.mode = mode;
         self.ttl = ttl;
         self.negative_ttl = negative_ttl;
@@ -251,8 +255,11 @@ impl Store {
     fn put(&mut self, entity_id: String, entry: Entry) -> Option<Entry> {
         match self.entries.push(entity_id, entry) {
             Some((k, old)) if self.entries.contains(&k) => Some(old),
-            Some(_) => {
+            Some((_, evicted)) => {
                 self.stats.evictions += 1;
+                if evicted.origin != Origin::Rest {
+                    self.stats.tracked_evictions += 1;
+                }
                 None
             }
             None => None,
@@ -525,9 +532,20 @@ mod tests {
         assert!(s.peek("a.2").is_none(), "a.2 was least recently used");
         assert!(s.peek("a.1").is_some());
         assert_eq!(s.stats().evictions, 1);
+        assert_eq!(s.stats().tracked_evictions, 1, "a.2 was a tracked state");
+        s.insert_fetched("sensor.r", None, t0);
+        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (2, 2), "a.1 went for a cached 404");
+        s.insert_fetched("sensor.q", None, t0);
+        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (3, 3), "a.3 went");
+        s.insert_fetched("sensor.p", None, t0);
+        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (4, 3), "a REST entry is not a tracked one");
+        s.upsert_pushed(state("a.4", "x"), t0);
         s.reconfigure(CacheMode::Update, 1, TTL, NEG);
         assert_eq!(s.len(), 1);
-        assert_eq!(s.stats().evictions, 2);
+        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (6, 3), "the shrink dropped sensor.p, kept a.4");
+        s.reconfigure(CacheMode::Update, 1, TTL, NEG);
+        s.upsert_pushed(state("a.5", "x"), t0);
+        assert_eq!(s.stats().tracked_evictions, 4);
     }
 
     #[test]

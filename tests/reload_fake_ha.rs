@@ -51,6 +51,12 @@ fn cache_limits_apply_in_place_and_a_broken_config_is_refused() {
     });
     assert_eq!(daemon.get("/status").json()["cache"]["max_entities"], 5);
     assert!(daemon.get("/status").json()["store"]["evictions"].as_u64().unwrap() >= tracked - 5);
+    // The evicted ones were tracked states: counted apart, and the log says what to do.
+    assert!(daemon.get("/status").json()["store"]["tracked_evictions"].as_u64().unwrap() >= tracked - 5);
+    let metrics = daemon.get("/metrics").text();
+    let line = metrics.lines().find(|l| l.starts_with("hass_edge_cache_tracked_evictions_total ")).expect("the metric is exported");
+    assert!(line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= tracked - 5, "{line}");
+    wait_until("the warning", deadline(), || if daemon.log().contains("raise max_entities") { Ok(()) } else { Err("not yet".into()) });
     assert_eq!(fake.sessions().len(), 1, "no reconnect for a cache change");
 
     rewrite(&daemon, |t| format!("{t}\nthis is not toml ["));
