@@ -94,7 +94,8 @@ for p in $ARM "$ROOT/target/aarch64-unknown-linux-gnu/release/hass-edge"; do
 done
 DEB_ARGS=()
 for d in "$TARGET/debian" "$ROOT/target/debian"; do
-	[[ -d $d ]] && DEB_ARGS+=(--deb-dir "$d")
+	# once: the two are the same directory unless CARGO_TARGET_DIR points elsewhere
+	[[ -d $d && " ${DEB_ARGS[*]} " != *" $(realpath "$d") "* ]] && DEB_ARGS+=(--deb-dir "$(realpath "$d")")
 done
 BUILD_S=$(($(date +%s) - T0))
 
