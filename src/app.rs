@@ -68,19 +68,22 @@ pub struct ConfigSource {
     pub given: bool,
 }
 
-fn link_settings(config: &Config) -> Result<LinkSettings, AppError> {
+/// The WebSocket settings and the REST client for `config`, from one load of the TLS roots
+/// (the system store is read once, and the DER copies are dropped once both clients hold
+/// what they need).
+fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient), AppError> {
     let token = config.read_token()?;
     let roots = Roots::load(config.ha.ca_file.as_deref())?;
-    Ok(LinkSettings { websocket_url: config.ha.websocket_url.clone(), token, tls: roots.client_config()? })
+    let rest = RestClient::new(&config.ha.url, token.clone(), &roots);
+    let settings = LinkSettings { websocket_url: config.ha.websocket_url.clone(), token, tls: roots.client_config()? };
+    Ok((settings, rest))
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
 ///
 /// Errors: see [`AppError`]; config and TLS problems are found before anything starts.
 pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
-    let settings = link_settings(&config)?;
-    let roots = Roots::load(config.ha.ca_file.as_deref())?;
-    let rest = RestClient::new(&config.ha.url, settings.token.clone(), &roots);
+    let (settings, rest) = ha_clients(&config)?;
     let listener = std::net::TcpListener::bind(config.http.listen)
         .map_err(|source| AppError::Bind { addr: config.http.listen, source })?;
     let listener = smol::net::TcpListener::try_from(listener)
@@ -356,10 +359,10 @@ async fn reload(
     let result = Config::load(&source.path, source.given).map_err(AppError::from).and_then(|new| {
         let old = hub.config.borrow().clone();
         // The token is re-read too: a rotated token means a new connection.
-        let settings = link_settings(&new)?;
+        let (settings, rest) = ha_clients(&new)?;
         let relink = new.ha != old.ha || settings.token != *token.borrow();
         let api_token = new.read_api_token()?;
-        Ok((new, relink.then_some(settings), api_token))
+        Ok((new, relink.then_some((settings, rest)), api_token))
     });
     match result {
         Err(e) => log::error!("reload rejected, the old config stays in force: {e}"),
@@ -381,12 +384,9 @@ async fn reload(
             hub.store.borrow_mut().reconfigure(c.mode, c.max_entities, c.ttl, c.negative_ttl);
             *hub.config.borrow_mut() = Rc::new(new);
             hub.warn_tracked_evictions();
-            if let Some(settings) = settings {
+            if let Some((settings, rest)) = settings {
                 log::info!("Home Assistant settings changed: reconnecting");
-                match Roots::load(hub.config.borrow().ha.ca_file.as_deref()) {
-                    Ok(roots) => hub.set_rest(RestClient::new(&hub.config.borrow().ha.url, settings.token.clone(), &roots)),
-                    Err(e) => log::error!("{e}"),
-                }
+                hub.set_rest(rest);
                 *token.borrow_mut() = settings.token.clone();
                 let _ = commands.send(Command::Reconnect(Box::new(settings))).await;
             } else if filter_changed {
