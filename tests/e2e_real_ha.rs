@@ -171,6 +171,9 @@ struct Options<'a> {
     extra: &'a str,
     token: Option<&'a str>,
     env: Vec<(&'a str, String)>,
+    /// A command that sets up and then `exec`s the daemon (its arguments follow), so that
+    /// the child's pid is the daemon's.
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -195,7 +198,14 @@ impl Daemon {
         }
         std::fs::write(&config, text).unwrap();
         let log = dir.0.join("daemon.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hass-edge"));
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_hass-edge"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_hass-edge")),
+        };
         cmd.arg("--config").arg(&config).env("RUST_LOG", "debug").stdout(Stdio::null());
         cmd.stderr(std::fs::File::create(&log).unwrap());
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("HASS_EDGE_") || k == "NOTIFY_SOCKET" || k.starts_with("WATCHDOG_")) {
@@ -871,4 +881,47 @@ fn corrupt_or_unwritable_state_files_never_stop_the_daemon() {
     daemon.wait_live();
     assert_eq!(daemon.stop().0, Some(0), "a failed save at stop is not a failure to stop");
     assert!(daemon.log_text().contains("failed to save states"), "{}", daemon.log_text());
+}
+
+/// A full disk: the state directory is a tmpfs (in a private mount namespace of the daemon,
+/// needs root) just large enough for the file saved by an earlier run. Saving again fails
+/// with ENOSPC: logged, the earlier file is left whole, no temp file remains, the daemon
+/// stays live and stops cleanly.
+#[test]
+fn a_full_disk_keeps_the_old_state_file_whole() {
+    let peer = peer();
+    let dir = TempDir::new();
+    let seed = dir.0.join("seed.json");
+    let extra = format!("[cache]\nstate_file = \"{}\"", seed.display());
+    let mut first = Daemon::start(&peer, Options { extra: &extra, ..Default::default() });
+    first.wait_live();
+    assert_eq!(first.stop().0, Some(0));
+    let seed_bytes = std::fs::read(&seed).expect("the first run saved its states");
+
+    let mount_point = dir.0.join("full");
+    std::fs::create_dir(&mount_point).unwrap();
+    // The file plus one page: a second copy (the temp file of the next save) cannot fit.
+    let size = (seed_bytes.len() / 4096 + 2) * 4096;
+    let script = "mount -t tmpfs -o size=\"$2\",mode=0755 tmpfs \"$0\" && cp \"$1\" \"$0/states.json\" && shift 2 && exec \"$@\"";
+    let wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([mount_point.display().to_string(), seed.display().to_string(), size.to_string()])
+        .collect();
+    let state_file = mount_point.join("states.json");
+    let extra = format!("[cache]\nstate_file = \"{}\"\npersist_interval_seconds = 1", state_file.display());
+    let mut daemon = Daemon::start(&peer, Options { extra: &extra, wrapper, ..Default::default() });
+    daemon.wait_live();
+    assert!(daemon.json("/status").1["warm_start"]["restored"].as_u64().unwrap() > 10, "the seed was loaded from the tmpfs");
+    set_number(&peer, "input_number.kitchen_brightness", 77.0);
+    wait_until("the failed save is logged", Duration::from_secs(20), || daemon.log_text().contains("failed to save states"));
+    let log = daemon.log_text();
+    assert!(log.contains("No space left on device"), "the log says why:\n{log}");
+    // The daemon's view of its state directory (its mount namespace) through /proc.
+    let inside = PathBuf::from(format!("/proc/{}/root{}", daemon.pid(), mount_point.display()));
+    assert_eq!(std::fs::read(inside.join("states.json")).unwrap(), seed_bytes, "the earlier file is whole");
+    let left: Vec<_> = std::fs::read_dir(&inside).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["states.json"], "no temp file left behind");
+    assert_eq!(daemon.get("/health").status, 200, "still live");
+    assert_eq!(daemon.stop().0, Some(0));
 }
