@@ -53,14 +53,19 @@ declare -A cmds=(
 ORDER=${REL_ONLY:-ha_restarts half_open auth flood http_abuse}
 failed=()
 start=$(date +%s)
+# Results are <name>.* for the default HA version, <name>@<version>.* for another (as
+# rel.py names its JSON), so a run against another version keeps the default's results.
+VERSION=${HA_VERSION:-2025.4.4}
 for name in $ORDER; do
+	stem=$name
+	[[ $VERSION == 2025.4.4 ]] || stem="$name@$VERSION"
 	# Results of scripts not run now (REL_ONLY) stay and are reported as they were.
-	rm -f "$REL_RESULTS/$name".{json,log,rc}
-	echo "=== $name: ${cmds[$name]}" >&2
+	rm -f "$REL_RESULTS/$stem".{json,log,rc}
+	echo "=== $stem: ${cmds[$name]}" >&2
 	t0=$(date +%s)
-	${cmds[$name]} 2>&1 | tee "$REL_RESULTS/$name.log"
+	${cmds[$name]} 2>&1 | tee "$REL_RESULTS/$stem.log"
 	rc=${PIPESTATUS[0]}
-	echo "$rc $(($(date +%s) - t0)) ${cmds[$name]}" >"$REL_RESULTS/$name.rc"
+	echo "$rc $(($(date +%s) - t0)) ${cmds[$name]}" >"$REL_RESULTS/$stem.rc"
 	((rc == 0)) || failed+=("$name")
 done
 
@@ -68,8 +73,10 @@ python3 "$HERE/report.py" "$REL_RESULTS" "$MODE" "$(($(date +%s) - start))" >"$R
 echo
 echo "== reliability suite ($MODE): $(($(date +%s) - start))s; $REPORT written"
 for name in $ORDER; do
-	[[ -f $REL_RESULTS/$name.rc ]] || continue
-	read -r rc secs _ <"$REL_RESULTS/$name.rc"
-	printf '   %-12s %s (%ss)\n' "$name" "$([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc)")" "$secs"
+	stem=$name
+	[[ $VERSION == 2025.4.4 ]] || stem="$name@$VERSION"
+	[[ -f $REL_RESULTS/$stem.rc ]] || continue
+	read -r rc secs _ <"$REL_RESULTS/$stem.rc"
+	printf '   %-12s %s (%ss)\n' "$stem" "$([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc)")" "$secs"
 done
 ((${#failed[@]} == 0))
