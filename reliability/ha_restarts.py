@@ -39,20 +39,19 @@ def main() -> None:
     try:
         run(r, peer, daemon, args)
     finally:
-        code = daemon.stop()
-        r.check(code == 0, f"hass-edge exits 0 on SIGTERM at the end (got {code})")
-        if not args.keep_peer:
-            peer.stop()
+        rel.stop_all(r, daemon, peer, args.keep_peer)
     sys.exit(r.finish())
 
 
-def recover(peer: rel.Peer) -> bool:
-    """After a failed step: get the peer RUNNING again (start is a no-op when it is)."""
+def recover(peer: rel.Peer, failures: list[str], what: str) -> bool:
+    """After a failed step: get the peer RUNNING again (start is a no-op when it is). False,
+    with the failure recorded, when it cannot be started: the run stops there."""
     try:
         peer.start()
         return True
     except RuntimeError as e:
         print(f"   peer start failed: {e}", flush=True)
+        failures.append(f"{what}: the peer cannot be started again; stopping here")
         return False
 
 
@@ -92,8 +91,7 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
             connected_before = daemon.status().get("connection", {}).get("last_connected")
         except (OSError, RuntimeError) as e:
             failures.append(f"{what}: HA or hass-edge unreachable before the restart: {e}")
-            if not recover(peer):
-                failures.append(f"{what}: the peer cannot be started again; stopping here")
+            if not recover(peer, failures, what):
                 break
             continue
 
@@ -108,8 +106,7 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
                 peer.start()
         except RuntimeError as e:
             failures.append(f"{what}: the peer did not come back: {e}")
-            if not recover(peer):
-                failures.append(f"{what}: the peer cannot be started again; stopping here")
+            if not recover(peer, failures, what):
                 break
             continue
         t_running = time.monotonic()

@@ -119,10 +119,7 @@ async def main_async(args) -> int:
     try:
         await rounds(r, peer, proxy, daemon, args)
     finally:
-        code = daemon.stop()
-        r.check(code == 0, f"hass-edge exits 0 on SIGTERM (got {code})")
-        if not args.keep_peer:
-            await asyncio.to_thread(peer.stop)
+        await asyncio.to_thread(rel.stop_all, r, daemon, peer, args.keep_peer)
     return r.finish()
 
 

@@ -317,6 +317,15 @@ class Peer:
 # ---------------------------------------------------------------------------- the daemon
 
 
+def stop_all(r: Report, daemon: "Daemon", peer: Peer, keep_peer: bool) -> None:
+    """The end of every script: stop hass-edge, which must exit 0 on SIGTERM, then the peer
+    unless it is kept (`--keep-peer`)."""
+    code = daemon.stop()
+    r.check(code == 0, f"hass-edge exits 0 on SIGTERM (got {code})")
+    if not keep_peer:
+        peer.stop()
+
+
 class Daemon:
     """The real hass-edge binary with a config written into WORK/<name>/."""
 
