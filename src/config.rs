@@ -479,9 +479,10 @@ pub fn parse_config(
 
 fn env_value(key: &str, value: &str) -> toml::Value {
     if let Ok(t) = format!("v = {value}").parse::<toml::Table>()
-        && let Some(v) = t.get("v") {
-            return v.clone();
-        }
+        && let Some(v) = t.get("v")
+    {
+        return v.clone();
+    }
     if LIST_KEYS.contains(&key) {
         let items = value.split(',').map(str::trim).filter(|s| !s.is_empty());
         return toml::Value::Array(items.map(|s| toml::Value::String(s.into())).collect());

@@ -284,8 +284,12 @@ impl Hub {
     pub fn warn_tracked_evictions(&self) {
         let evicted = self.store.borrow().stats().tracked_evictions;
         let (warned, at) = self.tracked_evictions_warned.get();
+        if evicted == warned {
+            // The common case, on every applied event: no clock read.
+            return;
+        }
         let now = Instant::now();
-        if evicted > warned && at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(3600)) {
+        if at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(3600)) {
             let max = self.config.borrow().cache.max_entities;
             log::warn!(
                 "{} tracked entities evicted by [cache] max_entities = {max}: the tracked set does not fit, so lists are incomplete \
@@ -402,10 +406,11 @@ impl Hub {
             }
         };
         if let (Some((state, age)), Some(until)) = (&stale, self.rest_down_until.get())
-            && Instant::now() < until {
-                self.store.borrow_mut().note_stale_serve();
-                return Read::Stale { state: state.clone(), age: *age };
-            }
+            && Instant::now() < until
+        {
+            self.store.borrow_mut().note_stale_serve();
+            return Read::Stale { state: state.clone(), age: *age };
+        }
         match self.fetch(entity_id).await {
             Ok(Some(state)) => Read::Fresh { state: Rc::new(state), age: Duration::ZERO, cache: "miss" },
             Ok(None) => Read::NotFound { cache: "miss" },

@@ -326,10 +326,7 @@ impl Session {
                 self.phase = Phase::AuthFailed;
                 out.push(Output::AuthInvalid { message: msg.message.unwrap_or_default() });
             }
-            "pong"
-                if self.ping.is_some_and(|(id, _)| Some(id) == msg.id) => {
-                    self.ping = None;
-                }
+            "pong" if self.ping.is_some_and(|(id, _)| Some(id) == msg.id) => self.ping = None,
             "result" => self.handle_result(msg, out)?,
             "event" => self.handle_event(msg, out)?,
             // Anything else (e.g. an `auth_required` out of order) carries nothing we use.

@@ -235,9 +235,11 @@ impl Store {
     /// A pushed entry that is fresh wins: the subscription is at least as new as the fetch.
     pub fn insert_fetched(&mut self, entity_id: &str, state: Option<EntityState>, now: Instant) {
         if let Some(e) = self.entries.peek(entity_id)
-            && e.origin == Origin::Pushed && self.age_and_fresh(e, now).1 {
-                return;
-            }
+            && e.origin == Origin::Pushed
+            && self.age_and_fresh(e, now).1
+        {
+            return;
+        }
         let value = match state {
             Some(s) => Cached::State(Rc::new(s)),
             None => Cached::NotFound,
@@ -388,9 +390,11 @@ impl Store {
     /// `state_changed` for a re-report either.
     pub fn set_last_reported(&mut self, entity_id: &str, last_updated: Timestamp, last_reported: Timestamp) {
         if let Some(Entry { value: Cached::State(state), origin: Origin::Pushed, .. }) = self.entries.peek_mut(entity_id)
-            && state.last_updated == last_updated && state.last_reported.is_some_and(|r| r != last_reported) {
-                Rc::make_mut(state).last_reported = Some(last_reported);
-            }
+            && state.last_updated == last_updated
+            && state.last_reported.is_some_and(|r| r != last_reported)
+        {
+            Rc::make_mut(state).last_reported = Some(last_reported);
+        }
     }
 
     /// Removes an entity (`r` event, or a failed decode). Returns the change if it was tracked.

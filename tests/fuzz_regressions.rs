@@ -89,10 +89,11 @@ fn ha_frame_inputs_do_not_panic() {
             for (i, line) in text.lines().enumerate() {
                 extra.push((format!("{name}:{}", i + 1), line.as_bytes().to_vec()));
                 if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(line)
-                    && v.get("id").is_some() {
-                        v["id"] = drive::ENTITIES_ID.into();
-                        extra.push((format!("{name}:{} (id {})", i + 1, drive::ENTITIES_ID), v.to_string().into_bytes()));
-                    }
+                    && v.get("id").is_some()
+                {
+                    v["id"] = drive::ENTITIES_ID.into();
+                    extra.push((format!("{name}:{} (id {})", i + 1, drive::ENTITIES_ID), v.to_string().into_bytes()));
+                }
             }
         }
     }

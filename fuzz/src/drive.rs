@@ -54,9 +54,10 @@ pub fn http_request(data: &[u8]) {
     let selection = hass_edge::sse::Selection::parse(value("entity_id").unwrap_or(""));
     let _ = selection.matches("light.kitchen");
     if let Some(id) = path.strip_prefix("/api/states/")
-        && hass_edge::hub::valid_entity_id(id) {
-            assert!(id.is_ascii() && id.contains('.'));
-        }
+        && hass_edge::hub::valid_entity_id(id)
+    {
+        assert!(id.is_ascii() && id.contains('.'));
+    }
     if let Some(rest) = path.strip_prefix("/api/services/") {
         let _ = rest.split_once('/');
     }
