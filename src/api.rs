@@ -256,9 +256,8 @@ pub async fn state(hub: &Hub, entity_id: &str, refresh: bool) -> Response {
 /// `GET /api/states`: every tracked entity, HA's list shape.
 pub fn states(hub: &Hub) -> Response {
     let store = hub.store.borrow();
-    let body = serde_json::to_vec(&store.tracked_states()).unwrap_or_default();
     let cache = if store.is_live() { "hit" } else { "stale" };
-    Response::json(200, body).with_header("X-Cache", cache)
+    Response::states(200, store.tracked_states()).with_header("X-Cache", cache)
 }
 
 /// `GET /api/services`.
@@ -286,14 +285,9 @@ async fn call_service(hub: &Hub, rest: &str, body: &[u8]) -> Response {
         return Response::error(400, "the body must be a JSON object of service_data fields");
     }
     match hub.call_service(domain, service, body).await {
-        Ok((status, text)) => {
-            let mut r = Response::json(status, text.into_bytes());
-            if !r.body.starts_with(b"[") && !r.body.starts_with(b"{") {
-                // HA answers some errors as plain text; keep the JSON error shape.
-                r = Response::error(status, String::from_utf8_lossy(&r.body));
-            }
-            r
-        }
+        // HA answers some errors as plain text; keep the JSON error shape.
+        Ok((status, text)) if !text.starts_with(['[', '{']) => Response::error(status, text),
+        Ok((status, text)) => Response::json(status, text.into_bytes()),
         Err(e) => Response::error(502, e),
     }
 }

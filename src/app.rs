@@ -73,9 +73,12 @@ pub struct ConfigSource {
 /// what they need).
 fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient), AppError> {
     let token = config.read_token()?;
-    let roots = Roots::load(config.ha.ca_file.as_deref())?;
-    let rest = RestClient::new(&config.ha.url, token.clone(), &roots);
-    let settings = LinkSettings { websocket_url: config.ha.websocket_url.clone(), token, tls: roots.client_config()? };
+    // Roots only for an https HA: parsed, the system store is ~300 KiB that a plain-http
+    // HA on the LAN (HA's default) never uses.
+    let roots = if config.ha.url.starts_with("https://") { Some(Roots::load(config.ha.ca_file.as_deref())?) } else { None };
+    let rest = RestClient::new(&config.ha.url, token.clone(), roots.as_ref());
+    let tls = roots.as_ref().map(Roots::client_config).transpose()?;
+    let settings = LinkSettings { websocket_url: config.ha.websocket_url.clone(), token, tls };
     Ok((settings, rest))
 }
 

@@ -25,6 +25,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest message accepted from HA. A 15k-entity snapshot is ~5 MB; leave head-room.
 const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+/// tungstenite's read buffer: allocated once at this size, and the most read per syscall.
+const READ_BUFFER: usize = 16 * 1024;
 
 /// A request to the link task.
 #[derive(Debug, Clone)]
@@ -44,8 +46,8 @@ pub struct LinkSettings {
     pub websocket_url: String,
     /// The access token.
     pub token: Secret,
-    /// TLS config for `wss`.
-    pub tls: Arc<rustls::ClientConfig>,
+    /// TLS config for `wss` (`None` for `ws`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for LinkSettings {
@@ -209,12 +211,18 @@ async fn open(settings: &LinkSettings) -> Result<async_tungstenite::WebSocketStr
     tcp.set_nodelay(true).ok();
     let stream: Box<dyn Stream> = if tls {
         let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("server name {host}: {e}"))?;
-        let connector = futures_rustls::TlsConnector::from(settings.tls.clone());
+        let tls = settings.tls.clone().ok_or("wss URL without a TLS config")?;
+        let connector = futures_rustls::TlsConnector::from(tls);
         Box::new(connector.connect(name, tcp).await.map_err(|e| format!("TLS with {host}: {e}"))?)
     } else {
         Box::new(tcp)
     };
-    let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE)).max_frame_size(Some(MAX_MESSAGE));
+    // tungstenite allocates `read_buffer_size` up front (128 KiB by default) and reads at most
+    // that much per syscall; HA's frames are a few KiB apart from the snapshots.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
     let (ws, _) = async_tungstenite::client_async_with_config(request, stream, Some(config))
         .await
         .map_err(|e| format!("WebSocket handshake: {e}"))?;

@@ -15,6 +15,7 @@ pub mod store;
 pub mod api;
 pub mod app;
 pub mod dbus;
+pub mod deadline;
 pub mod ha;
 pub mod http;
 pub mod hub;

@@ -64,15 +64,19 @@ impl std::fmt::Debug for RestClient {
 
 impl RestClient {
     /// A client for `base` (e.g. `http://127.0.0.1:8123`).
-    pub fn new(base: &str, token: Secret, roots: &Roots) -> RestClient {
-        let agent = ureq::Agent::config_builder()
+    pub fn new(base: &str, token: Secret, roots: Option<&Roots>) -> RestClient {
+        let mut config = ureq::Agent::config_builder()
             .timeout_global(Some(REST_TIMEOUT))
             .http_status_as_error(false)
-            .tls_config(roots.ureq_tls())
             .user_agent(concat!("hass-edge/", env!("CARGO_PKG_VERSION")))
-            .max_idle_connections(4)
-            .build()
-            .new_agent();
+            .max_idle_connections(4);
+        match roots {
+            Some(roots) => config = config.tls_config(roots.ureq_tls()),
+            // A plain-http HA: without roots ureq has no TLS provider and would panic on a
+            // redirect to https; HA's API never redirects, so refuse redirects instead.
+            None => config = config.max_redirects(0),
+        }
+        let agent = config.build().new_agent();
         RestClient { agent, base: base.trim_end_matches('/').to_owned(), token }
     }
 

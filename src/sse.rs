@@ -9,7 +9,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use smol::channel::{Receiver, Sender, TrySendError, bounded};
@@ -18,6 +18,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
 use smol::Timer;
 
+use crate::deadline::Deadline;
 use crate::entity::EntityState;
 use crate::shutdown::Shutdown;
 use crate::store::Change;
@@ -202,6 +203,8 @@ pub async fn serve(mut stream: TcpStream, head: String, first: Vec<String>, subs
     };
     let closed = std::pin::pin!(closed);
     let mut closed = closed;
+    // One lazily re-armed timer: a fresh `Timer` per event would wake the reactor each time.
+    let mut keepalive = Deadline::new(Instant::now() + KEEPALIVE);
     enum Wake {
         Event(Option<Rc<str>>),
         KeepAlive,
@@ -210,7 +213,7 @@ pub async fn serve(mut stream: TcpStream, head: String, first: Vec<String>, subs
     loop {
         let wake = async { Wake::Event(subscription.rx.recv().await.ok()) }
             .or(async {
-                Timer::after(KEEPALIVE).await;
+                keepalive.elapsed().await;
                 Wake::KeepAlive
             })
             .or(async {
@@ -237,6 +240,7 @@ pub async fn serve(mut stream: TcpStream, head: String, first: Vec<String>, subs
             Wake::KeepAlive => write(&mut stream, b": keep-alive\n\n".to_vec()).await?,
             Wake::Event(None) | Wake::Stop => return Ok(()),
         }
+        keepalive.set(Instant::now() + KEEPALIVE);
     }
 }
 

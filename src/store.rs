@@ -120,7 +120,11 @@ impl Store {
     /// An empty store; the subscription counts as down since `now`.
     pub fn new(mode: CacheMode, max_entities: usize, ttl: Duration, negative_ttl: Duration, now: Instant) -> Store {
         let cap = std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
-        Store { entries: LruCache::new(cap), mode, ttl, negative_ttl, down_since: Some(now), stats: StoreStats::default() }
+        // `LruCache::new` allocates its table for `cap` up front (278 KiB at the default
+        // 10,000); an unbounded cache resized to `cap` grows its table with its contents.
+        let mut entries = LruCache::unbounded();
+        entries.resize(cap);
+        Store { entries, mode, ttl, negative_ttl, down_since: Some(now), stats: StoreStats::default() }
     }
 
     /// Changes the limits in place (config reload); shrinking evicts the least recently used.

@@ -369,6 +369,67 @@ fn states_mirror_ha_after_random_changes() {
     assert_eq!(daemon.metric("hass_edge_ha_rest_requests_total"), 0.0, "tracked reads never went to HA");
 }
 
+/// A list several times the daemon's write chunk (~190 KB here; 20,000 entities make
+/// ~15 MB) is written in pieces: it must still equal HA's, carry an exact Content-Length,
+/// and leave a keep-alive connection framed for the next request.
+#[test]
+fn a_long_states_list_is_whole_and_exactly_framed() {
+    let peer = peer();
+    let ids: Vec<String> = (0..300).map(|i| format!("sensor.e2e_long_list_{i:03}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let attrs = json!({"friendly_name": format!("Long list {i}"), "note": "é\"\\ ".repeat(100), "n": i});
+        let s = peer.post(&format!("/api/states/{id}"), json!({"state": i.to_string(), "attributes": attrs})).0;
+        assert!(s == 200 || s == 201, "{id}: {s}");
+    }
+    let daemon = Daemon::start(&peer, Options::default());
+    daemon.wait_live();
+    assert_mirrors_ha(&peer, &daemon);
+
+    // HEAD, GET and /health pipelined on one connection.
+    let addr = daemon.base.trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_all(&mut conn, b"HEAD /api/states HTTP/1.1\r\nHost: x\r\n\r\nGET /api/states HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).unwrap();
+    let mut rest = &raw[..];
+    let mut next = |with_body: bool| -> (String, Vec<u8>) {
+        let end = rest.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+        let head = String::from_utf8(rest[..end].to_vec()).unwrap();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("Content-Length")
+            .trim()
+            .parse()
+            .unwrap();
+        let body_len = if with_body { length } else { 0 };
+        let body = rest[end..end + body_len].to_vec();
+        rest = &rest[end + body_len..];
+        (head, body)
+    };
+    let (head_only, none) = next(false);
+    let (get_head, body) = next(true);
+    let (health, health_body) = next(true);
+    assert!(none.is_empty());
+    let announced = |h: &str| h.lines().find_map(|l| l.strip_prefix("Content-Length: ")).map(str::to_owned);
+    assert_eq!(announced(&head_only), announced(&get_head), "HEAD announces the GET's length");
+    assert!(body.len() > 3 * 64 * 1024, "the list spans several chunks: {} bytes", body.len());
+    let list: Value = serde_json::from_slice(&body).expect("the streamed list is one JSON document");
+    assert_eq!(list, daemon.json("/api/states").1);
+    let listed: BTreeSet<&str> = list.as_array().unwrap().iter().filter_map(|s| s["entity_id"].as_str()).collect();
+    assert!(ids.iter().all(|id| listed.contains(id.as_str())), "every new sensor is listed");
+    assert!(health.starts_with("HTTP/1.1 200"), "the next pipelined request is answered: {health}");
+    assert_eq!(serde_json::from_slice::<Value>(&health_body).unwrap()["status"], "live");
+    assert!(rest.is_empty(), "nothing after the last response: {} bytes", rest.len());
+
+    for id in &ids {
+        let url = format!("{}/api/states/{id}", peer.url);
+        let r = agent().delete(&url).header("Authorization", &format!("Bearer {}", peer.token)).call().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "DELETE {id}");
+    }
+}
+
 #[test]
 fn change_in_ha_shows_through_us_within_50ms() {
     let peer = peer();
