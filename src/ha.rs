@@ -213,7 +213,7 @@ async fn open(settings: &LinkSettings) -> Result<async_tungstenite::WebSocketStr
         let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("server name {host}: {e}"))?;
         let tls = settings.tls.clone().ok_or("wss URL without a TLS config")?;
         let connector = futures_rustls::TlsConnector::from(tls);
-        Box::new(connector.connect(name, tcp).await.map_err(|e| format!("TLS with {host}: {e}"))?)
+        Box::new(connector.connect(name, tcp).await.map_err(|e| tls_error(&host, &e))?)
     } else {
         Box::new(tcp)
     };
@@ -227,6 +227,21 @@ async fn open(settings: &LinkSettings) -> Result<async_tungstenite::WebSocketStr
         .await
         .map_err(|e| format!("WebSocket handshake: {e}"))?;
     Ok(ws)
+}
+
+/// The message for a failed TLS handshake, with the fix for the common self-signed case:
+/// `openssl req -x509` (the recipe in HA's docs) marks the certificate `CA:TRUE`, which
+/// webpki refuses as a server's own certificate (`CaUsedAsEndEntity`, rustls/webpki#205).
+fn tls_error(host: &str, e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("CaUsedAsEndEntity") {
+        format!(
+            "TLS with {host}: {text}: HA's certificate is a CA certificate (CA:TRUE, what `openssl req -x509` makes by default); \
+             make it with `-addext basicConstraints=critical,CA:FALSE`, or sign it with a CA and put that CA in ha.ca_file"
+        )
+    } else {
+        format!("TLS with {host}: {text}")
+    }
 }
 
 /// A byte stream the WebSocket can run over (plain TCP or TLS).

@@ -168,6 +168,10 @@ impl Drop for TempDir {
 
 #[derive(Default)]
 struct Options<'a> {
+    /// `ha.url` instead of the peer's.
+    url: Option<String>,
+    /// `ha.ca_file`.
+    ca_file: Option<&'a Path>,
     extra: &'a str,
     token: Option<&'a str>,
     env: Vec<(&'a str, String)>,
@@ -184,9 +188,10 @@ impl Daemon {
         let port = free_port();
         let config = dir.0.join("config.toml");
         let base_toml = format!(
-            "[ha]\nurl = \"{}\"\ntoken_file = \"{}\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{}\n",
-            peer.url,
+            "[ha]\nurl = \"{}\"\ntoken_file = \"{}\"\n{}[http]\nlisten = \"127.0.0.1:{port}\"\n{}\n",
+            opts.url.as_deref().unwrap_or(&peer.url),
             token_file.display(),
+            opts.ca_file.map(|p| format!("ca_file = \"{}\"\n", p.display())).unwrap_or_default(),
             opts.extra
         );
         let mut text = base_toml;
@@ -228,6 +233,14 @@ impl Daemon {
 
     fn json(&self, path: &str) -> (u16, Value) {
         self.get(path).into_json()
+    }
+
+    /// `/status`, or `Null` while the daemon is not listening yet.
+    fn status_when_listening(&self) -> (u16, Value) {
+        match std::net::TcpStream::connect(self.base.trim_start_matches("http://")) {
+            Ok(_) => self.json("/status"),
+            Err(_) => (0, Value::Null),
+        }
     }
 
     fn wait_live(&self) {
@@ -554,6 +567,91 @@ fn open_stream(daemon: &Daemon, query: &str) -> BufReader<std::net::TcpStream> {
     r.read_line(&mut status).unwrap();
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     r
+}
+
+/// A TLS-terminating proxy in front of the peer (HA behind nginx, or with its own
+/// `ssl_certificate`); killed on drop.
+struct TlsProxy {
+    child: Child,
+    url: String,
+    cert: PathBuf,
+    _dir: TempDir,
+}
+
+impl TlsProxy {
+    /// `ca` = `CA:TRUE`, what `openssl req -x509` (and HA's self-signed recipe) makes by
+    /// default; webpki refuses that as a server's certificate.
+    fn start(peer: &Peer, ca: bool) -> TlsProxy {
+        let dir = TempDir::new();
+        let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+        let status = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", "/CN=hass-edge e2e", "-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(if ca { [].as_slice() } else { ["-addext", "basicConstraints=critical,CA:FALSE"].as_slice() })
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (apt install openssl)");
+        assert!(status.success(), "openssl req failed");
+        let port = free_port();
+        let upstream = peer.url.rsplit(':').next().unwrap().to_owned();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ha-peer/tls_proxy.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args([port.to_string(), upstream])
+            .arg(&cert)
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready", "tls_proxy.py did not start");
+        TlsProxy { child, url: format!("https://127.0.0.1:{port}"), cert, _dir: dir }
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// HA over https with a self-signed certificate: trusted through `ha.ca_file`, the
+/// subscription (wss) and the REST read-through both work; without it, the daemon reports
+/// the certificate problem instead of going live, and never falls back to plain text.
+#[test]
+fn https_ha_with_a_private_ca_works_and_an_unknown_ca_is_refused() {
+    let peer = peer();
+    let proxy = TlsProxy::start(&peer, false);
+    let daemon = Daemon::start(&peer, Options { url: Some(proxy.url.clone()), ca_file: Some(&proxy.cert), ..Default::default() });
+    daemon.wait_live();
+    assert_mirrors_ha(&peer, &daemon);
+    let automation = peer.states().into_keys().find(|id| id.starts_with("automation.")).expect("the peer has an automation");
+    let read = daemon.get(&format!("/api/states/{automation}"));
+    assert_eq!((read.status, read.headers["x-cache"].as_str()), (200, "miss"), "REST read-through over https: {}", read.body);
+    assert_eq!(serde_json::from_str::<Value>(&read.body).unwrap(), peer.get(&format!("/api/states/{automation}")).1);
+    assert_eq!(daemon.json("/status").1["home_assistant"]["url"], proxy.url.as_str());
+
+    let untrusted = Daemon::start(&peer, Options { url: Some(proxy.url.clone()), ..Default::default() });
+    wait_until("the untrusted certificate to be reported", Duration::from_secs(20), || {
+        let (_, status) = untrusted.status_when_listening();
+        status["connection"]["last_error"].as_str().is_some_and(|e| e.contains("TLS") && e.to_lowercase().contains("certificate"))
+    });
+    assert_eq!(untrusted.get("/health").status, 503, "not live without a trusted certificate");
+
+    // HA's self-signed recipe (CA:TRUE): refused, and the error says how to fix it.
+    let ca_proxy = TlsProxy::start(&peer, true);
+    let refused = Daemon::start(&peer, Options { url: Some(ca_proxy.url.clone()), ca_file: Some(&ca_proxy.cert), ..Default::default() });
+    wait_until("the CA-as-server certificate to be explained", Duration::from_secs(20), || {
+        let (_, status) = refused.status_when_listening();
+        status["connection"]["last_error"].as_str().is_some_and(|e| e.contains("basicConstraints=critical,CA:FALSE"))
+    });
 }
 
 #[test]
