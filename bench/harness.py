@@ -337,23 +337,68 @@ class Harness:
         pin(d.pid, "0")
         pin(hass, "0")
         res = {}
+        nginx = await self.start_nginx(s, d)
         try:
             for conns in (1, 16):
-                prof = self.work / "perf.reads.data" if conns == 16 and perf_works() else None
-                edge = self.wrk(f"{d.base}/api/states/{READ_ENTITY}", conns, seconds, None, None, d.pid, prof)
-                if prof and prof.exists():
-                    self.r["reads_profile"] = perf_summary(prof)
+                edge = self.wrk(f"{d.base}/api/states/{READ_ENTITY}", conns, seconds, None, None, d.pid)
+                if conns == 16 and perf_works():
+                    # A separate run: sampling at 1 kHz would itself stretch the measured tail.
+                    prof = self.work / "perf.reads.data"
+                    self.wrk(f"{d.base}/api/states/{READ_ENTITY}", conns, min(seconds, 3), None, None, d.pid, prof)
+                    if prof.exists():
+                        self.r["reads_profile"] = perf_summary(prof)
                 ha = self.wrk(f"{self.peer.url}/api/states/{READ_ENTITY}", conns, seconds, lua, self.peer.token, hass)
                 for name, x in (("edge", edge), ("ha", ha)):
                     if x["non2xx"]:
                         raise RuntimeError(f"{name}: {x['non2xx']} non-2xx answers to wrk")
                 res[conns] = {"edge": edge, "ha": ha}
+                if nginx:
+                    res[conns]["nginx"] = self.wrk(nginx[1], conns, seconds, None, None, nginx[0].pid)
                 log(f"   c={conns}: edge {edge['rps']:.0f} req/s p99 {edge['p99_ms']:.3f} ms ({edge['server_cpu_pct']:.0f} % CPU, {edge['server_cpu_us_per_req']:.1f} µs/req; wrk {edge['client_cpu_pct']:.0f} %); "
-                    f"HA {ha['rps']:.0f} req/s p99 {ha['p99_ms']:.3f} ms ({ha['server_cpu_pct']:.0f} % CPU, {ha['server_cpu_us_per_req']:.0f} µs/req)")
+                    f"HA {ha['rps']:.0f} req/s p99 {ha['p99_ms']:.3f} ms ({ha['server_cpu_pct']:.0f} % CPU, {ha['server_cpu_us_per_req']:.0f} µs/req)"
+                    + (f"; nginx {res[conns]['nginx']['rps']:.0f} req/s p99 {res[conns]['nginx']['p99_ms']:.3f} ms" if nginx else ""))
         finally:
             pin(d.pid, "0-1")
             pin(hass, "0-1")
+            if nginx:
+                nginx[0].terminate()
+                nginx[0].wait()
         self.r["reads"] = {"seconds": max(1, round(seconds)), "entity": READ_ENTITY, "by_conns": res}
+
+    async def start_nginx(self, s: aiohttp.ClientSession, d: Daemon) -> tuple[subprocess.Popen, str] | None:
+        """The machine's floor for the same work: nginx (one worker, pinned to the servers'
+        core) serving the entity's JSON, as hass-edge answers it, from a static file; `None`
+        without nginx. (process, url)."""
+        binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        if not binary:
+            log("   nginx not installed: no floor reference")
+            return None
+        root = self.work / "nginx"
+        root.mkdir(exist_ok=True)
+        async with s.get(f"{d.base}/api/states/{READ_ENTITY}") as r:
+            (root / "state.json").write_bytes(await r.read())
+        port = self.next_port()
+        temp = " ".join(f"{k}_temp_path {root};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (root / "nginx.conf").write_text(
+            f"daemon off; worker_processes 1; pid {root}/nginx.pid; error_log {root}/error.log warn;\n"
+            "events { worker_connections 1024; }\n"
+            f"http {{ access_log off; keepalive_requests 100000000; default_type application/json; {temp}\n"
+            f"  server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n")
+        proc = subprocess.Popen(["taskset", "-c", "0", binary, "-c", str(root / "nginx.conf"), "-p", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}/state.json"
+        for _ in range(100):
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+        else:
+            proc.kill()
+            raise RuntimeError(f"nginx did not start: {(root / 'error.log').read_text() if (root / 'error.log').exists() else ''}")
+        self.r["nginx_version"] = subprocess.run([binary, "-v"], capture_output=True, text=True).stderr.strip().replace("nginx version: ", "")
+        return proc, url
 
     # -------------------------------------------------------------- 2a. in-process ingest
 
@@ -972,6 +1017,12 @@ def rows(r: dict) -> list[tuple[str, str, str, str, str]]:
             out.append((f"  … server CPU per request", f"{e['server_cpu_us_per_req']:.1f} µs", f"{h['server_cpu_us_per_req']:.0f} µs", f"1/{cpu:.1f}", ""))
             r99 = h["p99_ms"] / e["p99_ms"]
             out.append((f"  … p99 latency", fmt_ms(e["p99_ms"]), fmt_ms(h["p99_ms"]), f"1/{r99:.1f}", f"≤ 1/10 — {verdict(r99 >= 10)}"))
+            n = x.get("nginx")
+            if n:
+                out.append((f"  … nginx, same JSON as a static file (1 worker, same core): req/s / p99", f"{fmt_n(n['rps'])} / {fmt_ms(n['p99_ms'])}", "—", f"edge/nginx {e['rps'] / n['rps']:.2f}×", ""))
+            if int(conns) > 1 and e["client_cpu_pct"] > 0:
+                ceiling = e["rps"] / (e["client_cpu_pct"] / 100)
+                out.append((f"  … wrk's own ceiling on its core (req/s at 100 % of it)", fmt_n(ceiling), "—", f"20× HA = {fmt_n(20 * h['rps'])}", ""))
     ing = r.get("ingest")
     if ing:
         eps = ing["mixed_events_per_sec"]

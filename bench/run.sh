@@ -14,7 +14,8 @@
 #
 # Environment: CARGO_TARGET_DIR (default target), BENCH_WORK (default /tmp/hass-edge-bench),
 # BENCH_PORT (first port, default 18221; the run uses up to BENCH_PORT+19).
-# Needs: wrk, valgrind, taskset, strip; the peer's venv (tests/ha-peer/install.sh).
+# Needs: wrk, valgrind, taskset, strip; the peer's venv (tests/ha-peer/install.sh); nginx
+# (Debian nginx-light) for the reads floor reference, skipped without it.
 # Every process started here (HA peer, daemons) is stopped on exit, also on failure.
 set -euo pipefail
 

@@ -103,7 +103,11 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
     *hub.api_token.borrow_mut() = api_token;
     restore(&hub);
     let executor = Rc::new(LocalExecutor::new());
-    smol::block_on(executor.run(daemon(hub, settings, listener, signals, source, executor.clone())))
+    // A task, not `run`'s own future: `run` polls its future on every wake-up of the
+    // executor, and the daemon's polled its signal socket each time (one recvfrom per HTTP
+    // request); a task is polled only when its own waker fires.
+    let main = executor.spawn(daemon(hub, settings, listener, signals, source, executor.clone()));
+    smol::block_on(executor.run(main))
 }
 
 async fn daemon(
