@@ -179,6 +179,7 @@ class Daemon:
         if wrap:
             cmd = wrap + cmd
         env = {k: v for k, v in os.environ.items() if not k.startswith("HASS_EDGE_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env.update(h.unit_env)
         self.log = open(self.dir / "daemon.log", "wb")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
         self.pid = self.proc.pid
@@ -247,6 +248,11 @@ class Harness:
         self.daemons: list[Daemon] = []
         self.r: dict = {"smoke": self.smoke, "ha_version": self.peer.version}
         self.persist_keys = self._config_accepts("[cache]\npersist = false\n")
+        # Daemons run with the environment the packaged unit gives them (its Environment=
+        # lines, e.g. the malloc tunable), as systemd would start them.
+        unit = self.repo / "packaging" / "systemd" / "hass-edge.service"
+        self.unit_env = dict(line.split("=", 2)[1:] for line in unit.read_text().splitlines() if line.startswith("Environment=") and line.count("=") >= 2)
+        self.r["unit_env"] = self.unit_env
 
     def next_port(self) -> int:
         self.port += 1
@@ -1098,7 +1104,8 @@ def generated_section(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; load average {la(m['load_start'])} at the start, "
         f"{la(m['load_end'])} at the end (the machine is shared: other engineers' builds and tests ran alongside, "
         "so absolute figures are pessimistic; the ratios against HA come from the same minutes). "
-        f"Home Assistant {r['ha_version']} (the test peer, tests/ha-peer), {m['rustc']}, hass-edge release build (fat LTO, opt-level s).",
+        f"Home Assistant {r['ha_version']} (the test peer, tests/ha-peer), {m['rustc']}, hass-edge release build (fat LTO, opt-level s)"
+        + (", run with the packaged unit's environment (" + ", ".join(f"`{k}={v}`" for k, v in r.get("unit_env", {}).items()) + ")" if r.get("unit_env") else "") + ".",
         "",
         "Busiest processes (% of one core over 1 s, top) at the start: " + (", ".join(f"{c} {p:.0f} %" for p, c in r.get("busy_start", [])) or "none")
         + "; at the end: " + (", ".join(f"{c} {p:.0f} %" for p, c in r.get("busy_end", [])) or "none") + ".",

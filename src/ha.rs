@@ -201,7 +201,7 @@ async fn pause(delay: Duration, commands: &smol::channel::Receiver<Command>, shu
 }
 
 /// Opens TCP (+TLS) and upgrades to a WebSocket.
-async fn open(settings: &LinkSettings) -> Result<async_tungstenite::WebSocketStream<Box<dyn Stream>>, String> {
+async fn open(settings: &LinkSettings) -> Result<Ws, String> {
     let request = settings.websocket_url.as_str().into_client_request().map_err(|e| e.to_string())?;
     let uri = request.uri().clone();
     let host = uri.host().ok_or("the URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
@@ -219,14 +219,131 @@ async fn open(settings: &LinkSettings) -> Result<async_tungstenite::WebSocketStr
     };
     // tungstenite allocates `read_buffer_size` up front (128 KiB by default) and reads at most
     // that much per syscall; HA's frames are a few KiB apart from the snapshots.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE));
-    let (ws, _) = async_tungstenite::client_async_with_config(request, stream, Some(config))
+    let stream = Counted { inner: stream, held: Vec::new(), head_matched: 0, read: 0 };
+    let (ws, _) = async_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
         .await
         .map_err(|e| format!("WebSocket handshake: {e}"))?;
     Ok(ws)
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// The WebSocket to HA, over a stream that counts what tungstenite reads.
+type Ws = async_tungstenite::WebSocketStream<Counted<Box<dyn Stream>>>;
+
+/// A stream that counts the WebSocket bytes tungstenite reads through it (see [`Release`]).
+/// During the upgrade it hands on nothing past the end of the HTTP response head, so that
+/// no frame byte is read by the handshake (which would pass it on uncounted).
+struct Counted<S> {
+    inner: S,
+    /// Bytes read from `inner` and not handed on yet (only around the end of the head).
+    held: Vec<u8>,
+    /// How much of `\r\n\r\n` the bytes handed on end with; 4 once the head is through.
+    head_matched: u8,
+    /// Bytes handed on after the response head.
+    read: u64,
+}
+
+impl<S: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for Counted<S> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut [u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.held.is_empty() {
+            if this.head_matched == 4 {
+                let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+                if let std::task::Poll::Ready(Ok(n)) = &polled {
+                    this.read += *n as u64;
+                }
+                return polled;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
+            if n == 0 {
+                return std::task::Poll::Ready(Ok(0));
+            }
+            this.held.extend_from_slice(&chunk[..n]);
+        }
+        let mut n = this.held.len().min(buf.len());
+        if this.head_matched < 4 {
+            for (i, b) in this.held[..n].iter().enumerate() {
+                this.head_matched = match (this.head_matched, b) {
+                    (2, b'\r') => 3,
+                    (_, b'\r') => 1,
+                    (1, b'\n') => 2,
+                    (3, b'\n') => 4,
+                    _ => 0,
+                };
+                if this.head_matched == 4 {
+                    n = i + 1;
+                    break;
+                }
+            }
+        } else {
+            this.read += n as u64;
+        }
+        buf[..n].copy_from_slice(&this.held[..n]);
+        this.held.drain(..n);
+        std::task::Poll::Ready(Ok(n))
+    }
+}
+
+impl<S: smol::io::AsyncWrite + Unpin> smol::io::AsyncWrite for Counted<S> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// Frees tungstenite's read buffer after a large message.
+///
+/// tungstenite reads a frame into one `BytesMut` that never shrinks: after HA's snapshot
+/// (447 KB for `get_states` at 1,000 entities, ~15 MB at 20,000) the connection held that
+/// much for its whole life (tungstenite-rs#480). It has no call to shrink it, so the
+/// WebSocket is rebuilt around the same stream (`into_inner` + `from_raw_socket`) once its
+/// buffer is provably empty: the frames tungstenite returned add up to at least the bytes
+/// it read (headers counted at their minimal size, so the sum is a lower bound of what it
+/// consumed). Not right after a ping, whose pong tungstenite sends on its next read.
+#[derive(Debug, Default)]
+struct Release {
+    /// Minimal wire size of every frame returned so far.
+    framed: u64,
+    /// A message larger than [`RELEASE_ABOVE`] came since the last rebuild.
+    pending: bool,
+    /// The last message was a ping.
+    after_ping: bool,
+}
+
+/// Messages larger than this (bytes) have their buffer released.
+const RELEASE_ABOVE: usize = 4 * READ_BUFFER;
+
+impl Release {
+    fn saw(&mut self, message: &Message) {
+        let payload = message.len();
+        // RFC 6455 §5.2: 2 bytes, plus 2 or 8 of extended length; server frames are unmasked.
+        let header = 2 + if payload > 65535 { 8 } else if payload > 125 { 2 } else { 0 };
+        self.framed += (header + payload) as u64;
+        self.pending |= payload > RELEASE_ABOVE;
+        self.after_ping = matches!(message, Message::Ping(_));
+    }
+
+    /// Rebuilds `ws` if a large message left its buffer grown and the buffer is empty now.
+    async fn maybe(&mut self, ws: Ws) -> Ws {
+        if !self.pending || self.after_ping || ws.get_ref().read != self.framed {
+            return ws;
+        }
+        self.pending = false;
+        log::debug!("releasing the WebSocket read buffer after a large message");
+        async_tungstenite::WebSocketStream::from_raw_socket(ws.into_inner(), async_tungstenite::tungstenite::protocol::Role::Client, Some(ws_config())).await
+    }
 }
 
 /// The message for a failed TLS handshake, with the fix for the common self-signed case:
@@ -292,6 +409,7 @@ async fn connect_and_run(
     let mut session = Session::new(settings.token.clone(), ha_filter, interval, timeout, Instant::now());
     let mut out = Vec::new();
     let mut synced = false;
+    let mut release = Release::default();
     loop {
         let deadline = session.next_wakeup().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let wake = async { Wake::Frame(ws.next().await) }
@@ -306,6 +424,9 @@ async fn connect_and_run(
             })
             .await;
         let now = Instant::now();
+        if let Wake::Frame(Some(Ok(message))) = &wake {
+            release.saw(message);
+        }
         match wake {
             Wake::Frame(Some(Ok(Message::Text(text)))) => {
                 if let Err(e) = session.handle_frame(text.as_str(), now, &mut out) {
@@ -408,6 +529,7 @@ async fn connect_and_run(
                 Output::Disconnect(reason) => return lost(reason.into(), synced),
             }
         }
+        ws = release.maybe(ws).await;
     }
 }
 

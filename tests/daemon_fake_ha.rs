@@ -288,6 +288,51 @@ fn rejected_token_reports_auth_failed_and_retries_slowly() {
     daemon.wait_live();
 }
 
+// ---- large frames ----------------------------------------------------------------------------
+
+/// After a frame larger than its read buffer (a snapshot, a huge attribute) the daemon frees
+/// the buffer by rebuilding the WebSocket around the same TCP stream. Nothing around it may
+/// be lost: the frames HA wrote right behind the large one (read with it), and the protocol
+/// ping between them, whose pong tungstenite only sends on its next read.
+fn large_frames_lose_nothing(version: &'static str) {
+    let fake = FakeHa::start(version);
+    for i in 0..150 {
+        fake.set_entity(fake.new_entity(&format!("sensor.large_{i:03}"), &i.to_string(), json!({"friendly_name": format!("Large {i}"), "blob": "x".repeat(600)})));
+    }
+    let daemon = Daemon::start_with(&fake, DaemonOptions::default());
+    daemon.wait_live();
+    wait_for_list_equal_to_fake(&daemon, &fake);
+    wait_until("the snapshot's buffer to be released", deadline(), || {
+        if daemon.log().contains("releasing the WebSocket read buffer") { Ok(()) } else { Err("no release logged".into()) }
+    });
+    for round in 0..3 {
+        let mut news = vec![fake.next_state("sensor.large_000", |s| s["attributes"]["blob"] = json!(format!("{round}").repeat(200_000)))];
+        for i in 1..60 {
+            news.push(fake.next_state(&format!("sensor.large_{i:03}"), |s| s["state"] = json!(format!("round {round}"))));
+        }
+        assert_eq!(fake.push_burst(news), 1);
+        wait_for_list_equal_to_fake(&daemon, &fake);
+        let pongs = fake.sessions()[0].protocol_pongs;
+        wait_until("the ping behind the large frame to be answered", deadline(), || {
+            if fake.sessions()[0].protocol_pongs > round { Ok(()) } else { Err(format!("{pongs} pongs")) }
+        });
+    }
+    assert_eq!(fake.sessions().len(), 1, "one session throughout: no frame was lost or cut");
+    assert!(fake.protocol_errors().is_empty(), "{:?}", fake.protocol_errors());
+    let releases = daemon.log().matches("releasing the WebSocket read buffer").count();
+    assert!(releases >= 2, "the snapshot's and a burst's buffers were released ({releases})");
+}
+
+#[test]
+fn large_frames_lose_nothing_2024_3_3() {
+    large_frames_lose_nothing("2024.3.3");
+}
+
+#[test]
+fn large_frames_lose_nothing_2025_4_4() {
+    large_frames_lose_nothing("2025.4.4");
+}
+
 // ---- 4. coalesced frames -----------------------------------------------------------------------
 
 /// HA packs many messages into one JSON-array frame under load (`coalesce_messages`). The

@@ -83,6 +83,8 @@ pub struct SessionInfo {
     pub coalescing: bool,
     /// App-level `ping` messages received.
     pub pings: usize,
+    /// Protocol-level Pong frames received (answers to [`FakeHa::push_burst`]'s ping).
+    pub protocol_pongs: usize,
     /// `get_states` commands answered.
     pub get_states: usize,
     /// Pings on this session go unanswered ([`FakeHa::mute_pongs`]).
@@ -119,6 +121,8 @@ pub struct RestRequest {
 
 enum Command {
     Frame(String),
+    /// Encoded frames written to the TCP stream in one write (see [`FakeHa::push_burst`]).
+    Raw(Vec<u8>),
     Drop,
     Close(u16),
 }
@@ -238,6 +242,16 @@ impl State {
         &mut self.conns[number - 1]
     }
 
+    /// The event body for `new`: a `c` diff when the entity exists, an `a` entry when not.
+    fn change_body(&self, new: &Value) -> Value {
+        let id = new["entity_id"].as_str().expect("entity_id");
+        let sub_micro = self.fixtures.sub_microsecond_floats();
+        match self.entities.get(id) {
+            Some(old) => json!({"c": {id: fixtures::state_diff(old, new, sub_micro)}}),
+            None => json!({"a": {id: fixtures::compressed_state(new, sub_micro)}}),
+        }
+    }
+
     /// Sends an event body to every live subscriber whose filter passes `entity_id` (all of
     /// them when `None`). Returns how many got it.
     fn broadcast(&mut self, entity_id: Option<&str>, body: &Value) -> usize {
@@ -274,6 +288,24 @@ impl State {
         }
         String::from_utf8(id.to_vec()).unwrap()
     }
+}
+
+/// One unmasked server frame (RFC 6455 §5.2): FIN, `opcode`, the payload length, the payload.
+fn encode_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => v.push(n as u8),
+        n if n <= 0xffff => {
+            v.push(126);
+            v.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(127);
+            v.extend((n as u64).to_be_bytes());
+        }
+    }
+    v.extend_from_slice(payload);
+    v
 }
 
 /// `{"type":"event","event":…,"id":…}`, HA's key order for events.
@@ -457,13 +489,39 @@ impl FakeHa {
     pub fn push_change(&self, new: Value) -> usize {
         let id = new["entity_id"].as_str().expect("entity_id").to_owned();
         let mut st = self.state();
-        let sub_micro = st.fixtures.sub_microsecond_floats();
-        let body = match st.entities.get(&id) {
-            Some(old) => json!({"c": {&id: fixtures::state_diff(old, &new, sub_micro)}}),
-            None => json!({"a": {&id: fixtures::compressed_state(&new, sub_micro)}}),
-        };
+        let body = st.change_body(&new);
         st.entities.insert(id.clone(), new);
         st.broadcast(Some(&id), &body)
+    }
+
+    /// Applies the changes in `news` to the map and writes their events to every live
+    /// subscriber (filters ignored) in one TCP write, each its own frame, with a protocol
+    /// Ping right behind the first: the daemon reads frames that follow a large one in the
+    /// same read. Returns how many subscribers got them.
+    pub fn push_burst(&self, news: Vec<Value>) -> usize {
+        let mut st = self.state();
+        let bodies: Vec<Value> = news
+            .into_iter()
+            .map(|new| {
+                let body = st.change_body(&new);
+                st.entities.insert(new["entity_id"].as_str().expect("entity_id").to_owned(), new);
+                body
+            })
+            .collect();
+        let mut sent = 0;
+        for c in &st.conns {
+            let (Some(sub), None) = (c.info.subscription, &c.info.ended) else { continue };
+            let mut raw = Vec::new();
+            for (i, body) in bodies.iter().enumerate() {
+                raw.extend(encode_frame(0x1, event_frame(body, sub).as_bytes()));
+                if i == 0 {
+                    raw.extend(encode_frame(0x9, b"fake-ha"));
+                }
+            }
+            sent += usize::from(c.tx.try_send(Command::Raw(raw)).is_ok());
+        }
+        st.note(format!("burst of {} events", bodies.len()));
+        sent
     }
 
     /// Removes `entity_id` from the map and pushes an `r` event.
@@ -808,6 +866,7 @@ async fn websocket(mut stream: TcpStream, key: &str, rest: Vec<u8>, shared: Arc<
                 ha_filter: None,
                 coalescing: false,
                 pings: 0,
+                protocol_pongs: 0,
                 get_states: 0,
                 pongs_muted: false,
                 client_sent_close: false,
@@ -899,6 +958,7 @@ async fn session_loop(
                     closing = Some((SessionEnd::ClientClosed(code), Instant::now() + Duration::from_secs(5)));
                 }
             }
+            Wake::Frame(Some(Ok(Message::Pong(_)))) => lock(shared).conn(proto.number).info.protocol_pongs += 1,
             Wake::Frame(Some(Ok(_))) => {}
             Wake::Frame(Some(Err(e))) => {
                 return match closing {
@@ -915,6 +975,12 @@ async fn session_loop(
             Wake::Command(Some(Command::Frame(frame))) => {
                 if let Err(e) = ws.send(Message::text(frame)).await {
                     return SessionEnd::ClientGone(format!("send failed: {e}"));
+                }
+            }
+            Wake::Command(Some(Command::Raw(bytes))) => {
+                // tungstenite's own buffer is flushed after every send: the bytes go out whole.
+                if let Err(e) = ws.get_mut().write_all(&bytes).await {
+                    return SessionEnd::ClientGone(format!("write failed: {e}"));
                 }
             }
             Wake::Command(Some(Command::Drop)) => return SessionEnd::DroppedByFake,
