@@ -13,11 +13,12 @@
 //! `EventSource` cannot send headers). CORS (Fetch standard) for `http.cors_origins` only.
 //! Every route answers `HEAD` where it answers `GET`; a wrong method gets 405 with `Allow`.
 
+use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::entity::Timestamp;
+use crate::entity::{EntityState, Timestamp};
 use crate::http::{Request, Response};
 use crate::hub::{Hub, LinkState, Read, valid_entity_id};
 use crate::sse::{Selection, Subscription};
@@ -31,8 +32,9 @@ pub enum Reply {
     Stream {
         /// CORS headers.
         headers: Vec<(&'static str, String)>,
-        /// Snapshot events sent before live ones.
-        first: Vec<String>,
+        /// The snapshot (`?snapshot=1`), already narrowed to the selection: sent as events
+        /// before live ones, formatted as it is written (see [`crate::sse::serve`]).
+        first: Vec<Rc<EntityState>>,
         /// The client's queue.
         subscription: Subscription,
     },
@@ -295,14 +297,10 @@ async fn call_service(hub: &Hub, rest: &str, body: &[u8]) -> Response {
 /// `GET /api/stream`.
 fn stream(hub: &Hub, request: &Request) -> Reply {
     let selection = Selection::parse(request.query_value("entity_id").unwrap_or(""));
-    let first: Vec<String> = if request.flag("snapshot") {
-        hub.store
-            .borrow()
-            .tracked_states()
-            .iter()
-            .filter(|s| selection.matches(&s.entity_id))
-            .map(|s| crate::sse::format_event(&s.entity_id, None, Some(s)))
-            .collect()
+    let first: Vec<Rc<EntityState>> = if request.flag("snapshot") {
+        let mut states = hub.store.borrow().tracked_states();
+        states.retain(|s| selection.matches(&s.entity_id));
+        states
     } else {
         Vec::new()
     };

@@ -170,8 +170,10 @@ impl Broadcast {
 }
 
 /// Writes the stream to `stream` until the client goes away, falls behind, or shutdown.
-/// `head` is the HTTP response head; `first` are events sent before live ones (snapshot).
-pub async fn serve(mut stream: TcpStream, head: String, first: Vec<String>, subscription: Subscription, shutdown: &Shutdown) -> std::io::Result<()> {
+/// `head` is the HTTP response head; `first` are states sent as events before live ones
+/// (the snapshot), formatted [`crate::http::CHUNK`] bytes at a time as they are written, so
+/// that a 20,000-entity snapshot is never held as one ~15 MB string.
+pub async fn serve(mut stream: TcpStream, head: String, first: Vec<Rc<EntityState>>, subscription: Subscription, shutdown: &Shutdown) -> std::io::Result<()> {
     let write = |stream: &mut TcpStream, bytes: Vec<u8>| {
         let mut s = stream.clone();
         async move {
@@ -185,8 +187,12 @@ pub async fn serve(mut stream: TcpStream, head: String, first: Vec<String>, subs
     };
     let mut opening = head.into_bytes();
     opening.extend_from_slice(b"retry: 2000\n\n");
-    for e in first {
-        opening.extend_from_slice(e.as_bytes());
+    for s in first {
+        opening.extend_from_slice(format_event(&s.entity_id, None, Some(&s)).as_bytes());
+        if opening.len() >= crate::http::CHUNK {
+            write(&mut stream, std::mem::take(&mut opening)).await?;
+            smol::future::yield_now().await;
+        }
     }
     write(&mut stream, opening).await?;
     // Anything the client sends after the request (or EOF) is read and dropped, so a closed

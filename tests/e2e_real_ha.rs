@@ -436,6 +436,24 @@ fn a_long_states_list_is_whole_and_exactly_framed() {
     assert_eq!(serde_json::from_slice::<Value>(&health_body).unwrap()["status"], "live");
     assert!(rest.is_empty(), "nothing after the last response: {} bytes", rest.len());
 
+    // The same list as the stream's snapshot (also written in pieces), then a live event.
+    let mut stream = open_stream(&daemon, "?entity_id=sensor.e2e_long_list_*&snapshot=1");
+    let seen = std::cell::RefCell::new(BTreeSet::new());
+    let first = read_sse_until(
+        &mut stream,
+        |v| {
+            let mut seen = seen.borrow_mut();
+            seen.insert(v["entity_id"].as_str().unwrap_or("").to_owned());
+            seen.len() == ids.len()
+        },
+        Duration::from_secs(10),
+    );
+    assert!(first["old_state"].is_null(), "snapshot events have no old state");
+    assert_eq!(seen.into_inner().into_iter().collect::<Vec<_>>(), ids, "the snapshot lists exactly the selection");
+    assert_eq!(peer.post("/api/states/sensor.e2e_long_list_007", json!({"state": "live"})).0, 200);
+    let live = read_sse_until(&mut stream, |v| v["new_state"]["state"] == "live", Duration::from_secs(10));
+    assert_eq!(live["entity_id"], "sensor.e2e_long_list_007");
+
     for id in &ids {
         let url = format!("{}/api/states/{id}", peer.url);
         let r = agent().delete(&url).header("Authorization", &format!("Bearer {}", peer.token)).call().unwrap();
