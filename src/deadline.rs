@@ -39,11 +39,6 @@ impl Deadline {
         }
     }
 
-    /// The current deadline.
-    pub fn at(&self) -> Instant {
-        self.at
-    }
-
     /// Completes once the deadline has passed; cancel-safe (drop it and wait again later).
     pub async fn elapsed(&mut self) {
         loop {

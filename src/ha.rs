@@ -217,8 +217,6 @@ async fn open(settings: &LinkSettings) -> Result<Ws, String> {
     } else {
         Box::new(tcp)
     };
-    // tungstenite allocates `read_buffer_size` up front (128 KiB by default) and reads at most
-    // that much per syscall; HA's frames are a few KiB apart from the snapshots.
     let stream = Counted { inner: stream, held: Vec::new(), head_matched: 0, read: 0 };
     let (ws, _) = async_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
         .await
@@ -226,6 +224,9 @@ async fn open(settings: &LinkSettings) -> Result<Ws, String> {
     Ok(ws)
 }
 
+/// tungstenite's settings for the link. It allocates `read_buffer_size` up front (128 KiB by
+/// default) and reads at most that much per syscall; HA's frames are a few KiB apart from
+/// the snapshots.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -306,7 +307,7 @@ impl<S: smol::io::AsyncWrite + Unpin> smol::io::AsyncWrite for Counted<S> {
 /// Frees tungstenite's read buffer after a large message.
 ///
 /// tungstenite reads a frame into one `BytesMut` that never shrinks: after HA's snapshot
-/// (447 KB for `get_states` at 1,000 entities, ~15 MB at 20,000) the connection held that
+/// (447 KB for `get_states` at 1,000 entities, ≈ 9 MB at 20,000) the connection held that
 /// much for its whole life (tungstenite-rs#480). It has no call to shrink it, so the
 /// WebSocket is rebuilt around the same stream (`into_inner` + `from_raw_socket`) once its
 /// buffer is provably empty: the frames tungstenite returned add up to at least the bytes
