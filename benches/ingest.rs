@@ -100,7 +100,10 @@ fn parse_args() -> Args {
     let mut it = args.into_iter();
     let usage = "usage: ingest [--version V] [--entities N] [--events N] [--frames mixed|single|coalesced|all] [--seconds S] [--rounds N] [--passes N]";
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value\n{usage}"));
+        let mut value = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| panic!("{name} needs a value\n{usage}"))
+        };
         match arg.as_str() {
             "--version" => a.version = value("--version"),
             "--entities" => a.entities = value("--entities").parse().expect("--entities: a number"),
@@ -119,7 +122,9 @@ fn parse_args() -> Args {
             }
             "--bench" => {}
             // libtest flags from `cargo test -- …` mean nothing here.
-            libtest if libtest.starts_with("--test-threads") || ["--nocapture", "--quiet", "-q", "--test"].contains(&libtest) => {}
+            libtest
+                if libtest.starts_with("--test-threads")
+                    || ["--nocapture", "--quiet", "-q", "--test"].contains(&libtest) => {}
             "--help" | "-h" => {
                 println!("{usage}");
                 std::process::exit(0);
@@ -132,7 +137,10 @@ fn parse_args() -> Args {
 }
 
 fn fixture(version: &str, name: &str) -> String {
-    let path = format!("{}/tests/fixtures/{version}/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/{version}/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -203,9 +211,19 @@ fn renamed(entity_id: &str, copy: usize) -> String {
     format!("{entity_id}_{copy}")
 }
 
-fn build_stream(version: &str, entities: usize, events: usize, framing: Framing, seed: u64) -> Stream {
-    let initial: Value = serde_json::from_str(&fixture(version, "subscribe_entities_initial.json")).expect("initial snapshot");
-    let templates: Map<String, Value> = initial["event"]["a"].as_object().expect("snapshot `a`").clone();
+fn build_stream(
+    version: &str,
+    entities: usize,
+    events: usize,
+    framing: Framing,
+    seed: u64,
+) -> Stream {
+    let initial: Value = serde_json::from_str(&fixture(version, "subscribe_entities_initial.json"))
+        .expect("initial snapshot");
+    let templates: Map<String, Value> = initial["event"]["a"]
+        .as_object()
+        .expect("snapshot `a`")
+        .clone();
     let copies = entities.div_ceil(templates.len()).max(1);
     let mut snapshot = Map::new();
     for copy in 0..copies {
@@ -215,10 +233,15 @@ fn build_stream(version: &str, entities: usize, events: usize, framing: Framing,
             snapshot.insert(renamed(id, copy), s);
         }
     }
-    let excluded = |id: &str| ["media_player.", "camera.", "automation."].iter().any(|d| id.starts_with(d));
+    let excluded = |id: &str| {
+        ["media_player.", "camera.", "automation."]
+            .iter()
+            .any(|d| id.starts_with(d))
+    };
     let tracked_entities = snapshot.keys().filter(|id| !excluded(id)).count();
     let snapshot_entities = snapshot.len();
-    let snapshot_frame = json!({"id": entities_id(version), "type": "event", "event": {"a": snapshot}}).to_string();
+    let snapshot_frame =
+        json!({"id": entities_id(version), "type": "event", "event": {"a": snapshot}}).to_string();
 
     // The recorded scene, one update per entry.
     let mut scene = Vec::new();
@@ -269,7 +292,9 @@ fn build_stream(version: &str, entities: usize, events: usize, framing: Framing,
                 }
                 Update::Remove(id) => json!({"r": [renamed(id, copy)]}),
             };
-            messages.push(json!({"type": "event", "event": event, "id": entities_id(version)}).to_string());
+            messages.push(
+                json!({"type": "event", "event": event, "id": entities_id(version)}).to_string(),
+            );
         }
     }
 
@@ -284,7 +309,11 @@ fn build_stream(version: &str, entities: usize, events: usize, framing: Framing,
             // About half the events in arrays: an array holds ~20 messages on average.
             Framing::Mixed => rng.usize(..21) == 0,
         };
-        let k = if coalesce { rng.usize(1..=MAX_COALESCED).min(messages.len() - i) } else { 1 };
+        let k = if coalesce {
+            rng.usize(1..=MAX_COALESCED).min(messages.len() - i)
+        } else {
+            1
+        };
         if coalesce && k > 1 {
             frames.push(format!("[{}]", messages[i..i + k].join(",")));
             arrays += 1;
@@ -294,30 +323,68 @@ fn build_stream(version: &str, entities: usize, events: usize, framing: Framing,
         i += k;
     }
     let bytes = frames.iter().map(String::len).sum();
-    Stream { snapshot: snapshot_frame, frames, events, tracked_entities, snapshot_entities, arrays, bytes }
+    Stream {
+        snapshot: snapshot_frame,
+        frames,
+        events,
+        tracked_entities,
+        snapshot_entities,
+        arrays,
+        bytes,
+    }
 }
 
 /// A hub as the daemon builds it from the default config (filter excludes media_player,
 /// camera, automation; update mode; 10,000 entries), and a session brought to `Syncing` with
 /// the recorded handshake.
 fn daemon_state(version: &str) -> (Rc<Hub>, Session) {
-    let config = parse_config("[ha]\nurl = \"http://127.0.0.1:9\"\n[dbus]\nbus = \"none\"\n", Vec::new()).expect("bench config");
+    let config = parse_config(
+        "[ha]\nurl = \"http://127.0.0.1:9\"\n[dbus]\nbus = \"none\"\n",
+        Vec::new(),
+    )
+    .expect("bench config");
     let rest = RestClient::new(&config.ha.url, Secret::new("bench"), None);
     let hub = Rc::new(Hub::new(Rc::new(config), rest));
     let t = Instant::now();
     let secs = Duration::from_secs;
-    let mut session = Session::new(Secret::new("bench"), hub.filter.borrow().ha_filter(), secs(30), secs(10), t);
+    let mut session = Session::new(
+        Secret::new("bench"),
+        hub.filter.borrow().ha_filter(),
+        secs(30),
+        secs(10),
+        t,
+    );
     let mut out = Vec::new();
-    for frame in [fixture(version, "auth_required.json"), fixture(version, "auth_ok.json"), with_id(&fixture(version, "get_config_result.json"), CONFIG_ID)] {
-        session.handle_frame(frame.trim(), t, &mut out).expect("handshake frame");
+    for frame in [
+        fixture(version, "auth_required.json"),
+        fixture(version, "auth_ok.json"),
+        with_id(&fixture(version, "get_config_result.json"), CONFIG_ID),
+    ] {
+        session
+            .handle_frame(frame.trim(), t, &mut out)
+            .expect("handshake frame");
     }
-    assert_eq!(session.phase(), Phase::Syncing, "the recorded handshake reaches the subscription");
+    assert_eq!(
+        session.phase(),
+        Phase::Syncing,
+        "the recorded handshake reaches the subscription"
+    );
     if entities_id(version) != 4 {
         // HA >= 2024.4: get_states (4) is answered before subscribe_entities goes out.
-        session.handle_frame(&with_id(&fixture(version, "get_states_result.json"), 4), t, &mut out).expect("get_states frame");
+        session
+            .handle_frame(
+                &with_id(&fixture(version, "get_states_result.json"), 4),
+                t,
+                &mut out,
+            )
+            .expect("get_states frame");
     }
     let asked = out.iter().any(|o| matches!(o, Output::Send(t) if t.contains("\"subscribe_entities\"") && t.contains(&format!("\"id\":{}", entities_id(version)))));
-    assert!(asked, "{version}: subscribe_entities has id {}", entities_id(version));
+    assert!(
+        asked,
+        "{version}: subscribe_entities has id {}",
+        entities_id(version)
+    );
     (hub, session)
 }
 
@@ -350,8 +417,13 @@ fn apply(hub: &Hub, out: &mut Vec<Output>) {
 #[inline(never)]
 fn pass(hub: &Hub, session: &mut Session, frames: &[String], out: &mut Vec<Output>) {
     for frame in frames {
-        if session.handle_frame(black_box(frame), Instant::now(), out).is_err() {
-            hub.counters.decode_errors.set(hub.counters.decode_errors.get() + 1);
+        if session
+            .handle_frame(black_box(frame), Instant::now(), out)
+            .is_err()
+        {
+            hub.counters
+                .decode_errors
+                .set(hub.counters.decode_errors.get() + 1);
         }
         apply(hub, out);
     }
@@ -360,7 +432,9 @@ fn pass(hub: &Hub, session: &mut Session, frames: &[String], out: &mut Vec<Outpu
 fn ready(version: &str, stream: &Stream) -> (Rc<Hub>, Session) {
     let (hub, mut session) = daemon_state(version);
     let mut out = Vec::new();
-    session.handle_frame(&stream.snapshot, Instant::now(), &mut out).expect("snapshot frame");
+    session
+        .handle_frame(&stream.snapshot, Instant::now(), &mut out)
+        .expect("snapshot frame");
     apply(&hub, &mut out);
     assert_eq!(session.phase(), Phase::Live);
     (hub, session)
@@ -369,8 +443,16 @@ fn ready(version: &str, stream: &Stream) -> (Rc<Hub>, Session) {
 fn check(hub: &Hub, events: u64) {
     let c = &hub.counters;
     assert_eq!(c.decode_errors.get(), 0, "every synthetic frame decodes");
-    assert_eq!(hub.store.borrow().stats().failed_updates, 0, "every synthetic diff applies");
-    assert_eq!(c.events_received.get(), events, "the hub counted every entity update");
+    assert_eq!(
+        hub.store.borrow().stats().failed_updates,
+        0,
+        "every synthetic diff applies"
+    );
+    assert_eq!(
+        c.events_received.get(),
+        events,
+        "the hub counted every entity update"
+    );
 }
 
 /// Time this thread has spent on a CPU (`/proc/thread-self/schedstat`, first field, ns), so a
@@ -378,7 +460,11 @@ fn check(hub: &Hub, events: u64) {
 /// `None` where the file does not exist (not Linux, or no schedstats).
 fn thread_cpu() -> Option<Duration> {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    text.split_whitespace().next()?.parse().ok().map(Duration::from_nanos)
+    text.split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+        .map(Duration::from_nanos)
 }
 
 fn thousands(n: f64) -> String {
@@ -418,7 +504,10 @@ fn main() {
             }
             let events = (passes * stream.events) as u64;
             check(&hub, base + events);
-            println!("RESULT frames={} passes={passes} events={events}", framing.name());
+            println!(
+                "RESULT frames={} passes={passes} events={events}",
+                framing.name()
+            );
             continue;
         }
         // Warm-up pass (page faults, allocator pools), then timed rounds of whole passes.
@@ -467,6 +556,11 @@ fn main() {
         ));
     }
     if !results.is_empty() {
-        println!("RESULT entities={} events={} {}", args.entities, args.events, results.join(" "));
+        println!(
+            "RESULT entities={} events={} {}",
+            args.entities,
+            args.events,
+            results.join(" ")
+        );
     }
 }

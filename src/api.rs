@@ -57,8 +57,12 @@ fn route(path: &str) -> Option<Route> {
         "/api/states" => r("/api/states", "GET, HEAD, OPTIONS", false),
         "/api/services" => r("/api/services", "GET, HEAD, OPTIONS", false),
         "/api/stream" => r("/api/stream", "GET, OPTIONS", false),
-        p if p.starts_with("/api/states/") => r("/api/states/{entity_id}", "GET, HEAD, OPTIONS", false),
-        p if p.starts_with("/api/services/") => r("/api/services/{domain}/{service}", "POST, OPTIONS", false),
+        p if p.starts_with("/api/states/") => {
+            r("/api/states/{entity_id}", "GET, HEAD, OPTIONS", false)
+        }
+        p if p.starts_with("/api/services/") => {
+            r("/api/services/{domain}/{service}", "POST, OPTIONS", false)
+        }
         _ => None,
     }
 }
@@ -70,12 +74,20 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> bool {
     let token = hub.api_token.borrow();
-    let Some(token) = token.as_ref() else { return true };
+    let Some(token) = token.as_ref() else {
+        return true;
+    };
     let presented = request
         .authorization
         .as_deref()
         .and_then(|h| h.strip_prefix("Bearer "))
-        .or_else(|| if allow_query { request.query_value("access_token") } else { None });
+        .or_else(|| {
+            if allow_query {
+                request.query_value("access_token")
+            } else {
+                None
+            }
+        });
     presented.is_some_and(|p| same_secret(p.trim().as_bytes(), token.expose().as_bytes()))
 }
 
@@ -84,7 +96,14 @@ pub async fn handle(hub: &Hub, request: &Request) -> (&'static str, Reply) {
     let cors_origin = request
         .origin
         .as_deref()
-        .filter(|o| hub.config.borrow().http.cors_origins.iter().any(|allowed| allowed == o))
+        .filter(|o| {
+            hub.config
+                .borrow()
+                .http
+                .cors_origins
+                .iter()
+                .any(|allowed| allowed == o)
+        })
         .map(str::to_owned);
     let (label, response) = route_request(hub, request, cors_origin.is_some()).await;
     let cors = |mut headers: Vec<(&'static str, String)>| {
@@ -102,7 +121,15 @@ pub async fn handle(hub: &Hub, request: &Request) -> (&'static str, Reply) {
             r.headers = cors(std::mem::take(&mut r.headers));
             Reply::Full(r)
         }
-        Reply::Stream { headers, first, subscription } => Reply::Stream { headers: cors(headers), first, subscription },
+        Reply::Stream {
+            headers,
+            first,
+            subscription,
+        } => Reply::Stream {
+            headers: cors(headers),
+            first,
+            subscription,
+        },
     };
     (label, reply)
 }
@@ -110,20 +137,29 @@ pub async fn handle(hub: &Hub, request: &Request) -> (&'static str, Reply) {
 async fn route_request(hub: &Hub, request: &Request, cors_allowed: bool) -> (&'static str, Reply) {
     let path = request.path.as_str();
     let Some(route) = route(path) else {
-        return ("unknown", Reply::Full(Response::error(404, format!("no route for {path}"))));
+        return (
+            "unknown",
+            Reply::Full(Response::error(404, format!("no route for {path}"))),
+        );
     };
     let full = |r: Response| (route.label, Reply::Full(r));
     let method = request.method.as_str();
     if method == "OPTIONS" {
         // A CORS preflight (Fetch standard §4.8): no credentials are sent with it.
         if request.origin.is_some() && !cors_allowed {
-            return full(Response::error(403, "origin not allowed (http.cors_origins)"));
+            return full(Response::error(
+                403,
+                "origin not allowed (http.cors_origins)",
+            ));
         }
         let mut r = Response::json(204, Vec::new()).with_header("Allow", route.allow);
         if cors_allowed {
             r = r
                 .with_header("Access-Control-Allow-Methods", route.allow)
-                .with_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+                .with_header(
+                    "Access-Control-Allow-Headers",
+                    "Authorization, Content-Type",
+                )
                 .with_header("Access-Control-Max-Age", "600");
         }
         return full(r);
@@ -133,10 +169,16 @@ async fn route_request(hub: &Hub, request: &Request, cors_allowed: bool) -> (&'s
         m => route.allow.split(", ").any(|a| a == m),
     };
     if !method_ok {
-        return full(Response::error(405, format!("{method} is not allowed on {}", route.label)).with_header("Allow", route.allow));
+        return full(
+            Response::error(405, format!("{method} is not allowed on {}", route.label))
+                .with_header("Allow", route.allow),
+        );
     }
     if !route.open && !authorized(hub, request, route.label == "/api/stream") {
-        return full(Response::error(401, "missing or wrong API token (Authorization: Bearer …)").with_header("WWW-Authenticate", "Bearer"));
+        return full(
+            Response::error(401, "missing or wrong API token (Authorization: Bearer …)")
+                .with_header("WWW-Authenticate", "Bearer"),
+        );
     }
     let response = match route.label {
         "/health" => health(hub),
@@ -148,9 +190,13 @@ async fn route_request(hub: &Hub, request: &Request, cors_allowed: bool) -> (&'s
         }
         "/api/" => Response::json(200, br#"{"message":"API running."}"#.to_vec()),
         "/api/states" => states(hub),
-        "/api/states/{entity_id}" => state(hub, &path["/api/states/".len()..], request.flag("refresh")).await,
+        "/api/states/{entity_id}" => {
+            state(hub, &path["/api/states/".len()..], request.flag("refresh")).await
+        }
         "/api/services" => services(hub).await,
-        "/api/services/{domain}/{service}" => call_service(hub, &path["/api/services/".len()..], &request.body).await,
+        "/api/services/{domain}/{service}" => {
+            call_service(hub, &path["/api/services/".len()..], &request.body).await
+        }
         "/api/stream" => return (route.label, stream(hub, request)),
         _ => Response::error(404, format!("no route for {path}")),
     };
@@ -241,7 +287,10 @@ pub fn status(hub: &Hub) -> Value {
 /// `GET /api/states/{entity_id}`.
 pub async fn state(hub: &Hub, entity_id: &str, refresh: bool) -> Response {
     if !valid_entity_id(entity_id) {
-        return Response::error(400, format!("invalid entity_id {entity_id:?}: expected <domain>.<object_id>"));
+        return Response::error(
+            400,
+            format!("invalid entity_id {entity_id:?}: expected <domain>.<object_id>"),
+        );
     }
     match hub.read_state(entity_id, refresh).await {
         Read::Fresh { state, age, cache } => Response::json(200, state.to_json().into_bytes())
@@ -250,7 +299,9 @@ pub async fn state(hub: &Hub, entity_id: &str, refresh: bool) -> Response {
         Read::Stale { state, age } => Response::json(200, state.to_json().into_bytes())
             .with_header("X-Cache", "stale")
             .with_header("Age", age.as_secs().to_string()),
-        Read::NotFound { cache } => Response::error(404, "Entity not found.").with_header("X-Cache", cache),
+        Read::NotFound { cache } => {
+            Response::error(404, "Entity not found.").with_header("X-Cache", cache)
+        }
         Read::Failed(e) => Response::error(502, e),
     }
 }
@@ -271,18 +322,34 @@ async fn services(hub: &Hub) -> Response {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// `POST /api/services/{domain}/{service}`.
 async fn call_service(hub: &Hub, rest: &str, body: &[u8]) -> Response {
     if !hub.config.borrow().http.allow_service_calls {
-        return Response::error(403, "service calls are disabled (http.allow_service_calls = false)");
+        return Response::error(
+            403,
+            "service calls are disabled (http.allow_service_calls = false)",
+        );
     }
-    let Some((domain, service)) = rest.split_once('/').filter(|(d, s)| valid_name(d) && valid_name(s)) else {
-        return Response::error(400, format!("invalid service path {rest:?}: expected <domain>/<service>"));
+    let Some((domain, service)) = rest
+        .split_once('/')
+        .filter(|(d, s)| valid_name(d) && valid_name(s))
+    else {
+        return Response::error(
+            400,
+            format!("invalid service path {rest:?}: expected <domain>/<service>"),
+        );
     };
-    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".to_vec() } else { body.to_vec() };
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".to_vec()
+    } else {
+        body.to_vec()
+    };
     if !matches!(serde_json::from_slice::<Value>(&body), Ok(Value::Object(_))) {
         return Response::error(400, "the body must be a JSON object of service_data fields");
     }
@@ -305,8 +372,21 @@ fn stream(hub: &Hub, request: &Request) -> Reply {
         Vec::new()
     };
     match hub.stream.subscribe(selection) {
-        Some(subscription) => Reply::Stream { headers: Vec::new(), first, subscription },
-        None => Reply::Full(Response::error(503, format!("too many stream clients (at most {})", crate::sse::MAX_STREAM_CLIENTS)).with_header("Retry-After", "5")),
+        Some(subscription) => Reply::Stream {
+            headers: Vec::new(),
+            first,
+            subscription,
+        },
+        None => Reply::Full(
+            Response::error(
+                503,
+                format!(
+                    "too many stream clients (at most {})",
+                    crate::sse::MAX_STREAM_CLIENTS
+                ),
+            )
+            .with_header("Retry-After", "5"),
+        ),
     }
 }
 
@@ -316,11 +396,19 @@ mod tests {
 
     #[test]
     fn routes_and_methods() {
-        assert_eq!(route("/api/states/light.a").unwrap().label, "/api/states/{entity_id}");
+        assert_eq!(
+            route("/api/states/light.a").unwrap().label,
+            "/api/states/{entity_id}"
+        );
         assert!(route("/health").unwrap().open);
         assert!(!route("/metrics").unwrap().open);
         assert!(route("/nope").is_none());
-        assert!(route("/api/services/light/turn_on").unwrap().allow.contains("POST"));
+        assert!(
+            route("/api/services/light/turn_on")
+                .unwrap()
+                .allow
+                .contains("POST")
+        );
     }
 
     #[test]

@@ -15,10 +15,10 @@ use crate::config::{Config, ConfigError};
 use crate::filter::EntityFilter;
 use crate::ha::{self, ChangeSink, Command, LinkSettings};
 use crate::hub::{Hub, LinkState};
+use crate::persist::{self, SavePolicy};
 use crate::rest::RestClient;
 use crate::store::Change;
 use crate::tls::{Roots, TlsError};
-use crate::persist::{self, SavePolicy};
 use crate::{dbus, http, logging, notify, shutdown};
 
 /// How long shutdown may take before we exit anyway.
@@ -75,10 +75,18 @@ fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient), AppError> {
     let token = config.read_token()?;
     // Roots only for an https HA: parsed, the system store is ~300 KiB that a plain-http
     // HA on the LAN (HA's default) never uses.
-    let roots = if config.ha.url.starts_with("https://") { Some(Roots::load(config.ha.ca_file.as_deref())?) } else { None };
+    let roots = if config.ha.url.starts_with("https://") {
+        Some(Roots::load(config.ha.ca_file.as_deref())?)
+    } else {
+        None
+    };
     let rest = RestClient::new(&config.ha.url, token.clone(), roots.as_ref());
     let tls = roots.as_ref().map(Roots::client_config).transpose()?;
-    let settings = LinkSettings { websocket_url: config.ha.websocket_url.clone(), token, tls };
+    let settings = LinkSettings {
+        websocket_url: config.ha.websocket_url.clone(),
+        token,
+        tls,
+    };
     Ok((settings, rest))
 }
 
@@ -87,11 +95,17 @@ fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient), AppError> {
 /// Errors: see [`AppError`]; config and TLS problems are found before anything starts.
 pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
     let (settings, rest) = ha_clients(&config)?;
-    let listener = std::net::TcpListener::bind(config.http.listen)
-        .map_err(|source| AppError::Bind { addr: config.http.listen, source })?;
-    let listener = smol::net::TcpListener::try_from(listener)
-        .map_err(|source| AppError::Bind { addr: config.http.listen, source })?;
-    let signals = Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(AppError::Signals)?;
+    let listener =
+        std::net::TcpListener::bind(config.http.listen).map_err(|source| AppError::Bind {
+            addr: config.http.listen,
+            source,
+        })?;
+    let listener = smol::net::TcpListener::try_from(listener).map_err(|source| AppError::Bind {
+        addr: config.http.listen,
+        source,
+    })?;
+    let signals =
+        Signals::new([Signal::Term, Signal::Int, Signal::Hup]).map_err(AppError::Signals)?;
     log::info!(
         "hass-edge {} listening on http://{}, Home Assistant at {}",
         env!("CARGO_PKG_VERSION"),
@@ -106,7 +120,14 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
     // A task, not `run`'s own future: `run` polls its future on every wake-up of the
     // executor, and the daemon's polled its signal socket each time (one recvfrom per HTTP
     // request); a task is polled only when its own waker fires.
-    let main = executor.spawn(daemon(hub, settings, listener, signals, source, executor.clone()));
+    let main = executor.spawn(daemon(
+        hub,
+        settings,
+        listener,
+        signals,
+        source,
+        executor.clone(),
+    ));
     smol::block_on(executor.run(main))
 }
 
@@ -125,7 +146,15 @@ async fn daemon(
         let c = hub.config.borrow();
         (c.dbus.bus, c.dbus.entity_signals)
     };
-    let signals_sink = dbus::start(hub.clone(), bus, entity_signals, commands_tx.clone(), &executor, shutdown.clone()).await;
+    let signals_sink = dbus::start(
+        hub.clone(),
+        bus,
+        entity_signals,
+        commands_tx.clone(),
+        &executor,
+        shutdown.clone(),
+    )
+    .await;
     let on_change: ChangeSink = {
         let hub = hub.clone();
         Rc::new(move |changes: &[Change]| {
@@ -136,9 +165,20 @@ async fn daemon(
         })
     };
 
-    let http_task = executor.spawn(http::serve(listener, hub.clone(), executor.clone(), shutdown.clone()));
+    let http_task = executor.spawn(http::serve(
+        listener,
+        hub.clone(),
+        executor.clone(),
+        shutdown.clone(),
+    ));
     let save_task = executor.spawn(save_states(hub.clone(), shutdown.clone()));
-    let link_task = executor.spawn(ha::run(hub.clone(), settings, commands_rx, on_change.clone(), shutdown.clone()));
+    let link_task = executor.spawn(ha::run(
+        hub.clone(),
+        settings,
+        commands_rx,
+        on_change.clone(),
+        shutdown.clone(),
+    ));
     let _status_task = executor.spawn(report_status(hub.clone()));
     let _watchdog_task = notify::watchdog_period().map(|period| {
         executor.spawn(async move {
@@ -158,10 +198,16 @@ async fn daemon(
             Signal(Option<std::io::Result<Signal>>),
             LinkDone(Result<(), String>),
         }
-        let link = link_task.as_mut().expect("the link task runs until the loop ends");
-        let wake = async { Wake::Signal(signals.next().await) }.or(async { Wake::LinkDone(link.await) }).await;
+        let link = link_task
+            .as_mut()
+            .expect("the link task runs until the loop ends");
+        let wake = async { Wake::Signal(signals.next().await) }
+            .or(async { Wake::LinkDone(link.await) })
+            .await;
         match wake {
-            Wake::Signal(Some(Ok(Signal::Hup))) => reload(&hub, &source, &token, &commands_tx, &on_change).await,
+            Wake::Signal(Some(Ok(Signal::Hup))) => {
+                reload(&hub, &source, &token, &commands_tx, &on_change).await
+            }
             Wake::Signal(Some(Ok(sig))) => {
                 log::info!("received {sig:?}, shutting down");
                 break Ok(());
@@ -194,7 +240,10 @@ async fn daemon(
     })
     .await;
     if !in_time {
-        log::warn!("shutdown took longer than {}s; exiting anyway", SHUTDOWN_GRACE.as_secs());
+        log::warn!(
+            "shutdown took longer than {}s; exiting anyway",
+            SHUTDOWN_GRACE.as_secs()
+        );
     }
     if let Err(e) = &outcome {
         log::error!("{e}");
@@ -219,12 +268,18 @@ fn restore(hub: &Hub) {
             return;
         }
     };
-    let age = SystemTime::now().duration_since(saved.saved_at).unwrap_or_default();
+    let age = SystemTime::now()
+        .duration_since(saved.saved_at)
+        .unwrap_or_default();
     let saved_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
     let filter = hub.filter.borrow();
     let mut store = hub.store.borrow_mut();
     let mut kept = 0;
-    for state in saved.states.into_iter().filter(|s| filter.tracks(&s.entity_id)) {
+    for state in saved
+        .states
+        .into_iter()
+        .filter(|s| filter.tracks(&s.entity_id))
+    {
         store.insert_restored(state, saved_at);
         kept += 1;
     }
@@ -270,7 +325,10 @@ async fn save_states(hub: Rc<Hub>, shutdown: shutdown::Shutdown) {
                     policy.saved_through(mark, Instant::now());
                 }
                 Err(e) => {
-                    log::error!("failed to save states (retrying in {}s): {e}", interval.as_secs());
+                    log::error!(
+                        "failed to save states (retrying in {}s): {e}",
+                        interval.as_secs()
+                    );
                     policy.failed(Instant::now());
                 }
             }
@@ -293,7 +351,6 @@ async fn save_states(hub: Rc<Hub>, shutdown: shutdown::Shutdown) {
         .await;
     }
 }
-
 
 /// Formats a count with thousands separators: `2031` → `2,031`.
 fn thousands(n: u64) -> String {
@@ -326,7 +383,9 @@ pub fn status_line(hub: &Hub) -> String {
         ),
         LinkState::AuthFailed => {
             let every = hub.config.borrow().reconnect.max_delay.as_secs();
-            format!("auth_failed: Home Assistant rejected the access token; waiting for a valid one (checked every {every}s)")
+            format!(
+                "auth_failed: Home Assistant rejected the access token; waiting for a valid one (checked every {every}s)"
+            )
         }
         state => format!("{}: {}", state.as_str(), hub.config.borrow().ha.url),
     }
@@ -363,14 +422,16 @@ async fn reload(
 ) {
     notify::reloading();
     log::info!("reloading {}", source.path.display());
-    let result = Config::load(&source.path, source.given).map_err(AppError::from).and_then(|new| {
-        let old = hub.config.borrow().clone();
-        // The token is re-read too: a rotated token means a new connection.
-        let (settings, rest) = ha_clients(&new)?;
-        let relink = new.ha != old.ha || settings.token != *token.borrow();
-        let api_token = new.read_api_token()?;
-        Ok((new, relink.then_some((settings, rest)), api_token))
-    });
+    let result = Config::load(&source.path, source.given)
+        .map_err(AppError::from)
+        .and_then(|new| {
+            let old = hub.config.borrow().clone();
+            // The token is re-read too: a rotated token means a new connection.
+            let (settings, rest) = ha_clients(&new)?;
+            let relink = new.ha != old.ha || settings.token != *token.borrow();
+            let api_token = new.read_api_token()?;
+            Ok((new, relink.then_some((settings, rest)), api_token))
+        });
     match result {
         Err(e) => log::error!("reload rejected, the old config stays in force: {e}"),
         Ok((new, settings, api_token)) => {
@@ -388,7 +449,9 @@ async fn reload(
                 on_change(&changes);
             }
             let c = &new.cache;
-            hub.store.borrow_mut().reconfigure(c.mode, c.max_entities, c.ttl, c.negative_ttl);
+            hub.store
+                .borrow_mut()
+                .reconfigure(c.mode, c.max_entities, c.ttl, c.negative_ttl);
             *hub.config.borrow_mut() = Rc::new(new);
             hub.warn_tracked_evictions();
             if let Some((settings, rest)) = settings {

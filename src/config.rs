@@ -23,7 +23,16 @@ pub const ENV_PREFIX: &str = "HASS_EDGE_";
 pub const EXIT_CONFIG: u8 = 78;
 
 /// Sections of the file; env overrides are split as `HASS_EDGE_<SECTION>_<KEY>`.
-const SECTIONS: &[&str] = &["ha", "filter", "cache", "reconnect", "heartbeat", "http", "dbus", "log"];
+const SECTIONS: &[&str] = &[
+    "ha",
+    "filter",
+    "cache",
+    "reconnect",
+    "heartbeat",
+    "http",
+    "dbus",
+    "log",
+];
 
 /// Keys whose value is a list; from the environment they are comma-separated.
 const LIST_KEYS: &[&str] = &["include_prefixes", "exclude_domains", "cors_origins"];
@@ -150,7 +159,10 @@ struct RawReconnect {
 
 impl Default for RawReconnect {
     fn default() -> Self {
-        RawReconnect { max_attempts: 0, max_delay_seconds: 60 }
+        RawReconnect {
+            max_attempts: 0,
+            max_delay_seconds: 60,
+        }
     }
 }
 
@@ -163,7 +175,10 @@ struct RawHeartbeat {
 
 impl Default for RawHeartbeat {
     fn default() -> Self {
-        RawHeartbeat { interval_seconds: 30, timeout_seconds: 10 }
+        RawHeartbeat {
+            interval_seconds: 30,
+            timeout_seconds: 10,
+        }
     }
 }
 
@@ -202,7 +217,9 @@ struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { level: "info".into() }
+        RawLog {
+            level: "info".into(),
+        }
     }
 }
 
@@ -363,13 +380,19 @@ impl Config {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_was_given => String::new(),
-            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
         };
         let env = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX));
         parse_config(&text, env).map_err(|e| match e {
-            ConfigError::Syntax { message, .. } => {
-                ConfigError::Syntax { origin: format!(" in {}", path.display()), message }
-            }
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                origin: format!(" in {}", path.display()),
+                message,
+            },
             other => other,
         })
     }
@@ -383,9 +406,13 @@ impl Config {
     ///
     /// Errors: [`ConfigError::Token`] naming the file.
     pub fn read_api_token(&self) -> Result<Option<Secret>, ConfigError> {
-        let Some(path) = &self.http.api_token_file else { return Ok(None) };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Token { path: path.clone(), message: format!("http.api_token_file: {e}") })?;
+        let Some(path) = &self.http.api_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Token {
+            path: path.clone(),
+            message: format!("http.api_token_file: {e}"),
+        })?;
         let token = text.trim();
         if token.len() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
             return Err(ConfigError::Token { path: path.clone(), message: "http.api_token_file must hold one token of at least 16 characters without white space".into() });
@@ -403,14 +430,22 @@ impl Config {
             .map(|dir| Path::new(&dir).join("ha-token"))
             .filter(|p| p.exists())
             .unwrap_or_else(|| self.ha.token_file.clone());
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ConfigError::Token { path: path.clone(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Token {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let token = text.trim();
         if token.is_empty() {
-            return Err(ConfigError::Token { path, message: "the file is empty".into() });
+            return Err(ConfigError::Token {
+                path,
+                message: "the file is empty".into(),
+            });
         }
         if token.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(ConfigError::Token { path, message: "the token contains white space or control characters".into() });
+            return Err(ConfigError::Token {
+                path,
+                message: "the token contains white space or control characters".into(),
+            });
         }
         Ok(Secret(token.to_owned()))
     }
@@ -449,13 +484,22 @@ pub fn parse_config(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let syntax = |message: String| ConfigError::Syntax { origin: String::new(), message };
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| syntax(e.to_string()))?;
+    let syntax = |message: String| ConfigError::Syntax {
+        origin: String::new(),
+        message,
+    };
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| syntax(e.to_string()))?;
     for (name, value) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         let rest = rest.to_ascii_lowercase();
         let split = SECTIONS.iter().find_map(|s| {
-            rest.strip_prefix(s).and_then(|r| r.strip_prefix('_')).map(|key| (*s, key.to_owned()))
+            rest.strip_prefix(s)
+                .and_then(|r| r.strip_prefix('_'))
+                .map(|key| (*s, key.to_owned()))
         });
         let Some((section, key)) = split.filter(|(_, k)| !k.is_empty()) else {
             return Err(syntax(format!(
@@ -491,7 +535,10 @@ fn env_value(key: &str, value: &str) -> toml::Value {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 fn positive_seconds(key: &str, value: u64) -> Result<Duration, ConfigError> {
@@ -512,21 +559,32 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     for (i, p) in raw.filter.include_prefixes.iter().enumerate() {
         if p.is_empty() {
-            return Err(invalid("filter.include_prefixes", format!("entry {i} is empty")));
+            return Err(invalid(
+                "filter.include_prefixes",
+                format!("entry {i} is empty"),
+            ));
         }
     }
     for (i, d) in raw.filter.exclude_domains.iter().enumerate() {
         if d.is_empty() || d.contains('.') {
-            return Err(invalid("filter.exclude_domains", format!("entry {i} ({d:?}) is not a domain (no dots, e.g. \"camera\")")));
+            return Err(invalid(
+                "filter.exclude_domains",
+                format!("entry {i} ({d:?}) is not a domain (no dots, e.g. \"camera\")"),
+            ));
         }
     }
 
     if raw.cache.persist && raw.cache.state_file.file_name().is_none() {
-        return Err(invalid("cache.state_file", "must name a file when cache.persist is true"));
+        return Err(invalid(
+            "cache.state_file",
+            "must name a file when cache.persist is true",
+        ));
     }
     let max_entities = match raw.cache.max_entities {
         0 => return Err(invalid("cache.max_entities", "must be at least 1")),
-        n if n > 10_000_000 => return Err(invalid("cache.max_entities", "must be at most 10000000")),
+        n if n > 10_000_000 => {
+            return Err(invalid("cache.max_entities", "must be at most 10000000"));
+        }
         n => n as usize,
     };
     let max_attempts = u32::try_from(raw.reconnect.max_attempts)
@@ -535,31 +593,56 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         interval: positive_seconds("heartbeat.interval_seconds", raw.heartbeat.interval_seconds)?,
         timeout: positive_seconds("heartbeat.timeout_seconds", raw.heartbeat.timeout_seconds)?,
     };
-    let listen: SocketAddr = raw
-        .http
-        .listen
-        .parse()
-        .map_err(|_| invalid("http.listen", format!("{:?} is not an IP:port address, e.g. \"127.0.0.1:8124\"", raw.http.listen)))?;
-    let api_token_file = (!raw.http.api_token_file.as_os_str().is_empty()).then_some(raw.http.api_token_file);
+    let listen: SocketAddr = raw.http.listen.parse().map_err(|_| {
+        invalid(
+            "http.listen",
+            format!(
+                "{:?} is not an IP:port address, e.g. \"127.0.0.1:8124\"",
+                raw.http.listen
+            ),
+        )
+    })?;
+    let api_token_file =
+        (!raw.http.api_token_file.as_os_str().is_empty()).then_some(raw.http.api_token_file);
     if api_token_file.is_none() && !listen.ip().is_loopback() {
         return Err(invalid(
             "http.api_token_file",
-            format!("must be set when http.listen ({listen}) is not a loopback address: anyone on the network could otherwise call Home Assistant services"),
+            format!(
+                "must be set when http.listen ({listen}) is not a loopback address: anyone on the network could otherwise call Home Assistant services"
+            ),
         ));
     }
     for origin in &raw.http.cors_origins {
-        let ok = (origin.starts_with("http://") || origin.starts_with("https://")) && !origin.ends_with('/') && !origin.contains(char::is_whitespace);
+        let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin.ends_with('/')
+            && !origin.contains(char::is_whitespace);
         if !ok {
-            return Err(invalid("http.cors_origins", format!("{origin:?} is not an origin like \"http://kiosk.local:8080\" (scheme://host[:port], no path)")));
+            return Err(invalid(
+                "http.cors_origins",
+                format!(
+                    "{origin:?} is not an origin like \"http://kiosk.local:8080\" (scheme://host[:port], no path)"
+                ),
+            ));
         }
     }
     let level = raw.log.level.to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-        return Err(invalid("log.level", format!("{:?} is not one of off, error, warn, info, debug, trace", raw.log.level)));
+        return Err(invalid(
+            "log.level",
+            format!(
+                "{:?} is not one of off, error, warn, info, debug, trace",
+                raw.log.level
+            ),
+        ));
     }
 
     Ok(Config {
-        ha: HaConfig { url, websocket_url, token_file: raw.ha.token_file, ca_file },
+        ha: HaConfig {
+            url,
+            websocket_url,
+            token_file: raw.ha.token_file,
+            ca_file,
+        },
         filter: FilterConfig {
             enabled: raw.filter.enabled,
             include_prefixes: raw.filter.include_prefixes,
@@ -569,14 +652,23 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             mode: raw.cache.mode,
             max_entities,
             ttl: positive_seconds("cache.ttl_seconds", raw.cache.ttl_seconds)?,
-            negative_ttl: positive_seconds("cache.negative_ttl_seconds", raw.cache.negative_ttl_seconds)?,
+            negative_ttl: positive_seconds(
+                "cache.negative_ttl_seconds",
+                raw.cache.negative_ttl_seconds,
+            )?,
             persist: raw.cache.persist,
             state_file: raw.cache.state_file,
-            persist_interval: positive_seconds("cache.persist_interval_seconds", raw.cache.persist_interval_seconds)?,
+            persist_interval: positive_seconds(
+                "cache.persist_interval_seconds",
+                raw.cache.persist_interval_seconds,
+            )?,
         },
         reconnect: ReconnectConfig {
             max_attempts,
-            max_delay: positive_seconds("reconnect.max_delay_seconds", raw.reconnect.max_delay_seconds)?,
+            max_delay: positive_seconds(
+                "reconnect.max_delay_seconds",
+                raw.reconnect.max_delay_seconds,
+            )?,
         },
         heartbeat,
         http: HttpConfig {
@@ -585,7 +677,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             allow_service_calls: raw.http.allow_service_calls,
             cors_origins: raw.http.cors_origins,
         },
-        dbus: DbusConfig { bus: raw.dbus.bus, entity_signals: raw.dbus.entity_signals },
+        dbus: DbusConfig {
+            bus: raw.dbus.bus,
+            entity_signals: raw.dbus.entity_signals,
+        },
         log: LogConfig { level },
     })
 }
@@ -600,7 +695,12 @@ fn ha_urls(url: &str) -> Result<(String, String), ConfigError> {
     let ws_scheme = match uri.scheme_str() {
         Some("http") => "ws",
         Some("https") => "wss",
-        _ => return Err(invalid(key, format!("{url:?} must start with http:// or https://"))),
+        _ => {
+            return Err(invalid(
+                key,
+                format!("{url:?} must start with http:// or https://"),
+            ));
+        }
     };
     let Some(authority) = uri.authority() else {
         return Err(invalid(key, format!("{url:?} has no host")));
@@ -609,7 +709,12 @@ fn ha_urls(url: &str) -> Result<(String, String), ConfigError> {
         return Err(invalid(key, "must not contain a query or user info"));
     }
     let path = uri.path().trim_end_matches('/');
-    let base = format!("{}://{}{}", uri.scheme_str().unwrap_or("http"), authority, path);
+    let base = format!(
+        "{}://{}{}",
+        uri.scheme_str().unwrap_or("http"),
+        authority,
+        path
+    );
     let ws = format!("{ws_scheme}://{authority}{path}/api/websocket");
     Ok((base, ws))
 }
@@ -623,25 +728,37 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn empty_file_gives_documented_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.ha.url, "http://homeassistant.local:8123");
-        assert_eq!(c.ha.websocket_url, "ws://homeassistant.local:8123/api/websocket");
+        assert_eq!(
+            c.ha.websocket_url,
+            "ws://homeassistant.local:8123/api/websocket"
+        );
         assert_eq!(c.ha.token_file, PathBuf::from("/etc/hass-edge/token"));
         assert_eq!(c.ha.ca_file, None);
         assert!(c.filter.enabled);
         assert!(c.filter.include_prefixes.is_empty());
-        assert_eq!(c.filter.exclude_domains, ["media_player", "camera", "automation"]);
+        assert_eq!(
+            c.filter.exclude_domains,
+            ["media_player", "camera", "automation"]
+        );
         assert_eq!(c.cache.mode, CacheMode::Update);
         assert_eq!(c.cache.max_entities, 10_000);
         assert_eq!(c.cache.ttl, Duration::from_secs(30));
         assert_eq!(c.cache.negative_ttl, Duration::from_secs(30));
         assert!(c.cache.persist);
-        assert_eq!(c.cache.state_file, PathBuf::from("/var/lib/hass-edge/states.json"));
+        assert_eq!(
+            c.cache.state_file,
+            PathBuf::from("/var/lib/hass-edge/states.json")
+        );
         assert_eq!(c.cache.persist_interval, Duration::from_secs(900));
         assert_eq!(c.reconnect.max_attempts, 0);
         assert_eq!(c.reconnect.max_delay, Duration::from_secs(60));
@@ -649,7 +766,13 @@ mod tests {
         assert_eq!(c.heartbeat.timeout, Duration::from_secs(10));
         assert_eq!(c.http.listen, "127.0.0.1:8124".parse().unwrap());
         assert_eq!(c.log.level, "info");
-        assert_eq!(c.dbus, DbusConfig { bus: DbusBus::System, entity_signals: false });
+        assert_eq!(
+            c.dbus,
+            DbusConfig {
+                bus: DbusBus::System,
+                entity_signals: false
+            }
+        );
         assert!(c.http.allow_service_calls);
         assert_eq!(c.http.api_token_file, None);
     }
@@ -658,7 +781,10 @@ mod tests {
     fn https_url_with_path_derives_wss() {
         let c = parse("[ha]\nurl = \"https://ha.example:8443/proxy/\"\n").unwrap();
         assert_eq!(c.ha.url, "https://ha.example:8443/proxy");
-        assert_eq!(c.ha.websocket_url, "wss://ha.example:8443/proxy/api/websocket");
+        assert_eq!(
+            c.ha.websocket_url,
+            "wss://ha.example:8443/proxy/api/websocket"
+        );
     }
 
     #[test]
@@ -671,7 +797,9 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_key() {
-        let e = parse("[cache]\nttl_seconds = \"thirty\"\n").unwrap_err().to_string();
+        let e = parse("[cache]\nttl_seconds = \"thirty\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ttl_seconds"), "{e}");
     }
 
@@ -679,12 +807,18 @@ mod tests {
     fn out_of_range_values_name_the_key() {
         for (text, key) in [
             ("[cache]\nmax_entities = 0", "cache.max_entities"),
-            ("[heartbeat]\ntimeout_seconds = 0", "heartbeat.timeout_seconds"),
+            (
+                "[heartbeat]\ntimeout_seconds = 0",
+                "heartbeat.timeout_seconds",
+            ),
             ("[http]\nlisten = \"localhost\"", "http.listen"),
             ("[ha]\nurl = \"ftp://x\"", "ha.url"),
             ("[ha]\nurl = \"not a url\"", "ha.url"),
             ("[log]\nlevel = \"loud\"", "log.level"),
-            ("[filter]\nexclude_domains = [\"light.kitchen\"]", "filter.exclude_domains"),
+            (
+                "[filter]\nexclude_domains = [\"light.kitchen\"]",
+                "filter.exclude_domains",
+            ),
             ("[cache]\nmode = \"sometimes\"", "mode"),
         ] {
             let e = parse(text).unwrap_err().to_string();
@@ -716,9 +850,13 @@ mod tests {
 
     #[test]
     fn unknown_environment_key_is_rejected_by_name() {
-        let e = parse_config("", env(&[("HASS_EDGE_HA_URLL", "x")])).unwrap_err().to_string();
+        let e = parse_config("", env(&[("HASS_EDGE_HA_URLL", "x")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("url"), "{e}");
-        let e = parse_config("", env(&[("HASS_EDGE_NOPE", "x")])).unwrap_err().to_string();
+        let e = parse_config("", env(&[("HASS_EDGE_NOPE", "x")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("HASS_EDGE_NOPE"), "{e}");
     }
 
@@ -726,17 +864,29 @@ mod tests {
     fn printed_config_shows_token_path_and_durations_in_seconds() {
         let c = parse("[ha]\ntoken_file = \"/run/secret/tok\"\n").unwrap();
         let text = c.to_toml();
-        assert_eq!(parse(&text).unwrap(), c, "the printed config parses back to the same config");
+        assert_eq!(
+            parse(&text).unwrap(),
+            c,
+            "the printed config parses back to the same config"
+        );
         assert!(text.contains("token_file = \"/run/secret/tok\""), "{text}");
         assert!(text.contains("ttl_seconds = 30"), "{text}");
     }
 
     #[test]
     fn non_loopback_listen_needs_an_api_token() {
-        let e = parse("[http]\nlisten = \"0.0.0.0:8124\"").unwrap_err().to_string();
+        let e = parse("[http]\nlisten = \"0.0.0.0:8124\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("http.api_token_file"), "{e}");
-        let c = parse("[http]\nlisten = \"0.0.0.0:8124\"\napi_token_file = \"/etc/hass-edge/api-token\"").unwrap();
-        assert_eq!(c.http.api_token_file, Some(PathBuf::from("/etc/hass-edge/api-token")));
+        let c = parse(
+            "[http]\nlisten = \"0.0.0.0:8124\"\napi_token_file = \"/etc/hass-edge/api-token\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.http.api_token_file,
+            Some(PathBuf::from("/etc/hass-edge/api-token"))
+        );
         assert!(parse("[http]\nlisten = \"[::1]:8124\"").is_ok());
     }
 
@@ -744,13 +894,18 @@ mod tests {
     fn cors_origins_must_be_origins() {
         assert!(parse("[http]\ncors_origins = [\"http://kiosk.local:8080\"]").is_ok());
         for bad in ["kiosk.local", "http://kiosk.local/", "*"] {
-            let e = parse(&format!("[http]\ncors_origins = [\"{bad}\"]")).unwrap_err().to_string();
+            let e = parse(&format!("[http]\ncors_origins = [\"{bad}\"]"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("http.cors_origins"), "{e}");
         }
     }
 
     #[test]
     fn secret_debug_is_redacted() {
-        assert_eq!(format!("{:?}", Secret::new("abc.def")), "Secret(<redacted>)");
+        assert_eq!(
+            format!("{:?}", Secret::new("abc.def")),
+            "Secret(<redacted>)"
+        );
     }
 }

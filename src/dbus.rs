@@ -92,7 +92,8 @@ impl Props {
         let store = hub.store.borrow();
         let stats = store.stats();
         let micros = |t: Option<std::time::SystemTime>| {
-            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_micros() as u64)
+            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_micros() as u64)
         };
         Props {
             connection: link.state.as_str().into(),
@@ -112,7 +113,6 @@ impl Props {
             serving_stale: !store.is_live() && store.tracked_len() > 0,
         }
     }
-
 }
 
 /// A method call forwarded to the executor thread.
@@ -145,8 +145,13 @@ mod object {
 
         async fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Call) -> Result<T, Error> {
             let (tx, rx) = bounded(1);
-            self.calls.send(make(tx)).await.map_err(|_| Error::Unavailable("hass-edge is stopping".into()))?;
-            rx.recv().await.map_err(|_| Error::Unavailable("hass-edge is stopping".into()))
+            self.calls
+                .send(make(tx))
+                .await
+                .map_err(|_| Error::Unavailable("hass-edge is stopping".into()))?;
+            rx.recv()
+                .await
+                .map_err(|_| Error::Unavailable("hass-edge is stopping".into()))
         }
     }
 
@@ -164,13 +169,20 @@ mod object {
 
         /// Takes a fresh snapshot from HA (reconnecting if the link is down).
         async fn resync(&self) -> Result<(), Error> {
-            self.calls.send(Call::Resync).await.map_err(|_| Error::Unavailable("hass-edge is stopping".into()))
+            self.calls
+                .send(Call::Resync)
+                .await
+                .map_err(|_| Error::Unavailable("hass-edge is stopping".into()))
         }
 
         /// A tracked entity changed (only with `[dbus] entity_signals = true`); `state` is the
         /// state JSON, or empty when the entity was removed.
         #[zbus(signal)]
-        pub(super) async fn entity_changed(emitter: &SignalEmitter<'_>, entity_id: &str, state: &str) -> zbus::Result<()>;
+        pub(super) async fn entity_changed(
+            emitter: &SignalEmitter<'_>,
+            entity_id: &str,
+            state: &str,
+        ) -> zbus::Result<()>;
 
         /// `connecting|authenticating|syncing|live|backoff|auth_failed|stopping`.
         #[zbus(property)]
@@ -261,9 +273,16 @@ impl SignalSink {
     /// Queues signals for `changes`; drops them when the bus cannot keep up.
     pub fn publish(&self, changes: &[Change]) {
         for c in changes {
-            let state = c.new_state.as_ref().map(|s| s.to_json()).unwrap_or_default();
+            let state = c
+                .new_state
+                .as_ref()
+                .map(|s| s.to_json())
+                .unwrap_or_default();
             if self.tx.try_send((c.entity_id.clone(), state)).is_err() {
-                log::debug!("D-Bus signal queue full; dropping EntityChanged for {}", c.entity_id);
+                log::debug!(
+                    "D-Bus signal queue full; dropping EntityChanged for {}",
+                    c.entity_id
+                );
             }
         }
     }
@@ -282,19 +301,31 @@ pub async fn start(
 ) -> Option<SignalSink> {
     let props = Arc::new(Mutex::new(Props::read(&hub)));
     let (calls_tx, calls_rx) = bounded::<Call>(64);
-    let object = HassEdge { props: props.clone(), calls: calls_tx };
+    let object = HassEdge {
+        props: props.clone(),
+        calls: calls_tx,
+    };
     let builder = match bus {
         DbusBus::None => return None,
         DbusBus::System => zbus::connection::Builder::system(),
         DbusBus::Session => zbus::connection::Builder::session(),
     };
-    let conn = match async { builder?.internal_executor(false).serve_at(PATH, object)?.name(NAME)?.build().await }
-        .or(async {
-            // The builder itself ticks zbus' executor while it connects.
-            Timer::after(Duration::from_secs(10)).await;
-            Err(zbus::Error::Failure("timed out connecting to the bus".into()))
-        })
-        .await
+    let conn = match async {
+        builder?
+            .internal_executor(false)
+            .serve_at(PATH, object)?
+            .name(NAME)?
+            .build()
+            .await
+    }
+    .or(async {
+        // The builder itself ticks zbus' executor while it connects.
+        Timer::after(Duration::from_secs(10)).await;
+        Err(zbus::Error::Failure(
+            "timed out connecting to the bus".into(),
+        ))
+    })
+    .await
     {
         Ok(c) => c,
         Err(e) => {
@@ -304,10 +335,20 @@ pub async fn start(
     };
     log::info!("D-Bus: {NAME} on the {bus:?} bus");
     let ticker = conn.clone();
-    executor.spawn(async move { loop { ticker.executor().tick().await } }).detach();
-    executor.spawn(serve_calls(hub.clone(), calls_rx, commands)).detach();
+    executor
+        .spawn(async move {
+            loop {
+                ticker.executor().tick().await
+            }
+        })
+        .detach();
+    executor
+        .spawn(serve_calls(hub.clone(), calls_rx, commands))
+        .detach();
     let (sig_tx, sig_rx) = bounded(SIGNAL_QUEUE);
-    executor.spawn(announce(hub, conn, props, sig_rx, shutdown)).detach();
+    executor
+        .spawn(announce(hub, conn, props, sig_rx, shutdown))
+        .detach();
     entity_signals.then_some(SignalSink { tx: sig_tx })
 }
 
@@ -316,18 +357,30 @@ async fn serve_calls(hub: Rc<Hub>, calls: Receiver<Call>, commands: Sender<Comma
         match call {
             Call::GetState(entity_id, reply) => {
                 let answer = if !valid_entity_id(&entity_id) {
-                    Err(Error::NotFound(format!("{entity_id:?} is not an entity id")))
+                    Err(Error::NotFound(format!(
+                        "{entity_id:?} is not an entity id"
+                    )))
                 } else {
                     match hub.read_state(&entity_id, false).await {
-                        Read::Fresh { state, .. } | Read::Stale { state, .. } => Ok(state.to_json()),
-                        Read::NotFound { .. } => Err(Error::NotFound(format!("{entity_id} is not known to Home Assistant"))),
+                        Read::Fresh { state, .. } | Read::Stale { state, .. } => {
+                            Ok(state.to_json())
+                        }
+                        Read::NotFound { .. } => Err(Error::NotFound(format!(
+                            "{entity_id} is not known to Home Assistant"
+                        ))),
                         Read::Failed(e) => Err(Error::Unavailable(e.to_string())),
                     }
                 };
                 let _ = reply.try_send(answer);
             }
             Call::ListEntities(reply) => {
-                let ids = hub.store.borrow().tracked_states().iter().map(|s| s.entity_id.clone()).collect();
+                let ids = hub
+                    .store
+                    .borrow()
+                    .tracked_states()
+                    .iter()
+                    .map(|s| s.entity_id.clone())
+                    .collect();
                 let _ = reply.try_send(ids);
             }
             Call::Resync => {
@@ -339,7 +392,12 @@ async fn serve_calls(hub: Rc<Hub>, calls: Receiver<Call>, commands: Sender<Comma
 }
 
 /// Emits `PropertiesChanged` for every property that differs between `old` and `new`.
-async fn emit_changes(object: &HassEdge, e: &SignalEmitter<'_>, old: &Props, new: &Props) -> zbus::Result<()> {
+async fn emit_changes(
+    object: &HassEdge,
+    e: &SignalEmitter<'_>,
+    old: &Props,
+    new: &Props,
+) -> zbus::Result<()> {
     macro_rules! each {
         ($($field:ident => $signal:ident),* $(,)?) => {
             $(if old.$field != new.$field {
@@ -367,7 +425,13 @@ async fn emit_changes(object: &HassEdge, e: &SignalEmitter<'_>, old: &Props, new
 
 /// Keeps the exported properties in step with the hub and emits `PropertiesChanged`:
 /// link properties at once, counters at most once per [`COUNTER_PERIOD`].
-async fn announce(hub: Rc<Hub>, conn: zbus::Connection, props: Arc<Mutex<Props>>, signals: Receiver<(String, String)>, shutdown: Shutdown) {
+async fn announce(
+    hub: Rc<Hub>,
+    conn: zbus::Connection,
+    props: Arc<Mutex<Props>>,
+    signals: Receiver<(String, String)>,
+    shutdown: Shutdown,
+) {
     let iface = match conn.object_server().interface::<_, HassEdge>(PATH).await {
         Ok(i) => i,
         Err(e) => {
@@ -442,7 +506,11 @@ async fn announce(hub: Rc<Hub>, conn: zbus::Connection, props: Arc<Mutex<Props>>
             }
             Wake::Stop => {
                 // Announce `stopping` before the name goes away.
-                let stopping = Props { connection: LinkState::Stopping.as_str().into(), connected: false, ..announced.clone() };
+                let stopping = Props {
+                    connection: LinkState::Stopping.as_str().into(),
+                    connected: false,
+                    ..announced.clone()
+                };
                 if let Ok(mut p) = props.lock() {
                     *p = stopping.clone();
                 }

@@ -26,7 +26,11 @@ pub struct Deadline {
 impl Deadline {
     /// A deadline at `at`.
     pub fn new(at: Instant) -> Deadline {
-        Deadline { at, armed: None, timer: Timer::never() }
+        Deadline {
+            at,
+            armed: None,
+            timer: Timer::never(),
+        }
     }
 
     /// Moves the deadline to `at`, earlier or later. Later costs nothing until the timer,
@@ -70,14 +74,21 @@ mod tests {
             let _ = smol::future::poll_once(d.elapsed()).await;
             d.set(start + Duration::from_millis(60));
             d.elapsed().await;
-            assert!(start.elapsed() >= Duration::from_millis(60), "fired at the stale instant: {:?}", start.elapsed());
+            assert!(
+                start.elapsed() >= Duration::from_millis(60),
+                "fired at the stale instant: {:?}",
+                start.elapsed()
+            );
 
             let start = Instant::now();
             d.set(start + Duration::from_secs(30));
             let _ = smol::future::poll_once(d.elapsed()).await;
             d.set(start + Duration::from_millis(10));
             d.elapsed().await;
-            assert!(start.elapsed() < Duration::from_secs(5), "an earlier deadline waited for the later one");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "an earlier deadline waited for the later one"
+            );
             assert!(start.elapsed() >= Duration::from_millis(10));
         });
     }

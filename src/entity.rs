@@ -66,7 +66,12 @@ impl Timestamp {
         }
         let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
         let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 59 {
+        if !(1..=12).contains(&month)
+            || !(1..=31).contains(&day)
+            || hour > 23
+            || minute > 59
+            || second > 59
+        {
             return Err(err());
         }
         let (fraction, offset) = match tail.strip_prefix('.') {
@@ -76,9 +81,15 @@ impl Timestamp {
         if offset != "+00:00" || !fraction.bytes().all(|c| c.is_ascii_digit()) {
             return Err(err());
         }
-        let micros: i64 = if fraction.is_empty() { 0 } else { fraction.parse().map_err(|_| err())? };
+        let micros: i64 = if fraction.is_empty() {
+            0
+        } else {
+            fraction.parse().map_err(|_| err())?
+        };
         let days = days_from_civil(year, month, day);
-        Ok(Timestamp(((days * 24 + hour) * 60 + minute) * 60_000_000 + second * 1_000_000 + micros))
+        Ok(Timestamp(
+            ((days * 24 + hour) * 60 + minute) * 60_000_000 + second * 1_000_000 + micros,
+        ))
     }
 
     /// Seconds since the epoch as a float (for `LastEventTime`-style outputs and comparisons).
@@ -231,7 +242,11 @@ impl Attributes {
     /// applies a diff (`home-assistant-js-websocket` `entities.ts`).
     ///
     /// Errors: see [`Attributes::to_map`].
-    pub fn patch(&mut self, add: Option<Map<String, Value>>, remove: &[String]) -> Result<(), DecodeError> {
+    pub fn patch(
+        &mut self,
+        add: Option<Map<String, Value>>,
+        remove: &[String],
+    ) -> Result<(), DecodeError> {
         if add.as_ref().is_none_or(Map::is_empty) && remove.is_empty() {
             return Ok(());
         }
@@ -281,7 +296,10 @@ impl<'de> Deserialize<'de> for Attributes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(d)?;
         if !raw.get().trim_start().starts_with('{') {
-            return Err(de::Error::invalid_type(de::Unexpected::Other("non-object attributes"), &"a JSON object"));
+            return Err(de::Error::invalid_type(
+                de::Unexpected::Other("non-object attributes"),
+                &"a JSON object",
+            ));
         }
         Ok(Attributes(raw))
     }
@@ -388,7 +406,8 @@ impl EntityState {
             if self.last_reported.is_some() {
                 self.last_reported = Some(self.last_updated);
             }
-            self.attributes.patch(add.a, diff.remove.as_ref().map_or(&[], |r| &r.a))?;
+            self.attributes
+                .patch(add.a, diff.remove.as_ref().map_or(&[], |r| &r.a))?;
         } else if let Some(remove) = &diff.remove {
             self.attributes.patch(None, &remove.a)?;
         }
@@ -492,7 +511,10 @@ impl<'de> Deserialize<'de> for ContextPatch {
                 f.write_str("a context id string or a context object")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ContextPatch, E> {
-                Ok(ContextPatch { id: Some(v.to_owned()), ..Default::default() })
+                Ok(ContextPatch {
+                    id: Some(v.to_owned()),
+                    ..Default::default()
+                })
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ContextPatch, A::Error> {
                 let mut p = ContextPatch::default();
@@ -501,7 +523,12 @@ impl<'de> Deserialize<'de> for ContextPatch {
                         "id" => p.id = Some(map.next_value()?),
                         "parent_id" => p.parent_id = Some(map.next_value()?),
                         "user_id" => p.user_id = Some(map.next_value()?),
-                        other => return Err(de::Error::unknown_field(other, &["id", "parent_id", "user_id"])),
+                        other => {
+                            return Err(de::Error::unknown_field(
+                                other,
+                                &["id", "parent_id", "user_id"],
+                            ));
+                        }
                     }
                 }
                 Ok(p)
@@ -521,17 +548,40 @@ mod tests {
         let t = Timestamp::from_epoch_seconds(1795349248.2321684).unwrap();
         assert_eq!(t.to_string(), "2026-11-22T12:07:28.232168+00:00");
         assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00+00:00");
-        assert_eq!(Timestamp(951_782_400_000_001).to_string(), "2000-02-29T00:00:00.000001+00:00");
-        assert_eq!(Timestamp::from_epoch_seconds(1795349249.7111537).unwrap().to_string(), "2026-11-22T12:07:29.711154+00:00");
+        assert_eq!(
+            Timestamp(951_782_400_000_001).to_string(),
+            "2000-02-29T00:00:00.000001+00:00"
+        );
+        assert_eq!(
+            Timestamp::from_epoch_seconds(1795349249.7111537)
+                .unwrap()
+                .to_string(),
+            "2026-11-22T12:07:29.711154+00:00"
+        );
     }
 
     #[test]
     fn iso_parse_is_the_inverse_of_print() {
-        for micros in [0i64, 1, 999_999, 1_795_349_248_232_168, 951_782_400_000_001, 4_102_444_799_999_999] {
+        for micros in [
+            0i64,
+            1,
+            999_999,
+            1_795_349_248_232_168,
+            951_782_400_000_001,
+            4_102_444_799_999_999,
+        ] {
             let t = Timestamp(micros);
             assert_eq!(Timestamp::parse_iso(&t.to_string()).unwrap(), t, "{t}");
         }
-        for bad in ["", "2026-11-22", "2026-11-22T12:07:28+01:00", "2026-13-22T12:07:28+00:00", "2026-11-22T12:07:28.12+00:00", "2026-11-22 12:07:28+00:00", "２026-11-22T12:07:28+00:00"] {
+        for bad in [
+            "",
+            "2026-11-22",
+            "2026-11-22T12:07:28+01:00",
+            "2026-13-22T12:07:28+00:00",
+            "2026-11-22T12:07:28.12+00:00",
+            "2026-11-22 12:07:28+00:00",
+            "２026-11-22T12:07:28+00:00",
+        ] {
             assert!(Timestamp::parse_iso(bad).is_err(), "{bad}");
         }
     }
@@ -563,13 +613,19 @@ mod tests {
 
     #[test]
     fn old_ha_has_no_last_reported() {
-        let c: CompressedState = serde_json::from_value(json!({"s": "on", "c": {"id": "x", "user_id": "u"}, "lc": 1.5, "lu": 2.0})).unwrap();
+        let c: CompressedState = serde_json::from_value(
+            json!({"s": "on", "c": {"id": "x", "user_id": "u"}, "lc": 1.5, "lu": 2.0}),
+        )
+        .unwrap();
         let s = EntityState::from_compressed("light.a", c, false).unwrap();
         let v: Value = serde_json::from_str(&s.to_json()).unwrap();
         assert!(v.get("last_reported").is_none());
         assert_eq!(v["last_changed"], "1970-01-01T00:00:01.500000+00:00");
         assert_eq!(v["last_updated"], "1970-01-01T00:00:02+00:00");
-        assert_eq!(v["context"], json!({"id": "x", "parent_id": null, "user_id": "u"}));
+        assert_eq!(
+            v["context"],
+            json!({"id": "x", "parent_id": null, "user_id": "u"})
+        );
         assert_eq!(v["attributes"], json!({}));
     }
 
@@ -583,43 +639,99 @@ mod tests {
         .unwrap();
         s.apply_diff(d).unwrap();
         assert_eq!(s.state, "on");
-        assert_eq!(s.last_changed.to_string(), "2026-11-22T12:07:29.711154+00:00");
+        assert_eq!(
+            s.last_changed.to_string(),
+            "2026-11-22T12:07:29.711154+00:00"
+        );
         assert_eq!(s.last_updated, s.last_changed);
         assert_eq!(s.last_reported, Some(s.last_updated));
-        assert_eq!(s.context, Context { id: "01M81JEZ".into(), parent_id: None, user_id: Some("46a6".into()) });
-        assert_eq!(serde_json::to_value(&s.attributes).unwrap(), json!({"editable": false, "friendly_name": "Kitchen", "brightness": 128}));
+        assert_eq!(
+            s.context,
+            Context {
+                id: "01M81JEZ".into(),
+                parent_id: None,
+                user_id: Some("46a6".into())
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(&s.attributes).unwrap(),
+            json!({"editable": false, "friendly_name": "Kitchen", "brightness": 128})
+        );
 
         // An attribute-only change: `lu` moves last_updated, last_changed stays; a bare
         // context string replaces only the id.
-        let d: StateDiff = serde_json::from_value(json!({"+": {"lu": 1795349250.1226685, "c": "01NEW", "a": {"brightness": 200}}})).unwrap();
+        let d: StateDiff = serde_json::from_value(
+            json!({"+": {"lu": 1795349250.1226685, "c": "01NEW", "a": {"brightness": 200}}}),
+        )
+        .unwrap();
         s.apply_diff(d).unwrap();
-        assert_eq!(s.last_changed.to_string(), "2026-11-22T12:07:29.711154+00:00");
-        assert_eq!(s.last_updated.to_string(), "2026-11-22T12:07:30.122669+00:00");
+        assert_eq!(
+            s.last_changed.to_string(),
+            "2026-11-22T12:07:29.711154+00:00"
+        );
+        assert_eq!(
+            s.last_updated.to_string(),
+            "2026-11-22T12:07:30.122669+00:00"
+        );
         assert_eq!(s.context.id, "01NEW");
-        assert_eq!(s.context.user_id.as_deref(), Some("46a6"), "a string context keeps user_id");
+        assert_eq!(
+            s.context.user_id.as_deref(),
+            Some("46a6"),
+            "a string context keeps user_id"
+        );
         assert_eq!(s.attributes.to_map().unwrap()["brightness"], 200);
     }
 
     #[test]
     fn attributes_keep_ha_text_and_patch_in_place() {
         let mut a: Attributes = serde_json::from_str(r#"{"b":1,"a":"x","c":[1,2]}"#).unwrap();
-        assert_eq!(a.get(), r#"{"b":1,"a":"x","c":[1,2]}"#, "HA's text and key order, untouched");
+        assert_eq!(
+            a.get(),
+            r#"{"b":1,"a":"x","c":[1,2]}"#,
+            "HA's text and key order, untouched"
+        );
         let add = serde_json::from_str(r#"{"a":"y","d":0.1}"#).unwrap();
         a.patch(Some(add), &["b".to_owned()]).unwrap();
-        assert_eq!(a.get(), r#"{"a":"y","c":[1,2],"d":0.1}"#, "changed in place, new appended, removed dropped");
+        assert_eq!(
+            a.get(),
+            r#"{"a":"y","c":[1,2],"d":0.1}"#,
+            "changed in place, new appended, removed dropped"
+        );
         assert_eq!(Attributes::default().get(), "{}");
         assert_ne!(a, Attributes::default());
     }
 
     #[test]
     fn malformed_compressed_data_is_an_error_not_a_panic() {
-        for bad in [json!({"s": 1, "c": "x", "lc": 1.0}), json!({"s": "on", "lc": 1.0}), json!({"s": "on", "c": 5, "lc": 1.0}), json!({"s": "on", "c": {"idd": "x"}, "lc": 1.0}), json!({"s": "on", "c": "x", "lc": 1.0, "zz": 1}), json!({"s": "on", "c": "x", "lc": 1.0, "a": [1]}), json!({"s": "on", "c": "x", "lc": 1.0, "a": "x"})] {
-            assert!(serde_json::from_value::<CompressedState>(bad.clone()).is_err(), "{bad}");
+        for bad in [
+            json!({"s": 1, "c": "x", "lc": 1.0}),
+            json!({"s": "on", "lc": 1.0}),
+            json!({"s": "on", "c": 5, "lc": 1.0}),
+            json!({"s": "on", "c": {"idd": "x"}, "lc": 1.0}),
+            json!({"s": "on", "c": "x", "lc": 1.0, "zz": 1}),
+            json!({"s": "on", "c": "x", "lc": 1.0, "a": [1]}),
+            json!({"s": "on", "c": "x", "lc": 1.0, "a": "x"}),
+        ] {
+            assert!(
+                serde_json::from_value::<CompressedState>(bad.clone()).is_err(),
+                "{bad}"
+            );
         }
         assert!(serde_json::from_value::<StateDiff>(json!({"+": {"s": ["x"]}})).is_err());
         // The same from text (the daemon's path): attributes must be an object.
-        assert!(serde_json::from_str::<CompressedState>(r#"{"s":"on","c":"x","lc":1.0,"a":null}"#).is_err());
-        assert!(serde_json::from_str::<EntityState>(&kitchen().to_json().replace(r#""attributes":{"#, r#""attributes":[{"#).replace(r#"},"last_changed""#, r#"}],"last_changed""#)).is_err());
+        assert!(
+            serde_json::from_str::<CompressedState>(r#"{"s":"on","c":"x","lc":1.0,"a":null}"#)
+                .is_err()
+        );
+        assert!(
+            serde_json::from_str::<EntityState>(
+                &kitchen()
+                    .to_json()
+                    .replace(r#""attributes":{"#, r#""attributes":[{"#)
+                    .replace(r#"},"last_changed""#, r#"}],"last_changed""#)
+            )
+            .is_err()
+        );
         let mut s = kitchen();
         let d: StateDiff = serde_json::from_value(json!({"+": {"lc": -5.0}})).unwrap();
         assert!(s.apply_diff(d).is_err());

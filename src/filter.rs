@@ -30,7 +30,11 @@ impl EntityFilter {
 
     /// A filter that tracks everything.
     pub fn track_all() -> EntityFilter {
-        EntityFilter { enabled: false, include_prefixes: Vec::new(), exclude_domains: Vec::new() }
+        EntityFilter {
+            enabled: false,
+            include_prefixes: Vec::new(),
+            exclude_domains: Vec::new(),
+        }
     }
 
     /// Whether `entity_id` is tracked.
@@ -42,7 +46,11 @@ impl EntityFilter {
         if self.exclude_domains.iter().any(|d| d == domain) {
             return false;
         }
-        self.include_prefixes.is_empty() || self.include_prefixes.iter().any(|p| entity_id.starts_with(p.as_str()))
+        self.include_prefixes.is_empty()
+            || self
+                .include_prefixes
+                .iter()
+                .any(|p| entity_id.starts_with(p.as_str()))
     }
 
     /// The `include`/`exclude` keys for a `subscribe_entities` request, or `None` when the
@@ -58,7 +66,11 @@ impl EntityFilter {
         }
         if !self.include_prefixes.is_empty() {
             // Entity ids only hold [a-z0-9_.], so a prefix never contains glob characters.
-            let globs: Vec<String> = self.include_prefixes.iter().map(|p| format!("{p}*")).collect();
+            let globs: Vec<String> = self
+                .include_prefixes
+                .iter()
+                .map(|p| format!("{p}*"))
+                .collect();
             return Some(json!({"include": {"entity_globs": globs}}));
         }
         if self.exclude_domains.is_empty() {
@@ -86,12 +98,19 @@ mod tests {
         assert!(f.tracks("light.kitchen"));
         assert!(!f.tracks("camera.door"));
         assert!(!f.tracks("automation.night"));
-        assert!(f.tracks("media_player_like.x"), "domain match is exact, not a prefix");
+        assert!(
+            f.tracks("media_player_like.x"),
+            "domain match is exact, not a prefix"
+        );
     }
 
     #[test]
     fn exclude_wins_over_include() {
-        let f = filter(true, &["light.", "sensor.temperature", "camera."], &["camera"]);
+        let f = filter(
+            true,
+            &["light.", "sensor.temperature", "camera."],
+            &["camera"],
+        );
         assert!(f.tracks("light.kitchen"));
         assert!(f.tracks("sensor.temperature_living"));
         assert!(!f.tracks("sensor.humidity"));

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use async_tungstenite::tungstenite::{Message, client::IntoClientRequest};
-use smol::future::FutureExt;
-use smol::stream::StreamExt;
 use smol::Timer;
+use smol::future::FutureExt;
 use smol::net::TcpStream;
+use smol::stream::StreamExt;
 
 use crate::config::Secret;
 use crate::hub::{Counters, Hub, LinkState};
@@ -52,7 +52,9 @@ pub struct LinkSettings {
 
 impl std::fmt::Debug for LinkSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkSettings").field("websocket_url", &self.websocket_url).finish_non_exhaustive()
+        f.debug_struct("LinkSettings")
+            .field("websocket_url", &self.websocket_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,7 +83,8 @@ enum End {
 /// `max_delay`. `jitter` is in `0.0..1.0`.
 pub fn backoff_delay(attempt: u32, max_delay: Duration, jitter: f64) -> Duration {
     let base = Duration::from_secs(1u64 << attempt.min(20));
-    base.mul_f64(1.0 + 0.1 * jitter.clamp(0.0, 1.0)).min(max_delay)
+    base.mul_f64(1.0 + 0.1 * jitter.clamp(0.0, 1.0))
+        .min(max_delay)
 }
 
 /// Runs the link until `shutdown` resolves. Returns `Err` only when `max_attempts` is used up.
@@ -148,7 +151,10 @@ pub async fn run(
                         "Home Assistant rejected the access token {token_failures} times ({message}); not sending it again (HA would ban this address): write a valid token and restart or reload hass-edge"
                     );
                 } else {
-                    log::error!("Home Assistant rejected the access token ({message}); next attempt in {}s", delay.as_secs());
+                    log::error!(
+                        "Home Assistant rejected the access token ({message}); next attempt in {}s",
+                        delay.as_secs()
+                    );
                 }
                 hub.link_lost(&format!("auth_invalid: {message}"));
                 hub.update_link(|l| {
@@ -165,7 +171,10 @@ pub async fn run(
                 }
                 attempts = attempts.saturating_add(1);
                 let delay = backoff_delay(attempts, max_delay, fastrand::f64());
-                log::warn!("connection to Home Assistant lost: {reason}; attempt {attempts} in {:.1}s", delay.as_secs_f64());
+                log::warn!(
+                    "connection to Home Assistant lost: {reason}; attempt {attempts} in {:.1}s",
+                    delay.as_secs_f64()
+                );
                 hub.link_lost(&reason);
                 hub.update_link(|l| {
                     l.state = LinkState::Backoff;
@@ -175,7 +184,9 @@ pub async fn run(
             }
         };
         if max_attempts > 0 && attempts >= max_attempts {
-            return Err(format!("gave up after {attempts} failed attempts to reach Home Assistant (reconnect.max_attempts)"));
+            return Err(format!(
+                "gave up after {attempts} failed attempts to reach Home Assistant (reconnect.max_attempts)"
+            ));
         }
         // Wait out the back-off; a Resync or new settings cut it short.
         match pause(delay, &commands, &shutdown).await {
@@ -187,7 +198,11 @@ pub async fn run(
 }
 
 /// Waits `delay`, or until a command arrives or shutdown starts, whichever is first.
-async fn pause(delay: Duration, commands: &smol::channel::Receiver<Command>, shutdown: &Shutdown) -> Wake {
+async fn pause(
+    delay: Duration,
+    commands: &smol::channel::Receiver<Command>,
+    shutdown: &Shutdown,
+) -> Wake {
     async {
         Timer::after(delay).await;
         Wake::Timer
@@ -202,22 +217,44 @@ async fn pause(delay: Duration, commands: &smol::channel::Receiver<Command>, shu
 
 /// Opens TCP (+TLS) and upgrades to a WebSocket.
 async fn open(settings: &LinkSettings) -> Result<Ws, String> {
-    let request = settings.websocket_url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let request = settings
+        .websocket_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
     let uri = request.uri().clone();
-    let host = uri.host().ok_or("the URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = uri
+        .host()
+        .ok_or("the URL has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let tls = uri.scheme_str() == Some("wss");
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connect to {host}:{port}: {e}"))?;
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("connect to {host}:{port}: {e}"))?;
     tcp.set_nodelay(true).ok();
     let stream: Box<dyn Stream> = if tls {
-        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("server name {host}: {e}"))?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("server name {host}: {e}"))?;
         let tls = settings.tls.clone().ok_or("wss URL without a TLS config")?;
         let connector = futures_rustls::TlsConnector::from(tls);
-        Box::new(connector.connect(name, tcp).await.map_err(|e| tls_error(&host, &e))?)
+        Box::new(
+            connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| tls_error(&host, &e))?,
+        )
     } else {
         Box::new(tcp)
     };
-    let stream = Counted { inner: stream, held: Vec::new(), head_matched: 0, read: 0 };
+    let stream = Counted {
+        inner: stream,
+        held: Vec::new(),
+        head_matched: 0,
+        read: 0,
+    };
     let (ws, _) = async_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
         .await
         .map_err(|e| format!("WebSocket handshake: {e}"))?;
@@ -251,7 +288,11 @@ struct Counted<S> {
 }
 
 impl<S: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for Counted<S> {
-    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut [u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         let this = &mut *self;
         if this.held.is_empty() {
             if this.head_matched == 4 {
@@ -262,7 +303,8 @@ impl<S: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for Counted<S> {
                 return polled;
             }
             let mut chunk = [0u8; 1024];
-            let n = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
+            let n =
+                std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
             if n == 0 {
                 return std::task::Poll::Ready(Ok(0));
             }
@@ -293,13 +335,23 @@ impl<S: smol::io::AsyncRead + Unpin> smol::io::AsyncRead for Counted<S> {
 }
 
 impl<S: smol::io::AsyncWrite + Unpin> smol::io::AsyncWrite for Counted<S> {
-    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_close(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_close(cx)
     }
 }
@@ -330,7 +382,13 @@ impl Release {
     fn saw(&mut self, message: &Message) {
         let payload = message.len();
         // RFC 6455 §5.2: 2 bytes, plus 2 or 8 of extended length; server frames are unmasked.
-        let header = 2 + if payload > 65535 { 8 } else if payload > 125 { 2 } else { 0 };
+        let header = 2 + if payload > 65535 {
+            8
+        } else if payload > 125 {
+            2
+        } else {
+            0
+        };
         self.framed += (header + payload) as u64;
         self.pending |= payload > RELEASE_ABOVE;
         self.after_ping = matches!(message, Message::Ping(_));
@@ -343,7 +401,12 @@ impl Release {
         }
         self.pending = false;
         log::debug!("releasing the WebSocket read buffer after a large message");
-        async_tungstenite::WebSocketStream::from_raw_socket(ws.into_inner(), async_tungstenite::tungstenite::protocol::Role::Client, Some(ws_config())).await
+        async_tungstenite::WebSocketStream::from_raw_socket(
+            ws.into_inner(),
+            async_tungstenite::tungstenite::protocol::Role::Client,
+            Some(ws_config()),
+        )
+        .await
     }
 }
 
@@ -384,7 +447,10 @@ async fn connect_and_run(
     let opened = async { Some(open(settings).await) }
         .or(async {
             Timer::after(CONNECT_TIMEOUT).await;
-            Some(Err(format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())))
+            Some(Err(format!(
+                "no connection within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )))
         })
         .or(async {
             shutdown.wait().await;
@@ -407,12 +473,20 @@ async fn connect_and_run(
         (c.heartbeat.interval, c.heartbeat.timeout)
     };
     let ha_filter = hub.filter.borrow().ha_filter();
-    let mut session = Session::new(settings.token.clone(), ha_filter, interval, timeout, Instant::now());
+    let mut session = Session::new(
+        settings.token.clone(),
+        ha_filter,
+        interval,
+        timeout,
+        Instant::now(),
+    );
     let mut out = Vec::new();
     let mut synced = false;
     let mut release = Release::default();
     loop {
-        let deadline = session.next_wakeup().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let deadline = session
+            .next_wakeup()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let wake = async { Wake::Frame(ws.next().await) }
             .or(async {
                 Timer::at(deadline).await;
@@ -436,8 +510,15 @@ async fn connect_and_run(
                 }
             }
             Wake::Frame(Some(Ok(Message::Close(frame)))) => {
-                let why = frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_default();
-                return lost(format!("Home Assistant closed the connection {why}").trim_end().to_owned(), synced);
+                let why = frame
+                    .map(|f| format!("{} {}", f.code, f.reason))
+                    .unwrap_or_default();
+                return lost(
+                    format!("Home Assistant closed the connection {why}")
+                        .trim_end()
+                        .to_owned(),
+                    synced,
+                );
             }
             // Protocol pings are answered by tungstenite; binary frames carry nothing for us.
             Wake::Frame(Some(Ok(_))) => {}
@@ -448,17 +529,22 @@ async fn connect_and_run(
                 log::info!("resync requested: taking a fresh snapshot");
                 session.resubscribe(hub.filter.borrow().ha_filter(), &mut out);
             }
-            Wake::Command(Command::Resubscribe) => session.resubscribe(hub.filter.borrow().ha_filter(), &mut out),
+            Wake::Command(Command::Resubscribe) => {
+                session.resubscribe(hub.filter.borrow().ha_filter(), &mut out)
+            }
             Wake::Command(Command::Reconnect(new)) => {
                 let _ = ws.close(None).await;
                 return End::Reconnect(new);
             }
             Wake::Shutdown => {
                 // A clean Close (RFC 6455 §5.5.1), bounded so a dead peer cannot hold us up.
-                let _ = ws.close(None).or(async {
-                    Timer::after(Duration::from_millis(500)).await;
-                    Ok(())
-                }).await;
+                let _ = ws
+                    .close(None)
+                    .or(async {
+                        Timer::after(Duration::from_millis(500)).await;
+                        Ok(())
+                    })
+                    .await;
                 return End::Shutdown;
             }
         }
@@ -494,7 +580,10 @@ async fn connect_and_run(
                     let changes = hub.apply_snapshot(event);
                     synced = true;
                     let tracked = hub.store.borrow().tracked_len();
-                    log::info!("live: snapshot of {n} entities, {tracked} tracked, {} changed since last sync", changes.len());
+                    log::info!(
+                        "live: snapshot of {n} entities, {tracked} tracked, {} changed since last sync",
+                        changes.len()
+                    );
                     // Known only now: on HA >= 2024.4 the subscription goes out after get_states.
                     let filtered = session.filter_sent();
                     hub.update_link(|l| {
@@ -523,7 +612,11 @@ async fn connect_and_run(
                     log::debug!("{kind}");
                     hub.changed.notify(usize::MAX);
                 }
-                Output::CommandFailed { command, code, message } => {
+                Output::CommandFailed {
+                    command,
+                    code,
+                    message,
+                } => {
                     Counters::add(&hub.counters.command_errors, 1);
                     log::warn!("Home Assistant refused {command}: {code}: {message}");
                 }

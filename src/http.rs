@@ -57,7 +57,10 @@ pub struct Request {
 impl Request {
     /// The first value of a query parameter.
     pub fn query_value(&self, name: &str) -> Option<&str> {
-        self.query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Whether a boolean query flag is set (`true`, `1`, or present without a value).
@@ -133,17 +136,32 @@ impl std::io::Write for Count {
 impl Response {
     /// A JSON response.
     pub fn json(status: u16, body: Vec<u8>) -> Response {
-        Response { status, headers: Vec::new(), body: Body::Bytes(body), content_type: "application/json" }
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Body::Bytes(body),
+            content_type: "application/json",
+        }
     }
 
     /// A JSON list of states, streamed (see [`Body::States`]).
     pub fn states(status: u16, states: Vec<Rc<EntityState>>) -> Response {
-        Response { status, headers: Vec::new(), body: Body::States(states), content_type: "application/json" }
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Body::States(states),
+            content_type: "application/json",
+        }
     }
 
     /// An error in HA's shape: `{"message": …}`.
     pub fn error(status: u16, message: impl std::fmt::Display) -> Response {
-        Response::json(status, json!({"message": message.to_string()}).to_string().into_bytes())
+        Response::json(
+            status,
+            json!({"message": message.to_string()})
+                .to_string()
+                .into_bytes(),
+        )
     }
 
     /// Adds a header.
@@ -176,7 +194,12 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Serves the API on `listener` until `shutdown`. Each connection is a task on `executor`.
-pub async fn serve(listener: TcpListener, hub: Rc<Hub>, executor: Rc<LocalExecutor<'static>>, shutdown: Shutdown) {
+pub async fn serve(
+    listener: TcpListener,
+    hub: Rc<Hub>,
+    executor: Rc<LocalExecutor<'static>>,
+    shutdown: Shutdown,
+) {
     let open = Rc::new(Cell::new(0usize));
     loop {
         let accepted = async { Some(listener.accept().await) }
@@ -201,7 +224,9 @@ pub async fn serve(listener: TcpListener, hub: Rc<Hub>, executor: Rc<LocalExecut
             let r = Response::error(503, "too many connections").with_header("Retry-After", "1");
             executor
                 .spawn(async move {
-                    let _ = write_response(&mut stream, &r, false, false).or(timeout(WRITE_TIMEOUT)).await;
+                    let _ = write_response(&mut stream, &r, false, false)
+                        .or(timeout(WRITE_TIMEOUT))
+                        .await;
                 })
                 .detach();
             continue;
@@ -225,19 +250,30 @@ async fn timeout<T>(d: Duration) -> std::io::Result<T> {
 }
 
 /// Serves one connection: requests in order until close, error, timeout or shutdown.
-async fn connection(mut stream: TcpStream, hub: &Rc<Hub>, shutdown: &Shutdown) -> std::io::Result<()> {
+async fn connection(
+    mut stream: TcpStream,
+    hub: &Rc<Hub>,
+    shutdown: &Shutdown,
+) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut deadline = Deadline::new(Instant::now() + IDLE_TIMEOUT);
     loop {
-        let (request, consumed, keep_alive) = match read_request(&mut stream, &mut buf, &mut deadline, shutdown).await? {
-            Parsed::Request { request, consumed, keep_alive } => (request, consumed, keep_alive),
-            Parsed::Closed => return Ok(()),
-            Parsed::Reject(response) => {
-                hub.count_http("invalid", response.status);
-                write_response(&mut stream, &response, false, false).or(timeout(WRITE_TIMEOUT)).await?;
-                return Ok(());
-            }
-        };
+        let (request, consumed, keep_alive) =
+            match read_request(&mut stream, &mut buf, &mut deadline, shutdown).await? {
+                Parsed::Request {
+                    request,
+                    consumed,
+                    keep_alive,
+                } => (request, consumed, keep_alive),
+                Parsed::Closed => return Ok(()),
+                Parsed::Reject(response) => {
+                    hub.count_http("invalid", response.status);
+                    write_response(&mut stream, &response, false, false)
+                        .or(timeout(WRITE_TIMEOUT))
+                        .await?;
+                    return Ok(());
+                }
+            };
         buf.drain(..consumed);
         let head = request.method == "HEAD";
         let response = match crate::api::handle(hub, &request).await {
@@ -245,9 +281,18 @@ async fn connection(mut stream: TcpStream, hub: &Rc<Hub>, shutdown: &Shutdown) -
                 hub.count_http(route, response.status);
                 response
             }
-            (route, Reply::Stream { headers, first, subscription }) => {
+            (
+                route,
+                Reply::Stream {
+                    headers,
+                    first,
+                    subscription,
+                },
+            ) => {
                 hub.count_http(route, 200);
-                let mut h = String::from("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+                let mut h = String::from(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n",
+                );
                 for (name, value) in headers {
                     let _ = write!(h, "{name}: {value}\r\n");
                 }
@@ -259,7 +304,9 @@ async fn connection(mut stream: TcpStream, hub: &Rc<Hub>, shutdown: &Shutdown) -
             }
         };
         let keep_alive = keep_alive && !shutdown.is_triggered();
-        write_response(&mut stream, &response, head, keep_alive).or(timeout(WRITE_TIMEOUT)).await?;
+        write_response(&mut stream, &response, head, keep_alive)
+            .or(timeout(WRITE_TIMEOUT))
+            .await?;
         if !keep_alive {
             return Ok(());
         }
@@ -267,7 +314,11 @@ async fn connection(mut stream: TcpStream, hub: &Rc<Hub>, shutdown: &Shutdown) -
 }
 
 enum Parsed {
-    Request { request: Request, consumed: usize, keep_alive: bool },
+    Request {
+        request: Request,
+        consumed: usize,
+        keep_alive: bool,
+    },
     Closed,
     Reject(Response),
 }
@@ -298,14 +349,25 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
-            return Err(Response::error(431, format!("request head larger than {MAX_HEAD_BYTES} bytes")));
+            return Err(Response::error(
+                431,
+                format!("request head larger than {MAX_HEAD_BYTES} bytes"),
+            ));
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Response::error(431, format!("more than {MAX_HEADERS} headers"))),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Response::error(
+                431,
+                format!("more than {MAX_HEADERS} headers"),
+            ));
+        }
         Err(e) => return Err(Response::error(400, format!("malformed request: {e}"))),
     };
     if head_len > MAX_HEAD_BYTES {
-        return Err(Response::error(431, format!("request head larger than {MAX_HEAD_BYTES} bytes")));
+        return Err(Response::error(
+            431,
+            format!("request head larger than {MAX_HEAD_BYTES} bytes"),
+        ));
     }
     let mut head = Head {
         method: req.method.unwrap_or("").to_owned(),
@@ -327,7 +389,10 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
             }
             content_length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Response::error(411, "chunked request bodies are not supported; send Content-Length"));
+            return Err(Response::error(
+                411,
+                "chunked request bodies are not supported; send Content-Length",
+            ));
         } else if h.name.eq_ignore_ascii_case("connection") {
             let v = value.to_ascii_lowercase();
             if v.contains("close") {
@@ -343,17 +408,29 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
     }
     head.content_length = content_length.unwrap_or(0);
     if head.content_length > MAX_BODY_BYTES {
-        return Err(Response::error(413, format!("request body larger than {MAX_BODY_BYTES} bytes")));
+        return Err(Response::error(
+            413,
+            format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        ));
     }
     if !head.target.starts_with('/') {
-        return Err(Response::error(400, "request target must be an absolute path"));
+        return Err(Response::error(
+            400,
+            "request target must be an absolute path",
+        ));
     }
     Ok(Some((head, head_len)))
 }
 
 /// Reads more bytes into `buf` before `deadline`: `Ok(None)` once it has passed, `Ok(Some(0))`
 /// on EOF (or shutdown when `idle`).
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: &mut Deadline, idle: bool, shutdown: &Shutdown) -> std::io::Result<Option<usize>> {
+async fn fill(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: &mut Deadline,
+    idle: bool,
+    shutdown: &Shutdown,
+) -> std::io::Result<Option<usize>> {
     let mut chunk = [0u8; 4096];
     let n = async {
         if idle {
@@ -365,20 +442,20 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: &mut Deadline
         }
         stream.read(&mut chunk).await.map(Some)
     }
-        .or(async {
-            deadline.elapsed().await;
-            Ok(None)
-        })
-        .or(async {
-            // Between requests, shutdown closes the connection; mid-request it may finish.
-            if idle {
-                shutdown.wait().await;
-                Ok(Some(0))
-            } else {
-                std::future::pending().await
-            }
-        })
-        .await?;
+    .or(async {
+        deadline.elapsed().await;
+        Ok(None)
+    })
+    .or(async {
+        // Between requests, shutdown closes the connection; mid-request it may finish.
+        if idle {
+            shutdown.wait().await;
+            Ok(Some(0))
+        } else {
+            std::future::pending().await
+        }
+    })
+    .await?;
     if let Some(n) = n {
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -387,7 +464,12 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: &mut Deadline
 
 /// Reads one request from `buf` + `stream`. `deadline` is the connection's: idle, it is
 /// [`IDLE_TIMEOUT`] from now; once a request has started, [`REQUEST_TIMEOUT`] from then.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: &mut Deadline, shutdown: &Shutdown) -> std::io::Result<Parsed> {
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: &mut Deadline,
+    shutdown: &Shutdown,
+) -> std::io::Result<Parsed> {
     let mut started = false;
     let (head, head_len) = loop {
         match parse_head(buf) {
@@ -409,7 +491,12 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: &mut 
             Some(0) => return Ok(Parsed::Closed),
             Some(_) => {}
             None if idle => return Ok(Parsed::Closed),
-            None => return Ok(Parsed::Reject(Response::error(408, "request not received in time"))),
+            None => {
+                return Ok(Parsed::Reject(Response::error(
+                    408,
+                    "request not received in time",
+                )));
+            }
         }
     };
     let needed = head_len + head.content_length;
@@ -420,33 +507,59 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: &mut 
         match fill(stream, buf, deadline, false, shutdown).await? {
             Some(0) => return Ok(Parsed::Closed),
             Some(_) => {}
-            None => return Ok(Parsed::Reject(Response::error(408, "request body not received in time"))),
+            None => {
+                return Ok(Parsed::Reject(Response::error(
+                    408,
+                    "request body not received in time",
+                )));
+            }
         }
     }
     let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
     let request = Request {
-        query: form_urlencoded::parse(query.as_bytes()).into_owned().collect(),
+        query: form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect(),
         path: path.to_owned(),
         method: head.method,
         authorization: head.authorization,
         origin: head.origin,
         body: buf[head_len..needed].to_vec(),
     };
-    Ok(Parsed::Request { request, consumed: needed, keep_alive: head.keep_alive })
+    Ok(Parsed::Request {
+        request,
+        consumed: needed,
+        keep_alive: head.keep_alive,
+    })
 }
 
 /// Writes `response`; on `head`, the headers only.
 ///
 /// Errors: the socket's; `InvalidData` if a streamed body came out longer or shorter than
 /// its counted `Content-Length` (the connection is then closed, never left misframed).
-async fn write_response(stream: &mut TcpStream, r: &Response, head: bool, keep_alive: bool) -> std::io::Result<()> {
+async fn write_response(
+    stream: &mut TcpStream,
+    r: &Response,
+    head: bool,
+    keep_alive: bool,
+) -> std::io::Result<()> {
     let length = r.body.len();
     let mut out = String::with_capacity(160);
-    let _ = write!(out, "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {length}\r\n", r.status, reason(r.status), r.content_type);
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {length}\r\n",
+        r.status,
+        reason(r.status),
+        r.content_type
+    );
     for (name, value) in &r.headers {
         let _ = write!(out, "{name}: {value}\r\n");
     }
-    out.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+    out.push_str(if keep_alive {
+        "Connection: keep-alive\r\n\r\n"
+    } else {
+        "Connection: close\r\n\r\n"
+    });
     let mut bytes = out.into_bytes();
     match &r.body {
         _ if head => stream.write_all(&bytes).await?,
@@ -477,7 +590,10 @@ async fn write_response(stream: &mut TcpStream, r: &Response, head: bool, keep_a
             stream.write_all(&bytes).await?;
             written += bytes.len();
             if written - head_len != length {
-                log::error!("GET /api/states body was {} bytes, announced {length}; closing the connection", written - head_len);
+                log::error!(
+                    "GET /api/states body was {} bytes, announced {length}; closing the connection",
+                    written - head_len
+                );
                 return Err(std::io::ErrorKind::InvalidData.into());
             }
         }

@@ -202,7 +202,13 @@ impl Hub {
         let c = &config.cache;
         Hub {
             filter: RefCell::new(EntityFilter::new(&config.filter)),
-            store: RefCell::new(Store::new(c.mode, c.max_entities, c.ttl, c.negative_ttl, now)),
+            store: RefCell::new(Store::new(
+                c.mode,
+                c.max_entities,
+                c.ttl,
+                c.negative_ttl,
+                now,
+            )),
             config: RefCell::new(config),
             link: RefCell::new(Link {
                 state: LinkState::Connecting,
@@ -399,7 +405,11 @@ impl Hub {
                 Lookup::Hit { state, age } => {
                     // Wakes the D-Bus counter announcer (coalesced to once a second there).
                     self.changed.notify(usize::MAX);
-                    return Read::Fresh { state, age, cache: "hit" };
+                    return Read::Fresh {
+                        state,
+                        age,
+                        cache: "hit",
+                    };
                 }
                 Lookup::NotFound { .. } => return Read::NotFound { cache: "hit" },
                 Lookup::Miss { stale } => stale,
@@ -409,10 +419,17 @@ impl Hub {
             && Instant::now() < until
         {
             self.store.borrow_mut().note_stale_serve();
-            return Read::Stale { state: state.clone(), age: *age };
+            return Read::Stale {
+                state: state.clone(),
+                age: *age,
+            };
         }
         match self.fetch(entity_id).await {
-            Ok(Some(state)) => Read::Fresh { state: Rc::new(state), age: Duration::ZERO, cache: "miss" },
+            Ok(Some(state)) => Read::Fresh {
+                state: Rc::new(state),
+                age: Duration::ZERO,
+                cache: "miss",
+            },
             Ok(None) => Read::NotFound { cache: "miss" },
             Err(e) => match stale {
                 Some((state, age)) => {
@@ -427,15 +444,22 @@ impl Hub {
 
     /// HA rejected our token: every REST call would be another 401 toward HA's IP ban.
     fn auth_failed(&self) -> Option<RestError> {
-        (self.link_state() == LinkState::AuthFailed)
-            .then(|| RestError::Status { status: 401, message: "Home Assistant rejected the access token (see /status)".into() })
+        (self.link_state() == LinkState::AuthFailed).then(|| RestError::Status {
+            status: 401,
+            message: "Home Assistant rejected the access token (see /status)".into(),
+        })
     }
 
     async fn fetch(&self, entity_id: &str) -> Fetch {
         if let Some(e) = self.auth_failed() {
             return Err(e);
         }
-        let cell = self.inflight.borrow_mut().entry(entity_id.to_owned()).or_default().clone();
+        let cell = self
+            .inflight
+            .borrow_mut()
+            .entry(entity_id.to_owned())
+            .or_default()
+            .clone();
         let result = cell
             .get_or_init(|| async {
                 let rest = self.rest();
@@ -443,7 +467,11 @@ impl Hub {
                 let result = smol::unblock(move || rest.get_state(&id)).await;
                 self.record_rest(&result);
                 match &result {
-                    Ok(state) => self.store.borrow_mut().insert_fetched(entity_id, state.clone(), Instant::now()),
+                    Ok(state) => self.store.borrow_mut().insert_fetched(
+                        entity_id,
+                        state.clone(),
+                        Instant::now(),
+                    ),
                     Err(e) => log::warn!("REST read of {entity_id} failed: {e}"),
                 }
                 result
@@ -451,7 +479,10 @@ impl Hub {
             .await
             .clone();
         let mut inflight = self.inflight.borrow_mut();
-        if inflight.get(entity_id).is_some_and(|c| Rc::ptr_eq(c, &cell)) {
+        if inflight
+            .get(entity_id)
+            .is_some_and(|c| Rc::ptr_eq(c, &cell))
+        {
             inflight.remove(entity_id);
         }
         result
@@ -470,7 +501,12 @@ impl Hub {
         } else {
             self.rest_down_until.set(None);
         }
-        *self.counters.rest_requests.borrow_mut().entry(outcome).or_default() += 1;
+        *self
+            .counters
+            .rest_requests
+            .borrow_mut()
+            .entry(outcome)
+            .or_default() += 1;
         let mut history = self.rest_history.borrow_mut();
         if history.len() == REST_HISTORY {
             history.pop_front();
@@ -518,7 +554,12 @@ impl Hub {
     /// body unchanged.
     ///
     /// Errors: HA unreachable.
-    pub async fn call_service(&self, domain: &str, service: &str, body: Vec<u8>) -> Result<(u16, String), RestError> {
+    pub async fn call_service(
+        &self,
+        domain: &str,
+        service: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, String), RestError> {
         if let Some(e) = self.auth_failed() {
             return Err(e);
         }
@@ -527,20 +568,27 @@ impl Hub {
         let result = smol::unblock(move || rest.call_service(&d, &s, &body)).await;
         match &result {
             Ok((200, _)) => self.record_rest::<()>(&Ok(Some(()))),
-            Ok((status, body)) => self.record_rest::<()>(&Err(crate::rest::status_error(*status, body))),
+            Ok((status, body)) => {
+                self.record_rest::<()>(&Err(crate::rest::status_error(*status, body)))
+            }
             Err(e) => self.record_rest::<()>(&Err(e.clone())),
         }
         if let Ok((200, text)) = &result {
             match serde_json::from_str::<Vec<EntityState>>(text) {
                 Ok(states) => {
                     let filter = self.filter.borrow().clone();
-                    let changes = self.store.borrow_mut().apply_call_result(states, &filter, Instant::now());
+                    let changes =
+                        self.store
+                            .borrow_mut()
+                            .apply_call_result(states, &filter, Instant::now());
                     if !changes.is_empty() {
                         self.bump_generation();
                     }
                     self.stream.publish(&changes);
                 }
-                Err(e) => log::warn!("could not read the states returned by {domain}.{service}: {e}"),
+                Err(e) => {
+                    log::warn!("could not read the states returned by {domain}.{service}: {e}")
+                }
             }
         }
         result
@@ -548,7 +596,12 @@ impl Hub {
 
     /// Counts a local HTTP request by route label and status.
     pub fn count_http(&self, route: &'static str, status: u16) {
-        *self.counters.http_requests.borrow_mut().entry((route, status)).or_default() += 1;
+        *self
+            .counters
+            .http_requests
+            .borrow_mut()
+            .entry((route, status))
+            .or_default() += 1;
     }
 
     /// The REST client (for service calls and other pass-through requests).
@@ -571,8 +624,15 @@ impl Hub {
 /// Whether `entity_id` has HA's shape `<domain>.<object_id>` (lower-case letters, digits,
 /// `_`; see HA `core.py` `valid_entity_id`). Checked before an id goes into a URL.
 pub fn valid_entity_id(entity_id: &str) -> bool {
-    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    entity_id.len() <= 255 && entity_id.split_once('.').is_some_and(|(d, o)| ok(d) && ok(o))
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    entity_id.len() <= 255
+        && entity_id
+            .split_once('.')
+            .is_some_and(|(d, o)| ok(d) && ok(o))
 }
 
 #[cfg(test)]
@@ -582,7 +642,16 @@ mod tests {
     #[test]
     fn entity_id_shape() {
         assert!(valid_entity_id("light.kitchen_2"));
-        for bad in ["light", "light.", ".x", "Light.x", "light.x/../y", "light.x.y", "light.x%2F", "light.ä"] {
+        for bad in [
+            "light",
+            "light.",
+            ".x",
+            "Light.x",
+            "light.x/../y",
+            "light.x.y",
+            "light.x%2F",
+            "light.ä",
+        ] {
             assert!(!valid_entity_id(bad), "{bad}");
         }
     }

@@ -7,15 +7,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
-pub mod config;
-pub mod entity;
-pub mod filter;
-pub mod session;
-pub mod store;
 pub mod api;
 pub mod app;
+pub mod config;
 pub mod dbus;
 pub mod deadline;
+pub mod entity;
+pub mod filter;
 pub mod ha;
 pub mod http;
 pub mod hub;
@@ -24,7 +22,9 @@ pub mod metrics;
 pub mod notify;
 pub mod persist;
 pub mod rest;
+pub mod session;
 pub mod shutdown;
 pub mod sse;
 pub mod status;
+pub mod store;
 pub mod tls;

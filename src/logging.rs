@@ -18,7 +18,9 @@ pub fn init(level: &str) {
             builder.parse_filters(spec);
         }
         None => {
-            builder.filter_level(LevelFilter::Info).filter_module("hass_edge", LevelFilter::Trace);
+            builder
+                .filter_level(LevelFilter::Info)
+                .filter_module("hass_edge", LevelFilter::Trace);
         }
     }
     // These crates log frame payloads and request headers at debug/trace: the `auth` frame

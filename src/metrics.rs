@@ -25,7 +25,9 @@ impl Out {
 
 /// Escapes a label value (backslash, quote, newline).
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Renders every metric.
@@ -39,48 +41,180 @@ pub fn render(hub: &Hub) -> String {
     let link = hub.link.borrow().clone();
     let mut o = Out(String::with_capacity(4096));
 
-    o.family("hass_edge_build_info", "gauge", "Build information; always 1.");
-    let _ = writeln!(o.0, "hass_edge_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-    let start = hub.started_wall.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-    o.single("hass_edge_start_time_seconds", "gauge", "Start time of the daemon since the Unix epoch.", start);
-    o.single("hass_edge_connection_up", "gauge", "1 while the subscription to Home Assistant is live and synced.", u8::from(link.state == LinkState::Live));
-    o.single("hass_edge_reconnect_attempts", "gauge", "Failed connection attempts since the last successful sync.", link.reconnect_attempts);
-    o.single("hass_edge_reconnects_total", "counter", "Connections to Home Assistant lost or failed.", c.reconnects.get());
-    o.single("hass_edge_auth_failures_total", "counter", "auth_invalid answers from Home Assistant.", c.auth_failures.get());
-    o.single("hass_edge_subscriptions", "gauge", "Active subscriptions on the current connection.", link.subscriptions);
+    o.family(
+        "hass_edge_build_info",
+        "gauge",
+        "Build information; always 1.",
+    );
+    let _ = writeln!(
+        o.0,
+        "hass_edge_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    let start = hub
+        .started_wall
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    o.single(
+        "hass_edge_start_time_seconds",
+        "gauge",
+        "Start time of the daemon since the Unix epoch.",
+        start,
+    );
+    o.single(
+        "hass_edge_connection_up",
+        "gauge",
+        "1 while the subscription to Home Assistant is live and synced.",
+        u8::from(link.state == LinkState::Live),
+    );
+    o.single(
+        "hass_edge_reconnect_attempts",
+        "gauge",
+        "Failed connection attempts since the last successful sync.",
+        link.reconnect_attempts,
+    );
+    o.single(
+        "hass_edge_reconnects_total",
+        "counter",
+        "Connections to Home Assistant lost or failed.",
+        c.reconnects.get(),
+    );
+    o.single(
+        "hass_edge_auth_failures_total",
+        "counter",
+        "auth_invalid answers from Home Assistant.",
+        c.auth_failures.get(),
+    );
+    o.single(
+        "hass_edge_subscriptions",
+        "gauge",
+        "Active subscriptions on the current connection.",
+        link.subscriptions,
+    );
 
-    o.single("hass_edge_events_received_total", "counter", "Entity updates received from Home Assistant (snapshots included).", c.events_received.get());
-    o.single("hass_edge_events_applied_total", "counter", "Entity updates applied to the store.", c.events_applied.get());
-    o.single("hass_edge_events_filtered_out_total", "counter", "Entity updates ignored because the filter does not track the entity.", c.events_filtered_out.get());
-    o.single("hass_edge_decode_errors_total", "counter", "Frames or entity entries from Home Assistant that could not be decoded.", c.decode_errors.get());
-    o.single("hass_edge_service_events_total", "counter", "service_registered and service_removed events.", c.service_events.get());
+    o.single(
+        "hass_edge_events_received_total",
+        "counter",
+        "Entity updates received from Home Assistant (snapshots included).",
+        c.events_received.get(),
+    );
+    o.single(
+        "hass_edge_events_applied_total",
+        "counter",
+        "Entity updates applied to the store.",
+        c.events_applied.get(),
+    );
+    o.single(
+        "hass_edge_events_filtered_out_total",
+        "counter",
+        "Entity updates ignored because the filter does not track the entity.",
+        c.events_filtered_out.get(),
+    );
+    o.single(
+        "hass_edge_decode_errors_total",
+        "counter",
+        "Frames or entity entries from Home Assistant that could not be decoded.",
+        c.decode_errors.get(),
+    );
+    o.single(
+        "hass_edge_service_events_total",
+        "counter",
+        "service_registered and service_removed events.",
+        c.service_events.get(),
+    );
 
-    o.single("hass_edge_entities_tracked", "gauge", "Entities kept fresh by the subscription.", tracked);
-    o.single("hass_edge_cache_entries", "gauge", "Entries in the store, REST-fetched and negative ones included.", entries);
-    o.single("hass_edge_cache_hits_total", "counter", "Reads answered fresh from the store.", stats.hits);
-    o.single("hass_edge_cache_misses_total", "counter", "Reads that needed Home Assistant.", stats.misses);
-    o.single("hass_edge_cache_stale_serves_total", "counter", "Expired states served because Home Assistant could not be reached.", stats.stale_serves);
-    o.single("hass_edge_cache_evictions_total", "counter", "Entries evicted by the max_entities bound.", stats.evictions);
+    o.single(
+        "hass_edge_entities_tracked",
+        "gauge",
+        "Entities kept fresh by the subscription.",
+        tracked,
+    );
+    o.single(
+        "hass_edge_cache_entries",
+        "gauge",
+        "Entries in the store, REST-fetched and negative ones included.",
+        entries,
+    );
+    o.single(
+        "hass_edge_cache_hits_total",
+        "counter",
+        "Reads answered fresh from the store.",
+        stats.hits,
+    );
+    o.single(
+        "hass_edge_cache_misses_total",
+        "counter",
+        "Reads that needed Home Assistant.",
+        stats.misses,
+    );
+    o.single(
+        "hass_edge_cache_stale_serves_total",
+        "counter",
+        "Expired states served because Home Assistant could not be reached.",
+        stats.stale_serves,
+    );
+    o.single(
+        "hass_edge_cache_evictions_total",
+        "counter",
+        "Entries evicted by the max_entities bound.",
+        stats.evictions,
+    );
     o.single(
         "hass_edge_cache_tracked_evictions_total",
         "counter",
         "Tracked states evicted by the max_entities bound (the tracked set does not fit).",
         stats.tracked_evictions,
     );
-    o.single("hass_edge_cache_failed_updates_total", "counter", "Events that could not be applied; the entry was dropped.", stats.failed_updates);
+    o.single(
+        "hass_edge_cache_failed_updates_total",
+        "counter",
+        "Events that could not be applied; the entry was dropped.",
+        stats.failed_updates,
+    );
 
-    o.family("hass_edge_ha_rest_requests_total", "counter", "Requests to Home Assistant's REST API by outcome.");
+    o.family(
+        "hass_edge_ha_rest_requests_total",
+        "counter",
+        "Requests to Home Assistant's REST API by outcome.",
+    );
     for outcome in ["ok", "not_found", "unreachable", "error_status", "bad_body"] {
         let n = c.rest_requests.borrow().get(outcome).copied().unwrap_or(0);
-        let _ = writeln!(o.0, "hass_edge_ha_rest_requests_total{{outcome=\"{outcome}\"}} {n}");
+        let _ = writeln!(
+            o.0,
+            "hass_edge_ha_rest_requests_total{{outcome=\"{outcome}\"}} {n}"
+        );
     }
 
-    o.family("hass_edge_http_requests_total", "counter", "Local API requests by route and status.");
+    o.family(
+        "hass_edge_http_requests_total",
+        "counter",
+        "Local API requests by route and status.",
+    );
     for ((route, status), n) in c.http_requests.borrow().iter() {
-        let _ = writeln!(o.0, "hass_edge_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}", label(route));
+        let _ = writeln!(
+            o.0,
+            "hass_edge_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+            label(route)
+        );
     }
-    o.single("hass_edge_sse_clients", "gauge", "Connected /api/stream clients.", hub.stream.clients());
-    o.single("hass_edge_sse_clients_dropped_total", "counter", "Stream clients disconnected for falling behind.", hub.stream.dropped_slow());
-    o.single("hass_edge_sse_events_total", "counter", "Events queued to stream clients.", hub.stream.sent());
+    o.single(
+        "hass_edge_sse_clients",
+        "gauge",
+        "Connected /api/stream clients.",
+        hub.stream.clients(),
+    );
+    o.single(
+        "hass_edge_sse_clients_dropped_total",
+        "counter",
+        "Stream clients disconnected for falling behind.",
+        hub.stream.dropped_slow(),
+    );
+    o.single(
+        "hass_edge_sse_events_total",
+        "counter",
+        "Events queued to stream clients.",
+        hub.stream.sent(),
+    );
     o.0
 }

@@ -46,5 +46,7 @@ pub fn watchdog() {
 /// The ping period when systemd's watchdog is on for this process: half `WATCHDOG_USEC`
 /// (sd_watchdog_enabled(3) recommends pinging at half the timeout).
 pub fn watchdog_period() -> Option<Duration> {
-    sd_notify::watchdog_enabled().map(|d| d / 2).filter(|d| !d.is_zero())
+    sd_notify::watchdog_enabled()
+        .map(|d| d / 2)
+        .filter(|d| !d.is_zero())
 }

@@ -86,7 +86,9 @@ pub enum FormatError {
     #[error("not a hass-edge state file: {0}")]
     Foreign(String),
     /// A later hass-edge wrote it, in a format this one does not know.
-    #[error("written by a newer hass-edge (format version {0}); this one reads version {FORMAT_VERSION}")]
+    #[error(
+        "written by a newer hass-edge (format version {0}); this one reads version {FORMAT_VERSION}"
+    )]
     NewerVersion(u64),
     /// The checksum does not match: the header or the body was damaged.
     #[error("checksum mismatch: header says crc32 {expected:#010x}, content has {actual:#010x}")]
@@ -216,7 +218,10 @@ struct Header {
 /// states: the file is used whole or not at all.
 pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
     if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(FormatError::TooLarge { bytes: bytes.len() as u64, limit: MAX_FILE_BYTES });
+        return Err(FormatError::TooLarge {
+            bytes: bytes.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
     }
     if bytes.is_empty() {
         return Err(FormatError::Truncated("the file is empty".into()));
@@ -226,11 +231,14 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
         // A torn first write can stop inside the header; anything else is someone else's file.
         let magic = format!("{{\"format\":\"{FORMAT_NAME}\"");
         let magic = magic.as_bytes();
-        let torn_header = bytes.len() <= MAX_HEADER_BYTES && (bytes.starts_with(magic) || magic.starts_with(bytes));
+        let torn_header = bytes.len() <= MAX_HEADER_BYTES
+            && (bytes.starts_with(magic) || magic.starts_with(bytes));
         return Err(if torn_header {
             FormatError::Truncated("the header line is incomplete".into())
         } else {
-            FormatError::Foreign(format!("no header line in the first {MAX_HEADER_BYTES} bytes"))
+            FormatError::Foreign(format!(
+                "no header line in the first {MAX_HEADER_BYTES} bytes"
+            ))
         });
     };
     let (line, rest) = (&bytes[..newline], &bytes[newline + 1..]);
@@ -241,19 +249,27 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
         .map_err(|e| FormatError::Foreign(format!("the first line is not a JSON object ({e})")))?;
     match fields.get("format") {
         Some(Value::String(f)) if f == FORMAT_NAME => {}
-        Some(other) => return Err(FormatError::Foreign(format!("format is {other}, not \"{FORMAT_NAME}\""))),
+        Some(other) => {
+            return Err(FormatError::Foreign(format!(
+                "format is {other}, not \"{FORMAT_NAME}\""
+            )));
+        }
         None => return Err(FormatError::Foreign("the header has no \"format\"".into())),
     }
     match fields.get("version").and_then(Value::as_u64) {
         Some(FORMAT_VERSION) => {}
         Some(v) if v > FORMAT_VERSION => return Err(FormatError::NewerVersion(v)),
         _ => {
-            let v = fields.get("version").map_or_else(|| "missing".to_owned(), Value::to_string);
-            return Err(FormatError::Malformed(format!("version is {v}, not a known version")));
+            let v = fields
+                .get("version")
+                .map_or_else(|| "missing".to_owned(), Value::to_string);
+            return Err(FormatError::Malformed(format!(
+                "version is {v}, not a known version"
+            )));
         }
     }
-    let header: Header =
-        serde_json::from_value(Value::Object(fields)).map_err(|e| FormatError::Malformed(format!("header: {e}")))?;
+    let header: Header = serde_json::from_value(Value::Object(fields))
+        .map_err(|e| FormatError::Malformed(format!("header: {e}")))?;
 
     // The body and its final newline, nothing more.
     let have = rest.len() as u64;
@@ -264,24 +280,40 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
         )));
     }
     if have > header.length + 1 {
-        return Err(FormatError::Malformed(format!("{} unexpected bytes after the body", have - header.length - 1)));
+        return Err(FormatError::Malformed(format!(
+            "{} unexpected bytes after the body",
+            have - header.length - 1
+        )));
     }
     // `length < have <= MAX_FILE_BYTES`, so it fits a usize.
     let (body, end) = rest.split_at(header.length as usize);
     if end != b"\n" {
-        return Err(FormatError::Malformed("the body does not end with a newline".into()));
+        return Err(FormatError::Malformed(
+            "the body does not end with a newline".into(),
+        ));
     }
     let actual = checksum(header.saved_at_us, header.count, header.length, body);
     if actual != header.crc32 {
-        return Err(FormatError::Checksum { expected: header.crc32, actual });
+        return Err(FormatError::Checksum {
+            expected: header.crc32,
+            actual,
+        });
     }
-    let states: Vec<EntityState> = serde_json::from_slice(body)
-        .map_err(|e| FormatError::Malformed(format!("the body is not a JSON array of HA states ({e})")))?;
+    let states: Vec<EntityState> = serde_json::from_slice(body).map_err(|e| {
+        FormatError::Malformed(format!("the body is not a JSON array of HA states ({e})"))
+    })?;
     if states.len() as u64 != header.count {
-        return Err(FormatError::Count { expected: header.count, actual: states.len() as u64 });
+        return Err(FormatError::Count {
+            expected: header.count,
+            actual: states.len() as u64,
+        });
     }
-    let saved_at = time_from_micros(header.saved_at_us)
-        .ok_or_else(|| FormatError::Malformed(format!("saved_at_us {} is out of range", header.saved_at_us)))?;
+    let saved_at = time_from_micros(header.saved_at_us).ok_or_else(|| {
+        FormatError::Malformed(format!(
+            "saved_at_us {} is out of range",
+            header.saved_at_us
+        ))
+    })?;
     Ok(Saved { saved_at, states })
 }
 
@@ -295,7 +327,11 @@ pub fn decode(bytes: &[u8]) -> Result<Saved, FormatError> {
 /// Errors: [`PersistError::Io`] naming the step and file (missing or read-only directory,
 /// full disk; the old file is then untouched, the temp file removed when possible),
 /// [`PersistError::TooLarge`] beyond [`MAX_FILE_BYTES`].
-pub fn save(path: &Path, states: &[Rc<EntityState>], saved_at: SystemTime) -> Result<u64, PersistError> {
+pub fn save(
+    path: &Path,
+    states: &[Rc<EntityState>],
+    saved_at: SystemTime,
+) -> Result<u64, PersistError> {
     write_file(path, &encode(states, saved_at))
 }
 
@@ -304,7 +340,11 @@ pub fn save(path: &Path, states: &[Rc<EntityState>], saved_at: SystemTime) -> Re
 /// steps, result and errors as [`save`].
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, PersistError> {
     if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(PersistError::TooLarge { path: path.to_owned(), bytes: bytes.len() as u64, limit: MAX_FILE_BYTES });
+        return Err(PersistError::TooLarge {
+            path: path.to_owned(),
+            bytes: bytes.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
     }
     let tmp = temp_path(path);
     let dir = match path.parent() {
@@ -315,7 +355,10 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, PersistError> {
     // A temp file left by a crash may have another owner or mode; `create_new` below then
     // makes a fresh 0600 file and refuses to follow a symlink planted at that name.
     match fs::remove_file(&tmp) {
-        Ok(()) => log::debug!("removed {} left over from an interrupted save", tmp.display()),
+        Ok(()) => log::debug!(
+            "removed {} left over from an interrupted save",
+            tmp.display()
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("remove stale temp file", &tmp)(e)),
     }
@@ -337,7 +380,9 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, PersistError> {
     }
     // Without this the rename may be lost at power loss (ext4 `data=ordered` usually keeps
     // it, other file systems need it): see rename(2) and fsync(2), "fsync on the directory".
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))?;
     Ok(bytes.len() as u64)
 }
 
@@ -352,7 +397,11 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, PersistError> {
 /// Errors: [`PersistError::Io`] when the file exists but cannot be read (permissions, a
 /// directory at `path`, a parent that is not a directory); the file is left where it is.
 pub fn load(path: &Path) -> Result<Option<Saved>, PersistError> {
-    let io_err = |source| PersistError::Io { action: "read state file", path: path.to_owned(), source };
+    let io_err = |source| PersistError::Io {
+        action: "read state file",
+        path: path.to_owned(),
+        source,
+    };
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -361,7 +410,9 @@ pub fn load(path: &Path) -> Result<Option<Saved>, PersistError> {
     // Read one byte past the limit so `decode` sees an oversized file as such, without
     // reading all of it.
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io_err)?;
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
     match decode(&bytes) {
         Ok(saved) => Ok(Some(saved)),
         Err(error) => {
@@ -384,7 +435,11 @@ pub fn load(path: &Path) -> Result<Option<Saved>, PersistError> {
                     None
                 }
             };
-            Err(PersistError::Corrupt { path: path.to_owned(), moved_to, error })
+            Err(PersistError::Corrupt {
+                path: path.to_owned(),
+                moved_to,
+                error,
+            })
         }
     }
 }
@@ -403,7 +458,11 @@ pub fn corrupt_path(path: &Path) -> PathBuf {
 /// Makes a `map_err` closure for an I/O step of [`write_file`].
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PersistError + use<> {
     let path = path.to_owned();
-    move |source| PersistError::Io { action, path, source }
+    move |source| PersistError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 fn moved_note(moved_to: &Option<PathBuf>) -> String {
@@ -435,7 +494,11 @@ fn micros_since_epoch(t: SystemTime) -> i64 {
 
 fn time_from_micros(us: i64) -> Option<SystemTime> {
     let d = Duration::from_micros(us.unsigned_abs());
-    if us >= 0 { UNIX_EPOCH.checked_add(d) } else { UNIX_EPOCH.checked_sub(d) }
+    if us >= 0 {
+        UNIX_EPOCH.checked_add(d)
+    } else {
+        UNIX_EPOCH.checked_sub(d)
+    }
 }
 
 /// CRC-32 (IEEE 802.3, reflected, polynomial 0xEDB88320) lookup table, built at compile time.
@@ -446,7 +509,11 @@ const CRC_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -467,7 +534,12 @@ fn crc32(parts: &[&[u8]]) -> u32 {
 
 /// The `crc32` header field: covers the header's numbers as well as the body.
 fn checksum(saved_at_us: i64, count: u64, length: u64, body: &[u8]) -> u32 {
-    crc32(&[&saved_at_us.to_le_bytes(), &count.to_le_bytes(), &length.to_le_bytes(), body])
+    crc32(&[
+        &saved_at_us.to_le_bytes(),
+        &count.to_le_bytes(),
+        &length.to_le_bytes(),
+        body,
+    ])
 }
 
 /// When to save: at most once per `interval`, and only when something changed since the
@@ -496,7 +568,12 @@ pub struct ChangeMark(u64);
 impl SavePolicy {
     /// A policy that allows the first save `interval` after `now`.
     pub fn new(interval: Duration, now: Instant) -> Self {
-        SavePolicy { interval, not_before: now.checked_add(interval), changes: 0, saved_changes: 0 }
+        SavePolicy {
+            interval,
+            not_before: now.checked_add(interval),
+            changes: 0,
+            saved_changes: 0,
+        }
     }
 
     /// Records that the store changed (any state, any entity) and needs saving.
@@ -519,7 +596,11 @@ impl SavePolicy {
     /// while nothing changed (or when `interval` runs past the clock's range). May be in the
     /// past: then it is due now.
     pub fn next_due(&self) -> Option<Instant> {
-        if self.pending() { self.not_before } else { None }
+        if self.pending() {
+            self.not_before
+        } else {
+            None
+        }
     }
 
     /// A mark of the changes seen so far; take it with the snapshot being saved.
@@ -558,7 +639,8 @@ mod tests {
 
     impl TestDir {
         fn new(name: &str) -> TestDir {
-            let dir = std::env::temp_dir().join(format!("hass-edge-persist-{name}-{}", std::process::id()));
+            let dir = std::env::temp_dir()
+                .join(format!("hass-edge-persist-{name}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             TestDir(dir)
@@ -577,8 +659,14 @@ mod tests {
     /// The `result` arrays of the recorded `get_states` answers, as raw JSON.
     fn fixture_json() -> Vec<(&'static str, Vec<Value>)> {
         let files = [
-            ("2024.3.3", include_str!("../tests/fixtures/2024.3.3/get_states_result.json")),
-            ("2025.4.4", include_str!("../tests/fixtures/2025.4.4/get_states_result.json")),
+            (
+                "2024.3.3",
+                include_str!("../tests/fixtures/2024.3.3/get_states_result.json"),
+            ),
+            (
+                "2025.4.4",
+                include_str!("../tests/fixtures/2025.4.4/get_states_result.json"),
+            ),
         ];
         files
             .into_iter()
@@ -623,15 +711,26 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         fs::write(corrupt_path(&path), b"an older rejected file").unwrap();
         match load(&path) {
-            Err(PersistError::Corrupt { error, moved_to: Some(to), .. }) => {
+            Err(PersistError::Corrupt {
+                error,
+                moved_to: Some(to),
+                ..
+            }) => {
                 assert_eq!(error, err, "{what}");
                 assert_eq!(to, corrupt_path(&path));
             }
             other => panic!("{what}: expected Corrupt, got {other:?}"),
         }
         assert!(!path.exists(), "{what}: the rejected file is moved away");
-        assert_eq!(fs::read(corrupt_path(&path)).unwrap(), bytes, "{what}: .corrupt holds the rejected file");
-        assert!(load(&path).unwrap().is_none(), "{what}: the next start is a cold start");
+        assert_eq!(
+            fs::read(corrupt_path(&path)).unwrap(),
+            bytes,
+            "{what}: .corrupt holds the rejected file"
+        );
+        assert!(
+            load(&path).unwrap().is_none(),
+            "{what}: the next start is a cold start"
+        );
         err
     }
 
@@ -649,7 +748,11 @@ mod tests {
         let bytes = encode(&states, at(T, 123_456_789));
         let saved = decode(&bytes).unwrap();
         assert_eq!(saved.saved_at, at(T, 123_456_000));
-        let got: Vec<Value> = saved.states.iter().map(|s| serde_json::to_value(s).unwrap()).collect();
+        let got: Vec<Value> = saved
+            .states
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap())
+            .collect();
         assert_eq!(got, expected_json, "states come back as the same HA JSON");
 
         // Through the file, and an empty store too.
@@ -658,11 +761,23 @@ mod tests {
         assert_eq!(n, fs::metadata(dir.file()).unwrap().len());
         assert_eq!(
             load(&dir.file()).unwrap().unwrap(),
-            Saved { saved_at: at(T, 0), states: states.iter().map(|s| (**s).clone()).collect() }
+            Saved {
+                saved_at: at(T, 0),
+                states: states.iter().map(|s| (**s).clone()).collect()
+            }
         );
         save(&dir.file(), &[], at(T + 1, 0)).unwrap();
-        assert_eq!(load(&dir.file()).unwrap().unwrap(), Saved { saved_at: at(T + 1, 0), states: vec![] });
-        assert!(!temp_path(&dir.file()).exists(), "no temp file after a successful save");
+        assert_eq!(
+            load(&dir.file()).unwrap().unwrap(),
+            Saved {
+                saved_at: at(T + 1, 0),
+                states: vec![]
+            }
+        );
+        assert!(
+            !temp_path(&dir.file()).exists(),
+            "no temp file after a successful save"
+        );
     }
 
     #[test]
@@ -677,8 +792,10 @@ mod tests {
         // Backs the "bytes per state" figure in the module docs (README: bytes/day).
         let mut total = (0, 0);
         for (version, json) in fixture_json() {
-            let states: Vec<Rc<EntityState>> =
-                json.into_iter().map(|v| Rc::new(serde_json::from_value(v).unwrap())).collect();
+            let states: Vec<Rc<EntityState>> = json
+                .into_iter()
+                .map(|v| Rc::new(serde_json::from_value(v).unwrap()))
+                .collect();
             let bytes = encode(&states, at(T, 123_456_000));
             let header = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
             let per_state = (bytes.len() - header) / states.len();
@@ -688,23 +805,47 @@ mod tests {
                 bytes.len()
             );
             total = (total.0 + states.len(), total.1 + bytes.len() - header);
-            assert!((300..=450).contains(&per_state), "module docs say 340 and 395 bytes/state, measured {per_state}");
-            assert!(header <= 130, "module docs say a header of about 120 bytes, measured {header}");
+            assert!(
+                (300..=450).contains(&per_state),
+                "module docs say 340 and 395 bytes/state, measured {per_state}"
+            );
+            assert!(
+                header <= 130,
+                "module docs say a header of about 120 bytes, measured {header}"
+            );
         }
         let mean = total.1 / total.0;
         println!("mean: {mean} bytes/state");
-        assert!((350..=390).contains(&mean), "module docs say about 370 bytes/state, measured {mean}");
+        assert!(
+            (350..=390).contains(&mean),
+            "module docs say about 370 bytes/state, measured {mean}"
+        );
     }
 
     #[test]
     fn torn_files_are_rejected_and_moved_aside() {
         let bytes = encode(&fixture_states(), at(T, 0));
         let header = bytes.iter().position(|&b| b == b'\n').unwrap();
-        for cut in [1, 20, header, header + 1, header + 2, bytes.len() / 2, bytes.len() - 2, bytes.len() - 1] {
+        for cut in [
+            1,
+            20,
+            header,
+            header + 1,
+            header + 2,
+            bytes.len() / 2,
+            bytes.len() - 2,
+            bytes.len() - 1,
+        ] {
             let err = assert_rejected(&bytes[..cut], &format!("cut at {cut}"));
-            assert!(matches!(err, FormatError::Truncated(_)), "cut at {cut}: {err}");
+            assert!(
+                matches!(err, FormatError::Truncated(_)),
+                "cut at {cut}: {err}"
+            );
         }
-        assert!(matches!(assert_rejected(b"", "empty"), FormatError::Truncated(_)));
+        assert!(matches!(
+            assert_rejected(b"", "empty"),
+            FormatError::Truncated(_)
+        ));
     }
 
     #[test]
@@ -713,35 +854,56 @@ mod tests {
         for len in [1, 100, 4096] {
             let junk: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
             let err = assert_rejected(&junk, &format!("{len} random bytes"));
-            assert!(matches!(err, FormatError::Foreign(_) | FormatError::Truncated(_)), "{err}");
+            assert!(
+                matches!(err, FormatError::Foreign(_) | FormatError::Truncated(_)),
+                "{err}"
+            );
         }
     }
 
     #[test]
     fn json_of_the_wrong_shape_is_rejected() {
         // Someone's copy of HA's REST answer, and other JSON files.
-        let err = assert_rejected(br#"[{"entity_id":"light.a","state":"on"}]"#, "HA REST array");
+        let err = assert_rejected(
+            br#"[{"entity_id":"light.a","state":"on"}]"#,
+            "HA REST array",
+        );
         assert!(matches!(err, FormatError::Foreign(_)), "{err}");
         let err = assert_rejected(b"{\"a\":1}\n[]\n", "another JSON object");
         assert!(matches!(err, FormatError::Foreign(_)), "{err}");
         let err = assert_rejected(b"[1,2]\n[]\n", "a JSON array header");
         assert!(matches!(err, FormatError::Foreign(_)), "{err}");
         // A correct frame (checksum included) around a body that is not HA states.
-        let err = assert_rejected(&frame(FORMAT_NAME, 1, 1, br#"[{"entity_id":"light.a"}]"#), "states missing fields");
+        let err = assert_rejected(
+            &frame(FORMAT_NAME, 1, 1, br#"[{"entity_id":"light.a"}]"#),
+            "states missing fields",
+        );
         assert!(matches!(err, FormatError::Malformed(_)), "{err}");
-        let err = assert_rejected(&frame(FORMAT_NAME, 1, 1, br#"{"light.a":"on"}"#), "a body that is an object");
+        let err = assert_rejected(
+            &frame(FORMAT_NAME, 1, 1, br#"{"light.a":"on"}"#),
+            "a body that is an object",
+        );
         assert!(matches!(err, FormatError::Malformed(_)), "{err}");
         // Header fields of the wrong type, or unknown ones.
         let ok = encode(&[], at(T, 0));
         let text = String::from_utf8(ok).unwrap();
         let bad = text.replace("\"count\":0", "\"count\":\"0\"");
-        assert!(matches!(assert_rejected(bad.as_bytes(), "count as a string"), FormatError::Malformed(_)));
+        assert!(matches!(
+            assert_rejected(bad.as_bytes(), "count as a string"),
+            FormatError::Malformed(_)
+        ));
         let bad = text.replace("{\"format\"", "{\"extra\":1,\"format\"");
-        assert!(matches!(assert_rejected(bad.as_bytes(), "unknown header key"), FormatError::Malformed(_)));
+        assert!(matches!(
+            assert_rejected(bad.as_bytes(), "unknown header key"),
+            FormatError::Malformed(_)
+        ));
         // Bytes after the body.
         let mut long = text.into_bytes();
         long.extend_from_slice(b"[]\n");
-        assert!(matches!(assert_rejected(&long, "trailing data"), FormatError::Malformed(_)));
+        assert!(matches!(
+            assert_rejected(&long, "trailing data"),
+            FormatError::Malformed(_)
+        ));
     }
 
     #[test]
@@ -750,7 +912,11 @@ mod tests {
         assert!(matches!(err, FormatError::Foreign(_)), "{err}");
         let err = assert_rejected(&frame(FORMAT_NAME, 2, 0, b"[]"), "version 2");
         assert_eq!(err, FormatError::NewerVersion(2));
-        assert!(err.to_string().contains("written by a newer hass-edge (format version 2)"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("written by a newer hass-edge (format version 2)"),
+            "{err}"
+        );
         // A newer header may have other fields: still reported as newer, not as malformed.
         let err = assert_rejected(
             b"{\"format\":\"hass-edge-states\",\"version\":7,\"zstd\":true}\n\x28\xb5\x2f\xfd",
@@ -769,18 +935,37 @@ mod tests {
         let pos = text.find("\"state\":\"off\"").unwrap() + 9;
         let mut damaged = text.clone().into_bytes();
         damaged[pos] = b'0';
-        assert!(matches!(assert_rejected(&damaged, "body bit flip"), FormatError::Checksum { .. }));
+        assert!(matches!(
+            assert_rejected(&damaged, "body bit flip"),
+            FormatError::Checksum { .. }
+        ));
         // The header's numbers are covered too.
-        let damaged = text.replacen(&format!("\"saved_at_us\":{T}"), &format!("\"saved_at_us\":{}", T + 1), 1);
-        assert!(matches!(assert_rejected(damaged.as_bytes(), "saved_at damaged"), FormatError::Checksum { .. }));
+        let damaged = text.replacen(
+            &format!("\"saved_at_us\":{T}"),
+            &format!("\"saved_at_us\":{}", T + 1),
+            1,
+        );
+        assert!(matches!(
+            assert_rejected(damaged.as_bytes(), "saved_at damaged"),
+            FormatError::Checksum { .. }
+        ));
     }
 
     #[test]
     fn count_mismatch_is_rejected() {
         let state = fixture_states()[0].to_json();
         let body = format!("[{state}]");
-        let err = assert_rejected(&frame(FORMAT_NAME, 1, 2, body.as_bytes()), "count 2 for 1 state");
-        assert_eq!(err, FormatError::Count { expected: 2, actual: 1 });
+        let err = assert_rejected(
+            &frame(FORMAT_NAME, 1, 2, body.as_bytes()),
+            "count 2 for 1 state",
+        );
+        assert_eq!(
+            err,
+            FormatError::Count {
+                expected: 2,
+                actual: 1
+            }
+        );
         assert!(
             decode(&frame(FORMAT_NAME, 1, 1, body.as_bytes())).is_ok(),
             "the same frame with the right count is fine"
@@ -791,7 +976,11 @@ mod tests {
     fn missing_file_is_a_cold_start() {
         let dir = TestDir::new("missing");
         assert!(load(&dir.file()).unwrap().is_none());
-        assert!(load(&dir.0.join("no-such-dir/states.json")).unwrap().is_none());
+        assert!(
+            load(&dir.0.join("no-such-dir/states.json"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -800,7 +989,9 @@ mod tests {
         let dir = TestDir::new("unreadable");
         fs::create_dir(dir.file()).unwrap();
         match load(&dir.file()) {
-            Err(e @ PersistError::Io { .. }) => assert!(e.to_string().contains("failed to read state file"), "{e}"),
+            Err(e @ PersistError::Io { .. }) => {
+                assert!(e.to_string().contains("failed to read state file"), "{e}")
+            }
             other => panic!("expected Io, got {other:?}"),
         }
         assert!(dir.file().is_dir(), "not moved");
@@ -814,17 +1005,36 @@ mod tests {
         // A parent that is a regular file (stops root too), and a missing directory.
         let regular = dir.0.join("regular");
         fs::write(&regular, b"x").unwrap();
-        for path in [regular.join("states.json"), dir.0.join("missing/states.json")] {
+        for path in [
+            regular.join("states.json"),
+            dir.0.join("missing/states.json"),
+        ] {
             let err = save(&path, &states, at(T, 0)).unwrap_err();
             assert!(matches!(err, PersistError::Io { .. }), "{err}");
-            assert!(err.to_string().contains(&temp_path(&path).display().to_string()), "names the file: {err}");
+            assert!(
+                err.to_string()
+                    .contains(&temp_path(&path).display().to_string()),
+                "names the file: {err}"
+            );
         }
-        assert!(matches!(load(&regular.join("states.json")), Err(PersistError::Io { .. })));
+        assert!(matches!(
+            load(&regular.join("states.json")),
+            Err(PersistError::Io { .. })
+        ));
         // A directory at the path: the old "file" stays, the temp file is cleaned up.
         fs::create_dir(dir.file()).unwrap();
         fs::write(dir.file().join("inside"), b"x").unwrap();
         let err = save(&dir.file(), &states, at(T, 0)).unwrap_err();
-        assert!(matches!(err, PersistError::Io { action: "rename temp file over", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                PersistError::Io {
+                    action: "rename temp file over",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(!temp_path(&dir.file()).exists());
         assert!(dir.file().join("inside").exists());
     }
@@ -854,7 +1064,10 @@ mod tests {
         let msg = load(&dir.file()).unwrap_err().to_string();
         println!("{msg}");
         assert!(msg.contains(&dir.file().display().to_string()), "{msg}");
-        assert!(msg.contains("written by a newer hass-edge (format version 3)"), "{msg}");
+        assert!(
+            msg.contains("written by a newer hass-edge (format version 3)"),
+            "{msg}"
+        );
         assert!(msg.contains(".corrupt"), "{msg}");
     }
 
@@ -891,7 +1104,11 @@ mod tests {
                 p.saved(now);
             }
         }
-        assert!(writes.len() <= 5, "{} writes in an hour: {writes:?}", writes.len());
+        assert!(
+            writes.len() <= 5,
+            "{} writes in an hour: {writes:?}",
+            writes.len()
+        );
         assert_eq!(writes, [secs(900), secs(1800), secs(2700), secs(3600)]);
         assert!(writes.windows(2).all(|w| w[1] - w[0] >= interval));
     }

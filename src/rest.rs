@@ -58,7 +58,9 @@ pub struct RestClient {
 
 impl std::fmt::Debug for RestClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RestClient").field("base", &self.base).finish_non_exhaustive()
+        f.debug_struct("RestClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,12 +79,20 @@ impl RestClient {
             None => config = config.max_redirects(0),
         }
         let agent = config.build().new_agent();
-        RestClient { agent, base: base.trim_end_matches('/').to_owned(), token }
+        RestClient {
+            agent,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        }
     }
 
     /// The same client (pool, TLS, timeouts) with another token.
     pub fn with_token(&self, token: Secret) -> RestClient {
-        RestClient { agent: self.agent.clone(), base: self.base.clone(), token }
+        RestClient {
+            agent: self.agent.clone(),
+            base: self.base.clone(),
+            token,
+        }
     }
 
     /// `GET /api/states/<entity_id>`: `Ok(None)` on HA's 404. Blocking.
@@ -92,7 +102,9 @@ impl RestClient {
         let url = format!("{}/api/states/{entity_id}", self.base);
         let (status, body) = self.request("GET", &url, None)?;
         match status {
-            200 => serde_json::from_str(&body).map(Some).map_err(|e| RestError::BadBody(e.to_string())),
+            200 => serde_json::from_str(&body)
+                .map(Some)
+                .map_err(|e| RestError::BadBody(e.to_string())),
             404 => Ok(None),
             status => Err(status_error(status, &body)),
         }
@@ -103,7 +115,9 @@ impl RestClient {
         let (status, body) = self.request("GET", &format!("{}/api/services", self.base), None)?;
         match status {
             200 if body.trim_start().starts_with('[') => Ok(body),
-            200 => Err(RestError::BadBody("expected a JSON list of services".into())),
+            200 => Err(RestError::BadBody(
+                "expected a JSON list of services".into(),
+            )),
             status => Err(status_error(status, &body)),
         }
     }
@@ -111,12 +125,26 @@ impl RestClient {
     /// `POST /api/services/<domain>/<service>` with a JSON object body. Returns HA's status
     /// and body as they are (200: the list of states the call changed). Blocking.
     /// `domain` and `service` must already be validated (they become part of the path).
-    pub fn call_service(&self, domain: &str, service: &str, body: &[u8]) -> Result<(u16, String), RestError> {
-        self.request("POST", &format!("{}/api/services/{domain}/{service}", self.base), Some(body))
+    pub fn call_service(
+        &self,
+        domain: &str,
+        service: &str,
+        body: &[u8],
+    ) -> Result<(u16, String), RestError> {
+        self.request(
+            "POST",
+            &format!("{}/api/services/{domain}/{service}", self.base),
+            Some(body),
+        )
     }
 
     /// Performs one request and reads the body (bounded). Blocking.
-    pub(crate) fn request(&self, method: &str, url: &str, json_body: Option<&[u8]>) -> Result<(u16, String), RestError> {
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        url: &str,
+        json_body: Option<&[u8]>,
+    ) -> Result<(u16, String), RestError> {
         let auth = format!("Bearer {}", self.token.expose());
         let result = match (method, json_body) {
             ("GET", _) => self.agent.get(url).header("Authorization", &auth).call(),

@@ -232,13 +232,23 @@ struct RawEntitiesEvent<'a> {
 pub fn parse_ha_version(version: &str) -> Option<(u32, u32)> {
     let mut parts = version.split('.');
     let year = parts.next()?.parse().ok()?;
-    let month: String = parts.next()?.chars().take_while(char::is_ascii_digit).collect();
+    let month: String = parts
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
     Some((year, month.parse().ok()?))
 }
 
 impl Session {
     /// A session for a connection made at `now`.
-    pub fn new(token: Secret, ha_filter: Option<Value>, heartbeat_interval: Duration, heartbeat_timeout: Duration, now: Instant) -> Session {
+    pub fn new(
+        token: Secret,
+        ha_filter: Option<Value>,
+        heartbeat_interval: Duration,
+        heartbeat_timeout: Duration,
+        now: Instant,
+    ) -> Session {
         Session {
             token,
             ha_filter,
@@ -274,7 +284,10 @@ impl Session {
     }
 
     fn version_at_least(&self, since: (u32, u32)) -> bool {
-        self.ha_version.as_deref().and_then(parse_ha_version).is_some_and(|v| v >= since)
+        self.ha_version
+            .as_deref()
+            .and_then(parse_ha_version)
+            .is_some_and(|v| v >= since)
     }
 
     fn command(&mut self, mut body: Value, out: &mut Vec<Output>) -> u64 {
@@ -289,7 +302,12 @@ impl Session {
     ///
     /// Errors: [`FrameError`] for a frame that is not HA's JSON; nothing is applied from it
     /// (messages of an array before the bad one are applied).
-    pub fn handle_frame(&mut self, text: &str, now: Instant, out: &mut Vec<Output>) -> Result<(), FrameError> {
+    pub fn handle_frame(
+        &mut self,
+        text: &str,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Result<(), FrameError> {
         let bad = |e: serde_json::Error| FrameError(e.to_string());
         if text.trim_start().starts_with('[') {
             let messages: Vec<&RawValue> = serde_json::from_str(text).map_err(bad)?;
@@ -304,7 +322,12 @@ impl Session {
         }
     }
 
-    fn handle_message(&mut self, msg: Incoming<'_>, now: Instant, out: &mut Vec<Output>) -> Result<(), FrameError> {
+    fn handle_message(
+        &mut self,
+        msg: Incoming<'_>,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Result<(), FrameError> {
         match msg.kind {
             "auth_required" if self.phase == Phase::AwaitAuthRequired => {
                 let ha_version = msg.ha_version.unwrap_or_default();
@@ -318,13 +341,21 @@ impl Session {
                 self.phase = Phase::AwaitRunning;
                 self.next_ping = now + self.heartbeat_interval;
                 out.push(Output::Authenticated);
-                self.ids.features = self.command(json!({"type": "supported_features", "features": {"coalesce_messages": 1}}), out);
-                self.ids.started = self.command(json!({"type": "subscribe_events", "event_type": "homeassistant_started"}), out);
+                self.ids.features = self.command(
+                    json!({"type": "supported_features", "features": {"coalesce_messages": 1}}),
+                    out,
+                );
+                self.ids.started = self.command(
+                    json!({"type": "subscribe_events", "event_type": "homeassistant_started"}),
+                    out,
+                );
                 self.ids.config = self.command(json!({"type": "get_config"}), out);
             }
             "auth_invalid" => {
                 self.phase = Phase::AuthFailed;
-                out.push(Output::AuthInvalid { message: msg.message.unwrap_or_default() });
+                out.push(Output::AuthInvalid {
+                    message: msg.message.unwrap_or_default(),
+                });
             }
             "pong" if self.ping.is_some_and(|(id, _)| Some(id) == msg.id) => self.ping = None,
             "result" => self.handle_result(msg, out)?,
@@ -335,8 +366,14 @@ impl Session {
         Ok(())
     }
 
-    fn handle_result(&mut self, msg: Incoming<'_>, out: &mut Vec<Output>) -> Result<(), FrameError> {
-        let Some(id) = msg.id else { return Err(FrameError("result without id".into())) };
+    fn handle_result(
+        &mut self,
+        msg: Incoming<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), FrameError> {
+        let Some(id) = msg.id else {
+            return Err(FrameError("result without id".into()));
+        };
         if msg.success == Some(true) {
             if id == self.ids.states && id != 0 {
                 let rows = msg
@@ -372,20 +409,35 @@ impl Session {
             }
             return Ok(());
         }
-        let err = msg.error.unwrap_or(HaError { code: String::new(), message: String::new() });
+        let err = msg.error.unwrap_or(HaError {
+            code: String::new(),
+            message: String::new(),
+        });
         if id == self.ids.entities {
             if self.filter_sent && err.code == "invalid_format" {
                 // HA before 2024.9 rejects include/exclude; subscribe without (we filter anyway).
-                out.push(Output::CommandFailed { command: "subscribe_entities (filtered)", code: err.code, message: err.message });
+                out.push(Output::CommandFailed {
+                    command: "subscribe_entities (filtered)",
+                    code: err.code,
+                    message: err.message,
+                });
                 self.ids.entities = self.subscribe_entities(false, out);
                 return Ok(());
             }
-            out.push(Output::CommandFailed { command: "subscribe_entities", code: err.code, message: err.message });
+            out.push(Output::CommandFailed {
+                command: "subscribe_entities",
+                code: err.code,
+                message: err.message,
+            });
             out.push(Output::Disconnect("subscribe_entities failed"));
             return Ok(());
         }
         if id == self.ids.states && id != 0 {
-            out.push(Output::CommandFailed { command: "get_states", code: err.code, message: err.message });
+            out.push(Output::CommandFailed {
+                command: "get_states",
+                code: err.code,
+                message: err.message,
+            });
             self.subscribe_after_states(out);
             return Ok(());
         }
@@ -397,7 +449,11 @@ impl Session {
             i if i == self.ids.removed => "subscribe_events service_removed",
             _ => "command",
         };
-        out.push(Output::CommandFailed { command, code: err.code, message: err.message });
+        out.push(Output::CommandFailed {
+            command,
+            code: err.code,
+            message: err.message,
+        });
         if id == self.ids.config {
             out.push(Output::Disconnect("get_config failed"));
         }
@@ -423,7 +479,11 @@ impl Session {
         } else if id == self.ids.started && self.phase == Phase::AwaitRunning {
             self.subscribe(out);
         } else if id == self.ids.registered || id == self.ids.removed {
-            let kind = if id == self.ids.registered { "service_registered" } else { "service_removed" };
+            let kind = if id == self.ids.registered {
+                "service_registered"
+            } else {
+                "service_removed"
+            };
             out.push(Output::ServicesChanged(kind.into()));
         }
         // Events of an old subscription (before a resubscribe) are ignored.
@@ -431,21 +491,36 @@ impl Session {
     }
 
     fn decode_entities(&self, event: &RawValue) -> Result<EntitiesEvent, FrameError> {
-        let raw: RawEntitiesEvent<'_> =
-            serde_json::from_str(event.get()).map_err(|e| FrameError(format!("subscribe_entities event: {e}")))?;
+        let raw: RawEntitiesEvent<'_> = serde_json::from_str(event.get())
+            .map_err(|e| FrameError(format!("subscribe_entities event: {e}")))?;
         let with_last_reported = self.version_at_least(LAST_REPORTED_SINCE);
-        let added = raw.a.map(|p| p.0).unwrap_or_default().into_iter().map(|(id, v)| {
-            let state = serde_json::from_str::<CompressedState>(v.get())
-                .map_err(|e| DecodeError(format!("compressed state of {id}: {e}")))
-                .and_then(|c| EntityState::from_compressed(&id, c, with_last_reported))
-                .map(Rc::new);
-            (id, state)
-        });
-        let changed = raw.c.map(|p| p.0).unwrap_or_default().into_iter().map(|(id, v)| {
-            let diff = serde_json::from_str::<StateDiff>(v.get()).map_err(|e| DecodeError(format!("diff of {id}: {e}")));
-            (id, diff)
-        });
-        Ok(EntitiesEvent { added: added.collect(), changed: changed.collect(), removed: raw.r })
+        let added = raw
+            .a
+            .map(|p| p.0)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, v)| {
+                let state = serde_json::from_str::<CompressedState>(v.get())
+                    .map_err(|e| DecodeError(format!("compressed state of {id}: {e}")))
+                    .and_then(|c| EntityState::from_compressed(&id, c, with_last_reported))
+                    .map(Rc::new);
+                (id, state)
+            });
+        let changed = raw
+            .c
+            .map(|p| p.0)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(id, v)| {
+                let diff = serde_json::from_str::<StateDiff>(v.get())
+                    .map_err(|e| DecodeError(format!("diff of {id}: {e}")));
+                (id, diff)
+            });
+        Ok(EntitiesEvent {
+            added: added.collect(),
+            changed: changed.collect(),
+            removed: raw.r,
+        })
     }
 
     fn subscribe(&mut self, out: &mut Vec<Output>) {
@@ -458,8 +533,14 @@ impl Session {
     /// `service_registered` / `service_removed`, once per connection, after the entities.
     fn subscribe_services(&mut self, out: &mut Vec<Output>) {
         if self.ids.registered == 0 {
-            self.ids.registered = self.command(json!({"type": "subscribe_events", "event_type": "service_registered"}), out);
-            self.ids.removed = self.command(json!({"type": "subscribe_events", "event_type": "service_removed"}), out);
+            self.ids.registered = self.command(
+                json!({"type": "subscribe_events", "event_type": "service_registered"}),
+                out,
+            );
+            self.ids.removed = self.command(
+                json!({"type": "subscribe_events", "event_type": "service_removed"}),
+                out,
+            );
         }
     }
 
@@ -512,7 +593,10 @@ impl Session {
         }
         let old = self.ids.entities;
         if old != 0 {
-            self.command(json!({"type": "unsubscribe_events", "subscription": old}), out);
+            self.command(
+                json!({"type": "unsubscribe_events", "subscription": old}),
+                out,
+            );
         }
         self.phase = Phase::Syncing;
         out.push(Output::Syncing);
@@ -547,7 +631,9 @@ impl Session {
     /// When [`Session::poll_timers`] next has something to do.
     pub fn next_wakeup(&self) -> Option<Instant> {
         match self.phase {
-            Phase::AwaitAuthRequired | Phase::Authenticating => Some(self.connected_at + AUTH_TIMEOUT),
+            Phase::AwaitAuthRequired | Phase::Authenticating => {
+                Some(self.connected_at + AUTH_TIMEOUT)
+            }
             Phase::AuthFailed => None,
             _ => Some(match self.ping {
                 Some((_, sent)) => sent + self.heartbeat_timeout,
@@ -575,7 +661,10 @@ impl<'de> Deserialize<'de> for ReportedRows {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a list of state objects")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ReportedRows, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ReportedRows, A::Error> {
                 let mut rows = Vec::new();
                 while let Some(r) = seq.next_element::<Row>()? {
                     if let Some(reported) = r.last_reported.filter(|t| *t != r.last_updated) {
@@ -617,14 +706,24 @@ mod tests {
 
     /// Drives a session to the point where subscribe_entities was sent; returns its id.
     fn to_syncing(s: &mut Session, version: &str, t: Instant) -> Vec<Value> {
-        let out = feed(s, &format!(r#"{{"type":"auth_required","ha_version":"{version}"}}"#), t);
+        let out = feed(
+            s,
+            &format!(r#"{{"type":"auth_required","ha_version":"{version}"}}"#),
+            t,
+        );
         assert_eq!(sent(&out), [json!({"type": "auth", "access_token": "tok"})]);
         let out = feed(s, r#"{"type":"auth_ok","ha_version":"x"}"#, t);
         let cmds = sent(&out);
         assert_eq!(cmds[0]["type"], "supported_features");
         assert_eq!(cmds[0]["features"]["coalesce_messages"], 1);
         let config_id = cmds[2]["id"].as_u64().unwrap();
-        let out = feed(s, &format!(r#"{{"id":{config_id},"type":"result","success":true,"result":{{"state":"RUNNING"}}}}"#), t);
+        let out = feed(
+            s,
+            &format!(
+                r#"{{"id":{config_id},"type":"result","success":true,"result":{{"state":"RUNNING"}}}}"#
+            ),
+            t,
+        );
         assert_eq!(s.phase(), Phase::Syncing);
         sent(&out)
     }
@@ -635,14 +734,29 @@ mod tests {
         let mut s = session(t, None);
         let cmds = to_syncing(&mut s, "2024.3.3", t);
         let kinds: Vec<&str> = cmds.iter().map(|c| c["type"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["subscribe_entities", "subscribe_events", "subscribe_events"]);
+        assert_eq!(
+            kinds,
+            ["subscribe_entities", "subscribe_events", "subscribe_events"]
+        );
         assert_eq!(cmds[1]["event_type"], "service_registered");
         let ids: Vec<u64> = cmds.iter().map(|c| c["id"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [4, 5, 6], "ids continue after the three setup commands");
-        let out = feed(&mut s, r#"{"id":4,"type":"event","event":{"a":{"light.a":{"s":"on","c":"x","lc":1.0}}}}"#, t);
+        assert_eq!(
+            ids,
+            [4, 5, 6],
+            "ids continue after the three setup commands"
+        );
+        let out = feed(
+            &mut s,
+            r#"{"id":4,"type":"event","event":{"a":{"light.a":{"s":"on","c":"x","lc":1.0}}}}"#,
+            t,
+        );
         assert!(matches!(&out[..], [Output::Snapshot(ev)] if ev.added.len() == 1));
         assert_eq!(s.phase(), Phase::Live);
-        let out = feed(&mut s, r#"{"type":"event","event":{"c":{"light.a":{"+":{"s":"off"}}}},"id":4}"#, t);
+        let out = feed(
+            &mut s,
+            r#"{"type":"event","event":{"c":{"light.a":{"+":{"s":"off"}}}},"id":4}"#,
+            t,
+        );
         assert!(matches!(&out[..], [Output::Entities(ev)] if ev.changed.len() == 1));
     }
 
@@ -650,16 +764,32 @@ mod tests {
     fn waits_for_running_before_subscribing() {
         let t = Instant::now();
         let mut s = session(t, None);
-        feed(&mut s, r#"{"type":"auth_required","ha_version":"2025.4.4"}"#, t);
+        feed(
+            &mut s,
+            r#"{"type":"auth_required","ha_version":"2025.4.4"}"#,
+            t,
+        );
         feed(&mut s, r#"{"type":"auth_ok"}"#, t);
-        let out = feed(&mut s, r#"{"id":3,"type":"result","success":true,"result":{"state":"STARTING"}}"#, t);
+        let out = feed(
+            &mut s,
+            r#"{"id":3,"type":"result","success":true,"result":{"state":"STARTING"}}"#,
+            t,
+        );
         assert!(sent(&out).is_empty());
         assert_eq!(s.phase(), Phase::AwaitRunning);
-        let out = feed(&mut s, r#"{"id":2,"type":"event","event":{"event_type":"homeassistant_started"}}"#, t);
+        let out = feed(
+            &mut s,
+            r#"{"id":2,"type":"event","event":{"event_type":"homeassistant_started"}}"#,
+            t,
+        );
         // HA >= 2024.4: get_states (for last_reported) first; the subscription waits for it.
         assert_eq!(sent(&out).len(), 1);
         assert_eq!(sent(&out)[0]["type"], "get_states");
-        let out = feed(&mut s, r#"{"id":4,"type":"result","success":true,"result":[]}"#, t);
+        let out = feed(
+            &mut s,
+            r#"{"id":4,"type":"result","success":true,"result":[]}"#,
+            t,
+        );
         assert_eq!(sent(&out)[0]["type"], "subscribe_entities");
     }
 
@@ -672,11 +802,19 @@ mod tests {
         assert!(cmds[0].get("exclude").is_none());
         let mut new = session(t, filter);
         to_syncing(&mut new, "2025.4.4", t);
-        let cmds = sent(&feed(&mut new, r#"{"id":4,"type":"result","success":true,"result":[]}"#, t));
+        let cmds = sent(&feed(
+            &mut new,
+            r#"{"id":4,"type":"result","success":true,"result":[]}"#,
+            t,
+        ));
         assert_eq!(cmds[0]["type"], "subscribe_entities");
         assert_eq!(cmds[0]["exclude"]["domains"][0], "camera");
         // If HA rejects it anyway, we fall back to an unfiltered subscription.
-        let out = feed(&mut new, r#"{"id":5,"type":"result","success":false,"error":{"code":"invalid_format","message":"extra keys"}}"#, t);
+        let out = feed(
+            &mut new,
+            r#"{"id":5,"type":"result","success":false,"error":{"code":"invalid_format","message":"extra keys"}}"#,
+            t,
+        );
         let resent = sent(&out);
         assert_eq!(resent.last().unwrap()["type"], "subscribe_entities");
         assert!(resent.last().unwrap().get("exclude").is_none());
@@ -687,9 +825,19 @@ mod tests {
     fn auth_invalid_is_reported() {
         let t = Instant::now();
         let mut s = session(t, None);
-        feed(&mut s, r#"{"type":"auth_required","ha_version":"2024.3.3"}"#, t);
-        let out = feed(&mut s, r#"{"type":"auth_invalid","message":"Invalid access token or password"}"#, t);
-        assert!(matches!(&out[..], [Output::AuthInvalid { message }] if message.contains("Invalid")));
+        feed(
+            &mut s,
+            r#"{"type":"auth_required","ha_version":"2024.3.3"}"#,
+            t,
+        );
+        let out = feed(
+            &mut s,
+            r#"{"type":"auth_invalid","message":"Invalid access token or password"}"#,
+            t,
+        );
+        assert!(
+            matches!(&out[..], [Output::AuthInvalid { message }] if message.contains("Invalid"))
+        );
         assert_eq!(s.phase(), Phase::AuthFailed);
     }
 
@@ -702,16 +850,59 @@ mod tests {
         // so that HA cannot coalesce the two largest messages of a sync into one frame. The
         // rows are held until the snapshot, then only differing ones are handed out.
         assert_eq!(cmds.len(), 1);
-        assert_eq!((cmds[0]["type"].as_str(), cmds[0]["id"].as_u64()), (Some("get_states"), Some(4)));
-        let row = |id: &str, reported: &str| format!(r#"{{"entity_id":"{id}","state":"x","attributes":{{}},"last_changed":"2026-11-24T20:08:36+00:00","last_reported":"{reported}","last_updated":"2026-11-24T20:08:36+00:00","context":{{"id":"x","parent_id":null,"user_id":null}}}}"#);
-        let out = feed(&mut s, &format!(r#"{{"id":4,"type":"result","success":true,"result":[{},{}]}}"#, row("sun.sun", "2026-11-24T20:08:37.500000+00:00"), row("light.a", "2026-11-24T20:08:36+00:00")), t);
-        let kinds: Vec<String> = sent(&out).iter().map(|c| format!("{} {}", c["id"], c["type"].as_str().unwrap())).collect();
-        assert_eq!(kinds, ["5 subscribe_entities", "6 subscribe_events", "7 subscribe_events"]);
-        assert!(out.iter().all(|o| matches!(o, Output::Send(_))), "rows held until the snapshot: {out:?}");
-        let out = feed(&mut s, r#"[{"id":5,"type":"result","success":true,"result":null},{"id":5,"type":"event","event":{"a":{}}},{"id":6,"type":"event","event":{"event_type":"service_registered"}}]"#, t);
-        let [Output::Snapshot(_), Output::LastReported(rows), Output::ServicesChanged(k)] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(
+            (cmds[0]["type"].as_str(), cmds[0]["id"].as_u64()),
+            (Some("get_states"), Some(4))
+        );
+        let row = |id: &str, reported: &str| {
+            format!(
+                r#"{{"entity_id":"{id}","state":"x","attributes":{{}},"last_changed":"2026-11-24T20:08:36+00:00","last_reported":"{reported}","last_updated":"2026-11-24T20:08:36+00:00","context":{{"id":"x","parent_id":null,"user_id":null}}}}"#
+            )
+        };
+        let out = feed(
+            &mut s,
+            &format!(
+                r#"{{"id":4,"type":"result","success":true,"result":[{},{}]}}"#,
+                row("sun.sun", "2026-11-24T20:08:37.500000+00:00"),
+                row("light.a", "2026-11-24T20:08:36+00:00")
+            ),
+            t,
+        );
+        let kinds: Vec<String> = sent(&out)
+            .iter()
+            .map(|c| format!("{} {}", c["id"], c["type"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "5 subscribe_entities",
+                "6 subscribe_events",
+                "7 subscribe_events"
+            ]
+        );
+        assert!(
+            out.iter().all(|o| matches!(o, Output::Send(_))),
+            "rows held until the snapshot: {out:?}"
+        );
+        let out = feed(
+            &mut s,
+            r#"[{"id":5,"type":"result","success":true,"result":null},{"id":5,"type":"event","event":{"a":{}}},{"id":6,"type":"event","event":{"event_type":"service_registered"}}]"#,
+            t,
+        );
+        let [
+            Output::Snapshot(_),
+            Output::LastReported(rows),
+            Output::ServicesChanged(k),
+        ] = &out[..]
+        else {
+            panic!("{out:?}")
+        };
         assert_eq!(k, "service_registered");
-        assert_eq!(rows.len(), 1, "light.a's last_reported equals its last_updated: {rows:?}");
+        assert_eq!(
+            rows.len(),
+            1,
+            "light.a's last_reported equals its last_updated: {rows:?}"
+        );
         assert_eq!(rows[0].0, "sun.sun");
         assert_eq!(rows[0].2.to_string(), "2026-11-24T20:08:37.500000+00:00");
     }
@@ -721,11 +912,31 @@ mod tests {
         let t = Instant::now();
         let mut s = session(t, None);
         to_syncing(&mut s, "2025.4.4", t);
-        let out = feed(&mut s, r#"{"id":4,"type":"result","success":false,"error":{"code":"unknown_error","message":"boom"}}"#, t);
-        assert!(matches!(&out[0], Output::CommandFailed { command: "get_states", .. }), "{out:?}");
+        let out = feed(
+            &mut s,
+            r#"{"id":4,"type":"result","success":false,"error":{"code":"unknown_error","message":"boom"}}"#,
+            t,
+        );
+        assert!(
+            matches!(
+                &out[0],
+                Output::CommandFailed {
+                    command: "get_states",
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
         assert_eq!(sent(&out)[0]["type"], "subscribe_entities");
-        let out = feed(&mut s, r#"{"id":5,"type":"event","event":{"a":{"light.a":{"s":"on","c":"x","lc":1.0}}}}"#, t);
-        assert!(matches!(&out[..], [Output::Snapshot(ev)] if ev.added.len() == 1), "no rows to hand out: {out:?}");
+        let out = feed(
+            &mut s,
+            r#"{"id":5,"type":"event","event":{"a":{"light.a":{"s":"on","c":"x","lc":1.0}}}}"#,
+            t,
+        );
+        assert!(
+            matches!(&out[..], [Output::Snapshot(ev)] if ev.added.len() == 1),
+            "no rows to hand out: {out:?}"
+        );
         assert_eq!(s.phase(), Phase::Live);
     }
 
@@ -766,13 +977,22 @@ mod tests {
         let t = Instant::now();
         let mut s = session(t, None);
         to_syncing(&mut s, "2024.3.3", t);
-        let out = feed(&mut s, r#"{"id":4,"type":"event","event":{"a":{"light.ok":{"s":"on","c":"x","lc":1.0},"light.bad":{"s":5}}}}"#, t);
-        let Output::Snapshot(ev) = &out[0] else { panic!() };
+        let out = feed(
+            &mut s,
+            r#"{"id":4,"type":"event","event":{"a":{"light.ok":{"s":"on","c":"x","lc":1.0},"light.bad":{"s":5}}}}"#,
+            t,
+        );
+        let Output::Snapshot(ev) = &out[0] else {
+            panic!()
+        };
         assert!(ev.added[0].1.is_ok());
         assert!(ev.added[1].1.is_err());
         let mut out = Vec::new();
         assert!(s.handle_frame("{not json", t, &mut out).is_err());
-        assert!(s.handle_frame(r#"{"id":4,"type":"event","event":{"x":1}}"#, t, &mut out).is_err());
+        assert!(
+            s.handle_frame(r#"{"id":4,"type":"event","event":{"x":1}}"#, t, &mut out)
+                .is_err()
+        );
     }
 
     #[test]

@@ -12,11 +12,11 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use smol::Timer;
 use smol::channel::{Receiver, Sender, TrySendError, bounded};
 use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
-use smol::Timer;
 
 use crate::deadline::Deadline;
 use crate::entity::EntityState;
@@ -39,7 +39,13 @@ pub struct Selection(Vec<String>);
 impl Selection {
     /// Parses `?entity_id=light.,switch.kitchen` (comma-separated; empty = everything).
     pub fn parse(list: &str) -> Selection {
-        Selection(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        Selection(
+            list.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        )
     }
 
     /// Whether `entity_id` is selected.
@@ -90,7 +96,11 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.registry.0.clients.borrow_mut().retain(|c| c.id != self.id);
+        self.registry
+            .0
+            .clients
+            .borrow_mut()
+            .retain(|c| c.id != self.id);
     }
 }
 
@@ -102,8 +112,17 @@ struct Event<'a> {
 }
 
 /// Formats one SSE `state_changed` event.
-pub fn format_event(entity_id: &str, old_state: Option<&EntityState>, new_state: Option<&EntityState>) -> String {
-    let data = serde_json::to_string(&Event { entity_id, old_state, new_state }).unwrap_or_default();
+pub fn format_event(
+    entity_id: &str,
+    old_state: Option<&EntityState>,
+    new_state: Option<&EntityState>,
+) -> String {
+    let data = serde_json::to_string(&Event {
+        entity_id,
+        old_state,
+        new_state,
+    })
+    .unwrap_or_default();
     format!("event: state_changed\ndata: {data}\n\n")
 }
 
@@ -118,7 +137,11 @@ impl Broadcast {
         self.0.next_id.set(id + 1);
         let (tx, rx) = bounded(CLIENT_QUEUE);
         clients.push(Client { id, selection, tx });
-        Some(Subscription { rx, id, registry: self.clone() })
+        Some(Subscription {
+            rx,
+            id,
+            registry: self.clone(),
+        })
     }
 
     /// Queues `changes` for every client that selects them; each event is serialised once.
@@ -135,7 +158,12 @@ impl Broadcast {
                     return true;
                 }
                 let t = text.get_or_insert_with(|| {
-                    format_event(&change.entity_id, change.old_state.as_deref(), change.new_state.as_deref()).into()
+                    format_event(
+                        &change.entity_id,
+                        change.old_state.as_deref(),
+                        change.new_state.as_deref(),
+                    )
+                    .into()
                 });
                 match c.tx.try_send(t.clone()) {
                     Ok(()) => {
@@ -143,7 +171,10 @@ impl Broadcast {
                         true
                     }
                     Err(TrySendError::Full(_)) => {
-                        log::warn!("stream client {} fell {CLIENT_QUEUE} events behind; disconnecting it", c.id);
+                        log::warn!(
+                            "stream client {} fell {CLIENT_QUEUE} events behind; disconnecting it",
+                            c.id
+                        );
                         self.0.dropped_slow.set(self.0.dropped_slow.get() + 1);
                         false
                     }
@@ -173,7 +204,13 @@ impl Broadcast {
 /// `head` is the HTTP response head; `first` are states sent as events before live ones
 /// (the snapshot), formatted [`crate::http::CHUNK`] bytes at a time as they are written, so
 /// that a 20,000-entity snapshot is never held as one ~15 MB string.
-pub async fn serve(mut stream: TcpStream, head: String, first: Vec<Rc<EntityState>>, subscription: Subscription, shutdown: &Shutdown) -> std::io::Result<()> {
+pub async fn serve(
+    mut stream: TcpStream,
+    head: String,
+    first: Vec<Rc<EntityState>>,
+    subscription: Subscription,
+    shutdown: &Shutdown,
+) -> std::io::Result<()> {
     let write = |stream: &mut TcpStream, bytes: Vec<u8>| {
         let mut s = stream.clone();
         async move {
@@ -255,7 +292,11 @@ mod tests {
     use super::*;
 
     fn change(id: &str) -> Change {
-        Change { entity_id: id.into(), old_state: None, new_state: None }
+        Change {
+            entity_id: id.into(),
+            old_state: None,
+            new_state: None,
+        }
     }
 
     #[test]
@@ -279,7 +320,11 @@ mod tests {
         }
         assert_eq!(b.clients(), 1, "the full client was disconnected");
         assert_eq!(b.dropped_slow(), 1);
-        assert_eq!(slow.rx.len(), CLIENT_QUEUE, "its queue never grew past the bound");
+        assert_eq!(
+            slow.rx.len(),
+            CLIENT_QUEUE,
+            "its queue never grew past the bound"
+        );
         assert!(other.rx.is_empty(), "the other client selected nothing");
         drop(other);
         assert_eq!(b.clients(), 0);
@@ -288,7 +333,9 @@ mod tests {
     #[test]
     fn client_cap() {
         let b = Broadcast::default();
-        let subs: Vec<_> = (0..MAX_STREAM_CLIENTS).map(|_| b.subscribe(Selection::default()).unwrap()).collect();
+        let subs: Vec<_> = (0..MAX_STREAM_CLIENTS)
+            .map(|_| b.subscribe(Selection::default()).unwrap())
+            .collect();
         assert!(b.subscribe(Selection::default()).is_none());
         drop(subs);
         assert!(b.subscribe(Selection::default()).is_some());
@@ -297,6 +344,9 @@ mod tests {
     #[test]
     fn removal_event_has_null_new_state() {
         let e = format_event("light.a", None, None);
-        assert_eq!(e, "event: state_changed\ndata: {\"entity_id\":\"light.a\",\"old_state\":null,\"new_state\":null}\n\n");
+        assert_eq!(
+            e,
+            "event: state_changed\ndata: {\"entity_id\":\"light.a\",\"old_state\":null,\"new_state\":null}\n\n"
+        );
     }
 }

@@ -20,8 +20,17 @@ pub const EXIT_NOT_LIVE: u8 = 3;
 pub const EXIT_NOT_RUNNING: u8 = 4;
 
 async fn fetch(session: bool) -> Result<HashMap<String, OwnedValue>, String> {
-    let conn = if session { zbus::Connection::session().await } else { zbus::Connection::system().await }
-        .map_err(|e| format!("cannot connect to the {} bus: {e}", if session { "session" } else { "system" }))?;
+    let conn = if session {
+        zbus::Connection::session().await
+    } else {
+        zbus::Connection::system().await
+    }
+    .map_err(|e| {
+        format!(
+            "cannot connect to the {} bus: {e}",
+            if session { "session" } else { "system" }
+        )
+    })?;
     let proxy = zbus::fdo::PropertiesProxy::builder(&conn)
         .destination(NAME)
         .and_then(|b| b.path(PATH))
@@ -31,7 +40,9 @@ async fn fetch(session: bool) -> Result<HashMap<String, OwnedValue>, String> {
         .map_err(|e| e.to_string())?;
     let iface = zbus::names::InterfaceName::try_from(NAME).map_err(|e| e.to_string())?;
     proxy.get_all(iface).await.map_err(|e| match e {
-        zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => "hass-edge is not running".to_string(),
+        zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => {
+            "hass-edge is not running".to_string()
+        }
         e => e.to_string(),
     })
 }
@@ -60,7 +71,10 @@ fn when(micros: u64) -> String {
         return "never".into();
     }
     let t = Timestamp(micros as i64);
-    let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
     let ago = Duration::from_micros(now.saturating_sub(micros)).as_secs();
     format!("{t} ({ago}s ago)")
 }
@@ -80,7 +94,11 @@ pub fn render(p: &Value) -> String {
     format!(
         "{dot} hass-edge {} — {headline}\n     Home Assistant: {}\n         Connection: {connection} (reconnect attempts {}, subscriptions {})\n           Entities: {} tracked\n             Events: {} received, {} filtered out; last {}\n              Cache: {} hits, {} misses; {} HA REST requests\n              Since: {}\n",
         s("Version"),
-        if s("HaVersion").is_empty() { "unknown".into() } else { s("HaVersion") },
+        if s("HaVersion").is_empty() {
+            "unknown".into()
+        } else {
+            s("HaVersion")
+        },
         n("ReconnectAttempts"),
         n("Subscriptions"),
         n("TrackedEntities"),

@@ -118,18 +118,39 @@ pub struct Store {
 
 impl Store {
     /// An empty store; the subscription counts as down since `now`.
-    pub fn new(mode: CacheMode, max_entities: usize, ttl: Duration, negative_ttl: Duration, now: Instant) -> Store {
-        let cap = std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+    pub fn new(
+        mode: CacheMode,
+        max_entities: usize,
+        ttl: Duration,
+        negative_ttl: Duration,
+        now: Instant,
+    ) -> Store {
+        let cap =
+            std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         // `LruCache::new` allocates its table for `cap` up front (278 KiB at the default
         // 10,000); an unbounded cache resized to `cap` grows its table with its contents.
         let mut entries = LruCache::unbounded();
         entries.resize(cap);
-        Store { entries, mode, ttl, negative_ttl, down_since: Some(now), stats: StoreStats::default() }
+        Store {
+            entries,
+            mode,
+            ttl,
+            negative_ttl,
+            down_since: Some(now),
+            stats: StoreStats::default(),
+        }
     }
 
     /// Changes the limits in place (config reload); shrinking evicts the least recently used.
-    pub fn reconfigure(&mut self, mode: CacheMode, max_entities: usize, ttl: Duration, negative_ttl: Duration) {
-        let cap = std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+    pub fn reconfigure(
+        &mut self,
+        mode: CacheMode,
+        max_entities: usize,
+        ttl: Duration,
+        negative_ttl: Duration,
+    ) {
+        let cap =
+            std::num::NonZeroUsize::new(max_entities.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         let (before, tracked_before) = (self.entries.len(), self.tracked_len());
         self.entries.resize(cap);
         self.stats.evictions += (before - self.entries.len()) as u64;
@@ -171,7 +192,10 @@ impl Store {
 
     /// Number of entities pushed by the subscription (or restored from disk).
     pub fn tracked_len(&self) -> usize {
-        self.entries.iter().filter(|(_, e)| e.origin != Origin::Rest).count()
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.origin != Origin::Rest)
+            .count()
     }
 
     fn age_and_fresh(&self, e: &Entry, now: Instant) -> (Duration, bool) {
@@ -213,7 +237,9 @@ impl Store {
             }
             (false, Cached::State(state)) => {
                 self.stats.misses += 1;
-                Lookup::Miss { stale: Some((state, age)) }
+                Lookup::Miss {
+                    stale: Some((state, age)),
+                }
             }
             (false, Cached::NotFound) => {
                 self.stats.misses += 1;
@@ -230,7 +256,10 @@ impl Store {
     /// A tracked state without touching LRU order or counters (D-Bus, SSE snapshots).
     pub fn peek(&self, entity_id: &str) -> Option<Rc<EntityState>> {
         match self.entries.peek(entity_id) {
-            Some(Entry { value: Cached::State(s), .. }) => Some(s.clone()),
+            Some(Entry {
+                value: Cached::State(s),
+                ..
+            }) => Some(s.clone()),
             _ => None,
         }
     }
@@ -248,14 +277,28 @@ impl Store {
             Some(s) => Cached::State(Rc::new(s)),
             None => Cached::NotFound,
         };
-        self.put(entity_id.to_owned(), Entry { value, origin: Origin::Rest, at: now });
+        self.put(
+            entity_id.to_owned(),
+            Entry {
+                value,
+                origin: Origin::Rest,
+                at: now,
+            },
+        );
     }
 
     /// Loads states saved by an earlier run; they stay stale (never fresh) until the first
     /// snapshot replaces them. `saved_at` is when they were last known current.
     pub fn insert_restored(&mut self, state: EntityState, saved_at: Instant) {
         let id = state.entity_id.clone();
-        self.put(id, Entry { value: Cached::State(Rc::new(state)), origin: Origin::Restored, at: saved_at });
+        self.put(
+            id,
+            Entry {
+                value: Cached::State(Rc::new(state)),
+                origin: Origin::Restored,
+                at: saved_at,
+            },
+        );
     }
 
     fn put(&mut self, entity_id: String, entry: Entry) -> Option<Entry> {
@@ -274,7 +317,11 @@ impl Store {
 
     fn state_of(entry: Option<Entry>) -> Option<Rc<EntityState>> {
         match entry {
-            Some(Entry { value: Cached::State(s), origin: Origin::Pushed | Origin::Restored, .. }) => Some(s),
+            Some(Entry {
+                value: Cached::State(s),
+                origin: Origin::Pushed | Origin::Restored,
+                ..
+            }) => Some(s),
             _ => None,
         }
     }
@@ -283,7 +330,11 @@ impl Store {
     /// entities absent from it are removed (deleted in HA while we were away). Returns what
     /// changed, for watchers. States may come shared (`Rc`, as the session decodes them, so
     /// that a snapshot is not copied on its way in) or owned.
-    pub fn replace_tracked<S: Into<Rc<EntityState>>>(&mut self, states: Vec<S>, now: Instant) -> Vec<Change> {
+    pub fn replace_tracked<S: Into<Rc<EntityState>>>(
+        &mut self,
+        states: Vec<S>,
+        now: Instant,
+    ) -> Vec<Change> {
         let states: Vec<Rc<EntityState>> = states.into_iter().map(Into::into).collect();
         let ids: HashSet<&str> = states.iter().map(|s| s.entity_id.as_str()).collect();
         let gone: Vec<String> = self
@@ -295,7 +346,11 @@ impl Store {
         let mut changes = Vec::new();
         for id in gone {
             if let Some(old) = Self::state_of(self.entries.pop_entry(&id).map(|(_, e)| e)) {
-                changes.push(Change { entity_id: id, old_state: Some(old), new_state: None });
+                changes.push(Change {
+                    entity_id: id,
+                    old_state: Some(old),
+                    new_state: None,
+                });
             }
         }
         for state in states {
@@ -308,7 +363,11 @@ impl Store {
 
     /// Applies a full state pushed by the subscription (`a`). In invalidate mode the entry is
     /// dropped instead. Returns the change, if any.
-    pub fn upsert_pushed(&mut self, state: impl Into<Rc<EntityState>>, now: Instant) -> Option<Change> {
+    pub fn upsert_pushed(
+        &mut self,
+        state: impl Into<Rc<EntityState>>,
+        now: Instant,
+    ) -> Option<Change> {
         let state = state.into();
         if self.mode == CacheMode::Invalidate {
             return self.remove(&state.entity_id);
@@ -318,11 +377,22 @@ impl Store {
 
     fn upsert(&mut self, new: Rc<EntityState>, now: Instant, snapshot: bool) -> Option<Change> {
         let id = new.entity_id.clone();
-        let old = Self::state_of(self.put(id.clone(), Entry { value: Cached::State(new.clone()), origin: Origin::Pushed, at: now }));
+        let old = Self::state_of(self.put(
+            id.clone(),
+            Entry {
+                value: Cached::State(new.clone()),
+                origin: Origin::Pushed,
+                at: now,
+            },
+        ));
         if snapshot && old.as_deref() == Some(&*new) {
             return None;
         }
-        Some(Change { entity_id: id, old_state: old, new_state: Some(new) })
+        Some(Change {
+            entity_id: id,
+            old_state: old,
+            new_state: Some(new),
+        })
     }
 
     /// Applies a `c` diff to a pushed entry. If the entry is not a pushed one (absent,
@@ -330,11 +400,18 @@ impl Store {
     /// goes to HA: a half-applied or unverifiable state is never kept.
     ///
     /// Errors: the diff's [`DecodeError`] (the entry has been removed and counted).
-    pub fn apply_diff(&mut self, entity_id: &str, diff: StateDiff, now: Instant) -> Result<Option<Change>, DecodeError> {
+    pub fn apply_diff(
+        &mut self,
+        entity_id: &str,
+        diff: StateDiff,
+        now: Instant,
+    ) -> Result<Option<Change>, DecodeError> {
         if self.mode == CacheMode::Invalidate {
             return Ok(self.remove(entity_id));
         }
-        let Some(entry) = self.entries.peek_mut(entity_id) else { return Ok(None) };
+        let Some(entry) = self.entries.peek_mut(entity_id) else {
+            return Ok(None);
+        };
         let (Origin::Pushed, Cached::State(state)) = (entry.origin, &mut entry.value) else {
             // A REST copy may predate this diff: applying it could miss earlier changes.
             self.entries.pop(entity_id);
@@ -353,7 +430,11 @@ impl Store {
                 *state = new.clone();
                 entry.at = now;
                 self.entries.promote(entity_id);
-                Ok(Some(Change { entity_id: entity_id.to_owned(), old_state: Some(old), new_state: Some(new) }))
+                Ok(Some(Change {
+                    entity_id: entity_id.to_owned(),
+                    old_state: Some(old),
+                    new_state: Some(new),
+                }))
             }
             Err(e) => {
                 self.stats.failed_updates += 1;
@@ -367,7 +448,12 @@ impl Store {
     /// so the next read reflects the call before the subscription's event arrives. Tracked
     /// entities become pushed entries unless the store already holds a newer update;
     /// untracked ones are cached like a REST read.
-    pub fn apply_call_result(&mut self, states: Vec<EntityState>, filter: &EntityFilter, now: Instant) -> Vec<Change> {
+    pub fn apply_call_result(
+        &mut self,
+        states: Vec<EntityState>,
+        filter: &EntityFilter,
+        now: Instant,
+    ) -> Vec<Change> {
         let mut changes = Vec::new();
         for state in states {
             if !filter.tracks(&state.entity_id) {
@@ -392,8 +478,17 @@ impl Store {
     /// Sets `last_reported` of a pushed state whose `last_updated` still matches (see
     /// `session::Output::LastReported`). Not a change for watchers: HA fires no
     /// `state_changed` for a re-report either.
-    pub fn set_last_reported(&mut self, entity_id: &str, last_updated: Timestamp, last_reported: Timestamp) {
-        if let Some(Entry { value: Cached::State(state), origin: Origin::Pushed, .. }) = self.entries.peek_mut(entity_id)
+    pub fn set_last_reported(
+        &mut self,
+        entity_id: &str,
+        last_updated: Timestamp,
+        last_reported: Timestamp,
+    ) {
+        if let Some(Entry {
+            value: Cached::State(state),
+            origin: Origin::Pushed,
+            ..
+        }) = self.entries.peek_mut(entity_id)
             && state.last_updated == last_updated
             && state.last_reported.is_some_and(|r| r != last_reported)
         {
@@ -404,7 +499,11 @@ impl Store {
     /// Removes an entity (`r` event, or a failed decode). Returns the change if it was tracked.
     pub fn remove(&mut self, entity_id: &str) -> Option<Change> {
         let old = Self::state_of(self.entries.pop(entity_id))?;
-        Some(Change { entity_id: entity_id.to_owned(), old_state: Some(old), new_state: None })
+        Some(Change {
+            entity_id: entity_id.to_owned(),
+            old_state: Some(old),
+            new_state: None,
+        })
     }
 
     /// Counts an event that could not be decoded and drops its entity.
@@ -457,7 +556,10 @@ mod tests {
             last_changed: Timestamp(1),
             last_reported: None,
             last_updated: Timestamp(1),
-            context: Context { id: "c".into(), ..Default::default() },
+            context: Context {
+                id: "c".into(),
+                ..Default::default()
+            },
         }
     }
 
@@ -482,11 +584,19 @@ mod tests {
         let mut s = store(10, t0);
         s.replace_tracked(vec![state("light.a", "on")], t0);
         s.set_live();
-        assert_eq!(hit_state(s.lookup("light.a", t0 + secs(3600))), "on", "live: no expiry");
+        assert_eq!(
+            hit_state(s.lookup("light.a", t0 + secs(3600))),
+            "on",
+            "live: no expiry"
+        );
         s.set_down(t0 + secs(3600));
-        assert!(matches!(s.lookup("light.a", t0 + secs(3610)), Lookup::Hit { age, .. } if age == secs(10)));
+        assert!(
+            matches!(s.lookup("light.a", t0 + secs(3610)), Lookup::Hit { age, .. } if age == secs(10))
+        );
         match s.lookup("light.a", t0 + secs(3631)) {
-            Lookup::Miss { stale: Some((st, age)) } => {
+            Lookup::Miss {
+                stale: Some((st, age)),
+            } => {
                 assert_eq!(st.state, "on");
                 assert_eq!(age, secs(31));
             }
@@ -503,11 +613,25 @@ mod tests {
         s.set_live();
         s.insert_fetched("sensor.x", Some(state("sensor.x", "1")), t0);
         s.insert_fetched("sensor.gone", None, t0);
-        assert!(matches!(s.lookup("sensor.x", t0 + secs(29)), Lookup::Hit { age, .. } if age == secs(29)));
-        assert!(matches!(s.lookup("sensor.x", t0 + secs(30)), Lookup::Miss { stale: Some(_) }));
-        assert!(matches!(s.lookup("sensor.gone", t0 + secs(9)), Lookup::NotFound { .. }));
-        assert!(matches!(s.lookup("sensor.gone", t0 + secs(10)), Lookup::Miss { stale: None }));
-        assert!(matches!(s.lookup("sensor.never", t0), Lookup::Miss { stale: None }));
+        assert!(
+            matches!(s.lookup("sensor.x", t0 + secs(29)), Lookup::Hit { age, .. } if age == secs(29))
+        );
+        assert!(matches!(
+            s.lookup("sensor.x", t0 + secs(30)),
+            Lookup::Miss { stale: Some(_) }
+        ));
+        assert!(matches!(
+            s.lookup("sensor.gone", t0 + secs(9)),
+            Lookup::NotFound { .. }
+        ));
+        assert!(matches!(
+            s.lookup("sensor.gone", t0 + secs(10)),
+            Lookup::Miss { stale: None }
+        ));
+        assert!(matches!(
+            s.lookup("sensor.never", t0),
+            Lookup::Miss { stale: None }
+        ));
         assert_eq!(s.tracked_len(), 0, "REST entries are not tracked");
     }
 
@@ -518,13 +642,35 @@ mod tests {
         s.replace_tracked(vec![state("light.a", "on"), state("light.b", "off")], t0);
         s.insert_fetched("sensor.untracked", Some(state("sensor.untracked", "5")), t0);
         let changes = s.replace_tracked(vec![state("light.a", "on"), state("light.c", "on")], t0);
-        let mut summary: Vec<(String, bool, bool)> =
-            changes.iter().map(|c| (c.entity_id.clone(), c.old_state.is_some(), c.new_state.is_some())).collect();
+        let mut summary: Vec<(String, bool, bool)> = changes
+            .iter()
+            .map(|c| {
+                (
+                    c.entity_id.clone(),
+                    c.old_state.is_some(),
+                    c.new_state.is_some(),
+                )
+            })
+            .collect();
         summary.sort();
-        assert_eq!(summary, [("light.b".to_string(), true, false), ("light.c".to_string(), false, true)], "unchanged light.a is not reported");
-        let ids: Vec<String> = s.tracked_states().iter().map(|s| s.entity_id.clone()).collect();
+        assert_eq!(
+            summary,
+            [
+                ("light.b".to_string(), true, false),
+                ("light.c".to_string(), false, true)
+            ],
+            "unchanged light.a is not reported"
+        );
+        let ids: Vec<String> = s
+            .tracked_states()
+            .iter()
+            .map(|s| s.entity_id.clone())
+            .collect();
         assert_eq!(ids, ["light.a", "light.c"]);
-        assert!(s.peek("sensor.untracked").is_some(), "REST entries survive a snapshot");
+        assert!(
+            s.peek("sensor.untracked").is_some(),
+            "REST entries survive a snapshot"
+        );
     }
 
     #[test]
@@ -542,15 +688,31 @@ mod tests {
         assert_eq!(s.stats().evictions, 1);
         assert_eq!(s.stats().tracked_evictions, 1, "a.2 was a tracked state");
         s.insert_fetched("sensor.r", None, t0);
-        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (2, 2), "a.1 went for a cached 404");
+        assert_eq!(
+            (s.stats().evictions, s.stats().tracked_evictions),
+            (2, 2),
+            "a.1 went for a cached 404"
+        );
         s.insert_fetched("sensor.q", None, t0);
-        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (3, 3), "a.3 went");
+        assert_eq!(
+            (s.stats().evictions, s.stats().tracked_evictions),
+            (3, 3),
+            "a.3 went"
+        );
         s.insert_fetched("sensor.p", None, t0);
-        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (4, 3), "a REST entry is not a tracked one");
+        assert_eq!(
+            (s.stats().evictions, s.stats().tracked_evictions),
+            (4, 3),
+            "a REST entry is not a tracked one"
+        );
         s.upsert_pushed(state("a.4", "x"), t0);
         s.reconfigure(CacheMode::Update, 1, TTL, NEG);
         assert_eq!(s.len(), 1);
-        assert_eq!((s.stats().evictions, s.stats().tracked_evictions), (6, 3), "the shrink dropped sensor.p, kept a.4");
+        assert_eq!(
+            (s.stats().evictions, s.stats().tracked_evictions),
+            (6, 3),
+            "the shrink dropped sensor.p, kept a.4"
+        );
         s.reconfigure(CacheMode::Update, 1, TTL, NEG);
         s.upsert_pushed(state("a.5", "x"), t0);
         assert_eq!(s.stats().tracked_evictions, 4);
@@ -563,18 +725,28 @@ mod tests {
         s.set_live();
         s.upsert_pushed(state("light.a", "off"), t0);
         let diff = |v| serde_json::from_value::<StateDiff>(v).unwrap();
-        let c = s.apply_diff("light.a", diff(json!({"+": {"s": "on"}})), t0).unwrap().unwrap();
+        let c = s
+            .apply_diff("light.a", diff(json!({"+": {"s": "on"}})), t0)
+            .unwrap()
+            .unwrap();
         assert_eq!(c.old_state.unwrap().state, "off");
         assert_eq!(c.new_state.unwrap().state, "on");
         assert_eq!(hit_state(s.lookup("light.a", t0)), "on");
 
         // A diff for an entity we only have from REST drops it: the copy may be older.
         s.insert_fetched("sensor.r", Some(state("sensor.r", "1")), t0);
-        assert!(s.apply_diff("sensor.r", diff(json!({"+": {"s": "2"}})), t0).unwrap().is_none());
+        assert!(
+            s.apply_diff("sensor.r", diff(json!({"+": {"s": "2"}})), t0)
+                .unwrap()
+                .is_none()
+        );
         assert!(s.peek("sensor.r").is_none());
 
         // A diff that fails leaves no half-applied state behind.
-        assert!(s.apply_diff("light.a", diff(json!({"+": {"s": "x", "lc": -1.0}})), t0).is_err());
+        assert!(
+            s.apply_diff("light.a", diff(json!({"+": {"s": "x", "lc": -1.0}})), t0)
+                .is_err()
+        );
         assert!(s.peek("light.a").is_none());
         assert_eq!(s.stats().failed_updates, 1);
     }
@@ -588,7 +760,11 @@ mod tests {
         let mut newer = state("light.b", "on");
         newer.last_updated = Timestamp(10);
         s.upsert_pushed(newer, t0);
-        let changes = s.apply_call_result(vec![state("light.a", "on"), state("light.b", "off")], &all, t0);
+        let changes = s.apply_call_result(
+            vec![state("light.a", "on"), state("light.b", "off")],
+            &all,
+            t0,
+        );
         assert_eq!(changes.len(), 1, "light.b already holds a newer update");
         assert_eq!(hit_state(s.lookup("light.a", t0)), "on");
         assert_eq!(hit_state(s.lookup("light.b", t0)), "on");
@@ -605,7 +781,10 @@ mod tests {
         s.set_live();
         assert_eq!(hit_state(s.lookup("light.a", t0)), "off");
         s.apply_diff("light.a", StateDiff::default(), t0).unwrap();
-        assert!(matches!(s.lookup("light.a", t0), Lookup::Miss { stale: None }));
+        assert!(matches!(
+            s.lookup("light.a", t0),
+            Lookup::Miss { stale: None }
+        ));
         s.upsert_pushed(state("light.b", "on"), t0);
         assert!(s.peek("light.b").is_none());
     }
@@ -626,7 +805,9 @@ mod tests {
         let mut s = store(10, t0);
         s.insert_restored(state("light.a", "on"), t0);
         s.insert_restored(state("light.gone", "on"), t0);
-        assert!(matches!(s.lookup("light.a", t0 + secs(5)), Lookup::Miss { stale: Some((_, age)) } if age == secs(5)));
+        assert!(
+            matches!(s.lookup("light.a", t0 + secs(5)), Lookup::Miss { stale: Some((_, age)) } if age == secs(5))
+        );
         s.replace_tracked(vec![state("light.a", "off")], t0 + secs(6));
         s.set_live();
         assert_eq!(hit_state(s.lookup("light.a", t0 + secs(6))), "off");
@@ -638,7 +819,11 @@ mod tests {
         let t0 = Instant::now();
         let mut s = store(10, t0);
         s.replace_tracked(vec![state("light.a", "on"), state("camera.b", "idle")], t0);
-        let f = EntityFilter::new(&crate::config::FilterConfig { enabled: true, include_prefixes: vec![], exclude_domains: vec!["camera".into()] });
+        let f = EntityFilter::new(&crate::config::FilterConfig {
+            enabled: true,
+            include_prefixes: vec![],
+            exclude_domains: vec!["camera".into()],
+        });
         let gone = s.retain_tracked(&f);
         assert_eq!(gone.len(), 1);
         assert!(s.peek("camera.b").is_none());

@@ -47,7 +47,10 @@ impl Roots {
         }
         let mut certs = native.certs;
         if let Some(path) = ca_file {
-            let err = |message: String| TlsError::CaFile { path: path.display().to_string(), message };
+            let err = |message: String| TlsError::CaFile {
+                path: path.display().to_string(),
+                message,
+            };
             let extra: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .map_err(|e| err(e.to_string()))?
                 .collect::<Result<_, _>>()
@@ -60,7 +63,9 @@ impl Roots {
         if certs.is_empty() {
             return Err(TlsError::NoRoots);
         }
-        Ok(Roots { certs: Arc::new(certs) })
+        Ok(Roots {
+            certs: Arc::new(certs),
+        })
     }
 
     /// The ring crypto provider (explicit, so a second provider in the tree cannot make
@@ -87,8 +92,11 @@ impl Roots {
 
     /// The same roots for ureq (`RootCerts::Specific` replaces ureq's bundled roots).
     pub fn ureq_tls(&self) -> ureq::tls::TlsConfig {
-        let certs: Vec<ureq::tls::Certificate<'static>> =
-            self.certs.iter().map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned()).collect();
+        let certs: Vec<ureq::tls::Certificate<'static>> = self
+            .certs
+            .iter()
+            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
         ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
             .unversioned_rustls_crypto_provider(Self::provider())

@@ -34,15 +34,24 @@ struct Stream(BufReader<TcpStream>);
 impl Stream {
     fn open(daemon: &Daemon, query: &str, headers: &str) -> (u16, Stream) {
         let mut s = TcpStream::connect(daemon.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        write!(s, "GET /api/stream{query} HTTP/1.1\r\nHost: x\r\n{headers}\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        write!(
+            s,
+            "GET /api/stream{query} HTTP/1.1\r\nHost: x\r\n{headers}\r\n"
+        )
+        .unwrap();
         let mut r = BufReader::new(s);
         let mut line = String::new();
         let end = Instant::now() + deadline();
         while line.is_empty() && Instant::now() < end {
             let _ = r.read_line(&mut line);
         }
-        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         (status, Stream(r))
     }
 
@@ -67,13 +76,23 @@ impl Stream {
 }
 
 fn toggled(fake: &FakeHa, entity_id: &str) -> Value {
-    fake.next_state(entity_id, |s| s["state"] = if s["state"] == "on" { "off".into() } else { "on".into() })
+    fake.next_state(entity_id, |s| {
+        s["state"] = if s["state"] == "on" {
+            "off".into()
+        } else {
+            "on".into()
+        }
+    })
 }
 
 #[test]
 fn stream_selects_snapshots_and_reports_removals() {
     let (fake, daemon) = live_with(DaemonOptions::default());
-    let (status, mut stream) = Stream::open(&daemon, "?entity_id=light.,input_boolean.kitchen&snapshot=true", "");
+    let (status, mut stream) = Stream::open(
+        &daemon,
+        "?entity_id=light.,input_boolean.kitchen&snapshot=true",
+        "",
+    );
     assert_eq!(status, 200);
     // The snapshot: every matching tracked state, as a creation (old_state null).
     let mut snapshot = Vec::new();
@@ -89,7 +108,10 @@ fn stream_selects_snapshots_and_reports_removals() {
     let new = toggled(&fake, "input_boolean.kitchen");
     fake.push_change(new.clone());
     let ev = stream.next(deadline()).expect("an event");
-    assert_eq!(ev["entity_id"], "input_boolean.kitchen", "sensor.* was not selected");
+    assert_eq!(
+        ev["entity_id"], "input_boolean.kitchen",
+        "sensor.* was not selected"
+    );
     assert_eq!(ev["old_state"], old);
     assert_eq!(ev["new_state"], new);
     fake.push_remove("light.kitchen");
@@ -113,10 +135,21 @@ fn stream_reports_what_a_resync_revealed() {
     daemon.wait_live();
     let mut seen = std::collections::BTreeMap::new();
     while let Some(ev) = stream.next(Duration::from_secs(2)) {
-        seen.insert(ev["entity_id"].as_str().unwrap().to_owned(), ev["new_state"].clone());
+        seen.insert(
+            ev["entity_id"].as_str().unwrap().to_owned(),
+            ev["new_state"].clone(),
+        );
     }
-    assert_eq!(seen.get("input_boolean.kitchen"), Some(&changed), "{seen:?}");
-    assert_eq!(seen.get("input_boolean.garage_open"), Some(&Value::Null), "{seen:?}");
+    assert_eq!(
+        seen.get("input_boolean.kitchen"),
+        Some(&changed),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get("input_boolean.garage_open"),
+        Some(&Value::Null),
+        "{seen:?}"
+    );
 }
 
 #[test]
@@ -124,9 +157,14 @@ fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
     let (fake, daemon) = live_with(DaemonOptions::default());
     // Connects, asks for everything, and never reads a byte.
     let mut idle = TcpStream::connect(daemon.addr).unwrap();
-    idle.write_all(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    idle.write_all(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     wait_until("the stream client is registered", deadline(), || {
-        if metric(&daemon, "hass_edge_sse_clients") == 1.0 { Ok(()) } else { Err("not yet".to_string()) }
+        if metric(&daemon, "hass_edge_sse_clients") == 1.0 {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
     });
     let rss_before = rss_kib(daemon.pid());
     // Large attributes fill the socket buffers quickly; then the queue bound applies.
@@ -141,20 +179,43 @@ fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
             break;
         }
     }
-    wait_until("the slow client is disconnected and counted", deadline(), || {
-        let dropped = metric(&daemon, "hass_edge_sse_clients_dropped_total");
-        let clients = metric(&daemon, "hass_edge_sse_clients");
-        if dropped >= 1.0 && clients == 0.0 { Ok(()) } else { Err(format!("dropped {dropped}, clients {clients}")) }
-    });
+    wait_until(
+        "the slow client is disconnected and counted",
+        deadline(),
+        || {
+            let dropped = metric(&daemon, "hass_edge_sse_clients_dropped_total");
+            let clients = metric(&daemon, "hass_edge_sse_clients");
+            if dropped >= 1.0 && clients == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("dropped {dropped}, clients {clients}"))
+            }
+        },
+    );
     let rss_after = rss_kib(daemon.pid());
-    assert!(rss_after < rss_before + 16 * 1024, "RSS grew from {rss_before} KiB to {rss_after} KiB");
-    assert_eq!(daemon.health().unwrap().0, 200, "everyone else is unaffected");
-    assert_eq!(fake.sessions().len(), 1, "the subscription was never disturbed");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert_eq!(
+        daemon.health().unwrap().0,
+        200,
+        "everyone else is unaffected"
+    );
+    assert_eq!(
+        fake.sessions().len(),
+        1,
+        "the subscription was never disturbed"
+    );
 }
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -170,9 +231,11 @@ fn stream_clients_are_capped() {
     let (status, _) = Stream::open(&daemon, "", "");
     assert_eq!(status, 503);
     drop(streams);
-    wait_until("a slot frees up", deadline(), || match Stream::open(&daemon, "", "").0 {
-        200 => Ok(()),
-        s => Err(s.to_string()),
+    wait_until("a slot frees up", deadline(), || {
+        match Stream::open(&daemon, "", "").0 {
+            200 => Ok(()),
+            s => Err(s.to_string()),
+        }
     });
 }
 
@@ -180,7 +243,12 @@ fn stream_clients_are_capped() {
 fn concurrent_misses_share_one_ha_request() {
     let (fake, daemon) = live_with(DaemonOptions::default());
     fake.set_rest_delay(Duration::from_millis(500));
-    let id = fake.entities().into_iter().map(|s| s["entity_id"].as_str().unwrap().to_owned()).find(|id| id.starts_with("automation.")).unwrap();
+    let id = fake
+        .entities()
+        .into_iter()
+        .map(|s| s["entity_id"].as_str().unwrap().to_owned())
+        .find(|id| id.starts_with("automation."))
+        .unwrap();
     let threads: Vec<_> = (0..10)
         .map(|_| {
             let addr = daemon.addr;
@@ -193,7 +261,11 @@ fn concurrent_misses_share_one_ha_request() {
         assert_eq!(r.status, 200);
         assert_eq!(r.json(), fake.entity(&id).unwrap());
     }
-    assert_eq!(fake.rest_reads_of(&id), 1, "ten concurrent misses, one HA request");
+    assert_eq!(
+        fake.rest_reads_of(&id),
+        1,
+        "ten concurrent misses, one HA request"
+    );
 }
 
 fn with_api_token() -> (TempDir, String, DaemonOptions) {
@@ -211,7 +283,13 @@ fn with_api_token() -> (TempDir, String, DaemonOptions) {
 fn api_token_guards_everything_but_health() {
     let (_dir, token, options) = with_api_token();
     let (_fake, daemon) = live_with(options);
-    for path in ["/api/states", "/api/states/light.kitchen", "/status", "/metrics", "/api/services"] {
+    for path in [
+        "/api/states",
+        "/api/states/light.kitchen",
+        "/status",
+        "/metrics",
+        "/api/services",
+    ] {
         let r = daemon.get(path);
         assert_eq!(r.status, 401, "{path} without a token");
         assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"));
@@ -219,18 +297,51 @@ fn api_token_guards_everything_but_health() {
     }
     assert_eq!(daemon.get("/health").status, 200, "/health stays open");
     let mut conn = daemon.connect();
-    let ok = conn.request("GET", "/api/states/light.kitchen", &[&format!("Authorization: Bearer {token}")]).unwrap();
+    let ok = conn
+        .request(
+            "GET",
+            "/api/states/light.kitchen",
+            &[&format!("Authorization: Bearer {token}")],
+        )
+        .unwrap();
     assert_eq!(ok.status, 200);
-    let wrong = conn.request("GET", "/api/states/light.kitchen", &["Authorization: Bearer kiosk-token-0123456789abcdeX"]).unwrap();
+    let wrong = conn
+        .request(
+            "GET",
+            "/api/states/light.kitchen",
+            &["Authorization: Bearer kiosk-token-0123456789abcdeX"],
+        )
+        .unwrap();
     assert_eq!(wrong.status, 401);
     // EventSource cannot send headers: the stream also takes ?access_token=.
     assert_eq!(Stream::open(&daemon, "", "").0, 401);
-    assert_eq!(Stream::open(&daemon, &format!("?access_token={token}"), "").0, 200);
+    assert_eq!(
+        Stream::open(&daemon, &format!("?access_token={token}"), "").0,
+        200
+    );
     // …but only the stream does.
-    assert_eq!(daemon.get(&format!("/api/states/light.kitchen?access_token={token}")).status, 401);
-    let status = conn.request("GET", "/status", &[&format!("Authorization: Bearer {token}")]).unwrap().json();
-    assert!(!status.to_string().contains(&token), "the API token is not echoed");
-    assert!(!status.to_string().contains(support::fake_ha::TOKEN), "nor the HA token");
+    assert_eq!(
+        daemon
+            .get(&format!("/api/states/light.kitchen?access_token={token}"))
+            .status,
+        401
+    );
+    let status = conn
+        .request(
+            "GET",
+            "/status",
+            &[&format!("Authorization: Bearer {token}")],
+        )
+        .unwrap()
+        .json();
+    assert!(
+        !status.to_string().contains(&token),
+        "the API token is not echoed"
+    );
+    assert!(
+        !status.to_string().contains(support::fake_ha::TOKEN),
+        "nor the HA token"
+    );
 }
 
 #[test]
@@ -239,19 +350,62 @@ fn cors_only_for_configured_origins_and_service_calls_can_be_disabled() {
     let (_fake, daemon) = live_with(options);
     let mut conn = daemon.connect();
     let pre = conn
-        .request("OPTIONS", "/api/states/light.kitchen", &["Origin: http://kiosk.local:8080", "Access-Control-Request-Method: GET", "Access-Control-Request-Headers: authorization"])
+        .request(
+            "OPTIONS",
+            "/api/states/light.kitchen",
+            &[
+                "Origin: http://kiosk.local:8080",
+                "Access-Control-Request-Method: GET",
+                "Access-Control-Request-Headers: authorization",
+            ],
+        )
         .unwrap();
     assert_eq!(pre.status, 204, "a preflight needs no token");
-    assert_eq!(pre.header("Access-Control-Allow-Origin"), Some("http://kiosk.local:8080"));
-    assert!(pre.header("Access-Control-Allow-Headers").unwrap().contains("Authorization"));
-    let bad = conn.request("OPTIONS", "/api/states/light.kitchen", &["Origin: http://evil.example", "Access-Control-Request-Method: GET"]).unwrap();
+    assert_eq!(
+        pre.header("Access-Control-Allow-Origin"),
+        Some("http://kiosk.local:8080")
+    );
+    assert!(
+        pre.header("Access-Control-Allow-Headers")
+            .unwrap()
+            .contains("Authorization")
+    );
+    let bad = conn
+        .request(
+            "OPTIONS",
+            "/api/states/light.kitchen",
+            &[
+                "Origin: http://evil.example",
+                "Access-Control-Request-Method: GET",
+            ],
+        )
+        .unwrap();
     assert_eq!(bad.status, 403);
     assert_eq!(bad.header("Access-Control-Allow-Origin"), None);
     let auth = format!("Authorization: Bearer {token}");
-    let get = conn.request("GET", "/api/states/light.kitchen", &[&auth, "Origin: http://kiosk.local:8080"]).unwrap();
-    assert_eq!(get.header("Access-Control-Allow-Origin"), Some("http://kiosk.local:8080"));
-    assert!(get.header("Access-Control-Expose-Headers").unwrap().contains("X-Cache"));
-    let other = conn.request("GET", "/api/states/light.kitchen", &[&auth, "Origin: http://evil.example"]).unwrap();
+    let get = conn
+        .request(
+            "GET",
+            "/api/states/light.kitchen",
+            &[&auth, "Origin: http://kiosk.local:8080"],
+        )
+        .unwrap();
+    assert_eq!(
+        get.header("Access-Control-Allow-Origin"),
+        Some("http://kiosk.local:8080")
+    );
+    assert!(
+        get.header("Access-Control-Expose-Headers")
+            .unwrap()
+            .contains("X-Cache")
+    );
+    let other = conn
+        .request(
+            "GET",
+            "/api/states/light.kitchen",
+            &[&auth, "Origin: http://evil.example"],
+        )
+        .unwrap();
     assert_eq!(other.header("Access-Control-Allow-Origin"), None);
     let mut raw = daemon.connect();
     raw.send(format!("POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
@@ -266,22 +420,44 @@ fn status_reports_link_filters_cache_and_counters() {
     let s = daemon.get("/status").json();
     assert_eq!(s["connection"]["state"], "live");
     assert_eq!(s["home_assistant"]["version"], "2025.4.4");
-    assert!(s["home_assistant"]["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
-    assert_eq!(s["filter"]["exclude_domains"], json!(["media_player", "camera", "automation"]));
+    assert!(
+        s["home_assistant"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:")
+    );
+    assert_eq!(
+        s["filter"]["exclude_domains"],
+        json!(["media_player", "camera", "automation"])
+    );
     assert_eq!(s["cache"]["mode"], "update");
     assert_eq!(s["cache"]["ttl_seconds"], 30);
     assert!(s["store"]["tracked"].as_u64().unwrap() > 10);
     assert!(s["store"]["hits"].as_u64().unwrap() >= 1);
     assert_eq!(s["ha_rest_requests"]["total"], 0);
-    assert_eq!(s["connection"]["ha_side_filter"], true, "2025.4.4 gets the filter");
+    assert_eq!(
+        s["connection"]["ha_side_filter"], true,
+        "2025.4.4 gets the filter"
+    );
     assert!(!s.to_string().contains(support::fake_ha::TOKEN));
 }
 
 #[test]
 fn non_loopback_listen_without_api_token_is_refused() {
     let dir = TempDir::new("listen");
-    let config = dir.write("config.toml", "[http]\nlisten = \"0.0.0.0:18999\"\n[dbus]\nbus = \"none\"\n");
-    let finished = run_to_exit(command(&["--config", config.to_str().unwrap()]), &dir, Duration::from_secs(20));
+    let config = dir.write(
+        "config.toml",
+        "[http]\nlisten = \"0.0.0.0:18999\"\n[dbus]\nbus = \"none\"\n",
+    );
+    let finished = run_to_exit(
+        command(&["--config", config.to_str().unwrap()]),
+        &dir,
+        Duration::from_secs(20),
+    );
     assert_eq!(finished.status.code(), Some(78));
-    assert!(finished.stderr.contains("http.api_token_file"), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("http.api_token_file"),
+        "{}",
+        finished.stderr
+    );
 }

@@ -21,11 +21,18 @@ fn root() -> PathBuf {
 
 /// Files directly in `dir` (none when it does not exist), sorted; dotfiles (`.gitkeep`) skipped.
 fn files(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut v: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     v.sort();
     v
@@ -46,14 +53,20 @@ fn replay(inputs: &[(String, Vec<u8>)], target: fn(&[u8])) -> Vec<String> {
 /// local `fuzz/run.sh` grew (`fuzz/corpus/<target>/`, not in git).
 fn saved_inputs(target: &str) -> Vec<(String, Vec<u8>)> {
     let mut inputs = Vec::new();
-    let mut dirs = vec![root().join("fuzz/seeds").join(target), root().join("tests/fuzz_regressions").join(target)];
+    let mut dirs = vec![
+        root().join("fuzz/seeds").join(target),
+        root().join("tests/fuzz_regressions").join(target),
+    ];
     if std::env::var_os("FUZZ_REPLAY_CORPUS").is_some_and(|v| v == "1") {
         dirs.push(root().join("fuzz/corpus").join(target));
     }
     for dir in dirs {
         for f in files(&dir) {
             let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
-            inputs.push((f.strip_prefix(root()).unwrap_or(&f).display().to_string(), bytes));
+            inputs.push((
+                f.strip_prefix(root()).unwrap_or(&f).display().to_string(),
+                bytes,
+            ));
         }
     }
     inputs
@@ -62,9 +75,18 @@ fn saved_inputs(target: &str) -> Vec<(String, Vec<u8>)> {
 fn check(target: &str, run: fn(&[u8]), extra: Vec<(String, Vec<u8>)>, min_inputs: usize) {
     let mut inputs = saved_inputs(target);
     inputs.extend(extra);
-    assert!(inputs.len() >= min_inputs, "{target}: only {} inputs; are fuzz/seeds/{target}/ and tests/fuzz_regressions/{target}/ there?", inputs.len());
+    assert!(
+        inputs.len() >= min_inputs,
+        "{target}: only {} inputs; are fuzz/seeds/{target}/ and tests/fuzz_regressions/{target}/ there?",
+        inputs.len()
+    );
     let failed = replay(&inputs, run);
-    assert!(failed.is_empty(), "{target}: {} of {} inputs panicked: {failed:#?}", failed.len(), inputs.len());
+    assert!(
+        failed.is_empty(),
+        "{target}: {} of {} inputs panicked: {failed:#?}",
+        failed.len(),
+        inputs.len()
+    );
 }
 
 #[test]
@@ -83,7 +105,8 @@ fn ha_frame_inputs_do_not_panic() {
     let mut extra = Vec::new();
     for version in ["2024.3.3", "2025.4.4"] {
         for f in files(&root().join("tests/fixtures").join(version)) {
-            let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            let text =
+                std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             let name = f.strip_prefix(root()).unwrap_or(&f).display().to_string();
             extra.push((name.clone(), text.clone().into_bytes()));
             for (i, line) in text.lines().enumerate() {
@@ -92,7 +115,10 @@ fn ha_frame_inputs_do_not_panic() {
                     && v.get("id").is_some()
                 {
                     v["id"] = drive::ENTITIES_ID.into();
-                    extra.push((format!("{name}:{} (id {})", i + 1, drive::ENTITIES_ID), v.to_string().into_bytes()));
+                    extra.push((
+                        format!("{name}:{} (id {})", i + 1, drive::ENTITIES_ID),
+                        v.to_string().into_bytes(),
+                    ));
                 }
             }
         }

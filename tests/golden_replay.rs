@@ -13,7 +13,10 @@ use hass_edge::store::Store;
 use serde_json::Value;
 
 fn fixture(version: &str, name: &str) -> String {
-    let path = format!("{}/tests/fixtures/{version}/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/fixtures/{version}/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -30,9 +33,19 @@ fn replay(version: &str) -> (Store, BTreeMap<String, Value>) {
     let mut session = Session::new(Secret::new("t"), None, secs(30), secs(10), t);
     let mut store = Store::new(CacheMode::Update, 10_000, secs(30), secs(30), t);
     let mut out = Vec::new();
-    session.handle_frame(fixture(version, "auth_required.json").trim(), t, &mut out).unwrap();
-    session.handle_frame(fixture(version, "auth_ok.json").trim(), t, &mut out).unwrap();
-    session.handle_frame(&with_id(&fixture(version, "get_config_result.json"), 3), t, &mut out).unwrap();
+    session
+        .handle_frame(fixture(version, "auth_required.json").trim(), t, &mut out)
+        .unwrap();
+    session
+        .handle_frame(fixture(version, "auth_ok.json").trim(), t, &mut out)
+        .unwrap();
+    session
+        .handle_frame(
+            &with_id(&fixture(version, "get_config_result.json"), 3),
+            t,
+            &mut out,
+        )
+        .unwrap();
     let sent_id = |out: &[Output], kind: &str| {
         out.iter().find_map(|o| match o {
             Output::Send(text) => {
@@ -44,12 +57,30 @@ fn replay(version: &str) -> (Store, BTreeMap<String, Value>) {
     };
     // HA >= 2024.4: get_states (4) first; subscribe_entities (5) once it is answered.
     if let Some(states_id) = sent_id(&out, "get_states") {
-        session.handle_frame(&with_id(&fixture(version, "get_states_result.json"), states_id), t, &mut out).unwrap();
+        session
+            .handle_frame(
+                &with_id(&fixture(version, "get_states_result.json"), states_id),
+                t,
+                &mut out,
+            )
+            .unwrap();
     }
-    let entities_id = sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
-    session.handle_frame(&with_id(&fixture(version, "subscribe_entities_initial.json"), entities_id), t, &mut out).unwrap();
+    let entities_id =
+        sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
+    session
+        .handle_frame(
+            &with_id(
+                &fixture(version, "subscribe_entities_initial.json"),
+                entities_id,
+            ),
+            t,
+            &mut out,
+        )
+        .unwrap();
     for line in fixture(version, "subscribe_entities_events.jsonl").lines() {
-        session.handle_frame(&with_id(line, entities_id), t, &mut out).unwrap();
+        session
+            .handle_frame(&with_id(line, entities_id), t, &mut out)
+            .unwrap();
     }
     let mut snapshots = 0;
     for o in out {
@@ -80,7 +111,10 @@ fn replay(version: &str) -> (Store, BTreeMap<String, Value>) {
     for line in fixture(version, "state_changed_events.jsonl").lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let data = &v["event"]["data"];
-        expected.insert(data["entity_id"].as_str().unwrap().to_owned(), data["new_state"].clone());
+        expected.insert(
+            data["entity_id"].as_str().unwrap().to_owned(),
+            data["new_state"].clone(),
+        );
     }
     (store, expected)
 }
@@ -89,8 +123,14 @@ fn check(version: &str) {
     let (mut store, expected) = replay(version);
     assert!(expected.len() >= 10, "the fixture covers many entities");
     for (entity_id, want) in &expected {
-        let got = store.peek(entity_id).map(|s| serde_json::to_value(&*s).unwrap()).unwrap_or(Value::Null);
-        assert_eq!(&got, want, "{version}: {entity_id} differs from HA's own state object");
+        let got = store
+            .peek(entity_id)
+            .map(|s| serde_json::to_value(&*s).unwrap())
+            .unwrap_or(Value::Null);
+        assert_eq!(
+            &got, want,
+            "{version}: {entity_id} differs from HA's own state object"
+        );
     }
     // Entities untouched by events still equal HA's get_states answer for them.
     let states: Value = serde_json::from_str(&fixture(version, "get_states_result.json")).unwrap();
@@ -104,7 +144,11 @@ fn check(version: &str) {
             let ours = serde_json::to_value(&*ours).unwrap();
             // get_states ran at another moment of the capture; compare what cannot move.
             assert_eq!(ours["entity_id"], s["entity_id"]);
-            assert_eq!(ours.get("last_reported").is_some(), s.get("last_reported").is_some(), "{version}: last_reported presence for {id}");
+            assert_eq!(
+                ours.get("last_reported").is_some(),
+                s.get("last_reported").is_some(),
+                "{version}: last_reported presence for {id}"
+            );
             compared += 1;
         }
     }
@@ -133,7 +177,9 @@ fn coalesced_frames_decode() {
         let mut arrays = 0;
         for line in fixture(version, "coalesced_frames.jsonl").lines() {
             arrays += usize::from(line.starts_with('['));
-            session.handle_frame(line, t, &mut out).unwrap_or_else(|e| panic!("{version}: {e}: {line}"));
+            session
+                .handle_frame(line, t, &mut out)
+                .unwrap_or_else(|e| panic!("{version}: {e}: {line}"));
         }
         assert!(arrays > 0, "{version}: the fixture holds coalesced arrays");
     }

@@ -8,7 +8,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use hass_edge::http::{MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_HEAD_BYTES, MAX_HEADERS, REQUEST_TIMEOUT};
+use hass_edge::http::{
+    MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_HEAD_BYTES, MAX_HEADERS, REQUEST_TIMEOUT,
+};
 use serde_json::{Value, json};
 use support::daemon::slowdown;
 use support::http_client::{Conn, Response, request};
@@ -26,12 +28,24 @@ fn assert_unaffected(fake: &FakeHa, daemon: &Daemon) {
     let (status, body) = daemon.health().expect("/health answers");
     assert_eq!(status, 200, "{body}");
     let new = fake.next_state("input_boolean.kitchen", |s| {
-        s["state"] = if s["state"] == "on" { "off".into() } else { "on".into() };
+        s["state"] = if s["state"] == "on" {
+            "off".into()
+        } else {
+            "on".into()
+        };
     });
-    assert_eq!(fake.push_change(new.clone()), 1, "the subscription is still there");
+    assert_eq!(
+        fake.push_change(new.clone()),
+        1,
+        "the subscription is still there"
+    );
     wait_until("a pushed change to show", deadline(), || {
         let r = daemon.get("/api/states/input_boolean.kitchen");
-        if r.status == 200 && r.json() == new && r.header("X-Cache") == Some("hit") { Ok(()) } else { Err(format!("{} {}", r.status, r.text())) }
+        if r.status == 200 && r.json() == new && r.header("X-Cache") == Some("hit") {
+            Ok(())
+        } else {
+            Err(format!("{} {}", r.status, r.text()))
+        }
     });
     assert_eq!(fake.sessions().len(), 1, "no reconnect");
 }
@@ -39,15 +53,29 @@ fn assert_unaffected(fake: &FakeHa, daemon: &Daemon) {
 /// Sends raw bytes on a fresh connection and reads one response.
 fn raw(daemon: &Daemon, bytes: &[u8]) -> Response {
     let mut c = daemon.connect();
-    c.send(bytes).unwrap_or_else(|e| panic!("send {:?}: {e}", String::from_utf8_lossy(&bytes[..bytes.len().min(80)])));
-    c.read_response(false).unwrap_or_else(|e| panic!("response to {:?}: {e}", String::from_utf8_lossy(&bytes[..bytes.len().min(80)])))
+    c.send(bytes).unwrap_or_else(|e| {
+        panic!(
+            "send {:?}: {e}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+        )
+    });
+    c.read_response(false).unwrap_or_else(|e| {
+        panic!(
+            "response to {:?}: {e}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+        )
+    })
 }
 
 /// An error response in HA's shape: JSON `{"message": "…"}`.
 fn assert_error(r: &Response, status: u16, what: &str) {
     assert_eq!(r.status, status, "{what}: {}", r.text());
     assert_eq!(r.header("Content-Type"), Some("application/json"), "{what}");
-    assert!(r.json()["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {}", r.text());
+    assert!(
+        r.json()["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {}",
+        r.text()
+    );
 }
 
 #[test]
@@ -56,22 +84,41 @@ fn unknown_route_is_404_with_a_json_message() {
     for path in ["/nope", "/api/statesX", "/api/state/light.kitchen", "/"] {
         assert_error(&daemon.get(path), 404, path);
     }
-    assert!(fake.rest_requests().is_empty(), "unknown routes never reach HA");
+    assert!(
+        fake.rest_requests().is_empty(),
+        "unknown routes never reach HA"
+    );
     assert_unaffected(&fake, &daemon);
 }
 
 #[test]
 fn wrong_method_is_405_with_allow() {
     let (fake, daemon) = live();
-    for (method, path) in [("POST", "/api/states"), ("PUT", "/api/states"), ("DELETE", "/api/states/light.kitchen"), ("POST", "/health")] {
+    for (method, path) in [
+        ("POST", "/api/states"),
+        ("PUT", "/api/states"),
+        ("DELETE", "/api/states/light.kitchen"),
+        ("POST", "/health"),
+    ] {
         let mut c = daemon.connect();
-        let r = c.request(method, path, &["Content-Length: 0", "Connection: close"]).unwrap();
+        let r = c
+            .request(method, path, &["Content-Length: 0", "Connection: close"])
+            .unwrap();
         assert_error(&r, 405, &format!("{method} {path}"));
-        let allow = r.header("Allow").unwrap_or_else(|| panic!("{method} {path}: 405 without Allow"));
+        let allow = r
+            .header("Allow")
+            .unwrap_or_else(|| panic!("{method} {path}: 405 without Allow"));
         let methods: Vec<&str> = allow.split(',').map(str::trim).collect();
-        assert!(methods.contains(&"GET") && methods.contains(&"HEAD") && !methods.contains(&method), "{method} {path}: Allow: {allow}");
+        assert!(
+            methods.contains(&"GET") && methods.contains(&"HEAD") && !methods.contains(&method),
+            "{method} {path}: Allow: {allow}"
+        );
     }
-    assert!(fake.rest_requests().is_empty(), "a DELETE is never passed to HA: {:?}", fake.rest_requests());
+    assert!(
+        fake.rest_requests().is_empty(),
+        "a DELETE is never passed to HA: {:?}",
+        fake.rest_requests()
+    );
     assert!(fake.entity("light.kitchen").is_some());
     assert_unaffected(&fake, &daemon);
 }
@@ -106,7 +153,11 @@ fn invalid_entity_id_is_400_and_never_reaches_ha() {
     ] {
         assert_error(&daemon.get(path), 400, path);
     }
-    assert!(fake.rest_requests().is_empty(), "invalid ids never go into an HA URL: {:?}", fake.rest_requests());
+    assert!(
+        fake.rest_requests().is_empty(),
+        "invalid ids never go into an HA URL: {:?}",
+        fake.rest_requests()
+    );
     assert_unaffected(&fake, &daemon);
 }
 
@@ -116,7 +167,11 @@ fn oversized_request_heads_are_431() {
     // A head that never ends, exactly at the limit (all of it is read before the answer).
     let mut head = b"GET /health HTTP/1.1\r\nX-Filler: ".to_vec();
     head.resize(MAX_HEAD_BYTES, b'a');
-    assert_error(&raw(&daemon, &head), 431, "a head of MAX_HEAD_BYTES without its end");
+    assert_error(
+        &raw(&daemon, &head),
+        431,
+        "a head of MAX_HEAD_BYTES without its end",
+    );
     // Too many headers, in a head well under the byte limit.
     let mut many = "GET /health HTTP/1.1\r\nHost: x\r\n".to_owned();
     for i in 0..MAX_HEADERS + 10 {
@@ -133,13 +188,19 @@ fn oversized_request_heads_are_431() {
 #[test]
 fn a_complete_head_over_the_limit_is_answered_431() {
     let (fake, daemon) = live();
-    let big = request("GET", "/health", &[&format!("X-Big: {}", "b".repeat(MAX_HEAD_BYTES + 1024))]);
+    let big = request(
+        "GET",
+        "/health",
+        &[&format!("X-Big: {}", "b".repeat(MAX_HEAD_BYTES + 1024))],
+    );
     for attempt in 0..20 {
         let mut c = daemon.connect();
         c.send(big.as_bytes()).unwrap();
         match c.read_response(false) {
             Ok(r) => assert_error(&r, 431, "a complete head over the limit"),
-            Err(e) => panic!("attempt {attempt}: no 431 but {e} (connection reset: the daemon closed with unread input)"),
+            Err(e) => panic!(
+                "attempt {attempt}: no 431 but {e} (connection reset: the daemon closed with unread input)"
+            ),
         }
     }
     assert_unaffected(&fake, &daemon);
@@ -148,19 +209,37 @@ fn a_complete_head_over_the_limit_is_answered_431() {
 #[test]
 fn request_body_limits_413_and_411() {
     let (fake, daemon) = live();
-    let too_big = request("POST", "/api/states", &[&format!("Content-Length: {}", MAX_BODY_BYTES + 1)]);
-    assert_error(&raw(&daemon, too_big.as_bytes()), 413, "Content-Length over the limit");
+    let too_big = request(
+        "POST",
+        "/api/states",
+        &[&format!("Content-Length: {}", MAX_BODY_BYTES + 1)],
+    );
+    assert_error(
+        &raw(&daemon, too_big.as_bytes()),
+        413,
+        "Content-Length over the limit",
+    );
     let chunked = request("POST", "/api/states", &["Transfer-Encoding: chunked"]);
     assert_error(&raw(&daemon, chunked.as_bytes()), 411, "chunked body");
     // A body within the limit is read whole: the next request on the connection is parsed
     // from where the body ends, not from inside it.
     let body = "GET /api/states/light.kitchen HTTP/1.1\r\n\r\n".repeat(10);
     let mut c = daemon.connect();
-    c.send_request("POST", "/api/states", &[&format!("Content-Length: {}", body.len())]).unwrap();
+    c.send_request(
+        "POST",
+        "/api/states",
+        &[&format!("Content-Length: {}", body.len())],
+    )
+    .unwrap();
     c.send(body.as_bytes()).unwrap();
     assert_error(&c.read_response(false).unwrap(), 405, "POST with a body");
     let r = c.request("GET", "/health", &[]).unwrap();
-    assert_eq!(r.status, 200, "the body was not taken for requests: {}", r.text());
+    assert_eq!(
+        r.status,
+        200,
+        "the body was not taken for requests: {}",
+        r.text()
+    );
     assert!(fake.rest_requests().is_empty());
     assert_unaffected(&fake, &daemon);
 }
@@ -169,17 +248,38 @@ fn request_body_limits_413_and_411() {
 fn head_announces_the_length_but_sends_no_body() {
     let (fake, daemon) = live();
     let mut c = daemon.connect();
-    for path in ["/api/states/input_boolean.kitchen", "/api/states", "/health"] {
+    for path in [
+        "/api/states/input_boolean.kitchen",
+        "/api/states",
+        "/health",
+    ] {
         let get = c.request("GET", path, &[]).unwrap();
         assert_eq!(get.status, 200, "{path}");
         let head = c.request("HEAD", path, &[]).unwrap();
         assert_eq!(head.status, 200, "HEAD {path}");
-        assert_eq!(head.header("Content-Length"), Some(get.body.len().to_string().as_str()), "HEAD {path} announces GET's length");
-        assert_eq!(head.header("Content-Type"), get.header("Content-Type"), "HEAD {path}");
-        assert!(c.pending().is_empty(), "HEAD {path} sent body bytes: {:?}", String::from_utf8_lossy(c.pending()));
+        assert_eq!(
+            head.header("Content-Length"),
+            Some(get.body.len().to_string().as_str()),
+            "HEAD {path} announces GET's length"
+        );
+        assert_eq!(
+            head.header("Content-Type"),
+            get.header("Content-Type"),
+            "HEAD {path}"
+        );
+        assert!(
+            c.pending().is_empty(),
+            "HEAD {path} sent body bytes: {:?}",
+            String::from_utf8_lossy(c.pending())
+        );
     }
-    let head = c.request("HEAD", "/api/states/input_boolean.kitchen", &[]).unwrap();
-    assert_eq!((head.header("X-Cache"), head.header("Age")), (Some("hit"), Some("0")));
+    let head = c
+        .request("HEAD", "/api/states/input_boolean.kitchen", &[])
+        .unwrap();
+    assert_eq!(
+        (head.header("X-Cache"), head.header("Age")),
+        (Some("hit"), Some("0"))
+    );
     // Had a body followed any HEAD answer, this response would not parse.
     let r = c.request("GET", "/health", &[]).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -193,19 +293,37 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     let mut c = daemon.connect();
     let kitchen = fake.entity("input_boolean.kitchen").unwrap();
     for _ in 0..3 {
-        let r = c.request("GET", "/api/states/input_boolean.kitchen", &[]).unwrap();
+        let r = c
+            .request("GET", "/api/states/input_boolean.kitchen", &[])
+            .unwrap();
         assert_eq!((r.status, r.json()), (200, kitchen.clone()));
-        assert_eq!(r.header("Connection").map(str::to_ascii_lowercase).as_deref(), Some("keep-alive"));
+        assert_eq!(
+            r.header("Connection")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("keep-alive")
+        );
     }
     let r = c.request("GET", "/health", &["Connection: close"]).unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("Connection").map(str::to_ascii_lowercase).as_deref(), Some("close"));
-    assert!(c.closed_by_server(Duration::from_secs(10)), "closed after Connection: close");
+    assert_eq!(
+        r.header("Connection")
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("close")
+    );
+    assert!(
+        c.closed_by_server(Duration::from_secs(10)),
+        "closed after Connection: close"
+    );
     // HTTP/1.0 without keep-alive: one request per connection.
     let mut c = daemon.connect();
     c.send(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(c.read_response(false).unwrap().status, 200);
-    assert!(c.closed_by_server(Duration::from_secs(10)), "HTTP/1.0 closes after the response");
+    assert!(
+        c.closed_by_server(Duration::from_secs(10)),
+        "HTTP/1.0 closes after the response"
+    );
     assert_unaffected(&fake, &daemon);
 }
 
@@ -220,20 +338,44 @@ fn pipelined_requests_are_answered_in_order() {
     batch.push_str(&request("GET", "/api/states/sensor.not_there", &[]));
     batch.push_str(&request("GET", "/api/states/input_boolean.kitchen", &[]));
     batch.push_str(&request("HEAD", "/api/states/input_boolean.kitchen", &[]));
-    batch.push_str(&request("GET", "/api/states/automation.doorbell_sets_message", &[]));
+    batch.push_str(&request(
+        "GET",
+        "/api/states/automation.doorbell_sets_message",
+        &[],
+    ));
     batch.push_str(&request("GET", "/health", &[]));
     let mut c = daemon.connect();
     c.send(batch.as_bytes()).unwrap();
     let r = c.read_response(false).unwrap();
-    assert_eq!((r.status, r.json()), (404, json!({"message": "Entity not found."})), "1st: the unknown entity");
+    assert_eq!(
+        (r.status, r.json()),
+        (404, json!({"message": "Entity not found."})),
+        "1st: the unknown entity"
+    );
     let r = c.read_response(false).unwrap();
-    assert_eq!((r.status, r.json()), (200, kitchen.clone()), "2nd: the kitchen");
+    assert_eq!(
+        (r.status, r.json()),
+        (200, kitchen.clone()),
+        "2nd: the kitchen"
+    );
     let r = c.read_response(true).unwrap();
-    assert_eq!((r.status, r.header("Content-Length")), (200, Some(kitchen.to_string().len().to_string().as_str())), "3rd: HEAD");
+    assert_eq!(
+        (r.status, r.header("Content-Length")),
+        (200, Some(kitchen.to_string().len().to_string().as_str())),
+        "3rd: HEAD"
+    );
     let r = c.read_response(false).unwrap();
-    assert_eq!((r.status, r.json(), r.header("X-Cache")), (200, automation, Some("miss")), "4th: read through HA");
+    assert_eq!(
+        (r.status, r.json(), r.header("X-Cache")),
+        (200, automation, Some("miss")),
+        "4th: read through HA"
+    );
     let r = c.read_response(false).unwrap();
-    assert_eq!((r.status, r.json()["status"].clone()), (200, Value::from("live")), "5th: /health");
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, Value::from("live")),
+        "5th: /health"
+    );
     assert!(c.pending().is_empty());
     fake.set_rest_delay(Duration::ZERO);
     assert_unaffected(&fake, &daemon);
@@ -255,7 +397,11 @@ fn idle_and_half_sent_clients_do_not_block_others() {
         let (status, body) = daemon.health().expect("/health answers");
         assert_eq!(status, 200, "{body}");
         // A blocked accept loop would show as the 10 s request timeout or worse.
-        assert!(started.elapsed() < Duration::from_secs(5) * slowdown(), "/health took {:?} with idle clients", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5) * slowdown(),
+            "/health took {:?} with idle clients",
+            started.elapsed()
+        );
     }
     assert_unaffected(&fake, &daemon);
     drop((idle, half));
@@ -266,19 +412,35 @@ fn a_stalled_request_gets_408_but_a_slow_one_is_served() {
     let (fake, daemon) = live();
     let mut stalled = daemon.connect();
     let sent = Instant::now();
-    stalled.send(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    stalled
+        .send(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     // A client that sends its head in pieces, well within the timeout, is served.
     let mut slow = daemon.connect();
-    for piece in [&b"GET /heal"[..], b"th HTTP/1.1\r\nHo", b"st: x\r\n", b"\r\n"] {
+    for piece in [
+        &b"GET /heal"[..],
+        b"th HTTP/1.1\r\nHo",
+        b"st: x\r\n",
+        b"\r\n",
+    ] {
         slow.send(piece).unwrap();
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(slow.read_response(false).unwrap().status, 200);
 
-    let r = stalled.read_response(false).expect("an answer, not a silent close");
+    let r = stalled
+        .read_response(false)
+        .expect("an answer, not a silent close");
     assert_error(&r, 408, "a head that stopped half way");
-    assert!(sent.elapsed() >= REQUEST_TIMEOUT - Duration::from_millis(200), "408 after only {:?}", sent.elapsed());
-    assert!(stalled.closed_by_server(Duration::from_secs(10)), "the stalled connection is closed");
+    assert!(
+        sent.elapsed() >= REQUEST_TIMEOUT - Duration::from_millis(200),
+        "408 after only {:?}",
+        sent.elapsed()
+    );
+    assert!(
+        stalled.closed_by_server(Duration::from_secs(10)),
+        "the stalled connection is closed"
+    );
     assert_unaffected(&fake, &daemon);
 }
 
@@ -289,24 +451,39 @@ fn connections_over_the_cap_get_503_until_some_close() {
     let mut open: Vec<Conn> = (0..MAX_CONNECTIONS)
         .map(|i| {
             let mut c = daemon.connect();
-            let r = c.request("GET", "/health", &[]).unwrap_or_else(|e| panic!("client {i}: {e}"));
-            assert_eq!(r.status, 200, "client {i} of {MAX_CONNECTIONS} is admitted: {}", r.text());
+            let r = c
+                .request("GET", "/health", &[])
+                .unwrap_or_else(|e| panic!("client {i}: {e}"));
+            assert_eq!(
+                r.status,
+                200,
+                "client {i} of {MAX_CONNECTIONS} is admitted: {}",
+                r.text()
+            );
             c
         })
         .collect();
     let mut extra = daemon.connect();
-    let r = extra.read_response(false).expect("a 503, not a silent close");
+    let r = extra
+        .read_response(false)
+        .expect("a 503, not a silent close");
     assert_error(&r, 503, "one connection over the cap");
     assert!(r.header("Retry-After").is_some(), "503 says when to retry");
     assert!(extra.closed_by_server(Duration::from_secs(10)));
     // Admitted clients are still served.
-    let r = open[MAX_CONNECTIONS - 1].request("GET", "/health", &[]).unwrap();
+    let r = open[MAX_CONNECTIONS - 1]
+        .request("GET", "/health", &[])
+        .unwrap();
     assert_eq!(r.status, 200);
     open.truncate(MAX_CONNECTIONS / 2);
-    wait_until("a new connection to be served once others closed", deadline(), || match daemon.health() {
-        Ok((200, _)) => Ok(()),
-        other => Err(format!("{other:?}")),
-    });
+    wait_until(
+        "a new connection to be served once others closed",
+        deadline(),
+        || match daemon.health() {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
     drop(open);
     assert_unaffected(&fake, &daemon);
 }

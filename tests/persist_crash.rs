@@ -26,7 +26,11 @@ const STATES_NATIVE: usize = 20_000;
 /// States per generation: fewer under an emulating runner (qemu takes ~8 s to load 20,000),
 /// where the same temp-file-and-rename protocol is checked on a smaller file.
 fn states_per_generation() -> usize {
-    if std::env::var_os("EDGE_TEST_RUNNER").is_some() { STATES_NATIVE / 10 } else { STATES_NATIVE }
+    if std::env::var_os("EDGE_TEST_RUNNER").is_some() {
+        STATES_NATIVE / 10
+    } else {
+        STATES_NATIVE
+    }
 }
 /// Kills to do at least, and kills that must land between the temp file's creation and the
 /// rename (kills go on until both are reached, up to `MAX_KILLS`).
@@ -36,16 +40,26 @@ const MAX_KILLS: usize = 60;
 
 /// Generation `tag` (`'A'` or `'B'`): same entities, different states, attributes and times.
 fn generation(tag: char) -> (Vec<Rc<EntityState>>, SystemTime) {
-    let base: i64 = if tag == 'A' { 1_763_800_000_000_000 } else { 1_763_900_000_000_000 };
+    let base: i64 = if tag == 'A' {
+        1_763_800_000_000_000
+    } else {
+        1_763_900_000_000_000
+    };
     let states = (0..states_per_generation())
         .map(|i| {
             let mut attributes = Map::new();
             attributes.insert("generation".into(), Value::String(tag.to_string()));
-            attributes.insert("friendly_name".into(), Value::String(format!("Crash test power meter {i}")));
+            attributes.insert(
+                "friendly_name".into(),
+                Value::String(format!("Crash test power meter {i}")),
+            );
             attributes.insert("unit_of_measurement".into(), Value::String("W".into()));
             attributes.insert("device_class".into(), Value::String("power".into()));
             attributes.insert("state_class".into(), Value::String("measurement".into()));
-            attributes.insert("padding".into(), Value::String(format!("{tag}").repeat(120)));
+            attributes.insert(
+                "padding".into(),
+                Value::String(format!("{tag}").repeat(120)),
+            );
             let t = Timestamp(base + i as i64 * 1_000);
             Rc::new(EntityState {
                 entity_id: format!("sensor.crash_test_power_{i:05}"),
@@ -54,7 +68,11 @@ fn generation(tag: char) -> (Vec<Rc<EntityState>>, SystemTime) {
                 last_changed: t,
                 last_reported: Some(t),
                 last_updated: t,
-                context: Context { id: format!("01JCRASH{tag}{i:018}"), parent_id: None, user_id: None },
+                context: Context {
+                    id: format!("01JCRASH{tag}{i:018}"),
+                    parent_id: None,
+                    user_id: None,
+                },
             })
         })
         .collect();
@@ -80,7 +98,9 @@ fn writer_command() -> Command {
 /// The child: writes A and B alternately until killed. Does nothing in a normal test run.
 #[test]
 fn crash_writer_child() {
-    let Some(dir) = std::env::var_os(WRITER_ENV) else { return };
+    let Some(dir) = std::env::var_os(WRITER_ENV) else {
+        return;
+    };
     let dir = PathBuf::from(dir);
     // Encoded once, by the parent: in this unoptimised build encoding 10 MB takes ten times
     // longer than writing it, and a kill during encoding tests nothing (`save` is `encode`,
@@ -105,22 +125,37 @@ impl Drop for Writer {
 }
 
 /// Which generation `load` returned; panics on anything else.
-fn which(path: &Path, a: &(Vec<Rc<EntityState>>, SystemTime), b: &(Vec<Rc<EntityState>>, SystemTime)) -> char {
+fn which(
+    path: &Path,
+    a: &(Vec<Rc<EntityState>>, SystemTime),
+    b: &(Vec<Rc<EntityState>>, SystemTime),
+) -> char {
     let saved = match load(path) {
         Ok(Some(saved)) => saved,
         other => panic!("after a kill, load gave {other:?}"),
     };
     for (tag, (states, saved_at)) in [('A', a), ('B', b)] {
         if saved.saved_at == *saved_at {
-            assert_eq!(saved.states.len(), states.len(), "generation {tag} is complete");
+            assert_eq!(
+                saved.states.len(),
+                states.len(),
+                "generation {tag} is complete"
+            );
             assert!(
-                saved.states.iter().zip(states).all(|(got, want)| got == &**want),
+                saved
+                    .states
+                    .iter()
+                    .zip(states)
+                    .all(|(got, want)| got == &**want),
                 "generation {tag} has exactly its own states"
             );
             return tag;
         }
     }
-    panic!("load gave a file saved at {:?}, neither generation", saved.saved_at);
+    panic!(
+        "load gave a file saved at {:?}, neither generation",
+        saved.saved_at
+    );
 }
 
 #[test]
@@ -129,7 +164,8 @@ fn kill_9_mid_save_leaves_one_complete_generation() {
         return;
     }
     let started = Instant::now();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("persist-crash-{}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("persist-crash-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     let path = dir.join("states.json");
@@ -162,7 +198,13 @@ fn kill_9_mid_save_leaves_one_complete_generation() {
         let _ = fs::remove_file(&ready);
         let mut writer = Writer(
             writer_command()
-                .args(["--exact", "crash_writer_child", "--nocapture", "--test-threads", "1"])
+                .args([
+                    "--exact",
+                    "crash_writer_child",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
                 .env(WRITER_ENV, &dir)
                 .stdout(Stdio::null())
                 .spawn()
@@ -174,7 +216,10 @@ fn kill_9_mid_save_leaves_one_complete_generation() {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("the writer exited on its own: {status}");
             }
-            assert!(wait_start.elapsed() < Duration::from_secs(120), "the writer did not start");
+            assert!(
+                wait_start.elapsed() < Duration::from_secs(120),
+                "the writer did not start"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         // Anywhere in the first few writes: inside one, or between two.
@@ -200,7 +245,10 @@ fn kill_9_mid_save_leaves_one_complete_generation() {
             'A' => seen[0] += 1,
             _ => seen[1] += 1,
         }
-        assert!(!persist::corrupt_path(&path).exists(), "nothing was ever rejected");
+        assert!(
+            !persist::corrupt_path(&path).exists(),
+            "nothing was ever rejected"
+        );
     }
     println!(
         "{kills} kills, {mid_write} mid-write (temp file present; {torn_temps} of them torn and rejected by decode), \
@@ -210,6 +258,9 @@ fn kill_9_mid_save_leaves_one_complete_generation() {
         started.elapsed()
     );
     assert!(kills >= MIN_KILLS);
-    assert!(mid_write >= MIN_MID_WRITE, "only {mid_write} of {kills} kills landed mid-write");
+    assert!(
+        mid_write >= MIN_MID_WRITE,
+        "only {mid_write} of {kills} kills landed mid-write"
+    );
     fs::remove_dir_all(&dir).unwrap();
 }

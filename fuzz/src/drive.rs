@@ -35,19 +35,34 @@ pub fn http_request(data: &[u8]) {
         // More bytes needed, or a refusal (400/411/413/431): the daemon writes the error.
         Ok(None) => return,
         Err(response) => {
-            assert!(matches!(response.status, 400 | 411 | 413 | 431), "refusal with status {}", response.status);
+            assert!(
+                matches!(response.status, 400 | 411 | 413 | 431),
+                "refusal with status {}",
+                response.status
+            );
             return;
         }
     };
     let (head, head_len) = parsed;
-    assert!(head_len <= data.len(), "head length {head_len} beyond the {} bytes given", data.len());
+    assert!(
+        head_len <= data.len(),
+        "head length {head_len} beyond the {} bytes given",
+        data.len()
+    );
     assert!(head_len <= hass_edge::http::MAX_HEAD_BYTES);
     assert!(head.content_length <= hass_edge::http::MAX_BODY_BYTES);
     assert!(head.target.starts_with('/'));
     // As `read_request` builds the `Request`.
     let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
-    let query: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    let value = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let query: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let value = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     // As `api.rs` reads it: `?refresh=`, `?snapshot=`, `?entity_id=` selections, the id in
     // `/api/states/{entity_id}` and the `{domain}/{service}` of a service call.
     let _ = matches!(value("refresh"), Some("" | "1" | "true" | "yes"));
@@ -147,7 +162,13 @@ impl Live {
         let now = Instant::now();
         let secs = Duration::from_secs;
         let mut live = Live {
-            session: Session::new(Secret::new("fuzz-token"), filter.ha_filter(), secs(30), secs(10), now),
+            session: Session::new(
+                Secret::new("fuzz-token"),
+                filter.ha_filter(),
+                secs(30),
+                secs(10),
+                now,
+            ),
             store: Store::new(CacheMode::Update, 10_000, secs(30), secs(30), now),
             filter: filter.clone(),
             now,
@@ -164,16 +185,24 @@ impl Live {
         if let Some(states_id) = sent_id(&out, "get_states") {
             live.feed_setup(with_id(rec.get_states, states_id), &mut out);
         }
-        let entities_id = sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
+        let entities_id =
+            sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
         live.entities_id = entities_id;
         live.feed_setup(with_id(rec.snapshot, entities_id), &mut out);
-        assert_eq!(live.session.phase(), Phase::Live, "{}: the recorded snapshot makes the session live", rec.version);
+        assert_eq!(
+            live.session.phase(),
+            Phase::Live,
+            "{}: the recorded snapshot makes the session live",
+            rec.version
+        );
         live
     }
 
     fn feed_setup(&mut self, frame: &str, out: &mut Vec<Output>) {
         let start = out.len();
-        self.session.handle_frame(frame, self.now, out).expect("recorded frames decode");
+        self.session
+            .handle_frame(frame, self.now, out)
+            .expect("recorded frames decode");
         let new: Vec<Output> = out.drain(start..).collect();
         for o in &new {
             if let Output::Send(text) = o {
@@ -194,7 +223,8 @@ impl Live {
                 Output::Entities(event) => self.apply_entities(event),
                 Output::LastReported(rows) => {
                     for (entity_id, last_updated, last_reported) in rows {
-                        self.store.set_last_reported(&entity_id, last_updated, last_reported);
+                        self.store
+                            .set_last_reported(&entity_id, last_updated, last_reported);
                     }
                     Vec::new()
                 }
@@ -204,10 +234,16 @@ impl Live {
                     assert!(v.get("type").is_some_and(Value::is_string));
                     match v["id"].as_u64() {
                         Some(id) => {
-                            assert!(id > self.last_id, "id {id} sent after id {}: HA would answer id_reuse", self.last_id);
+                            assert!(
+                                id > self.last_id,
+                                "id {id} sent after id {}: HA would answer id_reuse",
+                                self.last_id
+                            );
                             self.last_id = id;
                         }
-                        None => assert_eq!(v["type"], "auth", "only auth goes without an id: {text}"),
+                        None => {
+                            assert_eq!(v["type"], "auth", "only auth goes without an id: {text}")
+                        }
                     }
                     Vec::new()
                 }
@@ -272,13 +308,30 @@ impl Live {
         let states = self.store.tracked_states();
         let list = serde_json::to_vec(&states).expect("a state list serialises");
         let parsed: Value = serde_json::from_slice(&list).expect("/api/states is JSON");
-        let ids: Vec<&str> = parsed.as_array().expect("/api/states is a list").iter().filter_map(|s| s["entity_id"].as_str()).collect();
-        assert_eq!(ids.len(), states.len(), "every state in /api/states has its entity_id");
+        let ids: Vec<&str> = parsed
+            .as_array()
+            .expect("/api/states is a list")
+            .iter()
+            .filter_map(|s| s["entity_id"].as_str())
+            .collect();
+        assert_eq!(
+            ids.len(),
+            states.len(),
+            "every state in /api/states has its entity_id"
+        );
         for state in &states {
             // `/api/states/{entity_id}`: the same bytes as in the list (serialised alike).
             let text = state.to_json();
-            assert!(text.starts_with("{\"entity_id\":") && text.ends_with('}'), "state of {} serialised as {text:?}", state.entity_id);
-            assert!(self.filter.tracks(&state.entity_id), "{} is stored but not tracked", state.entity_id);
+            assert!(
+                text.starts_with("{\"entity_id\":") && text.ends_with('}'),
+                "state of {} serialised as {text:?}",
+                state.entity_id
+            );
+            assert!(
+                self.filter.tracks(&state.entity_id),
+                "{} is stored but not tracked",
+                state.entity_id
+            );
             let _ = self.store.lookup(&state.entity_id, self.now);
         }
     }
@@ -287,10 +340,20 @@ impl Live {
 /// `sse.rs` `Broadcast::publish` formats each change once.
 fn publish(changes: &[Change]) {
     for c in changes {
-        let event = hass_edge::sse::format_event(&c.entity_id, c.old_state.as_deref(), c.new_state.as_deref());
-        let data = event.strip_prefix("event: state_changed\ndata: ").and_then(|d| d.strip_suffix("\n\n"));
+        let event = hass_edge::sse::format_event(
+            &c.entity_id,
+            c.old_state.as_deref(),
+            c.new_state.as_deref(),
+        );
+        let data = event
+            .strip_prefix("event: state_changed\ndata: ")
+            .and_then(|d| d.strip_suffix("\n\n"));
         let parsed = data.map(serde_json::from_str::<Value>);
-        assert!(matches!(parsed, Some(Ok(Value::Object(_)))), "SSE event for {} is not one JSON object: {event:?}", c.entity_id);
+        assert!(
+            matches!(parsed, Some(Ok(Value::Object(_)))),
+            "SSE event for {} is not one JSON object: {event:?}",
+            c.entity_id
+        );
     }
 }
 
@@ -311,7 +374,9 @@ pub fn ha_frame_all_versions(data: &[u8]) {
 }
 
 fn ha_frame_on(rec: &'static Recording, data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let filter = default_filter();
     let mut live = Live::new(rec, &filter);
     let mapped;
@@ -319,7 +384,9 @@ fn ha_frame_on(rec: &'static Recording, data: &[u8]) {
         text
     } else {
         let id = live.entities_id;
-        mapped = text.replace("\"id\":4,", &format!("\"id\":{id},")).replace("\"id\":4}", &format!("\"id\":{id}}}"));
+        mapped = text
+            .replace("\"id\":4,", &format!("\"id\":{id},"))
+            .replace("\"id\":4}", &format!("\"id\":{id}}}"));
         mapped.as_str()
     };
     let mut out = Vec::new();
@@ -340,7 +407,8 @@ fn default_filter() -> EntityFilter {
     static FILTER: std::sync::OnceLock<EntityFilter> = std::sync::OnceLock::new();
     FILTER
         .get_or_init(|| {
-            let config = hass_edge::config::parse_config("", Vec::<(String, String)>::new()).expect("the default config is valid");
+            let config = hass_edge::config::parse_config("", Vec::<(String, String)>::new())
+                .expect("the default config is valid");
             EntityFilter::new(&config.filter)
         })
         .clone()
@@ -350,8 +418,12 @@ fn default_filter() -> EntityFilter {
 
 /// Bytes as the config file's text (not UTF-8: `Config::load` fails reading it first).
 pub fn config(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(config) = hass_edge::config::parse_config(text, Vec::<(String, String)>::new()) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = hass_edge::config::parse_config(text, Vec::<(String, String)>::new()) else {
+        return;
+    };
     check_valid(&config);
 }
 
@@ -359,7 +431,10 @@ pub fn config(data: &[u8]) {
 /// built and its HA-side form sent.
 fn check_valid(config: &Config) {
     let toml = config.to_toml();
-    assert!(!toml.starts_with("# cannot render config"), "a valid config must render: {toml}");
+    assert!(
+        !toml.starts_with("# cannot render config"),
+        "a valid config must render: {toml}"
+    );
     let filter = EntityFilter::new(&config.filter);
     let _ = filter.tracks("light.kitchen");
     if let Some(v) = filter.ha_filter() {
@@ -371,6 +446,14 @@ fn check_valid(config: &Config) {
     assert!(ws.starts_with("ws://") || ws.starts_with("wss://"), "{ws}");
     // The derived URLs are what the WebSocket and REST clients will parse; a config that
     // validates must not yield one they refuse (that would surface only at connect time).
-    assert!(ws.parse::<ureq::http::Uri>().is_ok(), "ha.url {:?} gives an unusable WebSocket URL {ws:?}", config.ha.url);
-    assert!(config.ha.url.parse::<ureq::http::Uri>().is_ok(), "ha.url {:?} does not round-trip", config.ha.url);
+    assert!(
+        ws.parse::<ureq::http::Uri>().is_ok(),
+        "ha.url {:?} gives an unusable WebSocket URL {ws:?}",
+        config.ha.url
+    );
+    assert!(
+        config.ha.url.parse::<ureq::http::Uri>().is_ok(),
+        "ha.url {:?} does not round-trip",
+        config.ha.url
+    );
 }

@@ -33,9 +33,15 @@ impl TempDir {
     /// A new, empty directory.
     pub fn new(tag: &str) -> TempDir {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("hass-edge-test-{tag}-{}-{n}-{nanos}", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "hass-edge-test-{tag}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         TempDir { path }
     }
@@ -62,7 +68,9 @@ impl Drop for TempDir {
 /// `qemu-aarch64-static -L /usr/aarch64-linux-gnu` (`scripts/test.sh aarch64`; there is no
 /// binfmt_misc to run them directly).
 pub fn runner() -> Vec<String> {
-    std::env::var("EDGE_TEST_RUNNER").map(|r| r.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
+    std::env::var("EDGE_TEST_RUNNER")
+        .map(|r| r.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// How much slower than native the daemon runs: 5 under an emulating runner, else 1. Scales
@@ -90,7 +98,15 @@ pub fn command(args: &[&str]) -> Command {
             cmd.env_remove(&name);
         }
     }
-    for name in ["CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID"] {
+    for name in [
+        "CREDENTIALS_DIRECTORY",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+    ] {
         cmd.env_remove(name);
     }
     cmd.env("RUST_LOG", "debug");
@@ -115,8 +131,12 @@ pub struct Finished {
 pub fn run_to_exit(mut cmd: Command, dir: &TempDir, timeout: Duration) -> Finished {
     static RUN: AtomicUsize = AtomicUsize::new(0);
     let n = RUN.fetch_add(1, Ordering::Relaxed);
-    let (out_path, err_path) = (dir.path.join(format!("run{n}.stdout")), dir.path.join(format!("run{n}.stderr")));
-    cmd.stdout(std::fs::File::create(&out_path).unwrap()).stderr(std::fs::File::create(&err_path).unwrap());
+    let (out_path, err_path) = (
+        dir.path.join(format!("run{n}.stdout")),
+        dir.path.join(format!("run{n}.stderr")),
+    );
+    cmd.stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap());
     let mut child = cmd.spawn().expect("spawn hass-edge");
     let start = Instant::now();
     let status = loop {
@@ -142,7 +162,11 @@ pub fn run_to_exit(mut cmd: Command, dir: &TempDir, timeout: Duration) -> Finish
 
 /// A free loopback port (bound and released; the daemon binds it right after).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Config keys for a daemon, as raw TOML values by section.
@@ -159,17 +183,23 @@ impl Default for DaemonOptions {
     /// (parallel daemons would compete for the bus name on a machine that has a bus);
     /// debug logs.
     fn default() -> Self {
-        DaemonOptions { token: TOKEN.to_owned(), keys: BTreeMap::new() }
-            .set("reconnect", "max_delay_seconds", 2)
-            .set("dbus", "bus", "\"none\"")
-            .set("log", "level", "\"debug\"")
+        DaemonOptions {
+            token: TOKEN.to_owned(),
+            keys: BTreeMap::new(),
+        }
+        .set("reconnect", "max_delay_seconds", 2)
+        .set("dbus", "bus", "\"none\"")
+        .set("log", "level", "\"debug\"")
     }
 }
 
 impl DaemonOptions {
     /// Sets `section.key` to the raw TOML `value` (strings need their quotes).
     pub fn set(mut self, section: &str, key: &str, value: impl Display) -> Self {
-        self.keys.entry(section.to_owned()).or_default().insert(key.to_owned(), value.to_string());
+        self.keys
+            .entry(section.to_owned())
+            .or_default()
+            .insert(key.to_owned(), value.to_string());
         self
     }
 
@@ -182,12 +212,20 @@ impl DaemonOptions {
     fn render(&self, ha_url: &str, dir: &Path, token_file: &Path, port: u16) -> String {
         let mut keys = self.keys.clone();
         let ha = keys.entry("ha".into()).or_default();
-        ha.entry("url".into()).or_insert_with(|| format!("\"{ha_url}\""));
-        ha.entry("token_file".into()).or_insert_with(|| format!("\"{}\"", token_file.display()));
+        ha.entry("url".into())
+            .or_insert_with(|| format!("\"{ha_url}\""));
+        ha.entry("token_file".into())
+            .or_insert_with(|| format!("\"{}\"", token_file.display()));
         // Warm-start state stays private to this daemon (the default is a system path).
         let state_file = dir.join("states.json");
-        keys.entry("cache".into()).or_default().entry("state_file".into()).or_insert_with(|| format!("\"{}\"", state_file.display()));
-        keys.entry("http".into()).or_default().entry("listen".into()).or_insert_with(|| format!("\"127.0.0.1:{port}\""));
+        keys.entry("cache".into())
+            .or_default()
+            .entry("state_file".into())
+            .or_insert_with(|| format!("\"{}\"", state_file.display()));
+        keys.entry("http".into())
+            .or_default()
+            .entry("listen".into())
+            .or_insert_with(|| format!("\"127.0.0.1:{port}\""));
         let mut text = String::new();
         for (section, kv) in &keys {
             text.push_str(&format!("[{section}]\n"));
@@ -230,8 +268,15 @@ impl Daemon {
         let log_path = dir.path.join("daemon.log");
         for attempt in 1..=3 {
             let port = free_port();
-            let config_path = dir.write("config.toml", &options.render(&fake.url(), &dir.path, &token_path, port));
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+            let config_path = dir.write(
+                "config.toml",
+                &options.render(&fake.url(), &dir.path, &token_path, port),
+            );
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .unwrap();
             let mut cmd = command(&["--config", config_path.to_str().unwrap()]);
             cmd.stdout(log.try_clone().unwrap()).stderr(log);
             let mut child = cmd.spawn().expect("spawn hass-edge");
@@ -242,12 +287,24 @@ impl Daemon {
                     break status;
                 }
                 if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                    return Daemon { child: Some(child), addr, config_path, token: options.token.clone(), log_path, exited: None, dir };
+                    return Daemon {
+                        child: Some(child),
+                        addr,
+                        config_path,
+                        token: options.token.clone(),
+                        log_path,
+                        exited: None,
+                        dir,
+                    };
                 }
                 if start.elapsed() > deadline() {
                     let _ = child.kill();
                     let _ = child.wait();
-                    panic!("hass-edge did not listen on {addr} within {:?}:\n{}", deadline(), std::fs::read_to_string(&log_path).unwrap_or_default());
+                    panic!(
+                        "hass-edge did not listen on {addr} within {:?}:\n{}",
+                        deadline(),
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(20));
             };
@@ -278,12 +335,14 @@ impl Daemon {
 
     /// `method path` on a fresh connection; panics on I/O errors.
     pub fn fetch(&self, method: &str, path: &str) -> Response {
-        http_client::fetch(self.addr, method, path).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        http_client::fetch(self.addr, method, path)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// A fresh connection for keep-alive, pipelining and raw requests.
     pub fn connect(&self) -> Conn {
-        Conn::connect(self.addr).unwrap_or_else(|e| panic!("connect to the daemon at {}: {e}", self.addr))
+        Conn::connect(self.addr)
+            .unwrap_or_else(|e| panic!("connect to the daemon at {}: {e}", self.addr))
     }
 
     /// `GET /health`: status and body.
@@ -295,11 +354,15 @@ impl Daemon {
 
     /// Waits until `/health` answers `status` (e.g. 200 once live).
     pub fn wait_health(&self, status: u16) -> Value {
-        wait_until(&format!("/health to answer {status}"), deadline(), || match self.health() {
-            Ok((s, body)) if s == status => Ok(body),
-            Ok((s, body)) => Err(format!("{s} {body}")),
-            Err(e) => Err(e.to_string()),
-        })
+        wait_until(
+            &format!("/health to answer {status}"),
+            deadline(),
+            || match self.health() {
+                Ok((s, body)) if s == status => Ok(body),
+                Ok((s, body)) => Err(format!("{s} {body}")),
+                Err(e) => Err(e.to_string()),
+            },
+        )
     }
 
     /// Waits until the subscription is live (`/health` 200).
@@ -310,7 +373,11 @@ impl Daemon {
 
     /// Sends `signal` (e.g. `"TERM"`) to the daemon.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("run kill");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
         assert!(status.success(), "kill -{signal} failed");
     }
 
@@ -349,7 +416,13 @@ impl Drop for Daemon {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
-            eprintln!("---- hass-edge log (last {} of {} lines, {}) ----\n{}\n---- end of hass-edge log ----", tail.len(), lines.len(), self.log_path.display(), tail.join("\n"));
+            eprintln!(
+                "---- hass-edge log (last {} of {} lines, {}) ----\n{}\n---- end of hass-edge log ----",
+                tail.len(),
+                lines.len(),
+                self.log_path.display(),
+                tail.join("\n")
+            );
         }
     }
 }

@@ -139,14 +139,22 @@ struct HaFilter {
 }
 
 fn strings(v: &Value) -> Vec<String> {
-    v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `fnmatch` for the `*` and `?` that entity globs use.
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     match (pattern.first(), text.first()) {
         (None, None) => true,
-        (Some(b'*'), _) => glob_match(&pattern[1..], text) || (!text.is_empty() && glob_match(pattern, &text[1..])),
+        (Some(b'*'), _) => {
+            glob_match(&pattern[1..], text) || (!text.is_empty() && glob_match(pattern, &text[1..]))
+        }
         (Some(b'?'), Some(_)) => glob_match(&pattern[1..], &text[1..]),
         (Some(p), Some(t)) if p == t => glob_match(&pattern[1..], &text[1..]),
         _ => false,
@@ -168,12 +176,23 @@ impl HaFilter {
 
     fn passes(&self, entity_id: &str) -> bool {
         let domain = entity_id.split_once('.').map_or(entity_id, |(d, _)| d);
-        let glob = |globs: &[String]| globs.iter().any(|g| glob_match(g.as_bytes(), entity_id.as_bytes()));
+        let glob = |globs: &[String]| {
+            globs
+                .iter()
+                .any(|g| glob_match(g.as_bytes(), entity_id.as_bytes()))
+        };
         let in_list = |l: &[String]| l.iter().any(|x| x == entity_id);
-        let include_de = self.include_domains.iter().any(|d| d == domain) || glob(&self.include_globs);
-        let exclude = in_list(&self.exclude_entities) || self.exclude_domains.iter().any(|d| d == domain) || glob(&self.exclude_globs);
-        let have_include = !(self.include_domains.is_empty() && self.include_globs.is_empty() && self.include_entities.is_empty());
-        let have_exclude = !(self.exclude_domains.is_empty() && self.exclude_globs.is_empty() && self.exclude_entities.is_empty());
+        let include_de =
+            self.include_domains.iter().any(|d| d == domain) || glob(&self.include_globs);
+        let exclude = in_list(&self.exclude_entities)
+            || self.exclude_domains.iter().any(|d| d == domain)
+            || glob(&self.exclude_globs);
+        let have_include = !(self.include_domains.is_empty()
+            && self.include_globs.is_empty()
+            && self.include_entities.is_empty());
+        let have_exclude = !(self.exclude_domains.is_empty()
+            && self.exclude_globs.is_empty()
+            && self.exclude_entities.is_empty());
         match (have_include, have_exclude) {
             (false, false) => true,
             (true, false) => in_list(&self.include_entities) || include_de,
@@ -181,7 +200,9 @@ impl HaFilter {
             // With include domains/globs, HA ignores the exclude domains (HA-FACTS).
             (true, true) if !(self.include_domains.is_empty() && self.include_globs.is_empty()) => {
                 in_list(&self.include_entities)
-                    || (include_de && !in_list(&self.exclude_entities) && !glob(&self.exclude_globs))
+                    || (include_de
+                        && !in_list(&self.exclude_entities)
+                        && !glob(&self.exclude_globs))
             }
             (true, true) if !(self.exclude_domains.is_empty() && self.exclude_globs.is_empty()) => {
                 in_list(&self.include_entities) || !exclude
@@ -258,7 +279,9 @@ impl State {
         let mut sent = 0;
         let mut notes = Vec::new();
         for c in &self.conns {
-            let (Some(sub), None) = (c.info.subscription, &c.info.ended) else { continue };
+            let (Some(sub), None) = (c.info.subscription, &c.info.ended) else {
+                continue;
+            };
             if let (Some(id), Some(f)) = (entity_id, &c.filter)
                 && !f.passes(id)
             {
@@ -332,7 +355,10 @@ pub struct FakeHa {
 
 impl std::fmt::Debug for FakeHa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeHa").field("addr", &self.addr).field("version", &self.fixtures.version).finish()
+        f.debug_struct("FakeHa")
+            .field("addr", &self.addr)
+            .field("version", &self.fixtures.version)
+            .finish()
     }
 }
 
@@ -370,10 +396,21 @@ impl FakeHa {
             .spawn(move || {
                 let executor = Rc::new(LocalExecutor::new());
                 let listener = TcpListener::try_from(listener).expect("async listener");
-                smol::block_on(executor.run(accept_loop(listener, thread_shared, executor.clone(), stop_rx)));
+                smol::block_on(executor.run(accept_loop(
+                    listener,
+                    thread_shared,
+                    executor.clone(),
+                    stop_rx,
+                )));
             })
             .expect("spawn the fake HA thread");
-        FakeHa { addr, fixtures, shared, stop, thread: Some(thread) }
+        FakeHa {
+            addr,
+            fixtures,
+            shared,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -444,7 +481,9 @@ impl FakeHa {
     /// with the state; `last_reported` = `last_updated`; a new context with the user's id).
     /// Not applied: pass it to [`FakeHa::push_change`] or [`FakeHa::set_entity`].
     pub fn next_state(&self, entity_id: &str, edit: impl FnOnce(&mut Value)) -> Value {
-        let old = self.entity(entity_id).unwrap_or_else(|| panic!("the fake has no {entity_id}"));
+        let old = self
+            .entity(entity_id)
+            .unwrap_or_else(|| panic!("the fake has no {entity_id}"));
         let mut new = old.clone();
         edit(&mut new);
         let now = Self::tick(&old);
@@ -473,13 +512,19 @@ impl FakeHa {
             m.insert("last_reported".into(), now.clone().into());
         }
         m.insert("last_updated".into(), now.into());
-        m.insert("context".into(), json!({"id": context_id, "parent_id": null, "user_id": USER_ID}));
+        m.insert(
+            "context".into(),
+            json!({"id": context_id, "parent_id": null, "user_id": USER_ID}),
+        );
         Value::Object(m)
     }
 
     /// A timestamp strictly after the old state's (the recorded ones may lie in the future).
     fn tick(old: &Value) -> String {
-        let prev = old["last_updated"].as_str().map(fixtures::micros_from_iso).unwrap_or(0);
+        let prev = old["last_updated"]
+            .as_str()
+            .map(fixtures::micros_from_iso)
+            .unwrap_or(0);
         fixtures::iso_from_micros(fixtures::now_micros().max(prev + 1_000))
     }
 
@@ -504,13 +549,18 @@ impl FakeHa {
             .into_iter()
             .map(|new| {
                 let body = st.change_body(&new);
-                st.entities.insert(new["entity_id"].as_str().expect("entity_id").to_owned(), new);
+                st.entities.insert(
+                    new["entity_id"].as_str().expect("entity_id").to_owned(),
+                    new,
+                );
                 body
             })
             .collect();
         let mut sent = 0;
         for c in &st.conns {
-            let (Some(sub), None) = (c.info.subscription, &c.info.ended) else { continue };
+            let (Some(sub), None) = (c.info.subscription, &c.info.ended) else {
+                continue;
+            };
             let mut raw = Vec::new();
             for (i, body) in bodies.iter().enumerate() {
                 raw.extend(encode_frame(0x1, event_frame(body, sub).as_bytes()));
@@ -536,7 +586,10 @@ impl FakeHa {
     pub fn diff_to(&self, new: &Value) -> Value {
         let st = self.state();
         let id = new["entity_id"].as_str().unwrap();
-        let old = st.entities.get(id).unwrap_or_else(|| panic!("the fake has no {id}"));
+        let old = st
+            .entities
+            .get(id)
+            .unwrap_or_else(|| panic!("the fake has no {id}"));
         fixtures::state_diff(old, new, st.fixtures.sub_microsecond_floats())
     }
 
@@ -571,35 +624,62 @@ impl FakeHa {
         let open: Vec<usize> = {
             let mut st = self.state();
             st.note(format!("fault: {what}"));
-            let open: Vec<usize> = st.conns.iter().filter(|c| c.info.ended.is_none()).map(|c| c.info.number).collect();
+            let open: Vec<usize> = st
+                .conns
+                .iter()
+                .filter(|c| c.info.ended.is_none())
+                .map(|c| c.info.number)
+                .collect();
             for &n in &open {
                 let _ = st.conn(n).tx.try_send(make());
             }
             open
         };
         // Return once they are gone, so later map changes cannot reach the old sessions.
-        super::wait_until(&format!("the fake to end sessions {open:?} ({what})"), Duration::from_secs(10), || {
-            let st = self.state();
-            let still: Vec<usize> = open.iter().copied().filter(|&n| st.conns[n - 1].info.ended.is_none()).collect();
-            if still.is_empty() { Ok(()) } else { Err(format!("still open: {still:?}")) }
-        });
+        super::wait_until(
+            &format!("the fake to end sessions {open:?} ({what})"),
+            Duration::from_secs(10),
+            || {
+                let st = self.state();
+                let still: Vec<usize> = open
+                    .iter()
+                    .copied()
+                    .filter(|&n| st.conns[n - 1].info.ended.is_none())
+                    .collect();
+                if still.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("still open: {still:?}"))
+                }
+            },
+        );
     }
 
     /// Drops every WebSocket connection without a Close frame (HA 2024.3.3 on restart).
     pub fn drop_all(&self) {
-        self.end_all(|| Command::Drop, "drop every connection without a Close frame");
+        self.end_all(
+            || Command::Drop,
+            "drop every connection without a Close frame",
+        );
     }
 
     /// Sends a Close frame with `code` on every WebSocket connection (HA 2025.4.4 on
     /// restart sends 1000).
     pub fn close_all(&self, code: u16) {
-        self.end_all(|| Command::Close(code), &format!("close every connection with {code}"));
+        self.end_all(
+            || Command::Close(code),
+            &format!("close every connection with {code}"),
+        );
     }
 
     /// What the recorded version does on restart: 2024.3.3 drops TCP, 2025.4.4 sends Close
     /// 1000 (fixtures README).
     pub fn restart_like_ha(&self) {
-        if self.version() == "2024.3.3" { self.drop_all() } else { self.close_all(1000) }
+        if self.version() == "2024.3.3" {
+            self.drop_all()
+        } else {
+            self.close_all(1000)
+        }
     }
 
     /// While set, new TCP connections are accepted and closed at once (HA down).
@@ -632,7 +712,11 @@ impl FakeHa {
 
     /// Sessions that reached a live subscription.
     pub fn subscribed_sessions(&self) -> usize {
-        self.state().conns.iter().filter(|c| c.info.subscription.is_some()).count()
+        self.state()
+            .conns
+            .iter()
+            .filter(|c| c.info.subscription.is_some())
+            .count()
     }
 
     /// Every `auth` message so far.
@@ -668,14 +752,23 @@ impl FakeHa {
 
     /// The frames and faults so far, one per line.
     pub fn transcript(&self) -> String {
-        self.state().transcript.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.state()
+            .transcript
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
 impl Drop for FakeHa {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- fake HA {} transcript (last {TRANSCRIPT_LINES} lines) ----\n{}\n---- end of fake HA transcript ----", self.fixtures.version, self.transcript());
+            eprintln!(
+                "---- fake HA {} transcript (last {TRANSCRIPT_LINES} lines) ----\n{}\n---- end of fake HA transcript ----",
+                self.fixtures.version,
+                self.transcript()
+            );
         }
         self.stop.close();
         if let Some(t) = self.thread.take() {
@@ -684,7 +777,12 @@ impl Drop for FakeHa {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Mutex<State>>, executor: Rc<LocalExecutor<'static>>, stop: Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Mutex<State>>,
+    executor: Rc<LocalExecutor<'static>>,
+    stop: Receiver<()>,
+) {
     loop {
         let accepted = async { Some(listener.accept().await) }
             .or(async {
@@ -755,7 +853,9 @@ async fn read_head(stream: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
 }
 
 async fn handle_tcp(mut stream: TcpStream, shared: Arc<Mutex<State>>, stop: Receiver<()>) {
-    let Some((head, rest)) = read_head(&mut stream).await else { return };
+    let Some((head, rest)) = read_head(&mut stream).await else {
+        return;
+    };
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(&head), Ok(httparse::Status::Complete(_))) {
@@ -784,7 +884,12 @@ async fn handle_tcp(mut stream: TcpStream, shared: Arc<Mutex<State>>, stop: Rece
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -803,7 +908,13 @@ async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: 
 
 /// `GET /api/states/<entity_id>` as HA answers it (rest_samples.json): the state, 404
 /// `{"message":"Entity not found."}`, or 401 `401: Unauthorized` without the right token.
-async fn rest_request(mut stream: TcpStream, method: &str, path: &str, authorization: Option<&str>, shared: &Mutex<State>) {
+async fn rest_request(
+    mut stream: TcpStream,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    shared: &Mutex<State>,
+) {
     let delay = lock(shared).rest_delay;
     if !delay.is_zero() {
         Timer::after(delay).await;
@@ -813,18 +924,33 @@ async fn rest_request(mut stream: TcpStream, method: &str, path: &str, authoriza
         let authorized = authorization == Some(format!("Bearer {}", st.token).as_str());
         let (status, content_type, body) = if !authorized {
             (401, "text/plain", "401: Unauthorized".to_owned())
-        } else if let Some(id) = path.strip_prefix("/api/states/").filter(|_| method == "GET") {
+        } else if let Some(id) = path
+            .strip_prefix("/api/states/")
+            .filter(|_| method == "GET")
+        {
             match st.entities.get(id) {
                 Some(state) => (200, "application/json", state.to_string()),
-                None => (404, "application/json", r#"{"message":"Entity not found."}"#.to_owned()),
+                None => (
+                    404,
+                    "application/json",
+                    r#"{"message":"Entity not found."}"#.to_owned(),
+                ),
             }
         } else if method != "GET" && path.starts_with("/api/states/") {
             (405, "text/plain", "405: Method Not Allowed".to_owned())
         } else {
             (404, "text/plain", "404: Not Found".to_owned())
         };
-        st.note(format!("REST {method} {path} (authorized: {authorized}) -> {status}"));
-        st.rest.push(RestRequest { at: Instant::now(), method: method.to_owned(), path: path.to_owned(), authorized, status });
+        st.note(format!(
+            "REST {method} {path} (authorized: {authorized}) -> {status}"
+        ));
+        st.rest.push(RestRequest {
+            at: Instant::now(),
+            method: method.to_owned(),
+            path: path.to_owned(),
+            authorized,
+            status,
+        });
         (status, content_type, body)
     };
     let _ = respond(&mut stream, status, content_type, &body).await;
@@ -844,7 +970,13 @@ struct Protocol {
     last_id: u64,
 }
 
-async fn websocket(mut stream: TcpStream, key: &str, rest: Vec<u8>, shared: Arc<Mutex<State>>, stop: Receiver<()>) {
+async fn websocket(
+    mut stream: TcpStream,
+    key: &str,
+    rest: Vec<u8>,
+    shared: Arc<Mutex<State>>,
+    stop: Receiver<()>,
+) {
     let accept = derive_accept_key(key.as_bytes());
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
@@ -880,7 +1012,11 @@ async fn websocket(mut stream: TcpStream, key: &str, rest: Vec<u8>, shared: Arc<
         st.note(format!("#{number} -> {hello}"));
         (number, hello)
     };
-    let mut proto = Protocol { number, authenticated: false, last_id: 0 };
+    let mut proto = Protocol {
+        number,
+        authenticated: false,
+        last_id: 0,
+    };
     let end = session_loop(&mut ws, hello, &mut proto, &shared, &rx, &stop).await;
     let mut st = lock(&shared);
     st.note(format!("#{number} ended: {end:?}"));
@@ -941,8 +1077,16 @@ async fn session_loop(
                             }
                         }
                         Reply::Close(code) => {
-                            let _ = ws.close(Some(CloseFrame { code: CloseCode::from(code), reason: "".into() })).await;
-                            closing = Some((SessionEnd::ClosedByFake(code), Instant::now() + Duration::from_secs(5)));
+                            let _ = ws
+                                .close(Some(CloseFrame {
+                                    code: CloseCode::from(code),
+                                    reason: "".into(),
+                                }))
+                                .await;
+                            closing = Some((
+                                SessionEnd::ClosedByFake(code),
+                                Instant::now() + Duration::from_secs(5),
+                            ));
                         }
                     }
                 }
@@ -955,10 +1099,15 @@ async fn session_loop(
                 drop(st);
                 if closing.is_none() {
                     // tungstenite queues the reply; keep polling so it is flushed.
-                    closing = Some((SessionEnd::ClientClosed(code), Instant::now() + Duration::from_secs(5)));
+                    closing = Some((
+                        SessionEnd::ClientClosed(code),
+                        Instant::now() + Duration::from_secs(5),
+                    ));
                 }
             }
-            Wake::Frame(Some(Ok(Message::Pong(_)))) => lock(shared).conn(proto.number).info.protocol_pongs += 1,
+            Wake::Frame(Some(Ok(Message::Pong(_)))) => {
+                lock(shared).conn(proto.number).info.protocol_pongs += 1
+            }
             Wake::Frame(Some(Ok(_))) => {}
             Wake::Frame(Some(Err(e))) => {
                 return match closing {
@@ -985,8 +1134,16 @@ async fn session_loop(
             }
             Wake::Command(Some(Command::Drop)) => return SessionEnd::DroppedByFake,
             Wake::Command(Some(Command::Close(code))) => {
-                let _ = ws.close(Some(CloseFrame { code: CloseCode::from(code), reason: "".into() })).await;
-                closing = Some((SessionEnd::ClosedByFake(code), Instant::now() + Duration::from_secs(5)));
+                let _ = ws
+                    .close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: "".into(),
+                    }))
+                    .await;
+                closing = Some((
+                    SessionEnd::ClosedByFake(code),
+                    Instant::now() + Duration::from_secs(5),
+                ));
             }
             Wake::Command(None) | Wake::Stop => return SessionEnd::FakeStopped,
         }
@@ -997,7 +1154,14 @@ async fn session_loop(
 fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Vec<Reply> {
     let mut st = lock(shared);
     let n = proto.number;
-    st.note(format!("#{n} <- {}", if text.contains("access_token") { r#"{"type":"auth","access_token":"<redacted>"}"# } else { text }));
+    st.note(format!(
+        "#{n} <- {}",
+        if text.contains("access_token") {
+            r#"{"type":"auth","access_token":"<redacted>"}"#
+        } else {
+            text
+        }
+    ));
     let mut out = Vec::new();
     let mut send = |st: &mut State, frame: String| {
         st.note(format!("#{n} -> {frame}"));
@@ -1015,7 +1179,10 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
         if kind != "auth" {
             st.protocol_error(n, format!("first message is not auth: {text}"));
         }
-        st.auth_attempts.push(AuthAttempt { at: Instant::now(), accepted });
+        st.auth_attempts.push(AuthAttempt {
+            at: Instant::now(),
+            accepted,
+        });
         if accepted {
             proto.authenticated = true;
             st.conn(n).info.authenticated = true;
@@ -1031,20 +1198,28 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
     }
     let Some(id) = msg["id"].as_u64() else {
         st.protocol_error(n, format!("message without an id: {text}"));
-        send(&mut st, result_error(0, "invalid_format", "Message incorrectly formatted."));
+        send(
+            &mut st,
+            result_error(0, "invalid_format", "Message incorrectly formatted."),
+        );
         return out;
     };
     if id <= proto.last_id {
         // HA `websocket_api/connection.py`: ids must increase per connection.
         st.protocol_error(n, format!("id {id} after {}", proto.last_id));
-        send(&mut st, result_error(id, "id_reuse", "Identifier values have to increase."));
+        send(
+            &mut st,
+            result_error(id, "id_reuse", "Identifier values have to increase."),
+        );
         return out;
     }
     proto.last_id = id;
     match kind {
         "supported_features" => {
             st.conn(n).info.coalescing = msg["features"]["coalesce_messages"] == 1;
-            let frame = st.fixtures.frame_with_id("supported_features_result.json", id);
+            let frame = st
+                .fixtures
+                .frame_with_id("supported_features_result.json", id);
             send(&mut st, frame);
         }
         "subscribe_events" => send(&mut st, result_ok(id)),
@@ -1052,7 +1227,10 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
             // Every state, as REST serves it (HA applies no subscription filter here).
             st.conn(n).info.get_states += 1;
             let states: Vec<&Value> = st.entities.values().collect();
-            let frame = format!(r#"{{"id":{id},"type":"result","success":true,"result":{}}}"#, serde_json::to_string(&states).unwrap());
+            let frame = format!(
+                r#"{{"id":{id},"type":"result","success":true,"result":{}}}"#,
+                serde_json::to_string(&states).unwrap()
+            );
             send(&mut st, frame);
         }
         "get_config" => {
@@ -1074,7 +1252,9 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
                 .as_object()
                 .unwrap()
                 .keys()
-                .filter(|k| !["id", "type", "entity_ids", "include", "exclude"].contains(&k.as_str()))
+                .filter(|k| {
+                    !["id", "type", "entity_ids", "include", "exclude"].contains(&k.as_str())
+                })
                 .collect();
             if !unknown.is_empty() {
                 let m = format!("extra keys not allowed @ data['{}']", unknown[0]);
@@ -1092,14 +1272,20 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
             let mut snapshot = Map::new();
             for (entity_id, state) in &st.entities {
                 if filter.as_ref().is_none_or(|f| f.passes(entity_id)) {
-                    snapshot.insert(entity_id.clone(), fixtures::compressed_state(state, sub_micro));
+                    snapshot.insert(
+                        entity_id.clone(),
+                        fixtures::compressed_state(state, sub_micro),
+                    );
                 }
             }
             let conn = st.conn(n);
             conn.info.subscription = Some(id);
-            conn.info.ha_filter = has_filter.then(|| json!({"include": msg["include"], "exclude": msg["exclude"]}));
+            conn.info.ha_filter =
+                has_filter.then(|| json!({"include": msg["include"], "exclude": msg["exclude"]}));
             conn.filter = filter;
-            let result = st.fixtures.frame_with_id("subscribe_entities_result.json", id);
+            let result = st
+                .fixtures
+                .frame_with_id("subscribe_entities_result.json", id);
             send(&mut st, result);
             send(&mut st, event_frame(&json!({"a": snapshot}), id));
         }
@@ -1114,7 +1300,10 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
         }
         other => {
             st.protocol_error(n, format!("unknown command {other:?}"));
-            send(&mut st, result_error(id, "unknown_command", "Unknown command."));
+            send(
+                &mut st,
+                result_error(id, "unknown_command", "Unknown command."),
+            );
         }
     }
     out

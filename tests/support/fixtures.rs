@@ -36,19 +36,28 @@ impl Fixtures {
 
     /// A fixture file's text, without the trailing newline.
     pub fn text(&self, name: &str) -> String {
-        let path = format!("{}/tests/fixtures/{}/{name}", env!("CARGO_MANIFEST_DIR"), self.version);
+        let path = format!(
+            "{}/tests/fixtures/{}/{name}",
+            env!("CARGO_MANIFEST_DIR"),
+            self.version
+        );
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         text.trim_end().to_owned()
     }
 
     /// A one-frame fixture, parsed.
     pub fn json(&self, name: &str) -> Value {
-        serde_json::from_str(&self.text(name)).unwrap_or_else(|e| panic!("{}/{name}: {e}", self.version))
+        serde_json::from_str(&self.text(name))
+            .unwrap_or_else(|e| panic!("{}/{name}: {e}", self.version))
     }
 
     /// The frames of a `.jsonl` fixture, verbatim.
     pub fn lines(&self, name: &str) -> Vec<String> {
-        self.text(name).lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+        self.text(name)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// A recorded frame with its `id` replaced by `id` (HA echoes the client's ids).
@@ -98,7 +107,10 @@ impl Fixtures {
             .keys()
             .map(|id| match first_old.get(id) {
                 Some(old) if !old.is_null() => old.clone(),
-                _ => (*by_id.get(id.as_str()).unwrap_or_else(|| panic!("{id} not in get_states"))).clone(),
+                _ => (*by_id
+                    .get(id.as_str())
+                    .unwrap_or_else(|| panic!("{id} not in get_states")))
+                .clone(),
             })
             .collect()
     }
@@ -111,7 +123,11 @@ impl Fixtures {
             .map(|l| {
                 let v: Value = serde_json::from_str(l).unwrap();
                 let d = &v["event"]["data"];
-                (d["entity_id"].as_str().unwrap().to_owned(), d["old_state"].clone(), d["new_state"].clone())
+                (
+                    d["entity_id"].as_str().unwrap().to_owned(),
+                    d["old_state"].clone(),
+                    d["new_state"].clone(),
+                )
             })
             .collect()
     }
@@ -119,7 +135,10 @@ impl Fixtures {
     /// HA's own full state of every entity the recorded events touched, after the last one
     /// (`None` = removed).
     pub fn final_states(&self) -> BTreeMap<String, Option<Value>> {
-        self.state_changed().into_iter().map(|(id, _, new)| (id, (!new.is_null()).then_some(new))).collect()
+        self.state_changed()
+            .into_iter()
+            .map(|(id, _, new)| (id, (!new.is_null()).then_some(new)))
+            .collect()
     }
 }
 
@@ -164,11 +183,19 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 
 /// Microseconds since the epoch of HA's ISO form `YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00`.
 pub fn micros_from_iso(iso: &str) -> i64 {
-    let n = |r: std::ops::Range<usize>| -> i64 { iso[r].parse().unwrap_or_else(|_| panic!("bad timestamp {iso}")) };
+    let n = |r: std::ops::Range<usize>| -> i64 {
+        iso[r]
+            .parse()
+            .unwrap_or_else(|_| panic!("bad timestamp {iso}"))
+    };
     assert!(iso.ends_with("+00:00"), "HA prints UTC: {iso}");
     let days = days_from_civil(n(0..4), n(5..7), n(8..10));
     let secs = ((days * 24 + n(11..13)) * 60 + n(14..16)) * 60 + n(17..19);
-    let micros = if iso.as_bytes()[19] == b'.' { n(20..26) } else { 0 };
+    let micros = if iso.as_bytes()[19] == b'.' {
+        n(20..26)
+    } else {
+        0
+    };
     secs * 1_000_000 + micros
 }
 
@@ -178,13 +205,25 @@ pub fn iso_from_micros(micros: i64) -> String {
     let frac = micros.rem_euclid(1_000_000);
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
-    let base = format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", sod / 3600, sod / 60 % 60, sod % 60);
-    if frac == 0 { format!("{base}+00:00") } else { format!("{base}.{frac:06}+00:00") }
+    let base = format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    );
+    if frac == 0 {
+        format!("{base}+00:00")
+    } else {
+        format!("{base}.{frac:06}+00:00")
+    }
 }
 
 /// Now, in whole microseconds since the epoch.
 pub fn now_micros() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
 }
 
 /// The float epoch seconds HA sends for an ISO timestamp. With `sub_micro`, a deterministic
@@ -235,9 +274,15 @@ pub fn state_diff(old: &Value, new: &Value, sub_micro: bool) -> Value {
         add.insert("s".into(), new["state"].clone());
     }
     if old["last_changed"] != new["last_changed"] {
-        add.insert("lc".into(), epoch_float(new["last_changed"].as_str().unwrap(), sub_micro));
+        add.insert(
+            "lc".into(),
+            epoch_float(new["last_changed"].as_str().unwrap(), sub_micro),
+        );
     } else if old["last_updated"] != new["last_updated"] {
-        add.insert("lu".into(), epoch_float(new["last_updated"].as_str().unwrap(), sub_micro));
+        add.insert(
+            "lu".into(),
+            epoch_float(new["last_updated"].as_str().unwrap(), sub_micro),
+        );
     }
     let (oc, nc) = (&old["context"], &new["context"]);
     let mut ctx: Option<Value> = None;
@@ -290,14 +335,21 @@ pub fn round_floats_to_micros(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.iter()
-                .map(|(k, v)| match (k.as_str(), v.as_f64().filter(|_| v.is_f64())) {
-                    ("lc" | "lu", Some(f)) => {
-                        // Split first: the fraction of an f64 is exact (as the daemon does it).
-                        let whole = f.trunc();
-                        (k.clone(), json!(whole as i64 * 1_000_000 + ((f - whole) * 1e6).round() as i64))
-                    }
-                    _ => (k.clone(), round_floats_to_micros(v)),
-                })
+                .map(
+                    |(k, v)| match (k.as_str(), v.as_f64().filter(|_| v.is_f64())) {
+                        ("lc" | "lu", Some(f)) => {
+                            // Split first: the fraction of an f64 is exact (as the daemon does it).
+                            let whole = f.trunc();
+                            (
+                                k.clone(),
+                                json!(
+                                    whole as i64 * 1_000_000 + ((f - whole) * 1e6).round() as i64
+                                ),
+                            )
+                        }
+                        _ => (k.clone(), round_floats_to_micros(v)),
+                    },
+                )
                 .collect(),
         ),
         other => other.clone(),

@@ -25,7 +25,10 @@ pub struct Response {
 impl Response {
     /// The first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body as text.
@@ -35,7 +38,13 @@ impl Response {
 
     /// The body as JSON; panics with the body when it is not.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {}", self.status, self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {}",
+                self.status,
+                self.text()
+            )
+        })
     }
 }
 
@@ -55,7 +64,10 @@ impl Conn {
         stream.set_read_timeout(Some(READ_TIMEOUT))?;
         stream.set_write_timeout(Some(READ_TIMEOUT))?;
         stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: Vec::new() })
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+        })
     }
 
     /// Writes raw bytes.
@@ -65,7 +77,12 @@ impl Conn {
 
     /// Writes a request `METHOD path` with `Host` and the extra header lines given
     /// (each `Name: value`).
-    pub fn send_request(&mut self, method: &str, path: &str, headers: &[&str]) -> std::io::Result<()> {
+    pub fn send_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+    ) -> std::io::Result<()> {
         self.send(request(method, path, headers).as_bytes())
     }
 
@@ -80,7 +97,12 @@ impl Conn {
                     let headers = r
                         .headers
                         .iter()
-                        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                        .map(|h| {
+                            (
+                                h.name.to_owned(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
                         .collect::<Vec<_>>();
                     break (r.code.unwrap_or(0), headers, n);
                 }
@@ -88,14 +110,21 @@ impl Conn {
                     if self.fill()? == 0 {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::UnexpectedEof,
-                            format!("connection closed before a complete response head ({} bytes: {:?})", self.buf.len(), String::from_utf8_lossy(&self.buf)),
+                            format!(
+                                "connection closed before a complete response head ({} bytes: {:?})",
+                                self.buf.len(),
+                                String::from_utf8_lossy(&self.buf)
+                            ),
                         ));
                     }
                 }
                 Err(e) => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
-                        format!("bad response head ({e}): {:?}", String::from_utf8_lossy(&self.buf)),
+                        format!(
+                            "bad response head ({e}): {:?}",
+                            String::from_utf8_lossy(&self.buf)
+                        ),
                     ));
                 }
             }
@@ -110,7 +139,10 @@ impl Conn {
         } else if let Some(len) = length {
             while self.buf.len() < len {
                 if self.fill()? == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed inside the body"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "connection closed inside the body",
+                    ));
                 }
             }
             self.buf.drain(..len).collect()
@@ -119,11 +151,20 @@ impl Conn {
             while self.fill()? > 0 {}
             std::mem::take(&mut self.buf)
         };
-        Ok(Response { status, headers, body })
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// Sends a request and reads its response.
-    pub fn request(&mut self, method: &str, path: &str, headers: &[&str]) -> std::io::Result<Response> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+    ) -> std::io::Result<Response> {
         self.send_request(method, path, headers)?;
         self.read_response(method == "HEAD")
     }
@@ -137,7 +178,9 @@ impl Conn {
             Ok(_) => false,
             Err(e) => matches!(
                 e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::BrokenPipe
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
             ),
         };
         self.stream.set_read_timeout(Some(READ_TIMEOUT)).ok();

@@ -29,7 +29,11 @@ pub fn deadline() -> Duration {
 
 /// Polls `probe` every 50 ms until it returns `Ok`, and returns that value; fails after
 /// `timeout` naming `what` and the last observation (`Err` text).
-pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
     let start = Instant::now();
     loop {
         match probe() {
