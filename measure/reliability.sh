@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# reliability/run.sh [--short]: runs the whole reliability suite (issue #6) against real
+# measure/reliability.sh [--short]: runs the whole reliability suite (issue #6) against real
 # Home Assistant peers (tests/ha-peer, ports 18200-18209) and the real hass-edge binary,
 # writes RELIABILITY.md (what was tried, how often, what held, figures, machine) and prints
 # a summary. Exits non-zero when any check failed.
@@ -8,13 +8,16 @@
 #
 # Environment: HA_VERSION (default 2025.4.4), HASS_EDGE_BIN (default: built here with
 # `--profile fast` into CARGO_TARGET_DIR, default target/), REL_WORK (default
-# /tmp/hass-edge-rel), REL_RESULTS (per-script results, default reliability/results),
+# /tmp/hass-edge-rel), REL_RESULTS (per-script results, default measure/results),
 # REL_REPORT (the report, default RELIABILITY.md), REL_ONLY (names of
 # the scripts to run, e.g. "flood auth"), and per-script overrides:
 # REL_RESTARTS, REL_AUTH_WINDOW, REL_FLOOD_ARGS, REL_ABUSE_ARGS, REL_HALF_OPEN_ARGS.
+# The scripts are modules of measure/hass_edge_tools/reliability/, run with python3 -m.
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
+export PYTHONPATH=$HERE${PYTHONPATH:+:$PYTHONPATH}
+REL=hass_edge_tools.reliability
 MODE=full
 [[ ${1:-} == --short ]] && MODE=short
 export REL_RESULTS=${REL_RESULTS:-$HERE/results}
@@ -44,17 +47,17 @@ else
 fi
 
 declare -A cmds=(
-	[ha_restarts]="bash $HERE/ha_restarts.sh $RESTARTS"
-	[half_open]="python3 $HERE/half_open.py $HALF"
-	[auth]="python3 $HERE/auth.py --window $AUTH_WINDOW"
-	[flood]="python3 $HERE/flood.py $FLOOD"
-	[http_abuse]="python3 $HERE/http_abuse.py $ABUSE"
+	[ha_restarts]="python3 -m $REL.ha_restarts $RESTARTS"
+	[half_open]="python3 -m $REL.half_open $HALF"
+	[auth]="python3 -m $REL.auth --window $AUTH_WINDOW"
+	[flood]="python3 -m $REL.flood $FLOOD"
+	[http_abuse]="python3 -m $REL.http_abuse $ABUSE"
 )
 ORDER=${REL_ONLY:-ha_restarts half_open auth flood http_abuse}
 failed=()
 start=$(date +%s)
 # Results are <name>.* for the default HA version, <name>@<version>.* for another (as
-# rel.py names its JSON), so a run against another version keeps the default's results.
+# common.Report names its JSON), so a run against another version keeps the default's results.
 VERSION=${HA_VERSION:-2025.4.4}
 for name in $ORDER; do
 	stem=$name
@@ -69,7 +72,7 @@ for name in $ORDER; do
 	((rc == 0)) || failed+=("$name")
 done
 
-python3 "$HERE/report.py" "$REL_RESULTS" "$MODE" "$(($(date +%s) - start))" >"$REPORT"
+python3 -m $REL.report "$REL_RESULTS" "$MODE" "$(($(date +%s) - start))" >"$REPORT"
 echo
 echo "== reliability suite ($MODE): $(($(date +%s) - start))s; $REPORT written"
 for name in $ORDER; do

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# bench/run.sh [--smoke] [--ha VERSION] [--out FILE] — hass-edge benchmarks against a real
+# measure/bench.sh [--smoke] [--ha VERSION] [--out FILE] — hass-edge benchmarks against a real
 # Home Assistant (issue #6). Builds the release binary and benches/ingest.rs, starts the HA
-# test peer (tests/ha-peer) on 127.0.0.1:18221, runs bench/harness.py, prints the table and
-# writes the generated part of BENCHMARKS.md (text outside its markers is kept).
+# test peer (tests/ha-peer) on 127.0.0.1:18221, runs `python -m hass_edge_tools.bench`
+# (measure/hass_edge_tools/bench/), prints the table and writes the generated part of
+# BENCHMARKS.md (text outside its markers is kept).
 #
 #   --smoke        a few seconds per measurement (CI); writes WORK/BENCHMARKS.smoke.md
 #                  unless --out is given, so the committed figures stay untouched
@@ -28,8 +29,8 @@ while (($#)); do
 	--out) OUT=${2:?--out needs a file}; shift ;;
 	--no-build) BUILD=0 ;;
 	--only) ONLY=${2:?--only needs a list}; shift ;;
-	-h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-	*) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
+	-h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	*) echo "measure/bench.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 	shift
 done
@@ -130,5 +131,6 @@ ARGS=(--work "$RUN_DIR" --peer "$PEER_DIR" --bin "$BIN" --ingest "$INGEST" --rep
 	--port-base "$PORT" --port-max $((PORT + 19)) --build-seconds "$BUILD_S")
 ((SMOKE)) && ARGS+=(--smoke)
 [[ -n $ONLY ]] && ARGS+=(--only "$ONLY")
-"$VENV/bin/python" "$ROOT/bench/harness.py" "${ARGS[@]}" "${ARM_ARGS[@]}" "${DEB_ARGS[@]}"
+PYTHONPATH=$ROOT/measure${PYTHONPATH:+:$PYTHONPATH} \
+	"$VENV/bin/python" -m hass_edge_tools.bench "${ARGS[@]}" "${ARM_ARGS[@]}" "${DEB_ARGS[@]}"
 say "done in $(($(date +%s) - T0)) s; work files in $RUN_DIR"

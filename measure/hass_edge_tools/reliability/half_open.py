@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Half-open connection (issue #6): a TCP proxy (asyncio, test side) sits between hass-edge
 and the real HA peer. The proxy stops forwarding in both directions WITHOUT closing anything
 (bytes stay in the kernel buffers, no FIN, no RST: what a dead NAT entry or a pulled cable
@@ -13,16 +12,16 @@ Each round then lets hass-edge back in one of two ways, alternating:
                handshake) for a while, then everything is unfrozen.
 and checks that hass-edge is live again *through the proxy* with states equal to HA's.
 
-usage: half_open.py [--rounds N] [--slack S] [--keep-peer]
+usage: python3 -m hass_edge_tools.reliability.half_open [--rounds N] [--slack S] [--keep-peer]
 """
 import argparse
 import asyncio
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-import rel  # noqa: E402
+from hass_edge_tools.mirror import wait_mirror
+from hass_edge_tools.reliability.common import make_daemon, make_peer, PORT_BASE, Report, stop_all, VERSION
+from hass_edge_tools.stats import spread
 
 INTERVAL, TIMEOUT = 5, 3
 
@@ -103,13 +102,13 @@ class Proxy:
 
 
 async def main_async(args) -> int:
-    r = rel.Report("half_open")
-    peer = rel.Peer(f"half-open-{rel.VERSION}", rel.PORT_BASE + 2)
-    r.tried(f"start HA {rel.VERSION} on {peer.url}; proxy in front of it")
+    r = Report("half_open")
+    peer = make_peer(f"half-open-{VERSION}", PORT_BASE + 2)
+    r.tried(f"start HA {VERSION} on {peer.url}; proxy in front of it")
     await asyncio.to_thread(peer.start)
     proxy = Proxy(peer.port)
     await proxy.start()
-    daemon = rel.Daemon(
+    daemon = make_daemon(
         "half-open-daemon",
         f"http://127.0.0.1:{proxy.port}",
         peer.token,
@@ -119,7 +118,7 @@ async def main_async(args) -> int:
     try:
         await rounds(r, peer, proxy, daemon, args)
     finally:
-        await asyncio.to_thread(rel.stop_all, r, daemon, peer, args.keep_peer)
+        await asyncio.to_thread(stop_all, r, daemon, peer, args.keep_peer)
     return r.finish()
 
 
@@ -171,7 +170,7 @@ async def rounds(r, peer, proxy, daemon, args) -> None:
             continue
         reconnect.append(time.monotonic() - t1)
         through = proxy.connections > conns_before
-        ok, diff = await asyncio.to_thread(rel.wait_mirror, peer, daemon, 15)
+        ok, diff = await asyncio.to_thread(wait_mirror, peer, daemon, 15)
         if not through:
             problems.append(f"round {i}: live again without a new connection through the proxy")
         if ok is None:
@@ -180,11 +179,11 @@ async def rounds(r, peer, proxy, daemon, args) -> None:
     for p in problems:
         print(f"   problem: {p}")
     r.check(not problems, f"{len(detect_503)}/{args.rounds} freezes detected and recovered" + (f" ({problems[0]})" if problems else ""))
-    r.check(bool(detect_503) and max(detect_503) <= limit, f"detection (freeze -> /health 503) within {limit}s every time: {rel.spread(detect_503)}")
-    r.check(bool(detect_log) and max(detect_log) <= limit, f"detection (freeze -> log 'no pong') within {limit}s every time: {rel.spread(detect_log)}")
-    r.figure("freeze -> /health 503", rel.spread(detect_503))
-    r.figure("freeze -> 'no pong' in log", rel.spread(detect_log))
-    r.figure("way open -> live again", rel.spread(reconnect))
+    r.check(bool(detect_503) and max(detect_503) <= limit, f"detection (freeze -> /health 503) within {limit}s every time: {spread(detect_503)}")
+    r.check(bool(detect_log) and max(detect_log) <= limit, f"detection (freeze -> log 'no pong') within {limit}s every time: {spread(detect_log)}")
+    r.figure("freeze -> /health 503", spread(detect_503))
+    r.figure("freeze -> 'no pong' in log", spread(detect_log))
+    r.figure("way open -> live again", spread(reconnect))
     r.figure("connections through the proxy", proxy.connections)
     r.check(daemon.alive(), "hass-edge still running")
 

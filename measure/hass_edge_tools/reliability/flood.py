@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Event floods (issue #6), against the real HA peer; hass-edge runs with
 `[cache] max_entities = 1000`.
 
@@ -17,7 +16,7 @@ C. Overflow: the same with a window of 3000 (> max_entities) for --overflow seco
 
 What was actually pushed is reported; nothing is extrapolated.
 
-usage: flood.py [--flood S] [--distinct N] [--budget S] [--window W] [--overflow S] [--keep-peer]
+usage: python3 -m hass_edge_tools.reliability.flood [--flood S] [--distinct N] [--budget S] [--window W] [--overflow S] [--keep-peer]
 """
 import argparse
 import asyncio
@@ -27,10 +26,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-import rel  # noqa: E402
+from hass_edge_tools.client import Http
+from hass_edge_tools.daemon import Daemon
+from hass_edge_tools.mirror import tracked_by_default, wait_mirror
+from hass_edge_tools.peer import Peer
+from hass_edge_tools.procfs import fmt_mem, proc_mem
+from hass_edge_tools.reliability.common import ensure_venv, make_daemon, make_peer, PORT_BASE, Report, stop_all, VERSION
 
-rel.ensure_venv()
+ensure_venv()
 import aiohttp  # noqa: E402
 
 MAX_ENTITIES = 1000
@@ -39,7 +42,7 @@ MAX_ENTITIES = 1000
 class Sampler:
     """Samples hass-edge's memory and /health every `period` seconds in the background."""
 
-    def __init__(self, daemon: rel.Daemon, period: float = 2.0):
+    def __init__(self, daemon: Daemon, period: float = 2.0):
         self.daemon = daemon
         self.period = period
         self.samples: list[tuple[float, dict]] = []
@@ -49,9 +52,9 @@ class Sampler:
 
     async def run(self) -> None:
         t0 = time.monotonic()
-        h = rel.Http(self.daemon.base, timeout=5)
+        h = Http(self.daemon.base, timeout=5)
         while True:
-            self.samples.append((time.monotonic() - t0, rel.proc_mem(self.daemon.pid)))
+            self.samples.append((time.monotonic() - t0, proc_mem(self.daemon.pid)))
             try:
                 code = (await asyncio.to_thread(h.request, "GET", "/health"))[0]
             except OSError:
@@ -118,7 +121,7 @@ def flood_writer_process(url: str, token: str, seconds: float, concurrency: int,
     out.send(asyncio.run(run()))
 
 
-async def flood(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, seconds: float, concurrency: int, procs: int) -> None:
+async def flood(r: Report, peer: Peer, daemon: Daemon, seconds: float, concurrency: int, procs: int) -> None:
     r.tried(f"A. flood HA for {seconds:.0f}s: {procs} client processes x {concurrency} concurrent REST writers")
     before = daemon.metrics()
     log_off = peer.log_size()
@@ -141,7 +144,7 @@ async def flood(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, seconds: floa
         m1 = machine_busy()
         busy = (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
         settle_t0 = time.monotonic()
-        ok, diff = await asyncio.to_thread(rel.wait_mirror, peer, daemon, 60)
+        ok, diff = await asyncio.to_thread(wait_mirror, peer, daemon, 60)
         settle = time.monotonic() - settle_t0
     done = {k: sum(d[k] for d in results) for k in ("states", "services", "errors")}
     after = daemon.metrics()
@@ -150,7 +153,7 @@ async def flood(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, seconds: floa
     r.figure("A. CPU during the flood", f"HA {ha_cpu * 100:.0f}% of a core, hass-edge {edge_cpu * 100:.0f}% of a core, whole machine {busy * 100:.0f}% busy (HA's rate is bounded by the CPU it gets)")
     received = after.get("hass_edge_events_received_total", 0) - before.get("hass_edge_events_received_total", 0)
     r.figure("A. entity updates received by hass-edge", f"{received:.0f} ({received / elapsed:.0f}/s)")
-    r.figure("A. hass-edge memory after the flood", rel.fmt_mem(daemon.mem()))
+    r.figure("A. hass-edge memory after the flood", fmt_mem(daemon.mem()))
     reconnects = after.get("hass_edge_reconnects_total", 0) - before.get("hass_edge_reconnects_total", 0)
     r.check(reconnects == 0, f"no reconnect during the flood (hass_edge_reconnects_total +{reconnects:.0f})")
     text = peer.log_since(log_off)
@@ -163,7 +166,7 @@ async def flood(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, seconds: floa
         for k in range(200):
             async with session.delete(f"{peer.url}/api/states/sensor.flood_{k}", headers=headers) as resp:
                 await resp.read()
-    ok, diff = await asyncio.to_thread(rel.wait_mirror, peer, daemon, 30)
+    ok, diff = await asyncio.to_thread(wait_mirror, peer, daemon, 30)
     r.check(ok is not None, f"deleted flood entities are gone from ours too{'' if ok is not None else ': ' + diff}")
 
 
@@ -219,7 +222,7 @@ def distinct_writer_process(url: str, token: str, first: int, step: int, count: 
     out.send(asyncio.run(run()))
 
 
-async def distinct(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, label: str, target: int, budget: float, window: int, concurrency: int, procs: int, start_at: int) -> int:
+async def distinct(r: Report, peer: Peer, daemon: Daemon, label: str, target: int, budget: float, window: int, concurrency: int, procs: int, start_at: int) -> int:
     r.tried(f"{label}. up to {target} distinct entity ids (HA holds at most {window} at a time; budget {budget:.0f}s; {procs} client processes x {concurrency} writers)")
     before = daemon.metrics()
     max_store = 0
@@ -258,7 +261,7 @@ async def distinct(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, label: str
     received = after.get("hass_edge_events_received_total", 0) - before.get("hass_edge_events_received_total", 0)
     r.figure(f"{label}. entity updates received by hass-edge", f"{received:.0f}")
     for t, m in samples[:: max(1, len(samples) // 8)] + samples[-1:]:
-        print(f"   t={t:5.0f}s {rel.fmt_mem(m)}")
+        print(f"   t={t:5.0f}s {fmt_mem(m)}")
     rss = [m.get("VmRSS", 0) for _, m in samples]
     hwm = max(m.get("VmHWM", 0) for _, m in samples)
     quarter = rss[len(rss) // 4] if rss else 0
@@ -273,19 +276,19 @@ async def distinct(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, label: str
 
 
 async def main_async(args) -> int:
-    r = rel.Report("flood")
-    peer = rel.Peer(f"flood-{rel.VERSION}", rel.PORT_BASE + 4)
-    r.tried(f"start HA {rel.VERSION} on {peer.url}")
+    r = Report("flood")
+    peer = make_peer(f"flood-{VERSION}", PORT_BASE + 4)
+    r.tried(f"start HA {VERSION} on {peer.url}")
     await asyncio.to_thread(peer.start)
-    daemon = rel.Daemon("flood-daemon", peer.url, peer.token, {"cache": {"max_entities": MAX_ENTITIES}}, log_level="warn")
+    daemon = make_daemon("flood-daemon", peer.url, peer.token, {"cache": {"max_entities": MAX_ENTITIES}}, log_level="warn")
     daemon.start()
     try:
         t = await asyncio.to_thread(daemon.wait_live, 60)
         if r.check(t is not None, "hass-edge goes live"):
-            r.figure("hass-edge memory at start", rel.fmt_mem(daemon.mem()))
+            r.figure("hass-edge memory at start", fmt_mem(daemon.mem()))
             await flood(r, peer, daemon, args.flood, args.concurrency, args.procs)
             n = await distinct(r, peer, daemon, "B", args.distinct, args.budget, args.window, args.concurrency, args.procs, 0)
-            ok, diff = await asyncio.to_thread(rel.wait_mirror, peer, daemon, 30)
+            ok, diff = await asyncio.to_thread(wait_mirror, peer, daemon, 30)
             r.check(ok is not None, f"B: afterwards ours equals HA's{'' if ok is not None else ': ' + diff}")
             if args.overflow > 0:
                 await distinct(r, peer, daemon, "C", 10**9, args.overflow, 3000, args.concurrency, args.procs, n)
@@ -293,7 +296,7 @@ async def main_async(args) -> int:
                 ours = await asyncio.to_thread(daemon.states)
                 left = [k for k in ours if k.startswith("sensor.distinct_")]
                 r.check(not left, f"C: no deleted entity left in ours ({len(left)})")
-                ha = {k for k in (await asyncio.to_thread(peer.states)) if rel.tracked_by_default(k)}
+                ha = {k for k in (await asyncio.to_thread(peer.states)) if tracked_by_default(k)}
                 missing = sorted(ha - set(ours))
                 r.figure("C. after the overflow: tracked entities in our /api/states / in HA", f"{len(set(ours) & ha)} / {len(ha)}")
                 if missing:
@@ -305,10 +308,10 @@ async def main_async(args) -> int:
                     r.figure("C. /status store.tracked_evictions", str(evicted))
                     r.check(evicted >= len(missing), f"C: /status counts the evicted tracked entities ({evicted} >= {len(missing)} missing from the list)")
                     r.check("tracked entities evicted by [cache] max_entities" in daemon.log_text(), "C: the daemon logged a warning naming max_entities")
-            r.figure("hass-edge memory at the end", rel.fmt_mem(daemon.mem()))
+            r.figure("hass-edge memory at the end", fmt_mem(daemon.mem()))
             r.check(daemon.alive(), "hass-edge still running")
     finally:
-        await asyncio.to_thread(rel.stop_all, r, daemon, peer, args.keep_peer)
+        await asyncio.to_thread(stop_all, r, daemon, peer, args.keep_peer)
     return r.finish()
 
 

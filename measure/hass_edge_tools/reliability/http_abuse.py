@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Abuse of the local HTTP API (issue #6), with hass-edge live against the real HA peer.
 
 A probe in a separate process keeps ONE keep-alive connection, opened before any abuse, and
@@ -19,19 +18,20 @@ Phases:
     state fast: hass-edge must drop it (hass_edge_sse_clients_dropped_total) and not grow.
 Nothing may crash; RSS (VmRSS/VmHWM) is printed before/after and must stay bounded.
 
-usage: http_abuse.py [--short] [--idle N] [--malformed N] [--concurrency C] [--keep-peer]
+usage: python3 -m hass_edge_tools.reliability.http_abuse [--short] [--idle N] [--malformed N] [--concurrency C] [--keep-peer]
 """
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
 import random
 import socket
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-import rel  # noqa: E402
+from hass_edge_tools.client import Http
+from hass_edge_tools.procfs import fmt_mem
+from hass_edge_tools.reliability.common import make_daemon, make_peer, PORT_BASE, Report, stop_all, VERSION
+from hass_edge_tools.stats import pct, spread
 
 CAP = 512
 IDLE_TIMEOUT = 60
@@ -265,7 +265,7 @@ async def idle_phase(r, daemon, n_idle: int, short: bool, marks: dict) -> None:
         await asyncio.gather(*(wait_closed(t, rd) for t, rd, _ in held))
         r.check(len(closed_at) == len(held), f"hass-edge closed all {len(held)} idle connections itself ({len(closed_at)} closed within {IDLE_TIMEOUT + 15}s)")
         if closed_at:
-            r.figure("1b. idle connection closed by hass-edge, seconds after it was opened", rel.spread(closed_at))
+            r.figure("1b. idle connection closed by hass-edge, seconds after it was opened", spread(closed_at))
             r.check(min(closed_at) >= IDLE_TIMEOUT - 1 and max(closed_at) <= IDLE_TIMEOUT + 5, f"closed after the {IDLE_TIMEOUT}s idle timeout, not before or much after")
         for _, _, w in held:
             w.close()
@@ -316,7 +316,7 @@ async def malformed_phase(r, daemon, total: int, concurrency: int, marks: dict) 
         print(f"   {kind:18s} {outcomes}")
     r.figure("2. outcomes by kind", "; ".join(f"{k}: " + ", ".join(f"{o} x{n}" for o, n in v.items()) for k, v in tally.items()))
     r.figure("2. malformed requests sent", sum(sum(o.values()) for o in tally.values()))
-    r.figure("2. time per malformed request", rel.spread(durations, "s", 3))
+    r.figure("2. time per malformed request", spread(durations, "s", 3))
     r.check(not bad, f"every malformed request refused with the expected 4xx or closed; none hung ({len(bad)} not: {bad[:4]})")
 
 
@@ -334,7 +334,7 @@ async def stream_phase(r, daemon, peer, marks: dict, changes: int) -> None:
     big = "x" * 2000
 
     def churn() -> int:
-        h = rel.Http(peer.url, peer.token)
+        h = Http(peer.url, peer.token)
         ok = 0
         for i in range(changes):
             ok += h.json("POST", f"/api/states/sensor.abuse_{i % 50}", {"state": str(i), "attributes": {"pad": big}})[0] in (200, 201)
@@ -359,7 +359,7 @@ async def stream_phase(r, daemon, peer, marks: dict, changes: int) -> None:
     r.figure("3. state changes made in HA", ok)
     r.figure("3. stream clients dropped as slow", f"{dropped:.0f}; clients now {m.get('hass_edge_sse_clients', 0):.0f}")
     r.check(m.get("hass_edge_sse_clients", 0) == 0, "the non-reading stream client was disconnected")
-    r.figure("3. memory before/after the stream phase", f"{rel.fmt_mem(mem_before)} -> {rel.fmt_mem(daemon.mem())}")
+    r.figure("3. memory before/after the stream phase", f"{fmt_mem(mem_before)} -> {fmt_mem(daemon.mem())}")
     sock.close()
 
 
@@ -368,11 +368,11 @@ def latencies(rows, start: float, end: float) -> list[float]:
 
 
 async def main_async(args) -> int:
-    r = rel.Report("http_abuse")
-    peer = rel.Peer(f"http-abuse-{rel.VERSION}", rel.PORT_BASE + 5)
-    r.tried(f"start HA {rel.VERSION} on {peer.url}")
+    r = Report("http_abuse")
+    peer = make_peer(f"http-abuse-{VERSION}", PORT_BASE + 5)
+    r.tried(f"start HA {VERSION} on {peer.url}")
     await asyncio.to_thread(peer.start)
-    daemon = rel.Daemon("http-abuse-daemon", peer.url, peer.token, log_level="warn")
+    daemon = make_daemon("http-abuse-daemon", peer.url, peer.token, log_level="warn")
     daemon.start()
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -385,7 +385,7 @@ async def main_async(args) -> int:
         if not r.check(t is not None, "hass-edge goes live"):
             raise RuntimeError("hass-edge did not go live:\n" + daemon.log_text()[-2000:])
         mem0 = daemon.mem()
-        r.figure("memory before", rel.fmt_mem(mem0))
+        r.figure("memory before", fmt_mem(mem0))
         probes = [ctx.Process(target=keepalive_probe, args=(daemon.port, ka_tx, stop, ready)),
                   ctx.Process(target=newcomer_probe, args=(daemon.port, nc_tx, stop))]
         for p in probes:
@@ -408,10 +408,10 @@ async def main_async(args) -> int:
             lat = latencies(ka, marks[a], marks[b])
             if not lat:
                 continue
-            fig = f"n={len(lat)} p50 {rel.pct(lat, 50):.2f} ms, p99 {rel.pct(lat, 99):.2f} ms, max {max(lat):.2f} ms"
+            fig = f"n={len(lat)} p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms, max {max(lat):.2f} ms"
             r.figure(f"/health latency, {name}", fig)
             if name != "baseline":
-                r.check(rel.pct(lat, 99) <= 10.0, f"/health p99 <= 10 ms during the {name} ({rel.pct(lat, 99):.2f} ms)")
+                r.check(pct(lat, 99) <= 10.0, f"/health p99 <= 10 ms during the {name} ({pct(lat, 99):.2f} ms)")
         statuses: dict[str, int] = {}
         for _, st in nc:
             statuses[str(st)] = statuses.get(str(st), 0) + 1
@@ -420,7 +420,7 @@ async def main_async(args) -> int:
         st = fresh_status(daemon.port)
         r.check(st == 200, f"/health on a fresh connection at the end: {st}")
         mem1 = daemon.mem()
-        r.figure("memory after", rel.fmt_mem(mem1))
+        r.figure("memory after", fmt_mem(mem1))
         r.check(mem1.get("VmRSS", 0) <= mem0.get("VmRSS", 0) + 32 * 1024 and mem1.get("VmHWM", 0) <= 128 * 1024,
                 f"RSS bounded: VmRSS {mem0.get('VmRSS', 0) / 1024:.1f} -> {mem1.get('VmRSS', 0) / 1024:.1f} MiB (<= +32 MiB), VmHWM {mem1.get('VmHWM', 0) / 1024:.1f} MiB (<= 128 MiB)")
         status, _, body = daemon.http.request("GET", "/metrics")
@@ -437,7 +437,7 @@ async def main_async(args) -> int:
             p.join(10)
             if p.is_alive():
                 p.kill()
-        await asyncio.to_thread(rel.stop_all, r, daemon, peer, args.keep_peer)
+        await asyncio.to_thread(stop_all, r, daemon, peer, args.keep_peer)
     return r.finish()
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Auth failures (issue #6), against the real HA peer started with `--ip-ban`
 (ip_ban_enabled, login_attempts_threshold 5) and hass-edge with
 `[reconnect] max_delay_seconds = 10`.
@@ -16,18 +15,19 @@ During (b) this script makes no WebSocket login of its own (a successful WS logi
 failed-login counter for the address, `http/ban.py` `process_success_login`), so the count
 HA keeps is hass-edge's alone. REST calls with the valid token neither count nor reset.
 
-usage: auth.py [--window SECONDS] [--max-delay S] [--keep-peer]
+usage: python3 -m hass_edge_tools.reliability.auth [--window SECONDS] [--max-delay S] [--keep-peer]
 """
 import argparse
 import asyncio
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-import rel  # noqa: E402
+from hass_edge_tools.client import Http
+from hass_edge_tools.peer import Peer
+from hass_edge_tools.reliability.common import ensure_venv, make_daemon, make_peer, PORT_BASE, Report, VERSION
+from hass_edge_tools.stats import spread
 
-rel.ensure_venv()
+ensure_venv()
 import aiohttp  # noqa: E402
 
 INVALID_LINE = "Login attempt or request with invalid authentication from"
@@ -64,9 +64,9 @@ def ban_note(failures: int, ha_lines: int) -> str:
             "'WebSocket handshake: HTTP error: 403 Forbidden' instead of auth_failed.")
 
 
-def valid_token_answers(peer: rel.Peer) -> int:
+def valid_token_answers(peer: Peer) -> int:
     """HTTP status of GET /api/ with the valid token (403 = banned)."""
-    h = rel.Http(peer.url, peer.token, timeout=10)
+    h = Http(peer.url, peer.token, timeout=10)
     try:
         return h.request("GET", "/api/")[0]
     except OSError:
@@ -75,14 +75,14 @@ def valid_token_answers(peer: rel.Peer) -> int:
         h.close()
 
 
-async def part_a(r: rel.Report, peer: rel.Peer, max_delay: int) -> None:
+async def part_a(r: Report, peer: Peer, max_delay: int) -> None:
     r.tried("(a) revoke hass-edge's token while it is connected")
     name = f"hass-edge-rel-{int(time.time())}"
     res = await ws_commands(peer.url, peer.token, [{"type": "auth/long_lived_access_token", "client_name": name, "lifespan": 1}])
     if not r.check(res[0].get("success"), "a second long-lived token is created over WS"):
         return
     token2 = res[0]["result"]
-    daemon = rel.Daemon("auth-a-daemon", peer.url, token2, {"reconnect": {"max_delay_seconds": max_delay}})
+    daemon = make_daemon("auth-a-daemon", peer.url, token2, {"reconnect": {"max_delay_seconds": max_delay}})
     daemon.start()
     try:
         t = await asyncio.to_thread(daemon.wait_live, 60)
@@ -109,14 +109,14 @@ async def part_a(r: rel.Report, peer: rel.Peer, max_delay: int) -> None:
         daemon.stop()
 
 
-async def part_b(r: rel.Report, peer: rel.Peer, window: float, max_delay: int) -> None:
+async def part_b(r: Report, peer: Peer, window: float, max_delay: int) -> None:
     r.tried(f"(b) wrong token at start; watch {window:.0f}s with max_delay_seconds = {max_delay}")
     ban_file = peer.dir / "ip_bans.yaml"
     r.check(not ban_file.exists(), "no ip_bans.yaml before (b)")
     # A clean failed-login count at HA for 127.0.0.1: one successful WS login resets it.
     await ws_commands(peer.url, peer.token, [{"type": "ping"}])
     log_off = peer.log_size()
-    daemon = rel.Daemon("auth-b-daemon", peer.url, "wrong-token-" + "x" * 40, {"reconnect": {"max_delay_seconds": max_delay}})
+    daemon = make_daemon("auth-b-daemon", peer.url, "wrong-token-" + "x" * 40, {"reconnect": {"max_delay_seconds": max_delay}})
     daemon.start()
     t0 = time.monotonic()
     attempt_times: list[float] = []
@@ -159,7 +159,7 @@ async def part_b(r: rel.Report, peer: rel.Peer, window: float, max_delay: int) -
         r.figure("(b) auth failures (hass-edge metric)", failures)
         r.figure("(b) connection attempts that failed (hass_edge_reconnects_total)", reconnects)
         r.figure("(b) invalid-auth lines in HA's log", ha_lines)
-        r.figure("(b) gaps between auth attempts", rel.spread(gaps))
+        r.figure("(b) gaps between auth attempts", spread(gaps))
         r.figure("(b) /health status samples", statuses)
         r.check(failures <= allowed and reconnects <= allowed, f"at most one attempt per max_delay: {failures} auth failures, {reconnects} attempts in {elapsed:.0f}s (allowed {allowed})")
         r.check(not gaps or min(gaps) >= max_delay * 0.95, f"no two auth attempts closer than max_delay ({max_delay}s): min gap {min(gaps) if gaps else float('nan'):.1f}s")
@@ -184,9 +184,9 @@ async def part_b(r: rel.Report, peer: rel.Peer, window: float, max_delay: int) -
 
 
 async def main_async(args) -> int:
-    r = rel.Report("auth")
-    peer = rel.Peer(f"auth-{rel.VERSION}", rel.PORT_BASE + 3, ip_ban=True)
-    r.tried(f"start HA {rel.VERSION} on {peer.url} with --ip-ban (login_attempts_threshold 5)")
+    r = Report("auth")
+    peer = make_peer(f"auth-{VERSION}", PORT_BASE + 3, ip_ban=True)
+    r.tried(f"start HA {VERSION} on {peer.url} with --ip-ban (login_attempts_threshold 5)")
     if (peer.dir / "ip_bans.yaml").exists():
         await asyncio.to_thread(peer.unban)
     await asyncio.to_thread(peer.start)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """HA restarts (issue #6): N times (default 50) restart the real HA peer — graceful
 `restart` (homeassistant.restart), `hup` (SIGHUP) or `kill` (SIGKILL) + `start` — and after
 each one check that hass-edge reconnected (a new connection, not the old one), resynced, and
@@ -12,15 +11,18 @@ Recovery = from the moment the restart command was issued until hass-edge is liv
 with states equal to HA's ("outage"); "after RUNNING" = from the moment ha-peer.sh saw HA
 RUNNING again to the same point (what hass-edge's back-off adds).
 
-usage: ha_restarts.py [N] [--seed S] [--keep-peer]
+usage: python3 -m hass_edge_tools.reliability.ha_restarts [N] [--seed S] [--keep-peer]
 """
 import argparse
 import random
 import sys
 import time
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-import rel  # noqa: E402
+from hass_edge_tools.daemon import Daemon
+from hass_edge_tools.mirror import explain_diff, mirror_diff, wait_mirror
+from hass_edge_tools.peer import Peer
+from hass_edge_tools.reliability.common import make_daemon, make_peer, PORT_BASE, Report, stop_all, VERSION
+from hass_edge_tools.stats import spread
 
 
 def main() -> None:
@@ -30,20 +32,20 @@ def main() -> None:
     ap.add_argument("--keep-peer", action="store_true")
     args = ap.parse_args()
 
-    r = rel.Report("ha_restarts")
-    peer = rel.Peer(f"ha-restarts-{rel.VERSION}", rel.PORT_BASE + 1)
-    r.tried(f"start HA {rel.VERSION} on {peer.url}")
+    r = Report("ha_restarts")
+    peer = make_peer(f"ha-restarts-{VERSION}", PORT_BASE + 1)
+    r.tried(f"start HA {VERSION} on {peer.url}")
     peer.start()
-    daemon = rel.Daemon("ha-restarts-daemon", peer.url, peer.token, {"reconnect": {"max_delay_seconds": 10}})
+    daemon = make_daemon("ha-restarts-daemon", peer.url, peer.token, {"reconnect": {"max_delay_seconds": 10}})
     daemon.start()
     try:
         run(r, peer, daemon, args)
     finally:
-        rel.stop_all(r, daemon, peer, args.keep_peer)
+        stop_all(r, daemon, peer, args.keep_peer)
     sys.exit(r.finish())
 
 
-def recover(peer: rel.Peer, failures: list[str], what: str) -> bool:
+def recover(peer: Peer, failures: list[str], what: str) -> bool:
     """After a failed step: get the peer RUNNING again (start is a no-op when it is). False,
     with the failure recorded, when it cannot be started: the run stops there."""
     try:
@@ -55,12 +57,12 @@ def recover(peer: rel.Peer, failures: list[str], what: str) -> bool:
         return False
 
 
-def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
+def run(r: Report, peer: Peer, daemon: Daemon, args) -> None:
     t = daemon.wait_live(60)
     if not r.check(t is not None, "hass-edge goes live at start"):
         print(daemon.log_text()[-3000:])
         return
-    ok, diff = rel.wait_mirror(peer, daemon)
+    ok, diff = wait_mirror(peer, daemon)
     r.check(ok is not None, "initial states equal HA's" + (f" ({diff})" if diff else ""))
 
     rng = random.Random(args.seed)
@@ -84,7 +86,7 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
             peer.post_state(gone, "x")
             peer.delete_state(gone)
             peer.call("input_number", "set_value", entity_id="input_number.living_temp", value=10 + i % 30)
-            ok, diff = rel.wait_mirror(peer, daemon, 10)
+            ok, diff = wait_mirror(peer, daemon, 10)
             if ok is None:
                 failures.append(f"{what}: before the restart, ours != HA's: {diff}")
             before = daemon.metrics().get("hass_edge_reconnects_total", 0)
@@ -122,7 +124,7 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
                 st = daemon.status().get("connection", {})
                 reconnected = m.get("hass_edge_reconnects_total", 0) > before and st.get("last_connected") != connected_before
                 if reconnected and daemon.health()[0] == 200:
-                    differ, missing, extra = rel.mirror_diff(peer, daemon)
+                    differ, missing, extra = mirror_diff(peer, daemon)
                 else:
                     time.sleep(0.05)
                     continue
@@ -135,7 +137,7 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
                 break
             last = f"differ {differ[:4]} missing {missing[:4]} extra {extra[:4]}"
             if differ:
-                last += " | " + rel.explain_diff(peer, daemon, differ[0])
+                last += " | " + explain_diff(peer, daemon, differ[0])
             time.sleep(0.05)
         if recovered is None:
             failures.append(f"{what}: not resynced within 60 s of HA RUNNING: {last or daemon.health()}")
@@ -167,11 +169,11 @@ def run(r: rel.Report, peer: rel.Peer, daemon: rel.Daemon, args) -> None:
     r.check(not failures, f"{done}/{args.n} restarts: reconnected, resynced, equal to HA, none stale, none left over" + (f" ({len(failures)} problems, first: {failures[0]})" if failures else ""))
     for k in kinds:
         r.figure(f"{k}: count", f"{len(outage[k])} of {plan.count(k)}")
-        r.figure(f"{k}: HA down (command to RUNNING)", rel.spread(ha_down[k]))
-        r.figure(f"{k}: outage (command to hass-edge live + equal)", rel.spread(outage[k]))
-        r.figure(f"{k}: resync after HA RUNNING", rel.spread(after_running[k]))
+        r.figure(f"{k}: HA down (command to RUNNING)", spread(ha_down[k]))
+        r.figure(f"{k}: outage (command to hass-edge live + equal)", spread(outage[k]))
+        r.figure(f"{k}: resync after HA RUNNING", spread(after_running[k]))
     allv = [x for v in after_running.values() for x in v]
-    r.figure("all: resync after HA RUNNING", rel.spread(allv))
+    r.figure("all: resync after HA RUNNING", spread(allv))
     text = peer.log_since(log_off)
     r.check("Client unable to keep up" not in text, "HA never dropped hass-edge as a slow consumer")
     r.check(daemon.alive(), "hass-edge still running")
