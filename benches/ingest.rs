@@ -24,7 +24,7 @@
 //!                                [--passes N]
 //! ```
 //! `--passes N` replays the stream exactly N times and reports no timing: for
-//! `valgrind --tool=callgrind` (bench/run.sh runs it with two pass counts and divides the
+//! `valgrind --tool=callgrind` (measure/bench.sh runs it with two pass counts and divides the
 //! difference in instructions by the difference in events, which cancels the set-up).
 //! Rates are given per second of CPU time of the benchmark thread (`/proc/thread-self/schedstat`,
 //! so a shared machine does not count against it) and per wall-clock second.
