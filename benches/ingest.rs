@@ -1,8 +1,7 @@
 //! In-process ingest benchmark (issue #6 §2a): recorded Home Assistant frames, scaled up to
-//! a realistic installation, go through [`Session::handle_frame`] and the [`Hub`] exactly as
-//! `ha.rs` applies them (`apply_snapshot` / `apply_entities`: filter, `upsert_pushed`,
-//! `apply_diff`, `remove`, counters; then the change fan-out to `/api/stream`), at full speed
-//! on the calling thread. No sockets, no executor.
+//! a realistic installation, go through [`Session::handle_frame`] and [`Hub::apply`] exactly
+//! as the link applies them (the mirror step: filter, store, counters; then the change
+//! fan-out to `/api/stream`), at full speed on the calling thread. No sockets, no executor.
 //!
 //! The stream is synthesised from `tests/fixtures/<version>/`: every entity of
 //! `subscribe_entities_initial.json` is copied `--copies` times (`light.kitchen` →
@@ -36,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use hass_edge::config::{Secret, parse_config};
 use hass_edge::hub::Hub;
+use hass_edge::mirror::Update as MirrorUpdate;
 use hass_edge::rest::RestClient;
 use hass_edge::session::{Output, Phase, Session};
 use serde_json::{Map, Value, json};
@@ -347,13 +347,7 @@ fn daemon_state(version: &str) -> (Rc<Hub>, Session) {
     let hub = Rc::new(Hub::new(Rc::new(config), rest));
     let t = Instant::now();
     let secs = Duration::from_secs;
-    let mut session = Session::new(
-        Secret::new("bench"),
-        hub.filter.borrow().ha_filter(),
-        secs(30),
-        secs(10),
-        t,
-    );
+    let mut session = Session::new(Secret::new("bench"), hub.ha_filter(), secs(30), secs(10), t);
     let mut out = Vec::new();
     for frame in [
         fixture(version, "auth_required.json"),
@@ -388,27 +382,12 @@ fn daemon_state(version: &str) -> (Rc<Hub>, Session) {
     (hub, session)
 }
 
-/// What `ha.rs` does with the session's outputs (sending frames aside).
+/// What the link does with the session's outputs (sending frames aside): every mirror
+/// update goes through `Hub::apply`, the fan-out to `/api/stream` included.
 fn apply(hub: &Hub, out: &mut Vec<Output>) {
     for output in out.drain(..) {
-        match output {
-            Output::Snapshot(event) => {
-                let changes = hub.apply_snapshot(event);
-                hub.stream.publish(&changes);
-            }
-            Output::Entities(event) => {
-                let changes = hub.apply_entities(event);
-                if !changes.is_empty() {
-                    hub.stream.publish(&changes);
-                }
-            }
-            Output::LastReported(rows) => {
-                let mut store = hub.store.borrow_mut();
-                for (entity_id, last_updated, last_reported) in rows {
-                    store.set_last_reported(&entity_id, last_updated, last_reported);
-                }
-            }
-            _ => {}
+        if let Ok(update) = MirrorUpdate::try_from(output) {
+            hub.apply(update);
         }
     }
 }
@@ -421,9 +400,7 @@ fn pass(hub: &Hub, session: &mut Session, frames: &[String], out: &mut Vec<Outpu
             .handle_frame(black_box(frame), Instant::now(), out)
             .is_err()
         {
-            hub.counters
-                .decode_errors
-                .set(hub.counters.decode_errors.get() + 1);
+            hub.count_decode_error();
         }
         apply(hub, out);
     }
@@ -441,16 +418,17 @@ fn ready(version: &str, stream: &Stream) -> (Rc<Hub>, Session) {
 }
 
 fn check(hub: &Hub, events: u64) {
-    let c = &hub.counters;
-    assert_eq!(c.decode_errors.get(), 0, "every synthetic frame decodes");
+    let status = hub.status();
     assert_eq!(
-        hub.store.borrow().stats().failed_updates,
-        0,
+        status.mirror.decode_errors, 0,
+        "every synthetic frame decodes"
+    );
+    assert_eq!(
+        status.store.failed_updates, 0,
         "every synthetic diff applies"
     );
     assert_eq!(
-        c.events_received.get(),
-        events,
+        status.mirror.events_received, events,
         "the hub counted every entity update"
     );
 }
@@ -496,7 +474,7 @@ fn main() {
             stream.bytes as f64 / 1e6
         );
         let (hub, mut session) = ready(&args.version, &stream);
-        let base = hub.counters.events_received.get();
+        let base = hub.status().mirror.events_received;
         let mut out = Vec::new();
         if let Some(passes) = args.passes {
             for _ in 0..passes {
@@ -527,7 +505,7 @@ fn main() {
                 cpu_rates.push(events as f64 / (b - a).as_secs_f64());
             }
         }
-        let total = hub.counters.events_received.get() - base;
+        let total = hub.status().mirror.events_received - base;
         check(&hub, base + total);
         let median = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -543,9 +521,9 @@ fn main() {
             thousands(wall),
             rates.len(),
             args.seconds,
-            hub.store.borrow().tracked_len(),
-            hub.counters.events_applied.get(),
-            hub.counters.events_filtered_out.get(),
+            hub.status().tracked,
+            hub.status().mirror.events_applied,
+            hub.status().mirror.events_filtered_out,
         );
         results.push(format!(
             "{0}_events_per_sec={1:.0} {0}_ns_per_event={2:.1} {0}_wall_events_per_sec={3:.0}",

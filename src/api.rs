@@ -13,31 +13,45 @@
 //! `EventSource` cannot send headers). CORS (Fetch standard) for `http.cors_origins` only.
 //! Every route answers `HEAD` where it answers `GET`; a wrong method gets 405 with `Allow`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::entity::{EntityState, Timestamp};
-use crate::http::{Request, Response};
-use crate::hub::{Hub, LinkState, Read, valid_entity_id};
-use crate::sse::{Selection, Subscription};
+use crate::broadcast::Selection;
+use crate::entity::{EntityState, valid_entity_id};
+use crate::http::{CHUNK, Handler, Pieces, Request, Response};
+use crate::hub::{Hub, Read};
+use crate::sse::EventStream;
 
-/// What a route answers: a whole response, or a stream that takes over the connection.
+/// The routes, served by [`crate::http::serve`].
 #[derive(Debug)]
-pub enum Reply {
-    /// A complete response.
-    Full(Response),
-    /// `text/event-stream`: the extra headers, events to send first, and the subscription.
-    Stream {
-        /// CORS headers.
-        headers: Vec<(&'static str, String)>,
-        /// The snapshot (`?snapshot=1`), already narrowed to the selection: sent as events
-        /// before live ones, formatted as it is written (see [`crate::sse::serve`]).
-        first: Vec<Rc<EntityState>>,
-        /// The client's queue.
-        subscription: Subscription,
-    },
+pub struct Api {
+    /// What the routes answer from.
+    hub: Rc<Hub>,
+}
+
+impl Api {
+    /// The routes over `hub`.
+    pub fn new(hub: Rc<Hub>) -> Api {
+        Api { hub }
+    }
+}
+
+impl Handler for Api {
+    fn handle<'a>(&'a self, request: &'a Request) -> Pin<Box<dyn Future<Output = Response> + 'a>> {
+        Box::pin(async move {
+            let (route, response) = handle(&self.hub, request).await;
+            self.hub.count_http(route, response.status);
+            response
+        })
+    }
+
+    fn refused(&self, status: u16) {
+        let label = if status == 503 { "overload" } else { "invalid" };
+        self.hub.count_http(label, status);
+    }
 }
 
 /// A route: its metrics label and the methods it takes.
@@ -67,16 +81,7 @@ fn route(path: &str) -> Option<Route> {
     }
 }
 
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> bool {
-    let token = hub.api_token.borrow();
-    let Some(token) = token.as_ref() else {
-        return true;
-    };
     let presented = request
         .authorization
         .as_deref()
@@ -88,61 +93,45 @@ fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> bool {
                 None
             }
         });
-    presented.is_some_and(|p| same_secret(p.trim().as_bytes(), token.expose().as_bytes()))
+    hub.api_token_accepts(presented)
 }
 
-/// Routes `request`; returns the route label (for metrics) and the reply.
-pub async fn handle(hub: &Hub, request: &Request) -> (&'static str, Reply) {
+/// Routes `request`; returns the route label (for metrics) and the response.
+pub async fn handle(hub: &Hub, request: &Request) -> (&'static str, Response) {
+    let config = hub.config();
     let cors_origin = request
         .origin
         .as_deref()
-        .filter(|o| {
-            hub.config
-                .borrow()
-                .http
-                .cors_origins
-                .iter()
-                .any(|allowed| allowed == o)
-        })
+        .filter(|o| config.http.cors_origins.iter().any(|allowed| allowed == o))
         .map(str::to_owned);
-    let (label, response) = route_request(hub, request, cors_origin.is_some()).await;
-    let cors = |mut headers: Vec<(&'static str, String)>| {
-        if let Some(origin) = &cors_origin {
-            headers.push(("Access-Control-Allow-Origin", origin.clone()));
-            headers.push(("Access-Control-Expose-Headers", "X-Cache, Age".into()));
-        }
-        if !hub.config.borrow().http.cors_origins.is_empty() {
-            headers.push(("Vary", "Origin".into()));
-        }
-        headers
-    };
-    let reply = match response {
-        Reply::Full(mut r) => {
-            r.headers = cors(std::mem::take(&mut r.headers));
-            Reply::Full(r)
-        }
-        Reply::Stream {
-            headers,
-            first,
-            subscription,
-        } => Reply::Stream {
-            headers: cors(headers),
-            first,
-            subscription,
-        },
-    };
-    (label, reply)
+    let (label, mut response) = route_request(hub, request, cors_origin.is_some()).await;
+    if let Some(origin) = cors_origin {
+        response
+            .headers
+            .push(("Access-Control-Allow-Origin", origin));
+        response
+            .headers
+            .push(("Access-Control-Expose-Headers", "X-Cache, Age".into()));
+    }
+    if !config.http.cors_origins.is_empty() {
+        response.headers.push(("Vary", "Origin".into()));
+    }
+    (label, response)
 }
 
-async fn route_request(hub: &Hub, request: &Request, cors_allowed: bool) -> (&'static str, Reply) {
+async fn route_request(
+    hub: &Hub,
+    request: &Request,
+    cors_allowed: bool,
+) -> (&'static str, Response) {
     let path = request.path.as_str();
     let Some(route) = route(path) else {
         return (
             "unknown",
-            Reply::Full(Response::error(404, format!("no route for {path}"))),
+            Response::error(404, format!("no route for {path}")),
         );
     };
-    let full = |r: Response| (route.label, Reply::Full(r));
+    let full = |r: Response| (route.label, r);
     let method = request.method.as_str();
     if method == "OPTIONS" {
         // A CORS preflight (Fetch standard §4.8): no credentials are sent with it.
@@ -182,9 +171,9 @@ async fn route_request(hub: &Hub, request: &Request, cors_allowed: bool) -> (&'s
     }
     let response = match route.label {
         "/health" => health(hub),
-        "/status" => Response::json(200, status(hub).to_string().into_bytes()),
+        "/status" => Response::json(200, hub.status().to_json().to_string().into_bytes()),
         "/metrics" => {
-            let mut r = Response::json(200, crate::metrics::render(hub).into_bytes());
+            let mut r = Response::json(200, crate::metrics::render(&hub.status()).into_bytes());
             r.content_type = crate::metrics::CONTENT_TYPE;
             r
         }
@@ -197,17 +186,18 @@ async fn route_request(hub: &Hub, request: &Request, cors_allowed: bool) -> (&'s
         "/api/services/{domain}/{service}" => {
             call_service(hub, &path["/api/services/".len()..], &request.body).await
         }
-        "/api/stream" => return (route.label, stream(hub, request)),
+        "/api/stream" => stream(hub, request),
         _ => Response::error(404, format!("no route for {path}")),
     };
     full(response)
 }
 
-/// `GET /health`: 200 when the subscription is live and synced, 503 otherwise.
+/// `GET /health`: 200 when the subscription is live and synced, 503 otherwise:
+/// `{"status":"live","websocket":{"connected":true,"reconnect_attempts":0,"subscriptions":4}}`.
 pub fn health(hub: &Hub) -> Response {
-    let link = hub.link.borrow();
-    let live = link.state == LinkState::Live;
-    let body = json!({
+    let link = hub.link();
+    let live = link.state == crate::status::LinkState::Live;
+    let body = serde_json::json!({
         "status": link.state.as_str(),
         "websocket": {
             "connected": live,
@@ -216,72 +206,6 @@ pub fn health(hub: &Hub) -> Response {
         },
     });
     Response::json(if live { 200 } else { 503 }, body.to_string().into_bytes())
-}
-
-fn iso(t: Option<SystemTime>) -> Value {
-    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| Value::String(Timestamp(d.as_micros() as i64).to_string()))
-        .unwrap_or(Value::Null)
-}
-
-/// `GET /status`: everything an operator wants on one page (never the token).
-pub fn status(hub: &Hub) -> Value {
-    let link = hub.link.borrow().clone();
-    let config = hub.config.borrow().clone();
-    let (stats, entities, tracked) = {
-        let store = hub.store.borrow();
-        (store.stats(), store.len(), store.tracked_len())
-    };
-    let c = &hub.counters;
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": hub.started.elapsed().as_secs(),
-        "started": iso(Some(hub.started_wall)),
-        "home_assistant": {
-            "url": config.ha.url,
-            "version": link.ha_version,
-        },
-        "connection": {
-            "state": link.state.as_str(),
-            "reconnect_attempts": link.reconnect_attempts,
-            "last_connected": iso(link.last_connected),
-            "last_disconnected": iso(link.last_disconnected),
-            "last_error": link.last_error,
-            "subscriptions": link.subscriptions,
-            "ha_side_filter": link.ha_filter_active,
-            "last_event": iso(hub.last_event.get()),
-        },
-        "filter": config.filter,
-        "cache": config.cache,
-        "store": {
-            "entities": entities,
-            "tracked": tracked,
-            "filtered_out_of_last_snapshot": hub.snapshot_filtered_out.get(),
-            "hits": stats.hits,
-            "misses": stats.misses,
-            "stale_serves": stats.stale_serves,
-            "evictions": stats.evictions,
-            "tracked_evictions": stats.tracked_evictions,
-            "failed_updates": stats.failed_updates,
-        },
-        "events": {
-            "received": c.events_received.get(),
-            "applied": c.events_applied.get(),
-            "filtered_out": c.events_filtered_out.get(),
-            "decode_errors": c.decode_errors.get(),
-            "service_events": c.service_events.get(),
-        },
-        "ha_rest_requests": {
-            "total": c.rest_total(),
-            "last_hour": hub.rest_calls_last_hour(),
-            "by_outcome": *c.rest_requests.borrow(),
-        },
-        "stream_clients": hub.stream.clients(),
-        // Warm start: states loaded from disk are served stale (X-Cache: stale, Age from the
-        // save) until HA's snapshot replaces them.
-        "warm_start": hub.restored.get().map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
-        "serving_stale": !hub.store.borrow().is_live() && tracked > 0,
-    })
 }
 
 /// `GET /api/states/{entity_id}`.
@@ -308,9 +232,83 @@ pub async fn state(hub: &Hub, entity_id: &str, refresh: bool) -> Response {
 
 /// `GET /api/states`: every tracked entity, HA's list shape.
 pub fn states(hub: &Hub) -> Response {
-    let store = hub.store.borrow();
-    let cache = if store.is_live() { "hit" } else { "stale" };
-    Response::states(200, store.tracked_states()).with_header("X-Cache", cache)
+    let (states, live) = hub.tracked_states();
+    let cache = if live { "hit" } else { "stale" };
+    Response::pieces(200, "application/json", Box::new(JsonList::new(states)))
+        .with_header("X-Cache", cache)
+}
+
+/// A JSON array of states (HA's `GET /api/states` shape), serialised [`CHUNK`] bytes at a
+/// time while it is written. The `Rc`s are a snapshot: updates made while it is written
+/// replace the store's `Rc`s, not these.
+#[derive(Debug)]
+struct JsonList {
+    /// The states, reversed (popped in order).
+    states: Vec<Rc<EntityState>>,
+    /// The whole length, counted up front for `Content-Length`.
+    length: usize,
+    /// Whether `[` has been written.
+    opened: bool,
+}
+
+impl JsonList {
+    fn new(mut states: Vec<Rc<EntityState>>) -> JsonList {
+        let mut n = Count(0);
+        for s in &states {
+            // Serializing a state into a counter cannot fail.
+            let _ = serde_json::to_writer(&mut n, &**s);
+        }
+        let length = n.0 + states.len().saturating_sub(1) + 2;
+        states.reverse();
+        JsonList {
+            states,
+            length,
+            opened: false,
+        }
+    }
+}
+
+impl Pieces for JsonList {
+    fn length(&self) -> Option<usize> {
+        Some(self.length)
+    }
+
+    fn next<'a>(&'a mut self, buf: &'a mut Vec<u8>) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
+        if !self.opened {
+            self.opened = true;
+            buf.push(b'[');
+        } else if !self.states.is_empty() {
+            buf.push(b',');
+        }
+        while let Some(s) = self.states.pop() {
+            // Serializing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *buf, &*s);
+            if buf.len() >= CHUNK {
+                break;
+            }
+            if !self.states.is_empty() {
+                buf.push(b',');
+            }
+        }
+        let done = self.states.is_empty();
+        if done {
+            buf.push(b']');
+        }
+        Box::pin(std::future::ready(!done))
+    }
+}
+
+/// An `io::Write` that only counts.
+struct Count(usize);
+
+impl std::io::Write for Count {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `GET /api/services`.
@@ -330,7 +328,7 @@ fn valid_name(s: &str) -> bool {
 
 /// `POST /api/services/{domain}/{service}`.
 async fn call_service(hub: &Hub, rest: &str, body: &[u8]) -> Response {
-    if !hub.config.borrow().http.allow_service_calls {
+    if !hub.config().http.allow_service_calls {
         return Response::error(
             403,
             "service calls are disabled (http.allow_service_calls = false)",
@@ -361,32 +359,32 @@ async fn call_service(hub: &Hub, rest: &str, body: &[u8]) -> Response {
     }
 }
 
-/// `GET /api/stream`.
-fn stream(hub: &Hub, request: &Request) -> Reply {
+/// `GET /api/stream`: Server-Sent Events (see [`crate::sse`]).
+fn stream(hub: &Hub, request: &Request) -> Response {
     let selection = Selection::parse(request.query_value("entity_id").unwrap_or(""));
     let first: Vec<Rc<EntityState>> = if request.flag("snapshot") {
-        let mut states = hub.store.borrow().tracked_states();
+        let (mut states, _) = hub.tracked_states();
         states.retain(|s| selection.matches(&s.entity_id));
         states
     } else {
         Vec::new()
     };
-    match hub.stream.subscribe(selection) {
-        Some(subscription) => Reply::Stream {
-            headers: Vec::new(),
-            first,
-            subscription,
-        },
-        None => Reply::Full(
-            Response::error(
-                503,
-                format!(
-                    "too many stream clients (at most {})",
-                    crate::sse::MAX_STREAM_CLIENTS
-                ),
-            )
-            .with_header("Retry-After", "5"),
-        ),
+    match hub.subscribe(selection) {
+        Some(subscription) => Response::pieces(
+            200,
+            "text/event-stream",
+            Box::new(EventStream::new(first, subscription)),
+        )
+        .with_header("Cache-Control", "no-cache")
+        .with_header("X-Accel-Buffering", "no"),
+        None => Response::error(
+            503,
+            format!(
+                "too many stream clients (at most {})",
+                crate::broadcast::MAX_CLIENTS
+            ),
+        )
+        .with_header("Retry-After", "5"),
     }
 }
 
@@ -409,12 +407,5 @@ mod tests {
                 .allow
                 .contains("POST")
         );
-    }
-
-    #[test]
-    fn secret_comparison() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"abcd"));
     }
 }

@@ -11,15 +11,14 @@ use smol::future::FutureExt;
 use smol::stream::StreamExt;
 use smol::{LocalExecutor, Timer};
 
+use crate::api::Api;
 use crate::config::{Config, ConfigError};
-use crate::filter::EntityFilter;
-use crate::ha::{self, ChangeSink, Command, LinkSettings};
-use crate::hub::{Hub, LinkState};
+use crate::hub::{Command, Hub, LinkSettings};
 use crate::persist::{self, SavePolicy};
 use crate::rest::RestClient;
-use crate::store::Change;
+use crate::status::LinkState;
 use crate::tls::{Roots, TlsError};
-use crate::{dbus, http, logging, notify, shutdown};
+use crate::{dbus, ha, http, logging, notify, shutdown};
 
 /// How long shutdown may take before we exit anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -114,7 +113,7 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
     );
     let api_token = config.read_api_token()?;
     let hub = Rc::new(Hub::new(Rc::new(config), rest));
-    *hub.api_token.borrow_mut() = api_token;
+    hub.set_api_token(api_token);
     restore(&hub);
     let executor = Rc::new(LocalExecutor::new());
     // A task, not `run`'s own future: `run` polls its future on every wake-up of the
@@ -141,44 +140,27 @@ async fn daemon(
 ) -> Result<(), AppError> {
     let (trigger, shutdown) = shutdown::channel();
     let token = std::cell::RefCell::new(settings.token.clone());
-    let (commands_tx, commands_rx) = smol::channel::bounded::<Command>(8);
     let (bus, entity_signals) = {
-        let c = hub.config.borrow();
+        let c = hub.config();
         (c.dbus.bus, c.dbus.entity_signals)
     };
-    let signals_sink = dbus::start(
+    dbus::start(
         hub.clone(),
         bus,
         entity_signals,
-        commands_tx.clone(),
         &executor,
         shutdown.clone(),
     )
     .await;
-    let on_change: ChangeSink = {
-        let hub = hub.clone();
-        Rc::new(move |changes: &[Change]| {
-            hub.stream.publish(changes);
-            if let Some(sink) = &signals_sink {
-                sink.publish(changes);
-            }
-        })
-    };
 
     let http_task = executor.spawn(http::serve(
         listener,
-        hub.clone(),
+        Rc::new(Api::new(hub.clone())),
         executor.clone(),
         shutdown.clone(),
     ));
     let save_task = executor.spawn(save_states(hub.clone(), shutdown.clone()));
-    let link_task = executor.spawn(ha::run(
-        hub.clone(),
-        settings,
-        commands_rx,
-        on_change.clone(),
-        shutdown.clone(),
-    ));
+    let link_task = executor.spawn(ha::run(hub.clone(), settings, shutdown.clone()));
     let _status_task = executor.spawn(report_status(hub.clone()));
     let _watchdog_task = notify::watchdog_period().map(|period| {
         executor.spawn(async move {
@@ -205,9 +187,7 @@ async fn daemon(
             .or(async { Wake::LinkDone(link.await) })
             .await;
         match wake {
-            Wake::Signal(Some(Ok(Signal::Hup))) => {
-                reload(&hub, &source, &token, &commands_tx, &on_change).await
-            }
+            Wake::Signal(Some(Ok(Signal::Hup))) => reload(&hub, &source, &token).await,
             Wake::Signal(Some(Ok(sig))) => {
                 log::info!("received {sig:?}, shutting down");
                 break Ok(());
@@ -256,7 +236,7 @@ async fn daemon(
 /// current filter tracks, and puts them in the store as stale until HA's snapshot replaces
 /// them. A missing file is normal; a bad one is moved aside by [`persist::load`] and logged.
 fn restore(hub: &Hub) {
-    let config = hub.config.borrow().clone();
+    let config = hub.config();
     if !config.cache.persist {
         return;
     }
@@ -271,26 +251,14 @@ fn restore(hub: &Hub) {
     let age = SystemTime::now()
         .duration_since(saved.saved_at)
         .unwrap_or_default();
-    let saved_at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-    let filter = hub.filter.borrow();
-    let mut store = hub.store.borrow_mut();
-    let mut kept = 0;
-    for state in saved
-        .states
-        .into_iter()
-        .filter(|s| filter.tracks(&s.entity_id))
-    {
-        store.insert_restored(state, saved_at);
-        kept += 1;
-    }
-    let loaded = store.tracked_len();
+    let total = saved.states.len();
+    let loaded = hub.restore(saved.states, saved.saved_at);
     log::info!(
         "warm start: {loaded} states from {} (saved {}s ago; {} left out by the filter or max_entities), stale until Home Assistant answers",
         config.cache.state_file.display(),
         age.as_secs(),
-        kept - loaded.min(kept)
+        total - loaded.min(total)
     );
-    hub.restored.set(Some((loaded, saved.saved_at)));
 }
 
 /// Saves the tracked states at most every `persist_interval_seconds` and only after a
@@ -298,26 +266,30 @@ fn restore(hub: &Hub) {
 /// current, so the file's time is honest about their age.
 async fn save_states(hub: Rc<Hub>, shutdown: shutdown::Shutdown) {
     let (enabled, interval) = {
-        let c = hub.config.borrow();
+        let c = hub.config();
         (c.cache.persist, c.cache.persist_interval)
     };
     if !enabled {
         return;
     }
     let mut policy = SavePolicy::new(interval, Instant::now());
-    let mut seen = hub.generation.get();
+    let mut seen = hub.generation();
     loop {
-        let listener = hub.states_changed.listen();
-        if hub.generation.get() != seen {
-            seen = hub.generation.get();
+        let listener = hub.listen_states();
+        if hub.generation() != seen {
+            seen = hub.generation();
             policy.mark_changed();
         }
         let stopping = shutdown.is_triggered();
-        let live = hub.store.borrow().is_live();
-        if live && (policy.due(Instant::now()) || (stopping && policy.pending())) {
+        let states = hub.states_to_save();
+        let live = states.is_some();
+        if let Some(states) =
+            states.filter(|_| policy.due(Instant::now()) || (stopping && policy.pending()))
+        {
             let mark = policy.mark();
-            let bytes = persist::encode(&hub.store.borrow().tracked_states(), SystemTime::now());
-            let path = hub.config.borrow().cache.state_file.clone();
+            let bytes = persist::encode(&states, SystemTime::now());
+            drop(states);
+            let path = hub.config().cache.state_file.clone();
             let written = smol::unblock(move || persist::write_file(&path, &bytes)).await;
             match written {
                 Ok(n) => {
@@ -352,53 +324,15 @@ async fn save_states(hub: Rc<Hub>, shutdown: shutdown::Shutdown) {
     }
 }
 
-/// Formats a count with thousands separators: `2031` → `2,031`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// The one-line summary for `systemctl status` (sd_notify `STATUS=`).
-pub fn status_line(hub: &Hub) -> String {
-    let link = hub.link.borrow();
-    let version = link.ha_version.as_deref().unwrap_or("?");
-    match link.state {
-        LinkState::Live => format!(
-            "live: HA {version}, {} entities tracked ({} filtered out), {} HA REST calls in the last hour",
-            thousands(hub.store.borrow().tracked_len() as u64),
-            thousands(hub.snapshot_filtered_out.get()),
-            thousands(hub.rest_calls_last_hour() as u64)
-        ),
-        LinkState::Backoff => format!(
-            "backoff: retry {} after: {}",
-            link.reconnect_attempts,
-            link.last_error.as_deref().unwrap_or("connection lost")
-        ),
-        LinkState::AuthFailed => {
-            let every = hub.config.borrow().reconnect.max_delay.as_secs();
-            format!(
-                "auth_failed: Home Assistant rejected the access token; waiting for a valid one (checked every {every}s)"
-            )
-        }
-        state => format!("{}: {}", state.as_str(), hub.config.borrow().ha.url),
-    }
-}
-
 /// Sends `READY=1` once live, and `STATUS=` whenever the line changes (coalesced).
 async fn report_status(hub: Rc<Hub>) {
     let mut ready = false;
     let mut last = String::new();
     loop {
-        let listener = hub.changed.listen();
-        let line = status_line(&hub);
-        if !ready && hub.link_state() == LinkState::Live {
+        let listener = hub.listen_changed();
+        let status = hub.status();
+        let line = status.line();
+        if !ready && status.live() {
             notify::ready(&line);
             ready = true;
             last = line;
@@ -417,15 +351,13 @@ async fn reload(
     hub: &Rc<Hub>,
     source: &ConfigSource,
     token: &std::cell::RefCell<crate::config::Secret>,
-    commands: &smol::channel::Sender<Command>,
-    on_change: &ChangeSink,
 ) {
     notify::reloading();
     log::info!("reloading {}", source.path.display());
     let result = Config::load(&source.path, source.given)
         .map_err(AppError::from)
         .and_then(|new| {
-            let old = hub.config.borrow().clone();
+            let old = hub.config();
             // The token is re-read too: a rotated token means a new connection.
             let (settings, rest) = ha_clients(&new)?;
             let relink = new.ha != old.ha || settings.token != *token.borrow();
@@ -435,50 +367,24 @@ async fn reload(
     match result {
         Err(e) => log::error!("reload rejected, the old config stays in force: {e}"),
         Ok((new, settings, api_token)) => {
-            *hub.api_token.borrow_mut() = api_token;
-            let old = hub.config.borrow().clone();
-            if new.http != old.http {
+            hub.set_api_token(api_token);
+            if new.http != hub.config().http {
                 log::warn!("http.listen changed; it takes effect at the next restart");
             }
             logging::set_level(&new.log.level);
-            let filter = EntityFilter::new(&new.filter);
-            let filter_changed = *hub.filter.borrow() != filter;
-            if filter_changed {
-                let changes = hub.store.borrow_mut().retain_tracked(&filter);
-                *hub.filter.borrow_mut() = filter;
-                on_change(&changes);
-            }
-            let c = &new.cache;
-            hub.store
-                .borrow_mut()
-                .reconfigure(c.mode, c.max_entities, c.ttl, c.negative_ttl);
-            *hub.config.borrow_mut() = Rc::new(new);
-            hub.warn_tracked_evictions();
+            let filter_changed = hub.reconfigure(new);
             if let Some((settings, rest)) = settings {
                 log::info!("Home Assistant settings changed: reconnecting");
                 hub.set_rest(rest);
                 *token.borrow_mut() = settings.token.clone();
-                let _ = commands.send(Command::Reconnect(Box::new(settings))).await;
+                hub.command(Command::Reconnect(Box::new(settings))).await;
             } else if filter_changed {
                 log::info!("filter changed: resubscribing for a fresh snapshot");
-                let _ = commands.send(Command::Resubscribe).await;
+                hub.command(Command::Resubscribe).await;
             }
             log::info!("reload done");
         }
     }
-    hub.changed.notify(usize::MAX);
-    notify::ready(&status_line(hub));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(412), "412");
-        assert_eq!(thousands(2031), "2,031");
-        assert_eq!(thousands(1_234_567), "1,234,567");
-    }
+    hub.notify_changed();
+    notify::ready(&hub.status().line());
 }

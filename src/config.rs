@@ -19,6 +19,12 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/hass-edge/config.toml";
 /// Prefix of the environment variables that override config keys, e.g. `HASS_EDGE_HA_URL`.
 pub const ENV_PREFIX: &str = "HASS_EDGE_";
 
+/// D-Bus well-known name and interface of the daemon (`dbus.rs` serves it, `hass-edge
+/// status` asks it).
+pub const DBUS_NAME: &str = "io.hassedge.HassEdge1";
+/// D-Bus object path of the daemon.
+pub const DBUS_PATH: &str = "/io/hassedge/HassEdge1";
+
 /// Exit code for a bad configuration: `EX_CONFIG` from sysexits(3).
 pub const EXIT_CONFIG: u8 = 78;
 

@@ -14,24 +14,20 @@
 //! hub lives.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use smol::channel::{Receiver, Sender, bounded};
 use smol::future::FutureExt;
 use smol::{LocalExecutor, Timer};
 use zbus::object_server::SignalEmitter;
 
-use crate::config::DbusBus;
-use crate::ha::Command;
-use crate::hub::{Hub, LinkState, Read, valid_entity_id};
+use crate::config::{DBUS_NAME as NAME, DBUS_PATH as PATH, DbusBus};
+use crate::entity::valid_entity_id;
+use crate::hub::{Hub, Read};
 use crate::shutdown::Shutdown;
+use crate::status::{LinkState, Status, epoch_micros};
 use crate::store::Change;
 use std::rc::Rc;
-
-/// Well-known bus name and interface name.
-pub const NAME: &str = "io.hassedge.HassEdge1";
-/// Object path.
-pub const PATH: &str = "/io/hassedge/HassEdge1";
 /// Counters are announced at most this often.
 const COUNTER_PERIOD: Duration = Duration::from_secs(1);
 /// `EntityChanged` signals queued before new ones are dropped (and counted).
@@ -86,31 +82,25 @@ pub struct Props {
 }
 
 impl Props {
-    /// Reads the current values from the hub.
-    pub fn read(hub: &Hub) -> Props {
-        let link = hub.link.borrow();
-        let store = hub.store.borrow();
-        let stats = store.stats();
-        let micros = |t: Option<std::time::SystemTime>| {
-            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_micros() as u64)
-        };
+    /// The property values of `status`.
+    pub fn of(status: &Status) -> Props {
+        let (m, link) = (&status.mirror, &status.link);
         Props {
             connection: link.state.as_str().into(),
-            connected: link.state == LinkState::Live,
+            connected: status.live(),
             ha_version: link.ha_version.clone().unwrap_or_default(),
             reconnect_attempts: link.reconnect_attempts,
             subscriptions: link.subscriptions,
-            tracked_entities: u32::try_from(store.tracked_len()).unwrap_or(u32::MAX),
-            events_received: hub.counters.events_received.get(),
-            events_filtered_out: hub.counters.events_filtered_out.get(),
-            cache_hits: stats.hits,
-            cache_misses: stats.misses,
-            ha_rest_requests: hub.counters.rest_total(),
-            last_event_time: micros(hub.last_event.get()),
-            start_time: micros(Some(hub.started_wall)),
+            tracked_entities: u32::try_from(status.tracked).unwrap_or(u32::MAX),
+            events_received: m.events_received,
+            events_filtered_out: m.events_filtered_out,
+            cache_hits: status.store.hits,
+            cache_misses: status.store.misses,
+            ha_rest_requests: status.rest_total(),
+            last_event_time: epoch_micros(status.last_event),
+            start_time: epoch_micros(Some(status.started)),
             version: env!("CARGO_PKG_VERSION").into(),
-            serving_stale: !store.is_live() && store.tracked_len() > 0,
+            serving_stale: status.serving_stale(),
         }
     }
 }
@@ -295,18 +285,17 @@ pub async fn start(
     hub: Rc<Hub>,
     bus: DbusBus,
     entity_signals: bool,
-    commands: Sender<Command>,
     executor: &Rc<LocalExecutor<'static>>,
     shutdown: Shutdown,
-) -> Option<SignalSink> {
-    let props = Arc::new(Mutex::new(Props::read(&hub)));
+) {
+    let props = Arc::new(Mutex::new(Props::of(&hub.status())));
     let (calls_tx, calls_rx) = bounded::<Call>(64);
     let object = HassEdge {
         props: props.clone(),
         calls: calls_tx,
     };
     let builder = match bus {
-        DbusBus::None => return None,
+        DbusBus::None => return,
         DbusBus::System => zbus::connection::Builder::system(),
         DbusBus::Session => zbus::connection::Builder::session(),
     };
@@ -330,7 +319,7 @@ pub async fn start(
         Ok(c) => c,
         Err(e) => {
             log::error!("D-Bus ({bus:?} bus) unavailable, continuing without it: {e}");
-            return None;
+            return;
         }
     };
     log::info!("D-Bus: {NAME} on the {bus:?} bus");
@@ -342,17 +331,20 @@ pub async fn start(
             }
         })
         .detach();
-    executor
-        .spawn(serve_calls(hub.clone(), calls_rx, commands))
-        .detach();
+    executor.spawn(serve_calls(hub.clone(), calls_rx)).detach();
     let (sig_tx, sig_rx) = bounded(SIGNAL_QUEUE);
+    if entity_signals {
+        let sink = SignalSink { tx: sig_tx };
+        hub.add_change_hook(Rc::new(move |changes: &[Change]| sink.publish(changes)));
+    } else {
+        drop(sig_tx);
+    }
     executor
         .spawn(announce(hub, conn, props, sig_rx, shutdown))
         .detach();
-    entity_signals.then_some(SignalSink { tx: sig_tx })
 }
 
-async fn serve_calls(hub: Rc<Hub>, calls: Receiver<Call>, commands: Sender<Command>) {
+async fn serve_calls(hub: Rc<Hub>, calls: Receiver<Call>) {
     while let Ok(call) = calls.recv().await {
         match call {
             Call::GetState(entity_id, reply) => {
@@ -375,9 +367,8 @@ async fn serve_calls(hub: Rc<Hub>, calls: Receiver<Call>, commands: Sender<Comma
             }
             Call::ListEntities(reply) => {
                 let ids = hub
-                    .store
-                    .borrow()
                     .tracked_states()
+                    .0
                     .iter()
                     .map(|s| s.entity_id.clone())
                     .collect();
@@ -385,7 +376,7 @@ async fn serve_calls(hub: Rc<Hub>, calls: Receiver<Call>, commands: Sender<Comma
             }
             Call::Resync => {
                 log::info!("D-Bus: Resync requested");
-                let _ = commands.try_send(Command::Resync);
+                hub.request_resync();
             }
         }
     }
@@ -443,8 +434,8 @@ async fn announce(
     let mut announced = props.lock().map(|p| p.clone()).unwrap_or_default();
     let mut last_counters = Instant::now() - COUNTER_PERIOD;
     loop {
-        let listener = hub.changed.listen();
-        let now = Props::read(&hub);
+        let listener = hub.listen_changed();
+        let now = Props::of(&hub.status());
         let counters_due = last_counters.elapsed() >= COUNTER_PERIOD;
         let next = if counters_due {
             now.clone()

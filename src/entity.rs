@@ -538,9 +538,41 @@ impl<'de> Deserialize<'de> for ContextPatch {
     }
 }
 
+/// Whether `entity_id` has HA's shape `<domain>.<object_id>` (lower-case letters, digits,
+/// `_`; see HA `core.py` `valid_entity_id`). Checked before an id goes into a URL.
+pub fn valid_entity_id(entity_id: &str) -> bool {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    entity_id.len() <= 255
+        && entity_id
+            .split_once('.')
+            .is_some_and(|(d, o)| ok(d) && ok(o))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entity_id_shape() {
+        assert!(valid_entity_id("light.kitchen_2"));
+        for bad in [
+            "light",
+            "light.",
+            ".x",
+            "Light.x",
+            "light.x/../y",
+            "light.x.y",
+            "light.x%2F",
+            "light.ä",
+        ] {
+            assert!(!valid_entity_id(bad), "{bad}");
+        }
+    }
+
     use serde_json::json;
 
     #[test]

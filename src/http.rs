@@ -3,10 +3,14 @@
 //! and count (431), body size (413), connections (503), idle and slow clients (timeouts).
 //! Errors are JSON bodies `{"message": …}`, the shape HA's REST API uses.
 //!
-//! Routing and the handlers live in [`crate::api`].
+//! A leaf: it knows requests, responses, limits and keep-alive, and hands each request to a
+//! [`Handler`] (the routes, `api.rs`); a body produced in pieces (a long list, an event
+//! stream) is a [`Pieces`] writer, whatever it holds.
 
 use std::cell::Cell;
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -16,10 +20,7 @@ use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::{TcpListener, TcpStream};
 use smol::{LocalExecutor, Timer};
 
-use crate::api::Reply;
 use crate::deadline::Deadline;
-use crate::entity::EntityState;
-use crate::hub::Hub;
 use crate::shutdown::Shutdown;
 
 /// Concurrent connections; more are answered 503 and closed.
@@ -82,56 +83,40 @@ pub struct Response {
     pub content_type: &'static str,
 }
 
+/// A body written in pieces as it is produced: a long list serialised 64 KiB at a time
+/// (built whole, a 20,000-entity `/api/states` of ~15 MB was held twice over), or an event
+/// stream that runs until the client leaves.
+pub trait Pieces {
+    /// The whole length in bytes (sent as `Content-Length`), or `None` for a body that runs
+    /// until the connection closes (RFC 9112 §6.3, item 8): the connection is then not
+    /// kept alive, input from the client is read and dropped so that a client that went
+    /// away is noticed at once, and shutdown ends the body.
+    fn length(&self) -> Option<usize>;
+
+    /// Appends the next piece to `buf`; resolves `false` once the body is complete (`buf`
+    /// may then hold the last piece).
+    fn next<'a>(&'a mut self, buf: &'a mut Vec<u8>) -> Pin<Box<dyn Future<Output = bool> + 'a>>;
+}
+
 /// A response body.
-#[derive(Debug)]
 pub enum Body {
     /// Bytes, written as they are.
     Bytes(Vec<u8>),
-    /// A JSON array of states (HA's `GET /api/states` shape), serialized [`CHUNK`] bytes at
-    /// a time while it is written. Built whole, a 20,000-entity list (~15 MB) was held
-    /// twice over and raised the daemon's peak memory by 17 MiB. The `Rc`s are a snapshot:
-    /// updates made while it is written replace the store's `Rc`s, not these.
-    States(Vec<Rc<EntityState>>),
+    /// Produced while it is written (see [`Pieces`]).
+    Pieces(Box<dyn Pieces>),
 }
 
-/// Bytes serialized before each write of a [`Body::States`].
-pub const CHUNK: usize = 64 * 1024;
-
-impl Body {
-    /// The length in bytes (`Content-Length`); for [`Body::States`], a counting pass of
-    /// the serializer over the snapshot.
-    pub fn len(&self) -> usize {
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Body::Bytes(b) => b.len(),
-            Body::States(states) => {
-                let mut n = Count(0);
-                for s in states {
-                    // Serializing a state into a counter cannot fail.
-                    let _ = serde_json::to_writer(&mut n, &**s);
-                }
-                n.0 + states.len().saturating_sub(1) + 2
-            }
+            Body::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Body::Pieces(p) => write!(f, "Pieces(length {:?})", p.length()),
         }
     }
-
-    /// Whether the body is empty (a states list never is: `[]`).
-    pub fn is_empty(&self) -> bool {
-        matches!(self, Body::Bytes(b) if b.is_empty())
-    }
 }
 
-/// An `io::Write` that only counts.
-struct Count(usize);
-
-impl std::io::Write for Count {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+/// The size of the pieces a [`Pieces`] body should produce: one write each.
+pub const CHUNK: usize = 64 * 1024;
 
 impl Response {
     /// A JSON response.
@@ -144,13 +129,13 @@ impl Response {
         }
     }
 
-    /// A JSON list of states, streamed (see [`Body::States`]).
-    pub fn states(status: u16, states: Vec<Rc<EntityState>>) -> Response {
+    /// A response whose body is produced as it is written.
+    pub fn pieces(status: u16, content_type: &'static str, body: Box<dyn Pieces>) -> Response {
         Response {
             status,
             headers: Vec::new(),
-            body: Body::States(states),
-            content_type: "application/json",
+            body: Body::Pieces(body),
+            content_type,
         }
     }
 
@@ -169,6 +154,16 @@ impl Response {
         self.headers.push((name, value.into()));
         self
     }
+}
+
+/// What the transport hands each request to: the routes.
+pub trait Handler {
+    /// Answers `request`.
+    fn handle<'a>(&'a self, request: &'a Request) -> Pin<Box<dyn Future<Output = Response> + 'a>>;
+
+    /// The transport refused a request itself with `status` (malformed or over a limit:
+    /// 400, 408, 411, 413, 431; or 503 over [`MAX_CONNECTIONS`]), for counting.
+    fn refused(&self, status: u16);
 }
 
 fn reason(status: u16) -> &'static str {
@@ -193,10 +188,10 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Serves the API on `listener` until `shutdown`. Each connection is a task on `executor`.
-pub async fn serve(
+/// Serves `handler` on `listener` until `shutdown`. Each connection is a task on `executor`.
+pub async fn serve<H: Handler + 'static>(
     listener: TcpListener,
-    hub: Rc<Hub>,
+    handler: Rc<H>,
     executor: Rc<LocalExecutor<'static>>,
     shutdown: Shutdown,
 ) {
@@ -220,22 +215,20 @@ pub async fn serve(
         };
         stream.set_nodelay(true).ok();
         if open.get() >= MAX_CONNECTIONS {
-            hub.count_http("overload", 503);
+            handler.refused(503);
             let r = Response::error(503, "too many connections").with_header("Retry-After", "1");
             executor
                 .spawn(async move {
-                    let _ = write_response(&mut stream, &r, false, false)
-                        .or(timeout(WRITE_TIMEOUT))
-                        .await;
+                    let _ = write_response(&mut stream, r, false, false, None).await;
                 })
                 .detach();
             continue;
         }
         open.set(open.get() + 1);
-        let (hub, shutdown, open) = (hub.clone(), shutdown.clone(), open.clone());
+        let (handler, shutdown, open) = (handler.clone(), shutdown.clone(), open.clone());
         executor
             .spawn(async move {
-                if let Err(e) = connection(stream, &hub, &shutdown).await {
+                if let Err(e) = connection(stream, &*handler, &shutdown).await {
                     log::debug!("HTTP connection ended: {e}");
                 }
                 open.set(open.get() - 1);
@@ -244,15 +237,10 @@ pub async fn serve(
     }
 }
 
-async fn timeout<T>(d: Duration) -> std::io::Result<T> {
-    Timer::after(d).await;
-    Err(std::io::ErrorKind::TimedOut.into())
-}
-
 /// Serves one connection: requests in order until close, error, timeout or shutdown.
 async fn connection(
     mut stream: TcpStream,
-    hub: &Rc<Hub>,
+    handler: &dyn Handler,
     shutdown: &Shutdown,
 ) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
@@ -267,46 +255,17 @@ async fn connection(
                 } => (request, consumed, keep_alive),
                 Parsed::Closed => return Ok(()),
                 Parsed::Reject(response) => {
-                    hub.count_http("invalid", response.status);
-                    write_response(&mut stream, &response, false, false)
-                        .or(timeout(WRITE_TIMEOUT))
-                        .await?;
+                    handler.refused(response.status);
+                    write_response(&mut stream, response, false, false, None).await?;
                     return Ok(());
                 }
             };
         buf.drain(..consumed);
         let head = request.method == "HEAD";
-        let response = match crate::api::handle(hub, &request).await {
-            (route, Reply::Full(response)) => {
-                hub.count_http(route, response.status);
-                response
-            }
-            (
-                route,
-                Reply::Stream {
-                    headers,
-                    first,
-                    subscription,
-                },
-            ) => {
-                hub.count_http(route, 200);
-                let mut h = String::from(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n",
-                );
-                for (name, value) in headers {
-                    let _ = write!(h, "{name}: {value}\r\n");
-                }
-                h.push_str("Connection: close\r\n\r\n");
-                hub.changed.notify(usize::MAX);
-                let result = crate::sse::serve(stream, h, first, subscription, shutdown).await;
-                hub.changed.notify(usize::MAX);
-                return result;
-            }
-        };
-        let keep_alive = keep_alive && !shutdown.is_triggered();
-        write_response(&mut stream, &response, head, keep_alive)
-            .or(timeout(WRITE_TIMEOUT))
-            .await?;
+        let response = handler.handle(&request).await;
+        let close_delimited = matches!(&response.body, Body::Pieces(p) if p.length().is_none());
+        let keep_alive = keep_alive && !close_delimited && !shutdown.is_triggered();
+        write_response(&mut stream, response, head, keep_alive, Some(shutdown)).await?;
         if !keep_alive {
             return Ok(());
         }
@@ -533,25 +492,34 @@ async fn read_request(
     })
 }
 
-/// Writes `response`; on `head`, the headers only.
+/// Writes `response`; on `head`, the headers only. Each write must finish within
+/// [`WRITE_TIMEOUT`]. A close-delimited [`Pieces`] body runs until it ends, the client goes
+/// away, or `shutdown` (when given).
 ///
-/// Errors: the socket's; `InvalidData` if a streamed body came out longer or shorter than
-/// its counted `Content-Length` (the connection is then closed, never left misframed).
+/// Errors: the socket's; `TimedOut`; `InvalidData` if a [`Pieces`] body came out longer or
+/// shorter than its announced length (the connection is then closed, never left misframed).
 async fn write_response(
     stream: &mut TcpStream,
-    r: &Response,
+    r: Response,
     head: bool,
     keep_alive: bool,
+    shutdown: Option<&Shutdown>,
 ) -> std::io::Result<()> {
-    let length = r.body.len();
+    let length = match &r.body {
+        Body::Bytes(b) => Some(b.len()),
+        Body::Pieces(p) => p.length(),
+    };
     let mut out = String::with_capacity(160);
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {length}\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n",
         r.status,
         reason(r.status),
         r.content_type
     );
+    if let Some(length) = length {
+        let _ = write!(out, "Content-Length: {length}\r\n");
+    }
     for (name, value) in &r.headers {
         let _ = write!(out, "{name}: {value}\r\n");
     }
@@ -561,42 +529,78 @@ async fn write_response(
         "Connection: close\r\n\r\n"
     });
     let mut bytes = out.into_bytes();
-    match &r.body {
-        _ if head => stream.write_all(&bytes).await?,
+    let mut pieces = match r.body {
+        _ if head => return write_timed(stream, &bytes).await,
         Body::Bytes(body) => {
-            bytes.extend_from_slice(body);
-            stream.write_all(&bytes).await?;
+            bytes.extend_from_slice(&body);
+            return write_timed(stream, &bytes).await;
         }
-        Body::States(states) => {
-            let head_len = bytes.len();
-            let mut written = 0;
-            bytes.reserve(CHUNK);
-            bytes.push(b'[');
-            for (i, s) in states.iter().enumerate() {
-                if i > 0 {
-                    bytes.push(b',');
-                }
-                // Serializing into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut bytes, &**s);
-                if bytes.len() >= CHUNK {
-                    stream.write_all(&bytes).await?;
-                    written += bytes.len();
-                    bytes.clear();
-                    // Let the link and other clients run between chunks of a long list.
-                    smol::future::yield_now().await;
-                }
-            }
-            bytes.push(b']');
-            stream.write_all(&bytes).await?;
+        Body::Pieces(pieces) => pieces,
+    };
+    let head_len = bytes.len();
+    let mut written = 0;
+    // A close-delimited body: what the client sends is read and dropped, so a closed
+    // browser tab ends the body at once instead of at the next failed write.
+    let mut reader = stream.clone();
+    let client_gone = std::pin::pin!(async move {
+        if length.is_some() {
+            return std::future::pending().await;
+        }
+        let mut sink = [0u8; 512];
+        while let Ok(1..) = reader.read(&mut sink).await {}
+    });
+    let mut client_gone = client_gone;
+    let stop = async {
+        match shutdown {
+            Some(s) if length.is_none() => s.wait().await,
+            _ => std::future::pending().await,
+        }
+    };
+    let stop = std::pin::pin!(stop);
+    let mut stop = stop;
+    loop {
+        let more = async { Some(pieces.next(&mut bytes).await) }
+            .or(async {
+                (&mut client_gone).await;
+                None
+            })
+            .or(async {
+                (&mut stop).await;
+                None
+            })
+            .await;
+        let Some(more) = more else {
+            return Ok(());
+        };
+        if !bytes.is_empty() {
+            write_timed(stream, &bytes).await?;
             written += bytes.len();
-            if written - head_len != length {
-                log::error!(
-                    "GET /api/states body was {} bytes, announced {length}; closing the connection",
-                    written - head_len
-                );
-                return Err(std::io::ErrorKind::InvalidData.into());
-            }
+            bytes.clear();
         }
+        if !more {
+            break;
+        }
+        // Let the link and other clients run between pieces of a long body.
+        smol::future::yield_now().await;
     }
-    stream.flush().await
+    if let Some(length) = length
+        && written - head_len != length
+    {
+        log::error!(
+            "a response body was {} bytes, announced {length}; closing the connection",
+            written - head_len
+        );
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    Ok(())
+}
+
+/// Writes and flushes `bytes` within [`WRITE_TIMEOUT`].
+async fn write_timed(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    async { stream.write_all(bytes).await.and(stream.flush().await) }
+        .or(async {
+            Timer::after(WRITE_TIMEOUT).await;
+            Err(std::io::ErrorKind::TimedOut.into())
+        })
+        .await
 }

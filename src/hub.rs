@@ -1,23 +1,28 @@
-//! The state the I/O parts share on the executor thread: the store, the filter, the link to
-//! HA, counters, and the REST read-through. Single-threaded (`Rc`/`RefCell`, never held
-//! across an `.await`), owned by the app and handed to the subscriber, the HTTP API and the
-//! status reporters.
+//! The state the I/O parts share on the executor thread: the [`Mirror`], the REST
+//! read-through (single-flight, breaker, service-list cache), the fan-out of changes to push
+//! clients, the link's state and the counters. Single-threaded (`Rc`/`RefCell`, never held
+//! across an `.await`); its fields are private, and callers use its methods, so its rules
+//! hold whoever calls. The app owns it and hands it to the link, the HTTP API, D-Bus and
+//! the systemd reporters; those read it through one [`Status`] snapshot.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use event_listener::Event;
+use event_listener::{Event, EventListener};
+use smol::channel::{Receiver, Sender};
 use smol::lock::OnceCell;
 
+use crate::broadcast::{Broadcast, Selection, Subscription};
 use crate::config::{Config, Secret};
 use crate::entity::EntityState;
 use crate::filter::EntityFilter;
+use crate::mirror::{Applied, Mirror, Update};
 use crate::rest::{RestClient, RestError};
-use crate::session::EntitiesEvent;
-use crate::sse::Broadcast;
-use crate::store::{Change, Lookup, Store};
+use crate::status::{Link, LinkCounters, LinkState, Status, StreamCounters};
+use crate::store::{Change, Lookup};
 
 /// After HA's REST API was unreachable, expired states are served stale without asking HA
 /// again for this long, so readers do not each wait out a connect timeout.
@@ -26,95 +31,36 @@ const REST_BREAKER: Duration = Duration::from_secs(5);
 /// Bound on remembered REST call times (for "calls in the last hour" in the status line).
 const REST_HISTORY: usize = 4096;
 
-/// The state of the link to HA, as `/status`, `/health`, D-Bus and sd_notify report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkState {
-    /// Opening TCP/TLS/WebSocket.
-    Connecting,
-    /// Auth handshake under way.
-    Authenticating,
-    /// Authenticated; waiting for HA to run or for the snapshot.
-    Syncing,
-    /// Snapshot loaded, events flowing.
-    Live,
-    /// Waiting before the next attempt.
-    Backoff,
-    /// HA refused the token; retrying only every `max_delay_seconds`.
-    AuthFailed,
-    /// Shutting down.
-    Stopping,
-}
+/// Commands queued to the link before senders wait.
+const COMMAND_QUEUE: usize = 8;
 
-impl LinkState {
-    /// The lower-case name used in every interface.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LinkState::Connecting => "connecting",
-            LinkState::Authenticating => "authenticating",
-            LinkState::Syncing => "syncing",
-            LinkState::Live => "live",
-            LinkState::Backoff => "backoff",
-            LinkState::AuthFailed => "auth_failed",
-            LinkState::Stopping => "stopping",
-        }
-    }
-}
-
-/// What is known about the link to HA.
+/// A request to the link task.
 #[derive(Debug, Clone)]
-pub struct Link {
-    /// Current state.
-    pub state: LinkState,
-    /// From `auth_required`, once seen.
-    pub ha_version: Option<String>,
-    /// Failed attempts since the last successful sync.
-    pub reconnect_attempts: u32,
-    /// When the last connection was made.
-    pub last_connected: Option<SystemTime>,
-    /// When the last connection ended.
-    pub last_disconnected: Option<SystemTime>,
-    /// Why the last connection ended or failed.
-    pub last_error: Option<String>,
-    /// Active subscriptions on the current connection.
-    pub subscriptions: u32,
-    /// Whether the HA-side filter is in use on the current subscription.
-    pub ha_filter_active: bool,
+pub enum Command {
+    /// Take a fresh snapshot (D-Bus `Resync()`); reconnects if the link is down.
+    Resync,
+    /// The HA-side filter changed (config reload): resubscribe with it.
+    Resubscribe,
+    /// URL, token or CA changed (config reload): reconnect with the new settings.
+    Reconnect(Box<LinkSettings>),
 }
 
-/// Monotonic counters (totals since start).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Entity updates received from HA (each `a`, `c`, `r` entry, snapshots included).
-    pub events_received: Cell<u64>,
-    /// Updates applied to the store.
-    pub events_applied: Cell<u64>,
-    /// Updates ignored because the filter does not track the entity.
-    pub events_filtered_out: Cell<u64>,
-    /// Frames or entity entries from HA that could not be decoded.
-    pub decode_errors: Cell<u64>,
-    /// `service_registered` / `service_removed` events.
-    pub service_events: Cell<u64>,
-    /// Connections lost or failed (each leads to a reconnect attempt).
-    pub reconnects: Cell<u64>,
-    /// `auth_invalid` answers.
-    pub auth_failures: Cell<u64>,
-    /// HA commands that failed.
-    pub command_errors: Cell<u64>,
-    /// HA REST requests by outcome (`ok`, `not_found`, `unreachable`, …).
-    pub rest_requests: RefCell<BTreeMap<&'static str, u64>>,
-    /// Local HTTP requests by (route, status).
-    pub http_requests: RefCell<BTreeMap<(&'static str, u16), u64>>,
+/// What a connection to HA needs that may change on reload.
+#[derive(Clone)]
+pub struct LinkSettings {
+    /// `ws://…/api/websocket` or `wss://…`.
+    pub websocket_url: String,
+    /// The access token.
+    pub token: Secret,
+    /// TLS config for `wss` (`None` for `ws`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-impl Counters {
-    /// Adds `n` to a counter.
-    pub fn add(cell: &Cell<u64>, n: u64) {
-        cell.set(cell.get().saturating_add(n));
-    }
-
-    /// Total HA REST requests.
-    pub fn rest_total(&self) -> u64 {
-        self.rest_requests.borrow().values().sum()
+impl std::fmt::Debug for LinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSettings")
+            .field("websocket_url", &self.websocket_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -148,41 +94,39 @@ pub enum Read {
 
 type Fetch = Result<Option<EntityState>, RestError>;
 
-/// The shared state. See the module docs.
-#[derive(Debug)]
+/// Receives the changes each update made to tracked entities (D-Bus `EntityChanged`).
+pub type ChangeHook = Rc<dyn Fn(&[Change])>;
+
+/// See the module docs.
 pub struct Hub {
     /// The config in force (replaced on reload).
-    pub config: RefCell<Rc<Config>>,
-    /// The filter in force.
-    pub filter: RefCell<EntityFilter>,
-    /// The store.
-    pub store: RefCell<Store>,
+    config: RefCell<Rc<Config>>,
+    /// HA's state as mirrored here.
+    mirror: RefCell<Mirror>,
     /// The link to HA.
-    pub link: RefCell<Link>,
-    /// Counters.
-    pub counters: Counters,
-    /// Entities in HA's last snapshot that the filter left out.
-    pub snapshot_filtered_out: Cell<u64>,
-    /// `tracked_evictions` when last warned about, and when (see [`Hub::warn_tracked_evictions`]).
-    tracked_evictions_warned: Cell<(u64, Option<Instant>)>,
+    link: RefCell<Link>,
+    /// The link's totals.
+    link_counters: Cell<LinkCounters>,
     /// When HA last sent an entity update (wall clock).
-    pub last_event: Cell<Option<SystemTime>>,
+    last_event: Cell<Option<SystemTime>>,
     /// Start time (monotonic).
-    pub started: Instant,
+    started: Instant,
     /// Start time (wall clock).
-    pub started_wall: SystemTime,
+    started_wall: SystemTime,
     /// Fired whenever something reported in status outputs changes.
-    pub changed: Event,
-    /// `/api/stream` clients.
-    pub stream: Broadcast,
-    /// Bumped whenever tracked states change (for the warm-start saver).
-    pub generation: Cell<u64>,
-    /// Fired with [`Hub::generation`].
-    pub states_changed: Event,
+    changed: Event,
+    /// Fired whenever tracked states change (the warm-start saver).
+    states_changed: Event,
+    /// Push clients (`/api/stream`).
+    broadcast: Broadcast,
+    /// Other watchers of changes (D-Bus signals).
+    change_hooks: RefCell<Vec<ChangeHook>>,
     /// Warm start: how many states were loaded from disk and when they were saved.
-    pub restored: Cell<Option<(usize, SystemTime)>>,
+    restored: Cell<Option<(usize, SystemTime)>>,
     /// The token local API clients must present (`http.api_token_file`).
-    pub api_token: RefCell<Option<Secret>>,
+    api_token: RefCell<Option<Secret>>,
+    /// Commands to the link task.
+    commands: (Sender<Command>, Receiver<Command>),
     /// HA's service list, fetched once and dropped on `service_registered`/`service_removed`.
     services: RefCell<Rc<OnceCell<Rc<str>>>>,
     /// REST client (replaced when a reload changes HA's URL, token or CA).
@@ -193,51 +137,112 @@ pub struct Hub {
     rest_down_until: Cell<Option<Instant>>,
     /// Times of recent REST requests (bounded).
     rest_history: RefCell<VecDeque<Instant>>,
+    /// HA REST requests by outcome.
+    rest_requests: RefCell<BTreeMap<&'static str, u64>>,
+    /// Local HTTP requests by (route, status).
+    http_requests: RefCell<BTreeMap<(&'static str, u16), u64>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("link", &self.link)
+            .field("mirror", &self.mirror)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Hub {
-    /// A hub for `config`, with an empty store and the link `connecting`.
+    /// A hub for `config`, with an empty mirror and the link `connecting`.
     pub fn new(config: Rc<Config>, rest: RestClient) -> Hub {
         let now = Instant::now();
-        let c = &config.cache;
         Hub {
-            filter: RefCell::new(EntityFilter::new(&config.filter)),
-            store: RefCell::new(Store::new(
-                c.mode,
-                c.max_entities,
-                c.ttl,
-                c.negative_ttl,
+            mirror: RefCell::new(Mirror::new(
+                &config.cache,
+                EntityFilter::new(&config.filter),
                 now,
             )),
             config: RefCell::new(config),
-            link: RefCell::new(Link {
-                state: LinkState::Connecting,
-                ha_version: None,
-                reconnect_attempts: 0,
-                last_connected: None,
-                last_disconnected: None,
-                last_error: None,
-                subscriptions: 0,
-                ha_filter_active: false,
-            }),
-            counters: Counters::default(),
-            snapshot_filtered_out: Cell::new(0),
-            tracked_evictions_warned: Cell::new((0, None)),
+            link: RefCell::new(Link::default()),
+            link_counters: Cell::new(LinkCounters::default()),
             last_event: Cell::new(None),
             started: now,
             started_wall: SystemTime::now(),
             changed: Event::new(),
-            stream: Broadcast::default(),
-            generation: Cell::new(0),
             states_changed: Event::new(),
+            broadcast: Broadcast::default(),
+            change_hooks: RefCell::new(Vec::new()),
             restored: Cell::new(None),
             api_token: RefCell::new(None),
+            commands: smol::channel::bounded(COMMAND_QUEUE),
             services: RefCell::new(Rc::new(OnceCell::new())),
             rest: RefCell::new(rest),
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
+            rest_requests: RefCell::new(BTreeMap::new()),
+            http_requests: RefCell::new(BTreeMap::new()),
         }
+    }
+
+    // ------------------------------------------------------------------ config
+
+    /// The config in force.
+    pub fn config(&self) -> Rc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Puts `new` in force in place (reload): the filter (tracked entities it no longer
+    /// covers are removed and announced) and the cache limits. Returns whether the filter
+    /// changed (the link must then resubscribe). HA's URL, token and the listener are the
+    /// caller's.
+    pub fn reconfigure(&self, new: Config) -> bool {
+        let removed = {
+            let mut mirror = self.mirror.borrow_mut();
+            let removed = mirror.set_filter(EntityFilter::new(&new.filter));
+            mirror.reconfigure(&new.cache);
+            removed
+        };
+        *self.config.borrow_mut() = Rc::new(new);
+        let filter_changed = removed.is_some();
+        if let Some(changes) = removed {
+            self.announce(&changes);
+        }
+        self.warn_evictions();
+        self.changed.notify(usize::MAX);
+        filter_changed
+    }
+
+    /// The server-side filter for `subscribe_entities` (see [`EntityFilter::ha_filter`]).
+    pub fn ha_filter(&self) -> Option<serde_json::Value> {
+        self.mirror.borrow().filter().ha_filter()
+    }
+
+    /// Sets the token local API clients must present (`None`: open).
+    pub fn set_api_token(&self, token: Option<Secret>) {
+        *self.api_token.borrow_mut() = token;
+    }
+
+    /// Whether `presented` opens the local API: always when no API token is configured,
+    /// else when it equals the token (compared in time independent of where they differ).
+    pub fn api_token_accepts(&self, presented: Option<&str>) -> bool {
+        let token = self.api_token.borrow();
+        let Some(token) = token.as_ref() else {
+            return true;
+        };
+        presented.is_some_and(|p| same_secret(p.trim().as_bytes(), token.expose().as_bytes()))
+    }
+
+    // ------------------------------------------------------------------ link
+
+    /// The link.
+    pub fn link(&self) -> Link {
+        self.link.borrow().clone()
+    }
+
+    /// The link state.
+    pub fn link_state(&self) -> LinkState {
+        self.link.borrow().state
     }
 
     /// Updates the link and wakes status reporters.
@@ -246,153 +251,138 @@ impl Hub {
         self.changed.notify(usize::MAX);
     }
 
-    /// The link state.
-    pub fn link_state(&self) -> LinkState {
-        self.link.borrow().state
-    }
-
-    /// Applies the first event of a subscription: it replaces the tracked set.
-    pub fn apply_snapshot(&self, event: EntitiesEvent) -> Vec<Change> {
-        let now = Instant::now();
-        let filter = self.filter.borrow();
-        let c = &self.counters;
-        Counters::add(&c.events_received, event.len() as u64);
-        let mut states = Vec::with_capacity(event.added.len());
-        let mut filtered_out = 0u64;
-        for (entity_id, state) in event.added {
-            if !filter.tracks(&entity_id) {
-                filtered_out += 1;
-                continue;
-            }
-            match state {
-                Ok(s) => states.push(s),
-                Err(e) => {
-                    Counters::add(&c.decode_errors, 1);
-                    log::warn!("dropping {entity_id} from the snapshot: {e}");
-                }
-            }
-        }
-        Counters::add(&c.events_filtered_out, filtered_out);
-        Counters::add(&c.events_applied, states.len() as u64);
-        self.snapshot_filtered_out.set(filtered_out);
-        let mut store = self.store.borrow_mut();
-        let changes = store.replace_tracked(states, now);
-        store.set_live();
-        drop(store);
-        self.last_event.set(Some(SystemTime::now()));
-        self.bump_generation();
-        changes
-    }
-
-    /// Logs a warning when the LRU bound has evicted tracked states since the last warning,
-    /// at most once an hour: the tracked set does not fit `max_entities`, so `/api/states`
-    /// and `ListEntities` miss entities and their reads go to HA's REST API.
-    pub fn warn_tracked_evictions(&self) {
-        let evicted = self.store.borrow().stats().tracked_evictions;
-        let (warned, at) = self.tracked_evictions_warned.get();
-        if evicted == warned {
-            // The common case, on every applied event: no clock read.
-            return;
-        }
-        let now = Instant::now();
-        if at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(3600)) {
-            let max = self.config.borrow().cache.max_entities;
-            log::warn!(
-                "{} tracked entities evicted by [cache] max_entities = {max}: the tracked set does not fit, so lists are incomplete \
-                 and reads of evicted entities go to Home Assistant; raise max_entities or narrow [filter]",
-                evicted - warned
-            );
-            self.tracked_evictions_warned.set((evicted, Some(now)));
-        }
-    }
-
-    /// Records that tracked states changed: wakes status reporters and the saver.
-    pub fn bump_generation(&self) {
-        self.warn_tracked_evictions();
-        self.generation.set(self.generation.get() + 1);
-        self.states_changed.notify(usize::MAX);
+    /// Updates the link's totals.
+    pub fn count_link(&self, f: impl FnOnce(&mut LinkCounters)) {
+        let mut c = self.link_counters.get();
+        f(&mut c);
+        self.link_counters.set(c);
         self.changed.notify(usize::MAX);
-    }
-
-    /// Applies a later `subscribe_entities` event.
-    pub fn apply_entities(&self, event: EntitiesEvent) -> Vec<Change> {
-        let now = Instant::now();
-        let filter = self.filter.borrow();
-        let c = &self.counters;
-        Counters::add(&c.events_received, event.len() as u64);
-        let mut store = self.store.borrow_mut();
-        let mut changes = Vec::new();
-        let (mut applied, mut filtered_out) = (0u64, 0u64);
-        for (entity_id, state) in event.added {
-            if !filter.tracks(&entity_id) {
-                filtered_out += 1;
-                continue;
-            }
-            let change = match state {
-                Ok(s) => {
-                    applied += 1;
-                    store.upsert_pushed(s, now)
-                }
-                Err(e) => {
-                    Counters::add(&c.decode_errors, 1);
-                    log::warn!("dropping {entity_id}: {e}");
-                    store.drop_undecodable(&entity_id)
-                }
-            };
-            changes.extend(change);
-        }
-        for (entity_id, diff) in event.changed {
-            if !filter.tracks(&entity_id) {
-                filtered_out += 1;
-                continue;
-            }
-            let change = match diff.map(|d| store.apply_diff(&entity_id, d, now)) {
-                Ok(Ok(change)) => {
-                    applied += 1;
-                    change
-                }
-                Ok(Err(e)) => {
-                    Counters::add(&c.decode_errors, 1);
-                    log::warn!("dropping {entity_id}: cannot apply the change: {e}");
-                    store.remove(&entity_id)
-                }
-                Err(e) => {
-                    Counters::add(&c.decode_errors, 1);
-                    log::warn!("dropping {entity_id}: {e}");
-                    store.drop_undecodable(&entity_id)
-                }
-            };
-            changes.extend(change);
-        }
-        for entity_id in event.removed {
-            if !filter.tracks(&entity_id) {
-                filtered_out += 1;
-                continue;
-            }
-            applied += 1;
-            changes.extend(store.remove(&entity_id));
-        }
-        drop(store);
-        Counters::add(&c.events_applied, applied);
-        Counters::add(&c.events_filtered_out, filtered_out);
-        self.last_event.set(Some(SystemTime::now()));
-        if changes.is_empty() {
-            self.changed.notify(usize::MAX);
-        } else {
-            self.bump_generation();
-        }
-        changes
     }
 
     /// Marks the subscription down: pushed states start to age.
     pub fn link_lost(&self, reason: &str) {
-        self.store.borrow_mut().set_down(Instant::now());
+        self.mirror.borrow_mut().link_down(Instant::now());
         self.update_link(|l| {
             l.last_disconnected = Some(SystemTime::now());
             l.last_error = Some(reason.to_owned());
             l.subscriptions = 0;
         });
     }
+
+    /// Queues a command for the link (waits while [`COMMAND_QUEUE`] are pending).
+    pub async fn command(&self, command: Command) {
+        let _ = self.commands.0.send(command).await;
+    }
+
+    /// Asks the link for a fresh snapshot (D-Bus `Resync()`); dropped when one is queued.
+    pub fn request_resync(&self) {
+        let _ = self.commands.0.try_send(Command::Resync);
+    }
+
+    /// The link's end of the command queue.
+    pub fn commands(&self) -> Receiver<Command> {
+        self.commands.1.clone()
+    }
+
+    // ------------------------------------------------------------------ mirror
+
+    /// Applies what HA sent (see [`Mirror::apply`]) and hands the changes to push clients
+    /// and change hooks; wakes the saver and the status reporters.
+    pub fn apply(&self, update: Update) -> Applied {
+        let applied = self.mirror.borrow_mut().apply(update, Instant::now());
+        if applied.received > 0 {
+            self.last_event.set(Some(SystemTime::now()));
+        }
+        if !applied.changes.is_empty() || applied.snapshot {
+            self.warn_evictions();
+            self.states_changed.notify(usize::MAX);
+        }
+        self.announce(&applied.changes);
+        self.changed.notify(usize::MAX);
+        applied
+    }
+
+    /// Counts a frame from HA that could not be decoded.
+    pub fn count_decode_error(&self) {
+        self.mirror.borrow_mut().count_decode_error();
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Warm start: puts states saved by an earlier run (at `saved_at`, wall clock) in the
+    /// mirror, stale until HA's snapshot replaces them. Returns how many are tracked.
+    pub fn restore(&self, states: Vec<EntityState>, saved_at: SystemTime) -> usize {
+        let age = SystemTime::now()
+            .duration_since(saved_at)
+            .unwrap_or_default();
+        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let loaded = self.mirror.borrow_mut().restore(states, at);
+        self.restored.set(Some((loaded, saved_at)));
+        loaded
+    }
+
+    /// The tracked states, sorted by entity id, and whether they are live (else stale).
+    pub fn tracked_states(&self) -> (Vec<Rc<EntityState>>, bool) {
+        let mirror = self.mirror.borrow();
+        (mirror.tracked_states(), mirror.is_live())
+    }
+
+    /// The tracked states to save (warm start) when they are current: `None` while the
+    /// subscription is not live (the file's time would not be honest about their age).
+    pub fn states_to_save(&self) -> Option<Vec<Rc<EntityState>>> {
+        let mirror = self.mirror.borrow();
+        mirror.is_live().then(|| mirror.tracked_states())
+    }
+
+    /// Bumped whenever tracked states change; see [`Hub::listen_states`].
+    pub fn generation(&self) -> u64 {
+        self.mirror.borrow().counters().generation
+    }
+
+    /// Resolves at the next change of tracked states.
+    pub fn listen_states(&self) -> EventListener {
+        self.states_changed.listen()
+    }
+
+    /// Resolves at the next change of anything the status shows.
+    pub fn listen_changed(&self) -> EventListener {
+        self.changed.listen()
+    }
+
+    /// Logs a warning when `max_entities` has evicted tracked states (at most once an hour).
+    fn warn_evictions(&self) {
+        let warning = self.mirror.borrow_mut().eviction_warning(Instant::now());
+        if let Some(evicted) = warning {
+            let max = self.config.borrow().cache.max_entities;
+            log::warn!(
+                "{evicted} tracked entities evicted by [cache] max_entities = {max}: the tracked set does not fit, so lists are incomplete \
+                 and reads of evicted entities go to Home Assistant; raise max_entities or narrow [filter]"
+            );
+        }
+    }
+
+    /// Hands `changes` to push clients and change hooks.
+    fn announce(&self, changes: &[Change]) {
+        if changes.is_empty() {
+            return;
+        }
+        self.broadcast.publish(changes);
+        let hooks = self.change_hooks.borrow().clone();
+        for hook in hooks {
+            hook(changes);
+        }
+    }
+
+    /// Registers a push client for `selection`, or `None` at the client cap.
+    pub fn subscribe(&self, selection: Selection) -> Option<Subscription> {
+        self.broadcast.subscribe(selection)
+    }
+
+    /// Adds a watcher of every change (D-Bus `EntityChanged`).
+    pub fn add_change_hook(&self, hook: ChangeHook) {
+        self.change_hooks.borrow_mut().push(hook);
+    }
+
+    // ------------------------------------------------------------------ read-through
 
     /// Reads one entity: from the store when fresh, else from HA's REST API (concurrent
     /// misses for one entity share one request), else the stale copy when HA cannot be
@@ -401,7 +391,7 @@ impl Hub {
         let stale = if refresh {
             None
         } else {
-            match self.store.borrow_mut().lookup(entity_id, Instant::now()) {
+            match self.mirror.borrow_mut().lookup(entity_id, Instant::now()) {
                 Lookup::Hit { state, age } => {
                     // Wakes the D-Bus counter announcer (coalesced to once a second there).
                     self.changed.notify(usize::MAX);
@@ -418,7 +408,7 @@ impl Hub {
         if let (Some((state, age)), Some(until)) = (&stale, self.rest_down_until.get())
             && Instant::now() < until
         {
-            self.store.borrow_mut().note_stale_serve();
+            self.mirror.borrow_mut().note_stale_serve();
             return Read::Stale {
                 state: state.clone(),
                 age: *age,
@@ -434,7 +424,7 @@ impl Hub {
             Err(e) => match stale {
                 Some((state, age)) => {
                     log::debug!("serving {entity_id} stale: {e}");
-                    self.store.borrow_mut().note_stale_serve();
+                    self.mirror.borrow_mut().note_stale_serve();
                     Read::Stale { state, age }
                 }
                 None => Read::Failed(e),
@@ -467,7 +457,7 @@ impl Hub {
                 let result = smol::unblock(move || rest.get_state(&id)).await;
                 self.record_rest(&result);
                 match &result {
-                    Ok(state) => self.store.borrow_mut().insert_fetched(
+                    Ok(state) => self.mirror.borrow_mut().insert_fetched(
                         entity_id,
                         state.clone(),
                         Instant::now(),
@@ -489,7 +479,7 @@ impl Hub {
     }
 
     /// Counts a REST request by outcome and remembers when it happened.
-    pub fn record_rest<T>(&self, result: &Result<Option<T>, RestError>) {
+    fn record_rest<T>(&self, result: &Result<Option<T>, RestError>) {
         let outcome = match result {
             Ok(Some(_)) => "ok",
             Ok(None) => "not_found",
@@ -501,12 +491,7 @@ impl Hub {
         } else {
             self.rest_down_until.set(None);
         }
-        *self
-            .counters
-            .rest_requests
-            .borrow_mut()
-            .entry(outcome)
-            .or_default() += 1;
+        *self.rest_requests.borrow_mut().entry(outcome).or_default() += 1;
         let mut history = self.rest_history.borrow_mut();
         if history.len() == REST_HISTORY {
             history.pop_front();
@@ -517,7 +502,7 @@ impl Hub {
     }
 
     /// HA REST requests made in the last hour (capped at the remembered history).
-    pub fn rest_calls_last_hour(&self) -> usize {
+    fn rest_calls_last_hour(&self) -> usize {
         let now = Instant::now();
         self.rest_history
             .borrow()
@@ -550,8 +535,8 @@ impl Hub {
     }
 
     /// Forwards a service call to HA. On success (200, a list of changed states) the states
-    /// are written into the store at once and published to watchers. Returns HA's status and
-    /// body unchanged.
+    /// are written into the mirror at once and announced. Returns HA's status and body
+    /// unchanged.
     ///
     /// Errors: HA unreachable.
     pub async fn call_service(
@@ -576,15 +561,7 @@ impl Hub {
         if let Ok((200, text)) = &result {
             match serde_json::from_str::<Vec<EntityState>>(text) {
                 Ok(states) => {
-                    let filter = self.filter.borrow().clone();
-                    let changes =
-                        self.store
-                            .borrow_mut()
-                            .apply_call_result(states, &filter, Instant::now());
-                    if !changes.is_empty() {
-                        self.bump_generation();
-                    }
-                    self.stream.publish(&changes);
+                    self.apply(Update::CallResult(states));
                 }
                 Err(e) => {
                     log::warn!("could not read the states returned by {domain}.{service}: {e}")
@@ -594,18 +571,8 @@ impl Hub {
         result
     }
 
-    /// Counts a local HTTP request by route label and status.
-    pub fn count_http(&self, route: &'static str, status: u16) {
-        *self
-            .counters
-            .http_requests
-            .borrow_mut()
-            .entry((route, status))
-            .or_default() += 1;
-    }
-
-    /// The REST client (for service calls and other pass-through requests).
-    pub fn rest(&self) -> RestClient {
+    /// The REST client.
+    fn rest(&self) -> RestClient {
         self.rest.borrow().clone()
     }
 
@@ -619,40 +586,64 @@ impl Hub {
     pub fn set_rest(&self, rest: RestClient) {
         *self.rest.borrow_mut() = rest;
     }
+
+    // ------------------------------------------------------------------ status
+
+    /// Counts a local HTTP request by route label and status.
+    pub fn count_http(&self, route: &'static str, status: u16) {
+        *self
+            .http_requests
+            .borrow_mut()
+            .entry((route, status))
+            .or_default() += 1;
+    }
+
+    /// Wakes the status reporters (something they show changed).
+    pub fn notify_changed(&self) {
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Everything the status renderers show, now.
+    pub fn status(&self) -> Status {
+        let mirror = self.mirror.borrow();
+        Status {
+            config: self.config(),
+            started: self.started_wall,
+            uptime: self.started.elapsed(),
+            link: self.link(),
+            link_counters: self.link_counters.get(),
+            mirror: mirror.counters(),
+            store: mirror.stats(),
+            entries: mirror.len(),
+            tracked: mirror.tracked_len(),
+            store_live: mirror.is_live(),
+            last_event: self.last_event.get(),
+            rest_requests: self.rest_requests.borrow().clone(),
+            rest_last_hour: self.rest_calls_last_hour(),
+            http_requests: self.http_requests.borrow().clone(),
+            stream: StreamCounters {
+                clients: self.broadcast.clients(),
+                dropped_slow: self.broadcast.dropped_slow(),
+                sent: self.broadcast.sent(),
+            },
+            warm_start: self.restored.get(),
+        }
+    }
 }
 
-/// Whether `entity_id` has HA's shape `<domain>.<object_id>` (lower-case letters, digits,
-/// `_`; see HA `core.py` `valid_entity_id`). Checked before an id goes into a URL.
-pub fn valid_entity_id(entity_id: &str) -> bool {
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-    };
-    entity_id.len() <= 255
-        && entity_id
-            .split_once('.')
-            .is_some_and(|(d, o)| ok(d) && ok(o))
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
 mod tests {
-    use super::valid_entity_id;
+    use super::same_secret;
 
     #[test]
-    fn entity_id_shape() {
-        assert!(valid_entity_id("light.kitchen_2"));
-        for bad in [
-            "light",
-            "light.",
-            ".x",
-            "Light.x",
-            "light.x/../y",
-            "light.x.y",
-            "light.x%2F",
-            "light.ä",
-        ] {
-            assert!(!valid_entity_id(bad), "{bad}");
-        }
+    fn secret_comparison() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod app;
+pub mod broadcast;
 pub mod config;
 pub mod dbus;
 pub mod deadline;
@@ -19,6 +20,7 @@ pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod metrics;
+pub mod mirror;
 pub mod notify;
 pub mod persist;
 pub mod rest;
@@ -26,5 +28,6 @@ pub mod session;
 pub mod shutdown;
 pub mod sse;
 pub mod status;
+pub mod status_cli;
 pub mod store;
 pub mod tls;

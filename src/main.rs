@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         }
     }
     if let Mode::Status = mode {
-        return ExitCode::from(hass_edge::status::run(json, session));
+        return ExitCode::from(hass_edge::status_cli::run(json, session));
     }
     let source = ConfigSource {
         given: config_path.is_some(),

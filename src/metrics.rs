@@ -1,11 +1,11 @@
 //! `GET /metrics`: Prometheus text exposition format 0.0.4 (prometheus.io "Exposition
 //! formats"), names `hass_edge_*`, base units, `_total` counters. Rendered on request from
-//! the hub's counters; nothing is kept for it in between.
+//! one [`Status`] snapshot; nothing is kept for it in between. Pure.
 
 use std::fmt::Write as _;
 use std::time::UNIX_EPOCH;
 
-use crate::hub::{Hub, LinkState};
+use crate::status::Status;
 
 /// Content type of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -31,14 +31,10 @@ fn label(v: &str) -> String {
 }
 
 /// Renders every metric.
-pub fn render(hub: &Hub) -> String {
-    let c = &hub.counters;
-    let stats = hub.store.borrow().stats();
-    let (entries, tracked) = {
-        let store = hub.store.borrow();
-        (store.len(), store.tracked_len())
-    };
-    let link = hub.link.borrow().clone();
+pub fn render(status: &Status) -> String {
+    let (m, stats, l) = (&status.mirror, &status.store, &status.link_counters);
+    let (entries, tracked) = (status.entries, status.tracked);
+    let link = &status.link;
     let mut o = Out(String::with_capacity(4096));
 
     o.family(
@@ -51,8 +47,8 @@ pub fn render(hub: &Hub) -> String {
         "hass_edge_build_info{{version=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION")
     );
-    let start = hub
-        .started_wall
+    let start = status
+        .started
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
@@ -66,7 +62,7 @@ pub fn render(hub: &Hub) -> String {
         "hass_edge_connection_up",
         "gauge",
         "1 while the subscription to Home Assistant is live and synced.",
-        u8::from(link.state == LinkState::Live),
+        u8::from(status.live()),
     );
     o.single(
         "hass_edge_reconnect_attempts",
@@ -78,13 +74,13 @@ pub fn render(hub: &Hub) -> String {
         "hass_edge_reconnects_total",
         "counter",
         "Connections to Home Assistant lost or failed.",
-        c.reconnects.get(),
+        l.reconnects,
     );
     o.single(
         "hass_edge_auth_failures_total",
         "counter",
         "auth_invalid answers from Home Assistant.",
-        c.auth_failures.get(),
+        l.auth_failures,
     );
     o.single(
         "hass_edge_subscriptions",
@@ -97,31 +93,31 @@ pub fn render(hub: &Hub) -> String {
         "hass_edge_events_received_total",
         "counter",
         "Entity updates received from Home Assistant (snapshots included).",
-        c.events_received.get(),
+        m.events_received,
     );
     o.single(
         "hass_edge_events_applied_total",
         "counter",
         "Entity updates applied to the store.",
-        c.events_applied.get(),
+        m.events_applied,
     );
     o.single(
         "hass_edge_events_filtered_out_total",
         "counter",
         "Entity updates ignored because the filter does not track the entity.",
-        c.events_filtered_out.get(),
+        m.events_filtered_out,
     );
     o.single(
         "hass_edge_decode_errors_total",
         "counter",
         "Frames or entity entries from Home Assistant that could not be decoded.",
-        c.decode_errors.get(),
+        m.decode_errors,
     );
     o.single(
         "hass_edge_service_events_total",
         "counter",
         "service_registered and service_removed events.",
-        c.service_events.get(),
+        l.service_events,
     );
 
     o.single(
@@ -179,7 +175,7 @@ pub fn render(hub: &Hub) -> String {
         "Requests to Home Assistant's REST API by outcome.",
     );
     for outcome in ["ok", "not_found", "unreachable", "error_status", "bad_body"] {
-        let n = c.rest_requests.borrow().get(outcome).copied().unwrap_or(0);
+        let n = status.rest_requests.get(outcome).copied().unwrap_or(0);
         let _ = writeln!(
             o.0,
             "hass_edge_ha_rest_requests_total{{outcome=\"{outcome}\"}} {n}"
@@ -191,7 +187,7 @@ pub fn render(hub: &Hub) -> String {
         "counter",
         "Local API requests by route and status.",
     );
-    for ((route, status), n) in c.http_requests.borrow().iter() {
+    for ((route, status), n) in status.http_requests.iter() {
         let _ = writeln!(
             o.0,
             "hass_edge_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
@@ -202,19 +198,19 @@ pub fn render(hub: &Hub) -> String {
         "hass_edge_sse_clients",
         "gauge",
         "Connected /api/stream clients.",
-        hub.stream.clients(),
+        status.stream.clients,
     );
     o.single(
         "hass_edge_sse_clients_dropped_total",
         "counter",
         "Stream clients disconnected for falling behind.",
-        hub.stream.dropped_slow(),
+        status.stream.dropped_slow,
     );
     o.single(
         "hass_edge_sse_events_total",
         "counter",
         "Events queued to stream clients.",
-        hub.stream.sent(),
+        status.stream.sent,
     );
     o.0
 }

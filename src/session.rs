@@ -278,6 +278,16 @@ impl Session {
         self.ha_version.as_deref()
     }
 
+    /// Subscriptions this connection holds with HA: `homeassistant_started` once
+    /// authenticated, then the entities and the two service events (0 before `auth_ok`).
+    pub fn subscriptions(&self) -> u32 {
+        let i = &self.ids;
+        [i.started, i.entities, i.registered, i.removed]
+            .iter()
+            .filter(|id| **id != 0)
+            .count() as u32
+    }
+
     /// Whether the subscription was made with the server-side filter.
     pub fn filter_sent(&self) -> bool {
         self.filter_sent

@@ -1,156 +1,334 @@
-//! `hass-edge status [--json] [--session]`: asks the running daemon over D-Bus and prints a
-//! short summary, like `systemctl status`. Exit codes follow LSB `status` actions (LSB Core
-//! "Init Script Actions"): 0 live, 3 running but not live, 4 not running / unknown.
+//! One status snapshot, built once by the hub ([`crate::hub::Hub::status`]) and rendered four
+//! ways: `GET /status` ([`Status::to_json`]), `GET /metrics` (`metrics.rs`), the D-Bus
+//! properties (`dbus.rs`) and the sd_notify `STATUS=` line ([`Status::line`]). Each rule —
+//! live, serving stale, the totals — is written here once.
+//!
+//! Pure: a plain struct of values; nothing here reads a clock or a socket.
 
-use std::collections::HashMap;
-use std::time::{Duration, UNIX_EPOCH};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{Map, Value, json};
-use smol::future::FutureExt;
-use zbus::zvariant::OwnedValue;
+use serde_json::{Value, json};
 
-use crate::dbus::{NAME, PATH};
+use crate::config::Config;
 use crate::entity::Timestamp;
+use crate::mirror::MirrorCounters;
+use crate::store::StoreStats;
 
-/// Exit code: the daemon is live.
-pub const EXIT_LIVE: u8 = 0;
-/// Exit code: running but not live.
-pub const EXIT_NOT_LIVE: u8 = 3;
-/// Exit code: not running (or not reachable on the bus).
-pub const EXIT_NOT_RUNNING: u8 = 4;
-
-async fn fetch(session: bool) -> Result<HashMap<String, OwnedValue>, String> {
-    let conn = if session {
-        zbus::Connection::session().await
-    } else {
-        zbus::Connection::system().await
-    }
-    .map_err(|e| {
-        format!(
-            "cannot connect to the {} bus: {e}",
-            if session { "session" } else { "system" }
-        )
-    })?;
-    let proxy = zbus::fdo::PropertiesProxy::builder(&conn)
-        .destination(NAME)
-        .and_then(|b| b.path(PATH))
-        .map_err(|e| e.to_string())?
-        .build()
-        .await
-        .map_err(|e| e.to_string())?;
-    let iface = zbus::names::InterfaceName::try_from(NAME).map_err(|e| e.to_string())?;
-    proxy.get_all(iface).await.map_err(|e| match e {
-        zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_) => {
-            "hass-edge is not running".to_string()
-        }
-        e => e.to_string(),
-    })
+/// The state of the link to HA, as `/status`, `/health`, D-Bus and sd_notify report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Opening TCP/TLS/WebSocket.
+    Connecting,
+    /// Auth handshake under way.
+    Authenticating,
+    /// Authenticated; waiting for HA to run or for the snapshot.
+    Syncing,
+    /// Snapshot loaded, events flowing.
+    Live,
+    /// Waiting before the next attempt.
+    Backoff,
+    /// HA refused the token; retrying only every `max_delay_seconds`.
+    AuthFailed,
+    /// Shutting down.
+    Stopping,
 }
 
-fn to_json(props: &HashMap<String, OwnedValue>) -> Value {
-    let mut m = Map::new();
-    for (k, v) in props {
-        let j = if let Ok(s) = String::try_from(v.clone()) {
-            json!(s)
-        } else if let Ok(b) = bool::try_from(v) {
-            json!(b)
-        } else if let Ok(n) = u32::try_from(v) {
-            json!(n)
-        } else if let Ok(n) = u64::try_from(v) {
-            json!(n)
-        } else {
-            Value::Null
-        };
-        m.insert(k.clone(), j);
-    }
-    Value::Object(m)
-}
-
-fn when(micros: u64) -> String {
-    if micros == 0 {
-        return "never".into();
-    }
-    let t = Timestamp(micros as i64);
-    let now = std::time::SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64;
-    let ago = Duration::from_micros(now.saturating_sub(micros)).as_secs();
-    format!("{t} ({ago}s ago)")
-}
-
-/// Renders the human summary from the property map (as JSON).
-pub fn render(p: &Value) -> String {
-    let s = |k: &str| p[k].as_str().unwrap_or("?").to_owned();
-    let n = |k: &str| p[k].as_u64().unwrap_or(0);
-    let connection = s("Connection");
-    let headline = match connection.as_str() {
-        "live" => "Connected".to_string(),
-        "auth_failed" => "Auth failed".to_string(),
-        "stopping" => "Stopping".to_string(),
-        other => format!("Disconnected ({other}, retry {})", n("ReconnectAttempts")),
-    };
-    let dot = if connection == "live" { "●" } else { "○" };
-    format!(
-        "{dot} hass-edge {} — {headline}\n     Home Assistant: {}\n         Connection: {connection} (reconnect attempts {}, subscriptions {})\n           Entities: {} tracked\n             Events: {} received, {} filtered out; last {}\n              Cache: {} hits, {} misses; {} HA REST requests\n              Since: {}\n",
-        s("Version"),
-        if s("HaVersion").is_empty() {
-            "unknown".into()
-        } else {
-            s("HaVersion")
-        },
-        n("ReconnectAttempts"),
-        n("Subscriptions"),
-        n("TrackedEntities"),
-        n("EventsReceived"),
-        n("EventsFilteredOut"),
-        when(n("LastEventTime")),
-        n("CacheHits"),
-        n("CacheMisses"),
-        n("HaRestRequests"),
-        when(n("StartTime")),
-    )
-}
-
-/// Runs the command; returns the exit code.
-pub fn run(json_output: bool, session: bool) -> u8 {
-    let result = smol::block_on(fetch(session).or(async {
-        smol::Timer::after(Duration::from_secs(5)).await;
-        Err("no answer from the bus within 5 s".to_string())
-    }));
-    match result {
-        Ok(props) => {
-            let p = to_json(&props);
-            let live = p["Connection"] == "live";
-            if json_output {
-                println!("{p}");
-            } else {
-                print!("{}", render(&p));
-            }
-            if live { EXIT_LIVE } else { EXIT_NOT_LIVE }
-        }
-        Err(e) => {
-            if json_output {
-                println!("{}", json!({"Connection": "not_running", "error": e}));
-            } else {
-                println!("○ hass-edge — Stopped\n     {e}");
-            }
-            EXIT_NOT_RUNNING
+impl LinkState {
+    /// The lower-case name used in every interface.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Authenticating => "authenticating",
+            LinkState::Syncing => "syncing",
+            LinkState::Live => "live",
+            LinkState::Backoff => "backoff",
+            LinkState::AuthFailed => "auth_failed",
+            LinkState::Stopping => "stopping",
         }
     }
+}
+
+/// What is known about the link to HA.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// Current state.
+    pub state: LinkState,
+    /// From `auth_required`, once seen.
+    pub ha_version: Option<String>,
+    /// Failed attempts since the last successful sync.
+    pub reconnect_attempts: u32,
+    /// When the last connection was made.
+    pub last_connected: Option<SystemTime>,
+    /// When the last connection ended.
+    pub last_disconnected: Option<SystemTime>,
+    /// Why the last connection ended or failed.
+    pub last_error: Option<String>,
+    /// Active subscriptions on the current connection.
+    pub subscriptions: u32,
+    /// Whether the HA-side filter is in use on the current subscription.
+    pub ha_filter_active: bool,
+}
+
+impl Default for Link {
+    fn default() -> Link {
+        Link {
+            state: LinkState::Connecting,
+            ha_version: None,
+            reconnect_attempts: 0,
+            last_connected: None,
+            last_disconnected: None,
+            last_error: None,
+            subscriptions: 0,
+            ha_filter_active: false,
+        }
+    }
+}
+
+/// Totals of the link's own events (since start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    /// Connections lost or failed (each leads to a reconnect attempt).
+    pub reconnects: u64,
+    /// `auth_invalid` answers.
+    pub auth_failures: u64,
+    /// HA commands that failed.
+    pub command_errors: u64,
+    /// `service_registered` / `service_removed` events.
+    pub service_events: u64,
+}
+
+/// Push-stream clients (`/api/stream`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamCounters {
+    /// Connected now.
+    pub clients: usize,
+    /// Disconnected for falling behind (total).
+    pub dropped_slow: u64,
+    /// Events queued to clients (total).
+    pub sent: u64,
+}
+
+/// Everything the status renderers show, at one moment.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The config in force (never holds the token itself, only its file's path).
+    pub config: Rc<Config>,
+    /// Daemon start (wall clock).
+    pub started: SystemTime,
+    /// Time since start.
+    pub uptime: Duration,
+    /// The link.
+    pub link: Link,
+    /// The link's totals.
+    pub link_counters: LinkCounters,
+    /// What HA sent, as the mirror counted it.
+    pub mirror: MirrorCounters,
+    /// The store's counters.
+    pub store: StoreStats,
+    /// Entries in the store (tracked, REST-fetched and cached 404s).
+    pub entries: usize,
+    /// Tracked entities.
+    pub tracked: usize,
+    /// Whether the subscription is live (pushed states current).
+    pub store_live: bool,
+    /// When HA last sent an entity update (wall clock).
+    pub last_event: Option<SystemTime>,
+    /// HA REST requests by outcome (`ok`, `not_found`, `unreachable`, `error_status`,
+    /// `bad_body`).
+    pub rest_requests: BTreeMap<&'static str, u64>,
+    /// HA REST requests in the last hour.
+    pub rest_last_hour: usize,
+    /// Local HTTP requests by (route label, status).
+    pub http_requests: BTreeMap<(&'static str, u16), u64>,
+    /// Push-stream clients.
+    pub stream: StreamCounters,
+    /// Warm start: how many states were loaded from disk, and when they were saved.
+    pub warm_start: Option<(usize, SystemTime)>,
+}
+
+impl Status {
+    /// Live and synced: the subscription is up and its snapshot applied.
+    pub fn live(&self) -> bool {
+        self.link.state == LinkState::Live
+    }
+
+    /// Tracked states are served but not live (HA unreachable, or restored from disk at
+    /// start): `X-Cache: stale`, `/health` 503.
+    pub fn serving_stale(&self) -> bool {
+        !self.store_live && self.tracked > 0
+    }
+
+    /// HA REST requests in total.
+    pub fn rest_total(&self) -> u64 {
+        self.rest_requests.values().sum()
+    }
+
+    /// `GET /status`: everything an operator wants on one page (never the token).
+    pub fn to_json(&self) -> Value {
+        let link = &self.link;
+        let (m, s) = (&self.mirror, &self.store);
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.uptime.as_secs(),
+            "started": iso(Some(self.started)),
+            "home_assistant": {
+                "url": self.config.ha.url,
+                "version": link.ha_version,
+            },
+            "connection": {
+                "state": link.state.as_str(),
+                "reconnect_attempts": link.reconnect_attempts,
+                "last_connected": iso(link.last_connected),
+                "last_disconnected": iso(link.last_disconnected),
+                "last_error": link.last_error,
+                "subscriptions": link.subscriptions,
+                "ha_side_filter": link.ha_filter_active,
+                "last_event": iso(self.last_event),
+            },
+            "filter": self.config.filter,
+            "cache": self.config.cache,
+            "store": {
+                "entities": self.entries,
+                "tracked": self.tracked,
+                "filtered_out_of_last_snapshot": m.snapshot_filtered_out,
+                "hits": s.hits,
+                "misses": s.misses,
+                "stale_serves": s.stale_serves,
+                "evictions": s.evictions,
+                "tracked_evictions": s.tracked_evictions,
+                "failed_updates": s.failed_updates,
+            },
+            "events": {
+                "received": m.events_received,
+                "applied": m.events_applied,
+                "filtered_out": m.events_filtered_out,
+                "decode_errors": m.decode_errors,
+                "service_events": self.link_counters.service_events,
+            },
+            "ha_rest_requests": {
+                "total": self.rest_total(),
+                "last_hour": self.rest_last_hour,
+                "by_outcome": self.rest_requests,
+            },
+            "stream_clients": self.stream.clients,
+            "warm_start": self.warm_start.map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
+            "serving_stale": self.serving_stale(),
+        })
+    }
+
+    /// The one-line summary for `systemctl status` (sd_notify `STATUS=`, systemd
+    /// `sd_notify(3)`), e.g. `live: HA 2025.4.4, 412 entities tracked (2,031 filtered out),
+    /// 0 HA REST calls in the last hour`.
+    pub fn line(&self) -> String {
+        let link = &self.link;
+        let version = link.ha_version.as_deref().unwrap_or("?");
+        match link.state {
+            LinkState::Live => format!(
+                "live: HA {version}, {} entities tracked ({} filtered out), {} HA REST calls in the last hour",
+                thousands(self.tracked as u64),
+                thousands(self.mirror.snapshot_filtered_out),
+                thousands(self.rest_last_hour as u64)
+            ),
+            LinkState::Backoff => format!(
+                "backoff: retry {} after: {}",
+                link.reconnect_attempts,
+                link.last_error.as_deref().unwrap_or("connection lost")
+            ),
+            LinkState::AuthFailed => format!(
+                "auth_failed: Home Assistant rejected the access token; waiting for a valid one (checked every {}s)",
+                self.config.reconnect.max_delay.as_secs()
+            ),
+            state => format!("{}: {}", state.as_str(), self.config.ha.url),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch (0 for `None`), as D-Bus timestamps are given.
+pub fn epoch_micros(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// ISO 8601 with microseconds, HA's timestamp format; JSON `null` for `None`.
+fn iso(t: Option<SystemTime>) -> Value {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| Value::String(Timestamp(d.as_micros() as i64).to_string()))
+        .unwrap_or(Value::Null)
+}
+
+/// Formats a count with thousands separators: `2031` → `2,031`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn status(state: LinkState, tracked: usize, store_live: bool) -> Status {
+        Status {
+            config: Rc::new(
+                crate::config::parse_config("", Vec::<(String, String)>::new()).unwrap(),
+            ),
+            started: UNIX_EPOCH,
+            uptime: Duration::ZERO,
+            link: Link {
+                state,
+                ha_version: Some("2025.4.4".into()),
+                ..Link::default()
+            },
+            link_counters: LinkCounters::default(),
+            mirror: MirrorCounters {
+                snapshot_filtered_out: 2031,
+                ..Default::default()
+            },
+            store: StoreStats::default(),
+            entries: tracked,
+            tracked,
+            store_live,
+            last_event: None,
+            rest_requests: BTreeMap::from([("ok", 2), ("unreachable", 1)]),
+            rest_last_hour: 3,
+            http_requests: BTreeMap::new(),
+            stream: StreamCounters::default(),
+            warm_start: None,
+        }
+    }
+
     #[test]
-    fn summary_names_the_state() {
-        let p = json!({"Connection": "backoff", "ReconnectAttempts": 3, "Version": "0.1.0", "HaVersion": "2024.3.3", "TrackedEntities": 412});
-        let text = render(&p);
-        assert!(text.contains("Disconnected (backoff, retry 3)"), "{text}");
-        assert!(text.contains("412 tracked"), "{text}");
-        assert!(render(&json!({"Connection": "live"})).contains("Connected"));
-        assert!(render(&json!({"Connection": "auth_failed"})).contains("Auth failed"));
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(412), "412");
+        assert_eq!(thousands(2031), "2,031");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn one_rule_for_live_and_stale() {
+        let s = status(LinkState::Live, 412, true);
+        assert!(s.live() && !s.serving_stale());
+        assert_eq!(
+            s.line(),
+            "live: HA 2025.4.4, 412 entities tracked (2,031 filtered out), 3 HA REST calls in the last hour"
+        );
+        let s = status(LinkState::Backoff, 412, false);
+        assert!(!s.live() && s.serving_stale());
+        assert_eq!(s.to_json()["serving_stale"], true);
+        assert_eq!(s.to_json()["ha_rest_requests"]["total"], 3);
+        assert!(
+            s.line()
+                .starts_with("backoff: retry 0 after: connection lost")
+        );
+        assert!(!status(LinkState::Syncing, 0, false).serving_stale());
     }
 }

@@ -221,7 +221,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn stream_clients_are_capped() {
     let (_fake, daemon) = live_with(DaemonOptions::default());
-    let streams: Vec<Stream> = (0..hass_edge::sse::MAX_STREAM_CLIENTS)
+    let streams: Vec<Stream> = (0..hass_edge::broadcast::MAX_CLIENTS)
         .map(|_| {
             let (status, s) = Stream::open(&daemon, "", "");
             assert_eq!(status, 200);

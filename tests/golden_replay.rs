@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use hass_edge::config::{CacheMode, Secret};
+use hass_edge::config::{Secret, parse_config};
+use hass_edge::filter::EntityFilter;
+use hass_edge::mirror::{Mirror, Update};
 use hass_edge::session::{Output, Session};
-use hass_edge::store::Store;
 use serde_json::Value;
 
 fn fixture(version: &str, name: &str) -> String {
@@ -27,11 +28,16 @@ fn with_id(frame: &str, id: u64) -> String {
     v.to_string()
 }
 
-fn replay(version: &str) -> (Store, BTreeMap<String, Value>) {
+fn replay(version: &str) -> (Mirror, BTreeMap<String, Value>) {
     let t = Instant::now();
     let secs = std::time::Duration::from_secs;
     let mut session = Session::new(Secret::new("t"), None, secs(30), secs(10), t);
-    let mut store = Store::new(CacheMode::Update, 10_000, secs(30), secs(30), t);
+    let config = parse_config(
+        "[cache]\nmax_entities = 10000",
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap();
+    let mut mirror = Mirror::new(&config.cache, EntityFilter::track_all(), t);
     let mut out = Vec::new();
     session
         .handle_frame(fixture(version, "auth_required.json").trim(), t, &mut out)
@@ -84,25 +90,14 @@ fn replay(version: &str) -> (Store, BTreeMap<String, Value>) {
     }
     let mut snapshots = 0;
     for o in out {
-        match o {
-            Output::Snapshot(ev) => {
-                snapshots += 1;
-                let states = ev.added.into_iter().map(|(_, s)| s.unwrap()).collect();
-                store.replace_tracked(states, t);
-                store.set_live();
-            }
-            Output::Entities(ev) => {
-                for (_, s) in ev.added {
-                    store.upsert_pushed(s.unwrap(), t);
-                }
-                for (id, d) in ev.changed {
-                    store.apply_diff(&id, d.unwrap(), t).unwrap();
-                }
-                for id in ev.removed {
-                    store.remove(&id);
-                }
-            }
-            _ => {}
+        if let Ok(update) = Update::try_from(o) {
+            let snapshot = matches!(update, Update::Snapshot(_));
+            let applied = mirror.apply(update, t);
+            assert_eq!(
+                applied.decode_errors, 0,
+                "{version}: every recorded entry decodes"
+            );
+            snapshots += usize::from(snapshot);
         }
     }
     assert_eq!(snapshots, 1);
@@ -116,14 +111,14 @@ fn replay(version: &str) -> (Store, BTreeMap<String, Value>) {
             data["new_state"].clone(),
         );
     }
-    (store, expected)
+    (mirror, expected)
 }
 
 fn check(version: &str) {
-    let (mut store, expected) = replay(version);
+    let (mut mirror, expected) = replay(version);
     assert!(expected.len() >= 10, "the fixture covers many entities");
     for (entity_id, want) in &expected {
-        let got = store
+        let got = mirror
             .peek(entity_id)
             .map(|s| serde_json::to_value(&*s).unwrap())
             .unwrap_or(Value::Null);
@@ -140,7 +135,7 @@ fn check(version: &str) {
         if expected.contains_key(id) {
             continue;
         }
-        if let Some(ours) = store.peek(id) {
+        if let Some(ours) = mirror.peek(id) {
             let ours = serde_json::to_value(&*ours).unwrap();
             // get_states ran at another moment of the capture; compare what cannot move.
             assert_eq!(ours["entity_id"], s["entity_id"]);
@@ -153,8 +148,8 @@ fn check(version: &str) {
         }
     }
     assert!(compared > 0);
-    assert!(store.stats().failed_updates == 0);
-    let _ = store.lookup("x.y", Instant::now());
+    assert!(mirror.stats().failed_updates == 0);
+    let _ = mirror.lookup("x.y", Instant::now());
 }
 
 #[test]

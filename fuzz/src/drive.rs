@@ -11,19 +11,19 @@
 //!   `form_urlencoded::parse`, read the flags and `entity_id` selections, check entity ids.
 //! - [`ha_frame`]: a [`Session`] driven to `Live` with frames recorded from real HA
 //!   (`tests/fixtures/<version>/`, as `tests/golden_replay.rs` does), then the input as one
-//!   text frame; every output is applied to a [`Store`] the way `hub.rs`
-//!   `apply_snapshot`/`apply_entities` and `ha.rs` (`LastReported`) do, every change is
-//!   formatted as the SSE event `sse.rs` would send, and every stored state is serialised.
+//!   text frame; every output goes through [`Mirror::apply`] as the link's do, every change
+//!   is formatted as the SSE event `sse.rs` would send, and every stored state is serialised.
 //! - [`config`]: `hass_edge::config::parse_config(text, [])`, and on success what
 //!   `check-config` and the filter do with the result.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hass_edge::config::{CacheMode, Config, Secret};
+use hass_edge::config::{Config, Secret};
 use hass_edge::filter::EntityFilter;
-use hass_edge::session::{EntitiesEvent, Output, Phase, Session};
-use hass_edge::store::{Change, Store};
+use hass_edge::mirror::{Mirror, Update};
+use hass_edge::session::{Output, Phase, Session};
+use hass_edge::store::Change;
 use serde_json::Value;
 
 // ------------------------------------------------------------------------ http_request
@@ -66,10 +66,10 @@ pub fn http_request(data: &[u8]) {
     // As `api.rs` reads it: `?refresh=`, `?snapshot=`, `?entity_id=` selections, the id in
     // `/api/states/{entity_id}` and the `{domain}/{service}` of a service call.
     let _ = matches!(value("refresh"), Some("" | "1" | "true" | "yes"));
-    let selection = hass_edge::sse::Selection::parse(value("entity_id").unwrap_or(""));
+    let selection = hass_edge::broadcast::Selection::parse(value("entity_id").unwrap_or(""));
     let _ = selection.matches("light.kitchen");
     if let Some(id) = path.strip_prefix("/api/states/")
-        && hass_edge::hub::valid_entity_id(id)
+        && hass_edge::entity::valid_entity_id(id)
     {
         assert!(id.is_ascii() && id.contains('.'));
     }
@@ -145,11 +145,10 @@ fn sent_id(out: &[Output], kind: &str) -> Option<u64> {
     })
 }
 
-/// A session + store as the daemon holds them once live.
+/// A session + mirror as the daemon holds them once live.
 struct Live {
     session: Session,
-    store: Store,
-    filter: EntityFilter,
+    mirror: Mirror,
     now: Instant,
     /// The last message id sent to HA (ids must strictly increase, else HA answers `id_reuse`).
     last_id: u64,
@@ -169,8 +168,13 @@ impl Live {
                 secs(10),
                 now,
             ),
-            store: Store::new(CacheMode::Update, 10_000, secs(30), secs(30), now),
-            filter: filter.clone(),
+            mirror: Mirror::new(
+                &hass_edge::config::parse_config("", Vec::<(String, String)>::new())
+                    .expect("the default config parses")
+                    .cache,
+                filter.clone(),
+                now,
+            ),
             now,
             last_id: 0,
             entities_id: 0,
@@ -212,100 +216,46 @@ impl Live {
         self.apply(new, false);
     }
 
-    /// What `ha.rs` `connect_and_run` does with each output (store side only), and what HA
-    /// requires of the frames we send. With `publish_changes` the changes are formatted as SSE
-    /// events (skipped while setting up, to keep the fuzzer fast; golden_replay.rs covers
+    /// What the link does with each output (the mirror step, [`Mirror::apply`]), and what
+    /// HA requires of the frames we send. With `publish_changes` the changes are formatted as
+    /// SSE events (skipped while setting up, to keep the fuzzer fast; golden_replay.rs covers
     /// the recorded frames).
     fn apply(&mut self, outputs: Vec<Output>, publish_changes: bool) {
         for output in outputs {
-            let changes = match output {
-                Output::Snapshot(event) => self.apply_snapshot(event),
-                Output::Entities(event) => self.apply_entities(event),
-                Output::LastReported(rows) => {
-                    for (entity_id, last_updated, last_reported) in rows {
-                        self.store
-                            .set_last_reported(&entity_id, last_updated, last_reported);
+            let output = match Update::try_from(output) {
+                Ok(update) => {
+                    let applied = self.mirror.apply(update, self.now);
+                    if publish_changes {
+                        publish(&applied.changes);
                     }
-                    Vec::new()
+                    continue;
                 }
-                Output::Send(text) => {
-                    // What we send HA must be JSON with a fresh, larger id (only `auth` has none).
-                    let v: Value = serde_json::from_str(&text).expect("frames we send are JSON");
-                    assert!(v.get("type").is_some_and(Value::is_string));
-                    match v["id"].as_u64() {
-                        Some(id) => {
-                            assert!(
-                                id > self.last_id,
-                                "id {id} sent after id {}: HA would answer id_reuse",
-                                self.last_id
-                            );
-                            self.last_id = id;
-                        }
-                        None => {
-                            assert_eq!(v["type"], "auth", "only auth goes without an id: {text}")
-                        }
-                    }
-                    Vec::new()
-                }
-                _ => Vec::new(),
+                Err(output) => output,
             };
-            if publish_changes {
-                publish(&changes);
+            if let Output::Send(text) = output {
+                // What we send HA must be JSON with a fresh, larger id (only `auth` has none).
+                let v: Value = serde_json::from_str(&text).expect("frames we send are JSON");
+                assert!(v.get("type").is_some_and(Value::is_string));
+                match v["id"].as_u64() {
+                    Some(id) => {
+                        assert!(
+                            id > self.last_id,
+                            "id {id} sent after id {}: HA would answer id_reuse",
+                            self.last_id
+                        );
+                        self.last_id = id;
+                    }
+                    None => {
+                        assert_eq!(v["type"], "auth", "only auth goes without an id: {text}")
+                    }
+                }
             }
         }
-    }
-
-    /// `hub.rs` `Hub::apply_snapshot`, store calls only.
-    fn apply_snapshot(&mut self, event: EntitiesEvent) -> Vec<Change> {
-        let mut states = Vec::with_capacity(event.added.len());
-        for (entity_id, state) in event.added {
-            if !self.filter.tracks(&entity_id) {
-                continue;
-            }
-            if let Ok(s) = state {
-                states.push(s);
-            }
-        }
-        let changes = self.store.replace_tracked(states, self.now);
-        self.store.set_live();
-        changes
-    }
-
-    /// `hub.rs` `Hub::apply_entities`, store calls only.
-    fn apply_entities(&mut self, event: EntitiesEvent) -> Vec<Change> {
-        let (store, now) = (&mut self.store, self.now);
-        let mut changes = Vec::new();
-        for (entity_id, state) in event.added {
-            if !self.filter.tracks(&entity_id) {
-                continue;
-            }
-            changes.extend(match state {
-                Ok(s) => store.upsert_pushed(s, now),
-                Err(_) => store.drop_undecodable(&entity_id),
-            });
-        }
-        for (entity_id, diff) in event.changed {
-            if !self.filter.tracks(&entity_id) {
-                continue;
-            }
-            changes.extend(match diff.map(|d| store.apply_diff(&entity_id, d, now)) {
-                Ok(Ok(change)) => change,
-                Ok(Err(_)) => store.remove(&entity_id),
-                Err(_) => store.drop_undecodable(&entity_id),
-            });
-        }
-        for entity_id in event.removed {
-            if !self.filter.tracks(&entity_id) {
-                continue;
-            }
-            changes.extend(store.remove(&entity_id));
-        }
-        changes
     }
 
     /// What `/api/states`, `/api/states/{id}` and `/api/stream?snapshot=1` serve.
     fn serve_all(&mut self) {
-        let states = self.store.tracked_states();
+        let states = self.mirror.tracked_states();
         let list = serde_json::to_vec(&states).expect("a state list serialises");
         let parsed: Value = serde_json::from_slice(&list).expect("/api/states is JSON");
         let ids: Vec<&str> = parsed
@@ -328,23 +278,19 @@ impl Live {
                 state.entity_id
             );
             assert!(
-                self.filter.tracks(&state.entity_id),
+                self.mirror.filter().tracks(&state.entity_id),
                 "{} is stored but not tracked",
                 state.entity_id
             );
-            let _ = self.store.lookup(&state.entity_id, self.now);
+            let _ = self.mirror.lookup(&state.entity_id, self.now);
         }
     }
 }
 
-/// `sse.rs` `Broadcast::publish` formats each change once.
+/// `sse.rs` formats each change once for all stream clients.
 fn publish(changes: &[Change]) {
     for c in changes {
-        let event = hass_edge::sse::format_event(
-            &c.entity_id,
-            c.old_state.as_deref(),
-            c.new_state.as_deref(),
-        );
+        let event = hass_edge::sse::format_change(c);
         let data = event
             .strip_prefix("event: state_changed\ndata: ")
             .and_then(|d| d.strip_suffix("\n\n"));
