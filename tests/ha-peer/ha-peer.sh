@@ -82,6 +82,14 @@ lock_dir() {
 }
 
 peer_py() { "$VENV/bin/python" "$HERE/peer.py" "$@"; }
+# peer.py commands that import homeassistant need HA's own Python: a peer in a
+# Debian root (install.sh, HA >= 2025.5) has it as bin/ha-python, which runs
+# it in the root; its bin/python is only the host's Python with aiohttp.
+ha_py() {
+	local py=$VENV/bin/python
+	[[ -x $VENV/bin/ha-python ]] && py=$VENV/bin/ha-python
+	"$py" "$HERE/peer.py" "$@"
+}
 
 log_size() { stat -c %s "$DIR/ha.log" 2>/dev/null || echo 0; }
 
@@ -161,16 +169,28 @@ cmd_supervise() {
 
 # ---- commands -----------------------------------------------------------------
 
-write_config() { # write_config PORT IPBAN
-	local port=$1 ipban=$2 extra=""
+# render_config VERSION PORT IPBAN: configuration.yaml for VERSION on stdout
+# (install.sh reads it too, for the requirements).  HA 2025.10 brought the
+# template light/switch/cover/lock under `template:` (default_entity_id);
+# 2026.x refuses the legacy `platform: template` form.
+render_config() {
+	local version=$1 port=$2 ipban=$3 extra="" y m tpl
 	if ((ipban)); then
 		extra=$'  ip_ban_enabled: true\n  login_attempts_threshold: 5'
 	fi
+	IFS=. read -r y m _ <<<"$version"
+	tpl=$HERE/config/template-legacy.yaml
+	((10#$y * 100 + 10#$m >= 202510)) && tpl=$HERE/config/template-modern.yaml
 	local f
 	f=$(<"$HERE/config/configuration.yaml")
 	f=${f//@PORT@/$port}
 	f=${f//@HTTP_EXTRA@/$extra}
-	printf '%s\n' "$f" >"$DIR/configuration.yaml.tmp"
+	f=${f//@TEMPLATE_PLATFORMS@/$(<"$tpl")}
+	printf '%s\n' "$f"
+}
+
+write_config() { # write_config PORT IPBAN VERSION
+	render_config "$3" "$1" "$2" >"$DIR/configuration.yaml.tmp"
 	mv "$DIR/configuration.yaml.tmp" "$DIR/configuration.yaml"
 	cp "$HERE/config/scripts.yaml" "$DIR/scripts.yaml"
 	cp "$HERE/config/automations.yaml" "$DIR/automations.yaml"
@@ -226,8 +246,8 @@ cmd_start() {
 
 	port_in_use "$port" && die "127.0.0.1:$port is already in use"
 
-	write_config "$port" "$ipban"
-	peer_py check-config --dir "$DIR" --port "$port" || die "bad configuration in $DIR (not started)"
+	write_config "$port" "$ipban" "$version"
+	ha_py check-config --dir "$DIR" --port "$port" || die "bad configuration in $DIR (not started)"
 	echo "$version" >"$DIR/version"
 	echo "$URL" >"$DIR/url"
 	echo "$VENV" >"$DIR/venv"
@@ -335,7 +355,7 @@ restart_and_wait() { # restart_and_wait how
 	hup)
 		# unlike homeassistant.restart, SIGHUP does not check the config first:
 		# a broken configuration.yaml would bring HA up in recovery mode
-		peer_py check-config --dir "$DIR" --port "${URL##*:}" || die "not restarting with a broken configuration"
+		ha_py check-config --dir "$DIR" --port "${URL##*:}" || die "not restarting with a broken configuration"
 		say "SIGHUP to hass (pid $hp)"
 		kill -HUP "$hp"
 		;;
@@ -407,6 +427,7 @@ main() {
 	status) cmd_status "$@" ;;
 	unban) cmd_unban "$@" ;;
 	_supervise) cmd_supervise "$@" ;;
+	_render-config) render_config "$1" "${2:-8123}" 0 ;;
 	-h | --help | help | "") usage ;;
 	*) say "unknown command: $cmd"; usage ;;
 	esac

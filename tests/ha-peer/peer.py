@@ -116,11 +116,26 @@ def cmd_requirements(args: argparse.Namespace) -> int:
     base = list(spec.submodule_search_locations)[0]
     comp = os.path.join(base, "components")
     consts = dict(_FALLBACK)
+    # Newer names of the same sets (LOGGING_INTEGRATIONS became
+    # LOGGING_AND_HTTP_DEPS_INTEGRATIONS by 2026.x).
+    aliases = {"LOGGING_INTEGRATIONS": ("LOGGING_AND_HTTP_DEPS_INTEGRATIONS",)}
     try:
         parsed = _module_constants(os.path.join(base, "bootstrap.py"))
+        imported = None
         for key in _FALLBACK:
-            if isinstance(parsed.get(key), (set, frozenset, list, tuple)):
-                consts[key] = set(parsed[key])
+            names = (key, *aliases.get(key, ()))
+            value = next((parsed[n] for n in names if isinstance(parsed.get(n), (set, frozenset, list, tuple))), None)
+            if value is None:
+                # Not a literal (2026.x: DEFAULT_INTEGRATIONS holds
+                # *(BASE_PLATFORMS - {...})): read it from the module itself.
+                try:
+                    if imported is None:
+                        import homeassistant.bootstrap as imported
+                    value = next((getattr(imported, n) for n in names if hasattr(imported, n)), None)
+                except Exception as err:  # an import failure: use the fallback
+                    log(f"cannot import homeassistant.bootstrap ({err})")
+            if value is not None:
+                consts[key] = set(value)
             else:
                 log(f"bootstrap.py: {key} not found, using a fallback")
     except (OSError, SyntaxError) as err:

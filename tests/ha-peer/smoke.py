@@ -38,6 +38,14 @@ EXPECTED_2025 = {
     "sensor.backup_last_successful_automatic_backup",
     "sensor.backup_next_scheduled_automatic_backup",
 }
+# 2026.x (seen on 2026.11.0): two more backup entities, the `event` platform's
+# automatic-backup event, and the default conversation agent.
+EXPECTED_2026 = {
+    "conversation.home_assistant",
+    "event.backup_automatic_backup",
+    "sensor.backup_last_attempted_automatic_backup",
+    "sensor.backup_last_successful_automatic_backup_size",
+}
 
 passed = failed = 0
 
@@ -100,6 +108,7 @@ async def rest_checks(p: Peer, version: str) -> None:
     st, states = await p.get("/api/states")
     ids = {s["entity_id"] for s in states}
     want = EXPECTED | (EXPECTED_2025 if not version.startswith("2024.") else set())
+    want |= EXPECTED_2026 if int(version.split(".")[0]) >= 2026 else set()
     check(want <= ids, f"/api/states has the {len(want)} expected entities"
           + ("" if want <= ids else f" (missing {sorted(want - ids)})"))
     extra = ids - want
