@@ -4,7 +4,7 @@
 # debootstrap/systemd-nspawn); a missing prerequisite fails its stage, it is never skipped.
 #
 #   scripts/test.sh            all stages
-#   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 browser aarch64 packaging
+#   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 packaging
 #                              bench reliability fuzz
 #
 # The last three are short smokes of the measuring suites (issue #6): the benchmarks
@@ -114,12 +114,13 @@ fuzz() {
 }
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 browser aarch64 packaging bench reliability fuzz)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 packaging bench reliability fuzz)
 for s in "${STAGES[@]}"; do
 	case $s in
 		unit) stage unit unit ;;
 		e2e-2024.3.3) stage "$s" e2e 2024.3.3 18125 ;;
 		e2e-2025.4.4) stage "$s" e2e 2025.4.4 18126 ;;
+		e2e-2026.11.0) stage "$s" e2e 2026.11.0 18134 ;;
 		browser) stage browser browser ;;
 		aarch64) stage aarch64 aarch64 ;;
 		packaging) stage packaging packaging ;;
