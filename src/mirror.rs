@@ -375,7 +375,8 @@ impl Mirror {
 mod tests {
     use super::*;
     use crate::config::{CacheMode, FilterConfig};
-    use crate::entity::{Context, StateDiff};
+    use crate::entity::StateDiff;
+    use crate::store::tests::state;
     use serde_json::json;
 
     fn cache(max_entities: usize) -> CacheConfig {
@@ -396,22 +397,6 @@ mod tests {
             include_prefixes: Vec::new(),
             exclude_domains: exclude_domains.iter().map(|d| d.to_string()).collect(),
         })
-    }
-
-    fn state(id: &str, s: &str) -> EntityState {
-        EntityState {
-            entity_id: id.into(),
-            state: s.into(),
-            attributes: Default::default(),
-            last_changed: Timestamp(1),
-            last_reported: None,
-            last_updated: Timestamp(1),
-            context: Context {
-                id: "c".into(),
-                parent_id: None,
-                user_id: None,
-            },
-        }
     }
 
     fn added(states: &[(&str, &str)]) -> EntitiesEvent {

@@ -540,7 +540,7 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::entity::Context;
     use serde_json::json;
@@ -548,7 +548,8 @@ mod tests {
     const TTL: Duration = Duration::from_secs(30);
     const NEG: Duration = Duration::from_secs(10);
 
-    fn state(id: &str, s: &str) -> EntityState {
+    /// A state with fixed times and context, for tests.
+    pub(crate) fn state(id: &str, s: &str) -> EntityState {
         EntityState {
             entity_id: id.into(),
             state: s.into(),
