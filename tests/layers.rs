@@ -108,8 +108,7 @@ fn imports() -> BTreeMap<String, Vec<String>> {
             for inner in std::fs::read_dir(&path).unwrap() {
                 visit(name.clone(), &inner.unwrap().path());
             }
-        } else if path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main"
-        {
+        } else if path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main" {
             visit(name, &path);
         }
     }
@@ -145,7 +144,15 @@ fn every_import_points_to_a_lower_layer() {
 fn the_http_transport_knows_no_route_hub_or_stream() {
     let imports = imports();
     let http = &imports["http"];
-    for forbidden in ["api", "hub", "sse", "broadcast", "entity", "store", "mirror"] {
+    for forbidden in [
+        "api",
+        "hub",
+        "sse",
+        "broadcast",
+        "entity",
+        "store",
+        "mirror",
+    ] {
         assert!(
             !http.contains(&forbidden.to_string()),
             "http.rs imports {forbidden}"

@@ -32,7 +32,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -103,7 +106,11 @@ fn held_after_large_frame(release: bool) -> isize {
         let held = LIVE.load(Ordering::Relaxed) - before;
         server.write_all(&text_frame(b"{\"after\":1}")).unwrap();
         let next = ws.next().await.unwrap().unwrap();
-        assert_eq!(next, Message::text("{\"after\":1}"), "the next frame is whole");
+        assert_eq!(
+            next,
+            Message::text("{\"after\":1}"),
+            "the next frame is whole"
+        );
         held
     })
 }
