@@ -263,6 +263,12 @@ impl Daemon {
 
     /// Starts a daemon against `fake`; returns once its HTTP port accepts connections.
     pub fn start_with(fake: &FakeHa, options: DaemonOptions) -> Daemon {
+        Daemon::start_at(&fake.url(), options)
+    }
+
+    /// Starts a daemon against the HA at `ha_url` (e.g. a raw peer for faults the fake
+    /// cannot produce); returns once its HTTP port accepts connections.
+    pub fn start_at(ha_url: &str, options: DaemonOptions) -> Daemon {
         let dir = TempDir::new("daemon");
         let token_path = dir.write("token", &format!("{}\n", options.token));
         let log_path = dir.path.join("daemon.log");
@@ -270,7 +276,7 @@ impl Daemon {
             let port = free_port();
             let config_path = dir.write(
                 "config.toml",
-                &options.render(&fake.url(), &dir.path, &token_path, port),
+                &options.render(ha_url, &dir.path, &token_path, port),
             );
             let log = std::fs::OpenOptions::new()
                 .create(true)
