@@ -1,4 +1,4 @@
-//! Golden replay: frames recorded from real Home Assistant (2024.3.3 and 2025.4.4, see
+//! Golden replay: frames recorded from real Home Assistant (2024.3.3, 2025.4.4 and 2026.11.0, see
 //! `tests/fixtures/`) go through the session decoder and the store exactly as the daemon
 //! applies them; every resulting state must be JSON-equal to the full state object HA sent
 //! for the same change in its `state_changed` event (same run, same contexts).
@@ -163,8 +163,13 @@ fn replay_2025_4_4_matches_ha_state_objects() {
 }
 
 #[test]
+fn replay_2026_11_0_matches_ha_state_objects() {
+    check("2026.11.0");
+}
+
+#[test]
 fn coalesced_frames_decode() {
-    for version in ["2024.3.3", "2025.4.4"] {
+    for version in ["2024.3.3", "2025.4.4", "2026.11.0"] {
         let t = Instant::now();
         let secs = std::time::Duration::from_secs;
         let mut session = Session::new(Secret::new("t"), None, secs(30), secs(10), t);
