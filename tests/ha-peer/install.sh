@@ -158,6 +158,7 @@ fi
 # in it; sets VPY (a command running the root's HA venv Python).
 setup_root() {
 	local done=$ROOTDIR/.hass-edge-root-complete script pyv
+	((EUID == 0)) || die "HA $VERSION runs in a Debian root: debootstrap, chroot and a mount namespace need root (2024.3.3 and 2025.4.4 do not)"
 	install -m 755 "$HERE/in-root.sh" "$VENV/bin/in-root"
 	if [[ ! -f $done || $(head -n1 "$done") != "suite=$SUITE" ]]; then
 		command -v debootstrap >/dev/null 2>&1 \
@@ -166,7 +167,7 @@ setup_root() {
 		# bookworm's debootstrap has no script for forky (testing): sid's fits
 		script=/usr/share/debootstrap/scripts/$SUITE
 		[[ -e $script ]] || script=/usr/share/debootstrap/scripts/sid
-		say "debootstrap $SUITE (minbase + python3) into $ROOTDIR"
+		say "debootstrap $SUITE (minbase + $ROOT_PKGS) into $ROOTDIR"
 		run_logged debootstrap --variant=minbase --include="${ROOT_PKGS// /,}" \
 			"$SUITE" "$ROOTDIR.tmp" "$MIRROR" "$script"
 		rm -rf "$ROOTDIR.tmp/var/cache/apt/archives"/*.deb
