@@ -11,8 +11,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def proc_cpu_seconds(pid: int) -> float:
     """CPU time of the whole process: the sum of every thread's on-CPU nanoseconds from
-    /proc/<pid>/task/*/schedstat; without schedstats, utime + stime from /proc/<pid>/stat
-    (fields 14, 15; 10 ms ticks). Threads that already ended are not counted by the former."""
+    /proc/<pid>/task/*/schedstat; without schedstats, `stat_cpu_seconds`. Threads that
+    already ended are not counted by the former."""
     try:
         total = 0
         for task in Path(f"/proc/{pid}/task").iterdir():
@@ -24,9 +24,18 @@ def proc_cpu_seconds(pid: int) -> float:
             return total / 1e9
     except OSError:
         pass
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return stat_cpu_seconds(pid)
+
+
+def stat_cpu_seconds(pid: int | None) -> float:
+    """utime + stime from /proc/<pid>/stat (fields 14, 15; 10 ms ticks), in seconds; NaN
+    when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def status_file(path: Path) -> dict[str, str]:

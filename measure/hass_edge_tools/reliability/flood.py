@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import itertools
 import multiprocessing as mp
-import os
 import sys
 import time
 
@@ -30,7 +29,7 @@ from hass_edge_tools.client import Http
 from hass_edge_tools.daemon import Daemon
 from hass_edge_tools.mirror import tracked_by_default, wait_mirror
 from hass_edge_tools.peer import Peer
-from hass_edge_tools.procfs import fmt_mem, proc_mem
+from hass_edge_tools.procfs import fmt_mem, proc_mem, stat_cpu_seconds
 from hass_edge_tools.reliability.common import ensure_venv, make_daemon, make_peer, PORT_BASE, Report, stop_all, VERSION
 
 ensure_venv()
@@ -69,15 +68,6 @@ class Sampler:
 
     def __exit__(self, *exc):
         self.task.cancel()
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a process, seconds."""
-    try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, TypeError):
-        return float("nan")
 
 
 def machine_busy() -> tuple[int, int]:
@@ -130,7 +120,7 @@ async def flood(r: Report, peer: Peer, daemon: Daemon, seconds: float, concurren
     pipes = [ctx.Pipe(False) for _ in range(procs)]
     workers = [ctx.Process(target=flood_writer_process, args=(peer.url, peer.token, seconds, concurrency, i, tx)) for i, (_, tx) in enumerate(pipes)]
     ha_pid = peer.hass_pid()
-    cpu0, edge0, m0 = cpu_seconds(ha_pid), cpu_seconds(daemon.pid), machine_busy()
+    cpu0, edge0, m0 = stat_cpu_seconds(ha_pid), stat_cpu_seconds(daemon.pid), machine_busy()
     t0 = time.monotonic()
     with Sampler(daemon, 1.0) as s:
         for w in workers:
@@ -139,8 +129,8 @@ async def flood(r: Report, peer: Peer, daemon: Daemon, seconds: float, concurren
         for w in workers:
             w.join()
         elapsed = time.monotonic() - t0
-        ha_cpu = (cpu_seconds(ha_pid) - cpu0) / elapsed
-        edge_cpu = (cpu_seconds(daemon.pid) - edge0) / elapsed
+        ha_cpu = (stat_cpu_seconds(ha_pid) - cpu0) / elapsed
+        edge_cpu = (stat_cpu_seconds(daemon.pid) - edge0) / elapsed
         m1 = machine_busy()
         busy = (m1[0] - m0[0]) / max(1, m1[1] - m0[1])
         settle_t0 = time.monotonic()
