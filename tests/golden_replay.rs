@@ -167,6 +167,112 @@ fn replay_2026_11_0_matches_ha_state_objects() {
     check("2026.11.0");
 }
 
+/// HA 2026.11.0's answer to a server-side filtered `subscribe_entities` (recorded with
+/// `include {domains [light], entity_globs [sensor.temp*]}`, `exclude {domains [automation]}`)
+/// goes through a session whose own filter (`light.`, `sensor.temp`) selects the same entities:
+/// the request carries that filter, and the store ends with what HA's diffs left.
+#[test]
+fn replay_2026_11_0_filtered_subscription() {
+    let version = "2026.11.0";
+    let t = Instant::now();
+    let secs = std::time::Duration::from_secs;
+    let config = parse_config(
+        "[filter]\ninclude_prefixes = [\"light.\", \"sensor.temp\"]",
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap();
+    let filter = EntityFilter::new(&config.filter);
+    let ha_filter = filter.ha_filter().expect("an include filter goes to HA");
+    let mut session = Session::new(
+        Secret::new("t"),
+        Some(ha_filter.clone()),
+        secs(30),
+        secs(10),
+        t,
+    );
+    let mut mirror = Mirror::new(&config.cache, filter, t);
+    let mut out = Vec::new();
+    for name in ["auth_required.json", "auth_ok.json"] {
+        session
+            .handle_frame(fixture(version, name).trim(), t, &mut out)
+            .unwrap();
+    }
+    session
+        .handle_frame(
+            &with_id(&fixture(version, "get_config_result.json"), 3),
+            t,
+            &mut out,
+        )
+        .unwrap();
+    let sent = |out: &[Output], kind: &str| {
+        out.iter().find_map(|o| match o {
+            Output::Send(text) => {
+                let v: Value = serde_json::from_str(text).unwrap();
+                (v["type"] == kind).then_some(v)
+            }
+            _ => None,
+        })
+    };
+    let states_id = sent(&out, "get_states").expect("get_states first")["id"]
+        .as_u64()
+        .unwrap();
+    session
+        .handle_frame(
+            &with_id(&fixture(version, "get_states_result.json"), states_id),
+            t,
+            &mut out,
+        )
+        .unwrap();
+    let request = sent(&out, "subscribe_entities").expect("subscribe_entities once RUNNING");
+    assert_eq!(
+        request["include"], ha_filter["include"],
+        "the filter is sent to HA"
+    );
+    let id = request["id"].as_u64().unwrap();
+    let result = fixture(version, "subscribe_entities_filtered_result.json");
+    assert!(
+        result.contains("\"success\":true"),
+        "2026.11.0 accepts the filter"
+    );
+    session
+        .handle_frame(&with_id(&result, id), t, &mut out)
+        .unwrap();
+    session
+        .handle_frame(
+            &with_id(
+                &fixture(version, "subscribe_entities_filtered_initial.json"),
+                id,
+            ),
+            t,
+            &mut out,
+        )
+        .unwrap();
+    for line in fixture(version, "subscribe_entities_filtered_events.jsonl").lines() {
+        session
+            .handle_frame(&with_id(line, id), t, &mut out)
+            .unwrap();
+    }
+    for o in out {
+        if let Ok(update) = Update::try_from(o) {
+            assert_eq!(
+                mirror.apply(update, t).decode_errors,
+                0,
+                "{version}: every entry decodes"
+            );
+        }
+    }
+    let light =
+        serde_json::to_value(&*mirror.peek("light.kitchen").expect("light.kitchen")).unwrap();
+    assert_eq!(light["state"], "on");
+    assert_eq!(light["attributes"]["brightness"], 100);
+    assert!(light.get("last_reported").is_some());
+    assert!(
+        mirror.peek("sensor.temp_probe").is_none(),
+        "removed by an `r` entry"
+    );
+    assert_eq!(mirror.len(), 1, "only light.kitchen is left");
+}
+
 #[test]
 fn coalesced_frames_decode() {
     for version in ["2024.3.3", "2025.4.4", "2026.11.0"] {
