@@ -241,6 +241,14 @@ cmd_start() {
 
 	"$HERE/install.sh" "$version" || die "install.sh $version failed"
 	VENV=$CACHE/ha-$version
+	if [[ -x $VENV/bin/in-root ]]; then
+		# HA in a Debian root sees DIR through a bind mount at the same path, and the
+		# root's own system directories are never shadowed (in-root.sh)
+		case /${DIR#/} in
+		/usr/* | /lib*/* | /bin/* | /sbin/* | /etc/* | /opt/* | /var/* | /run/* | /boot/* | /proc/* | /dev/* | /sys/*)
+			die "HA $version runs in a Debian root: DIR must not be under ${DIR%"${DIR#/*/}"} (use /tmp, /root, /home, ...)" ;;
+		esac
+	fi
 	VERSION=$version
 	URL="http://127.0.0.1:$port"
 
