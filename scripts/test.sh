@@ -4,8 +4,9 @@
 # debootstrap/systemd-nspawn); a missing prerequisite fails its stage, it is never skipped.
 #
 #   scripts/test.sh            all stages
-#   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 packaging
-#                              bench reliability fuzz
+#   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 armhf
+#                              packaging bench reliability fuzz; and, outside the default
+#                              set, packaging-arm64 packaging-bullseye (slow, see packaging/)
 #
 # The last three are short smokes of the measuring suites (issue #6): the benchmarks
 # (measure/bench.sh --smoke), the reliability suite (measure/reliability.sh --short) and 20 s of
@@ -88,14 +89,29 @@ aarch64() {
 		cargo test --target aarch64-unknown-linux-gnu --lib --bins $tests -- --test-threads=2
 }
 
-packaging() {
-	local dir="$WORK/ha-packaging"
-	start_peer 2024.3.3 "$dir" 18128 || return 1
-	bash scripts/build-debs.sh &&
-		HASS_EDGE_TEST_HA_URL=$(cat "$dir/url") HASS_EDGE_TEST_HA_TOKEN_FILE=$dir/token bash scripts/test-packaging.sh
+armhf() {
+	# The unit tests built for ARMv7 (the armhf package) and run under qemu-arm.
+	cargo test --target armv7-unknown-linux-gnueabihf --lib --bins -- --test-threads=2
+}
+
+# packaging_with_peer PORT BUILD_ARGS TEST_SECTIONS: build the .debs, then
+# scripts/test-packaging.sh against a fresh real HA 2024.3.3.
+packaging_with_peer() {
+	local dir="$WORK/ha-packaging-$1"
+	start_peer 2024.3.3 "$dir" "$1" || return 1
+	bash scripts/build-debs.sh $2 &&
+		HASS_EDGE_TEST_HA_URL=$(cat "$dir/url") HASS_EDGE_TEST_HA_TOKEN_FILE=$dir/token bash scripts/test-packaging.sh $3
 	local rc=$?
 	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
 	return $rc
+}
+packaging() { packaging_with_peer 18128 "" ""; }
+# Not in the default set (slow): arm64 booted under systemd through binfmt_misc + qemu,
+# and the bullseye builds (cargo-zigbuild) installed under bullseye's systemd 247.
+packaging_arm64() { packaging_with_peer 18132 "" nspawn-arm64; }
+packaging_bullseye() {
+	HASS_EDGE_ZIGBUILD=1 bash scripts/packaging-deps.sh >/dev/null &&
+		packaging_with_peer 18133 --only-bullseye nspawn-bullseye
 }
 
 bench() {
@@ -114,7 +130,7 @@ fuzz() {
 }
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 packaging bench reliability fuzz)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 armhf packaging bench reliability fuzz)
 for s in "${STAGES[@]}"; do
 	case $s in
 		unit) stage unit unit ;;
@@ -123,7 +139,10 @@ for s in "${STAGES[@]}"; do
 		e2e-2026.11.0) stage "$s" e2e 2026.11.0 18134 ;;
 		browser) stage browser browser ;;
 		aarch64) stage aarch64 aarch64 ;;
+		armhf) stage armhf armhf ;;
 		packaging) stage packaging packaging ;;
+		packaging-arm64) stage "$s" packaging_arm64 ;;
+		packaging-bullseye) stage "$s" packaging_bullseye ;;
 		bench) stage bench bench ;;
 		reliability) stage reliability reliability ;;
 		fuzz) stage fuzz fuzz ;;
