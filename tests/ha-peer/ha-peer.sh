@@ -231,6 +231,7 @@ cmd_start() {
 		say "already running (supervisor pid $sp); waiting until RUNNING"
 		peer_py wait-running --url "$URL" --token-file "$DIR/token" \
 			--supervisor-pid-file "$DIR/supervisor.pid" --timeout "$TIMEOUT" >/dev/null || { log_tail; exit 1; }
+		promote_http || exit 1
 		print_info
 		return 0
 	fi
@@ -260,6 +261,9 @@ cmd_start() {
 	echo "$URL" >"$DIR/url"
 	echo "$VENV" >"$DIR/venv"
 	rm -f "$DIR/.peer-stop" "$DIR/hass.pid" "$DIR/supervisor.pid"
+	# HA 2026.x migrates `http:` from YAML to .storage/http once and then ignores the
+	# YAML: drop that store so this start's port and ip-ban lines count again.
+	if grep -qs '"pending"' "$DIR/.storage/http"; then rm -f "$DIR/.storage/http"; fi
 	local logoff
 	logoff=$(log_size)
 	printf '\n%s [ha-peer] start %s on %s%s\n' "$(date '+%F %T')" "$version" "$URL" \
@@ -293,9 +297,14 @@ cmd_start() {
 		do_stop || true
 		exit 1
 	fi
+	promote_http || { log_tail 30; say "start failed; stopping what was started"; do_stop || true; exit 1; }
 	say "Home Assistant $version RUNNING after $(elapsed "$t0") s (hass pid $(cat "$DIR/hass.pid"))"
 	print_info
 }
+
+# HA 2026.x runs the migrated http config as a 5-minute trial, then restarts on
+# 0.0.0.0:8123 unless it is promoted (peer.py promote-http; no-op on older HA).
+promote_http() { peer_py promote-http --url "$URL" --token-file "$DIR/token"; }
 
 # do_stop: stop hass and the supervisor of $DIR; returns 0 when all gone.
 do_stop() {
@@ -372,6 +381,7 @@ restart_and_wait() { # restart_and_wait how
 		--hass-pid-file "$DIR/hass.pid" --not-pid "$hp" --log-file "$DIR/ha.log" --log-offset "$logoff" \
 		--timeout "$TIMEOUT" >/dev/null || rc=$?
 	if ((rc)); then log_tail; exit 1; fi
+	promote_http || exit 1
 	say "RUNNING again after $(elapsed "$t0") s (hass pid $(cat "$DIR/hass.pid"))"
 }
 

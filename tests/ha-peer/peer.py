@@ -15,6 +15,12 @@ aiohttp, which HA depends on).  Subcommands:
   call-restart --url U --token-file F
                                 POST /api/services/homeassistant/restart
   check-config --dir D --port P parse D/configuration.yaml like HA does
+  promote-http --url U --token-file F
+                                HA >= 2026.x keeps the http: config it migrated
+                                from YAML as "pending" and, unless promoted
+                                within 5 min, restarts with the stable one
+                                (0.0.0.0:8123): promote it (WS http/config/promote);
+                                a no-op on older HA or when nothing is pending
 
 Exit codes: 0 ok, 1 failure (message on stderr), 2 usage, 3 timeout,
 4 token rejected, 5 HA (its supervisor) exited while we waited.
@@ -498,6 +504,36 @@ async def _call_restart(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _promote_http(args: argparse.Namespace) -> int:
+    """components/http/config.py (2026.x): the YAML `http:` config is migrated to
+    .storage/http as a pending trial; HA reverts it after AUTO_REVERT_DELAY (5 min)
+    unless an admin promotes it.  Old HA answers unknown_command: nothing to do."""
+    import aiohttp
+
+    token = _read(args.token_file)
+    if not token:
+        raise Fail(f"no token in {args.token_file}")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, connect=2)) as session:
+        async with session.ws_connect(args.url + "/api/websocket") as ws:
+            if (await ws.receive_json(timeout=10)).get("type") != "auth_required":
+                raise Fail("no auth_required")
+            await ws.send_json({"type": "auth", "access_token": token})
+            if (await ws.receive_json(timeout=10)).get("type") != "auth_ok":
+                raise Fail("token rejected", EXIT_AUTH)
+            await ws.send_json({"id": 1, "type": "http/config/promote"})
+            while True:
+                msg = await ws.receive_json(timeout=10)
+                if msg.get("id") == 1 and msg.get("type") == "result":
+                    break
+    if msg.get("success"):
+        log("promoted the pending http config to stable (no revert to 0.0.0.0:8123 in 5 min)")
+        return 0
+    err = msg.get("error") or {}
+    if err.get("code") == "unknown_command" or "No pending" in str(err.get("message")):
+        return 0
+    raise Fail(f"http/config/promote: {err}")
+
+
 # --------------------------------------------------------------------------
 
 
@@ -536,6 +572,10 @@ def main(argv: list[str]) -> int:
     c.add_argument("--url", required=True)
     c.add_argument("--token-file", required=True)
 
+    h = sub.add_parser("promote-http")
+    h.add_argument("--url", required=True)
+    h.add_argument("--token-file", required=True)
+
     args = p.parse_args(argv)
     if getattr(args, "url", None):
         args.url = args.url.rstrip("/")
@@ -550,6 +590,8 @@ def main(argv: list[str]) -> int:
             return cmd_check_config(args)
         if args.cmd == "call-restart":
             return asyncio.run(_call_restart(args))
+        if args.cmd == "promote-http":
+            return asyncio.run(_promote_http(args))
     except Fail as err:
         log(f"error: {err}")
         return err.code
