@@ -22,6 +22,17 @@ command -v cargo-about >/dev/null ||
     { echo "packaging-licenses: cargo-about missing (scripts/packaging-deps.sh)" >&2; exit 1; }
 
 OUT=packaging/debian/LICENSES.crates
+# cargo-about takes a minute or two; skip it when nothing it reads has changed since the
+# last successful run (the stamp lives in the cargo target directory).
+TARGET_DIR=$(cargo metadata --no-deps --format-version 1 |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+STAMP="$TARGET_DIR/packaging-licenses.stamp"
+inputs=$( { cargo about --version; cat Cargo.lock packaging/licenses/about.toml \
+    packaging/licenses/LICENSES.crates.hbs "$OUT" 2>/dev/null; } | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$inputs" ]; then
+    echo "packaging-licenses: $OUT is current (Cargo.lock and the allow-list unchanged since the last check)"
+    exit 0
+fi
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 cargo fetch --locked --quiet
@@ -44,4 +55,7 @@ if [ "$CHECK" -eq 1 ] && ! cmp -s "$tmp" "$OUT"; then
 fi
 cp "$tmp" "$OUT"
 chmod 644 "$OUT"
+mkdir -p "$TARGET_DIR"
+{ cargo about --version; cat Cargo.lock packaging/licenses/about.toml \
+    packaging/licenses/LICENSES.crates.hbs "$OUT"; } | sha256sum | cut -d' ' -f1 >"$STAMP"
 echo "packaging-licenses: $OUT: $crates crates, every licence in the allow-list"
