@@ -479,6 +479,14 @@ ha_set_state() {  # STATE -> POST /api/states/<entity> on the real HA
         "$HA_URL/api/states/$ENTITY"
 }
 
+# readme_install_block: the first ```sh block of README's "Install on a Raspberry Pi",
+# with REPO= pointed at the local server (the container shares the host's loopback).
+readme_install_block() {
+    awk '/^## Install on a Raspberry Pi/ { sec = 1; next } /^## / { sec = 0 }
+         sec && /^```sh/ && !done { blk = 1; next } blk && /^```/ { blk = 0; done = 1 } blk' README.md |
+        sed "s|^REPO=.*|REPO=http://127.0.0.1:$REPO_PORT|"
+}
+
 is_live() { [ "$(prop StatusText | cut -c1-5)" = "live:" ]; }
 
 # serve_repo: the bookworm .debs as a signed repository (scripts/publish-apt-repo.sh,
@@ -537,9 +545,7 @@ if want nspawn && [ "$LIVE" = 1 ]; then
     section "first install from the repository: README's commands as written"
     # The first ```sh block of README's "Install on a Raspberry Pi", with REPO= pointed
     # at the local server (the container shares the host's loopback).
-    awk '/^## Install on a Raspberry Pi/ { sec = 1; next } /^## / { sec = 0 }
-         sec && /^```sh/ && !done { blk = 1; next } blk && /^```/ { blk = 0; done = 1 } blk' README.md |
-        sed "s|^REPO=.*|REPO=http://127.0.0.1:$REPO_PORT|" >"$R/root/readme-install.sh"
+    readme_install_block >"$R/root/readme-install.sh"
     sed 's/^/      | /' "$R/root/readme-install.sh"
     ct bash -e /root/readme-install.sh </dev/null >"$TMP/apt.log" 2>&1
     expect "README's install commands succeed" "$?" 0
@@ -778,10 +784,19 @@ live_proof() {
     R=$SCRATCH/root
     echo "      | booted in $((SECONDS - t0)) s: $(ct systemctl --version | head -n1)"
     expect "$label: dpkg --print-architecture in the container" "$(ct dpkg --print-architecture)" "$arch"
-    cp "$deb" "$R/root/"
     t0=$SECONDS
-    ct apt-get install -y "/root/$(basename "$deb")" </dev/null >"$TMP/apt-$arch.log" 2>&1
-    expect "$label: apt-get install ./$(basename "$deb") ($((SECONDS - t0)) s)" "$?" 0
+    if [ "${4:-}" = repo ]; then
+        # One repository with every build; README's commands pick the suite from os-release.
+        readme_install_block >"$R/root/readme-install.sh"
+        ct bash -e /root/readme-install.sh </dev/null >"$TMP/apt-$arch.log" 2>&1
+        expect "$label: README's install commands, from the repository ($((SECONDS - t0)) s)" "$?" 0
+        expect "$label: apt picked the $suite build" "$(ct dpkg-query -W -f '${Version}' hass-edge)" \
+            "$(dpkg-deb -f "$deb" Version)"
+    else
+        cp "$deb" "$R/root/"
+        ct apt-get install -y "/root/$(basename "$deb")" </dev/null >"$TMP/apt-$arch.log" 2>&1
+        expect "$label: apt-get install ./$(basename "$deb") ($((SECONDS - t0)) s)" "$?" 0
+    fi
     install -m 600 "$HA_TOKEN_FILE" "$R/etc/hass-edge/token"
     write_test_config
     if [ -n "${QEMU_USER_DROPIN:-}" ]; then
@@ -832,7 +847,17 @@ if want nspawn-bullseye; then
         lintian_check "$deb"
         deb_contract "$deb" "bullseye $arch"
     done
-    live_proof bullseye amd64 "$(ls -1 "$DEB_DIR"/bullseye/hass-edge_*~deb11_amd64.deb 2>/dev/null | tail -n1)"
+    # Every .deb (bookworm and bullseye) in one signed repository.
+    if check "one signed repository with the bookworm and bullseye .debs" \
+            bash scripts/publish-apt-repo.sh --debs "$DEB_DIR" --state "$TMP/repo-all.state" "$TMP/repo-all"; then
+        reprepro --basedir "$TMP/repo-all.state" list bullseye | sed 's/^/      | /'
+        reprepro --basedir "$TMP/repo-all.state" list bookworm | sed 's/^/      | /'
+        if [ -n "$REPO_SERVER_PID" ]; then kill "$REPO_SERVER_PID"; wait "$REPO_SERVER_PID" 2>/dev/null; fi
+        python3 -m http.server --bind 127.0.0.1 --directory "$TMP/repo-all" "$REPO_PORT" >"$TMP/http-all.log" 2>&1 &
+        REPO_SERVER_PID=$!
+        wait_for 10 curl -fsS -o /dev/null "http://127.0.0.1:$REPO_PORT/dists/bullseye/InRelease"
+        live_proof bullseye amd64 "$(ls -1 "$DEB_DIR"/bullseye/hass-edge_*~deb11_amd64.deb 2>/dev/null | tail -n1)" repo
+    fi
 fi
 
 # --------------------------------------------------------------- summary ----
