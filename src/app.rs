@@ -72,6 +72,7 @@ pub struct ConfigSource {
 /// what they need).
 fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient), AppError> {
     let token = config.read_token()?;
+    logging::redact(&token);
     // Roots only for an https HA: parsed, the system store is ~300 KiB that a plain-http
     // HA on the LAN (HA's default) never uses.
     let roots = if config.ha.url.starts_with("https://") {
@@ -112,6 +113,7 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
         config.ha.url
     );
     let api_token = config.read_api_token()?;
+    api_token.iter().for_each(logging::redact);
     let hub = Rc::new(Hub::new(Rc::new(config), rest));
     hub.set_api_token(api_token);
     restore(&hub);
@@ -362,6 +364,7 @@ async fn reload(
             let (settings, rest) = ha_clients(&new)?;
             let relink = new.ha != old.ha || settings.token != *token.borrow();
             let api_token = new.read_api_token()?;
+            api_token.iter().for_each(logging::redact);
             Ok((new, relink.then_some((settings, rest)), api_token))
         });
     match result {

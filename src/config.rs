@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::files;
+
 /// Default location of the config file (the Debian package ships it as a conffile).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/hass-edge/config.toml";
 
@@ -27,6 +29,14 @@ pub const DBUS_PATH: &str = "/io/hassedge/HassEdge1";
 
 /// Exit code for a bad configuration: `EX_CONFIG` from sysexits(3).
 pub const EXIT_CONFIG: u8 = 78;
+
+/// Largest token file read (`ha.token_file`, `http.api_token_file`, the systemd credential):
+/// 64 KiB. An HA long-lived token is a JWT of about 180 bytes; anything near the limit is not
+/// a token, and a larger file is refused from its size before it is read (issue 13).
+pub const MAX_TOKEN_FILE_BYTES: u64 = 64 << 10;
+
+/// Largest config file read: 1 MiB, a thousand times a full config with long filter lists.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 
 /// Sections of the file; env overrides are split as `HASS_EDGE_<SECTION>_<KEY>`.
 const SECTIONS: &[&str] = &[
@@ -46,13 +56,14 @@ const LIST_KEYS: &[&str] = &["include_prefixes", "exclude_domains", "cors_origin
 /// A configuration error. The message always names the key or file it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("failed to read config file {path}: {source}")]
+    /// The file could not be read, is not a regular file, or is larger than
+    /// [`MAX_CONFIG_FILE_BYTES`] (see [`files::read_regular`]).
+    #[error("failed to read config file {path}: {message}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why, e.g. "it is a FIFO (named pipe), not a regular file".
+        message: String,
     },
     /// The TOML did not parse, or a key is unknown or of the wrong type.
     #[error("invalid config{origin}: {message}")]
@@ -379,19 +390,20 @@ fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Erro
 impl Config {
     /// Reads and parses `path`, applying overrides from the process environment.
     ///
-    /// Errors: [`ConfigError::Read`] when the file cannot be read (a missing file at the
-    /// default path is not an error: defaults and the environment apply), otherwise as
-    /// [`parse_config`].
+    /// Errors: [`ConfigError::Read`] when the file cannot be read, is not a regular file
+    /// (a FIFO is refused, not waited on) or is larger than [`MAX_CONFIG_FILE_BYTES`] (a
+    /// missing file at the default path is not an error: defaults and the environment
+    /// apply), or is not UTF-8; otherwise as [`parse_config`].
     pub fn load(path: &Path, path_was_given: bool) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_was_given => String::new(),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+        let read_error = |message: String| ConfigError::Read {
+            path: path.to_owned(),
+            message,
+        };
+        let text = match files::read_regular(path, MAX_CONFIG_FILE_BYTES) {
+            Ok(bytes) => String::from_utf8(bytes)
+                .map_err(|e| read_error(format!("not UTF-8 text ({})", e.utf8_error())))?,
+            Err(e) if e.is_not_found() && !path_was_given => String::new(),
+            Err(e) => return Err(read_error(e.reason())),
         };
         let env = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX));
         parse_config(&text, env).map_err(|e| match e {
@@ -408,16 +420,18 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
-    /// Reads the local API token from `http.api_token_file`, if set.
+    /// Reads the local API token from `http.api_token_file`, if set (as [`read_token_file`]:
+    /// a regular file of at most [`MAX_TOKEN_FILE_BYTES`], never waited on).
     ///
-    /// Errors: [`ConfigError::Token`] naming the file.
+    /// Errors: [`ConfigError::Token`] naming the file and the key: unreadable, not a regular
+    /// file, too large, or not one token of at least 16 characters.
     pub fn read_api_token(&self) -> Result<Option<Secret>, ConfigError> {
         let Some(path) = &self.http.api_token_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Token {
+        let text = read_token_file(path).map_err(|message| ConfigError::Token {
             path: path.clone(),
-            message: format!("http.api_token_file: {e}"),
+            message: format!("http.api_token_file: {message}"),
         })?;
         let token = text.trim();
         if token.len() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
@@ -428,17 +442,20 @@ impl Config {
 
     /// Reads the HA token: `$CREDENTIALS_DIRECTORY/ha-token` when systemd passed it
     /// (`LoadCredential=`, see systemd.exec(5) "Credentials"), else `ha.token_file`.
-    /// Surrounding white space is trimmed.
+    /// Surrounding white space is trimmed. Read as [`read_token_file`] does: a regular file
+    /// of at most [`MAX_TOKEN_FILE_BYTES`], never waited on.
     ///
-    /// Errors: [`ConfigError::Token`] naming the file, when it is unreadable or empty.
+    /// Errors: [`ConfigError::Token`] naming the file, when it is unreadable, not a regular
+    /// file (a FIFO, socket, device or directory), too large, not UTF-8, empty, or holds
+    /// white space or control characters inside the token.
     pub fn read_token(&self) -> Result<Secret, ConfigError> {
         let path = std::env::var_os("CREDENTIALS_DIRECTORY")
             .map(|dir| Path::new(&dir).join("ha-token"))
             .filter(|p| p.exists())
             .unwrap_or_else(|| self.ha.token_file.clone());
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Token {
+        let text = read_token_file(&path).map_err(|message| ConfigError::Token {
             path: path.clone(),
-            message: e.to_string(),
+            message,
         })?;
         let token = text.trim();
         if token.is_empty() {
@@ -455,6 +472,16 @@ impl Config {
         }
         Ok(Secret(token.to_owned()))
     }
+}
+
+/// The text of a token file: [`files::read_regular`] with [`MAX_TOKEN_FILE_BYTES`] (so a
+/// FIFO is refused at once instead of blocking the daemon's one thread), as UTF-8.
+///
+/// Errors: the reason alone (the caller names the file), e.g. "it is a FIFO (named pipe),
+/// not a regular file".
+fn read_token_file(path: &Path) -> Result<String, String> {
+    let bytes = files::read_regular(path, MAX_TOKEN_FILE_BYTES).map_err(|e| e.reason())?;
+    String::from_utf8(bytes).map_err(|_| "the file is not UTF-8 text".to_owned())
 }
 
 /// A secret (the HA token). Its `Debug` and `Display` never show the value.
@@ -490,9 +517,10 @@ pub fn parse_config(
     text: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
+    // toml's messages quote the offending line, which may hold a URL with a password.
     let syntax = |message: String| ConfigError::Syntax {
         origin: String::new(),
-        message,
+        message: strip_userinfo_in(&message),
     };
     let mut table: toml::Table = text
         .parse()
@@ -543,8 +571,48 @@ fn env_value(key: &str, value: &str) -> toml::Value {
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
-        message: message.into(),
+        message: strip_userinfo_in(&message.into()),
     }
+}
+
+/// `url` as it may be shown in an error or a log line: the userinfo of its authority
+/// (`user:pass@`, RFC 3986 §3.2.1) replaced by `***@`. Works on text that is not a valid
+/// URL too (no scheme, spaces, another scheme): everything between the end of the scheme's
+/// `://` (or the start, without one) and the last `@` is hidden, so a password holding `/`,
+/// `?` or `#` does not leak either; a path with an `@` may be hidden with it, which costs
+/// nothing in an error message.
+pub fn strip_userinfo(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// `text` with the userinfo of every `scheme://…` URL in it replaced by `***@` (as
+/// [`strip_userinfo`], a URL ending at white space or a quote). For messages that quote
+/// config text, such as toml's, which show the offending line.
+pub fn strip_userinfo_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`'))
+            .unwrap_or(tail.len());
+        let (url, after) = tail.split_at(end);
+        match url.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&url[at..]);
+            }
+            None => out.push_str(url),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 fn positive_seconds(key: &str, value: u64) -> Result<Duration, ConfigError> {
@@ -621,7 +689,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     for origin in &raw.http.cors_origins {
         let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
             && !origin.ends_with('/')
-            && !origin.contains(char::is_whitespace);
+            && !origin.contains(char::is_whitespace)
+            // A browser's Origin never holds user info (RFC 6454 §6.1).
+            && !origin.contains('@');
         if !ok {
             return Err(invalid(
                 "http.cors_origins",
@@ -693,24 +763,43 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
 /// Splits `ha.url` into the REST base and the WebSocket URL (`/api/websocket`, see HA's
 /// `websocket_api/const.py` `URL`).
+///
+/// Errors name `ha.url` and show the value without its userinfo ([`strip_userinfo`]): a
+/// password in a refused URL must not reach `check-config`'s output or the log.
 fn ha_urls(url: &str) -> Result<(String, String), ConfigError> {
     let key = "ha.url";
+    let shown = strip_userinfo(url);
     let uri: ureq::http::Uri = url
         .parse()
-        .map_err(|e| invalid(key, format!("{url:?} is not a URL: {e}")))?;
+        .map_err(|e| invalid(key, format!("{shown:?} is not a URL: {e}")))?;
     let ws_scheme = match uri.scheme_str() {
         Some("http") => "ws",
         Some("https") => "wss",
         _ => {
             return Err(invalid(
                 key,
-                format!("{url:?} must start with http:// or https://"),
+                format!("{shown:?} must start with http:// or https://"),
             ));
         }
     };
     let Some(authority) = uri.authority() else {
-        return Err(invalid(key, format!("{url:?} has no host")));
+        return Err(invalid(key, format!("{shown:?} has no host")));
     };
+    // An `@` anywhere: `http://user:pw/x@host` parses as host `user`, "port" `pw`, path
+    // `/x@host`, and would be printed by check-config and logged as the HA URL. HA's base
+    // URL has no use for an `@`.
+    if url.contains('@') {
+        return Err(invalid(
+            key,
+            format!("{shown:?} must not contain user info (user:password@) or an @"),
+        ));
+    }
+    if authority.port().is_some() && authority.port_u16().is_none() {
+        return Err(invalid(
+            key,
+            format!("{shown:?} has a port that is not a number"),
+        ));
+    }
     if uri.query().is_some() || authority.as_str().contains('@') {
         return Err(invalid(key, "must not contain a query or user info"));
     }
@@ -905,6 +994,51 @@ mod tests {
                 .to_string();
             assert!(e.contains("http.cors_origins"), "{e}");
         }
+    }
+
+    /// Issue 13: a refused `ha.url` was echoed with its password.
+    #[test]
+    fn refused_urls_are_shown_without_userinfo() {
+        for url in [
+            "ftp://user:s3cr3t-pw@host",
+            "http://user:s3cr3t-pw@ho st:8123",
+            "user:s3cr3t-pw@host:8123",
+            "http://user:s3cr3t/pw@host",
+            "https://user:s3cr3t-pw@",
+            "http://user:s3cr3t-pw@host?x=1",
+            "http://user:s3cr3t-pw@host",
+        ] {
+            for e in [
+                parse(&format!("[ha]\nurl = \"{url}\"")).unwrap_err(),
+                parse_config("", env(&[("HASS_EDGE_HA_URL", url)])).unwrap_err(),
+            ] {
+                let text = e.to_string();
+                assert!(text.contains("ha.url"), "{url}: {text}");
+                assert!(!text.contains("s3cr3t"), "{url}: {text}");
+            }
+        }
+        // toml quotes the offending line; the URL on it is shown without its password.
+        for text in [
+            "[ha]\nurl = \"ftp://user:s3cr3t-pw@host\nx",
+            "[ha]\nurll = \"http://user:s3cr3t-pw@host\"",
+            "[http]\ncors_origins = [\"http://u:s3cr3t-pw@kiosk\"]",
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(!e.contains("s3cr3t"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn userinfo_is_stripped_and_nothing_else() {
+        assert_eq!(strip_userinfo("ftp://u:p@host/x"), "ftp://***@host/x");
+        assert_eq!(strip_userinfo("u:p@host"), "***@host");
+        assert_eq!(strip_userinfo("http://host:8123/x"), "http://host:8123/x");
+        assert_eq!(strip_userinfo(""), "");
+        assert_eq!(
+            strip_userinfo_in("a \"http://u:p@h\" and wss://x@y/z, ok://"),
+            "a \"http://***@h\" and wss://***@y/z, ok://"
+        );
+        assert_eq!(strip_userinfo_in("no url"), "no url");
     }
 
     #[test]

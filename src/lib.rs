@@ -14,6 +14,7 @@ pub mod config;
 pub mod dbus;
 pub mod deadline;
 pub mod entity;
+pub mod files;
 pub mod filter;
 pub mod ha;
 pub mod http;

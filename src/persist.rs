@@ -42,7 +42,7 @@
 //! change. The file system adds its journal and block rounding on top.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -52,6 +52,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::entity::EntityState;
+use crate::files::{self, FileKind, ReadError};
 
 /// The `format` value of every state file.
 pub const FORMAT_NAME: &str = "hass-edge-states";
@@ -62,10 +63,17 @@ pub const FORMAT_VERSION: u64 = 1;
 /// Longest header line accepted, in bytes without its `\n` (a real one is about 120).
 pub const MAX_HEADER_BYTES: usize = 256;
 
-/// Largest state file [`save`] writes and [`load`] reads: 256 MiB, about 700,000 states of
-/// 370 bytes.
-/// Bounds the memory a bad or foreign file can make [`load`] allocate.
-pub const MAX_FILE_BYTES: u64 = 256 << 20;
+/// Largest state file [`save`] writes and [`load`] reads: 32 MiB, about 90,000 states of
+/// 370 bytes, 4.5× the largest home measured (20,000 entities, 7.4 MB).
+///
+/// Derived from the memory the unit allows (`MemoryMax=128M`, packaging/systemd): a load
+/// holds the file's bytes and the parsed states at once, and the states take about twice
+/// their size on disk (README "Measured": 13.7 MiB of RSS beyond the binary for 20,000
+/// states, 7.4 MB on disk), so a file of this size peaks near 3 × 32 = 96 MiB, which still
+/// fits. [`load`] refuses a larger file from its size before reading any of it (issue 13:
+/// a 2 GiB file used to be read up to 256 MiB first); [`save`] refuses to write one, as
+/// it could not be read back.
+pub const MAX_FILE_BYTES: u64 = 32 << 20;
 
 /// What a state file holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +151,18 @@ pub enum PersistError {
         moved_to: Option<PathBuf>,
         /// Why it was rejected.
         error: FormatError,
+    },
+    /// The path is not a regular file (a FIFO, socket, device or directory, possibly behind
+    /// a symbolic link). [`load`] neither reads nor moves it (renaming a device node or a
+    /// FIFO someone else uses would be worse than ignoring it); the caller starts with an
+    /// empty store, and the next [`save`] renames a fresh file over the name (a directory
+    /// there makes that save fail and be logged).
+    #[error("state file {path} is {kind}, not a regular file; not reading it (left in place)")]
+    NotRegular {
+        /// The state file.
+        path: PathBuf,
+        /// What it is, as fstat(2) says.
+        kind: FileKind,
     },
     /// The encoded states exceed [`MAX_FILE_BYTES`]; nothing was written.
     #[error("not saving {path}: {bytes} bytes exceed the {limit}-byte limit")]
@@ -386,34 +406,46 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<u64, PersistError> {
     Ok(bytes.len() as u64)
 }
 
-/// Reads the state file at `path`.
+/// Reads the state file at `path`, without ever blocking on it or reading more than
+/// [`MAX_FILE_BYTES`] (see [`files::read_regular`]: open(2) with `O_NONBLOCK`, fstat(2),
+/// then a bounded read).
 ///
-/// Returns `Ok(None)` when it does not exist (first start). A file that [`decode`] rejects
-/// (torn, damaged, foreign, newer version, larger than [`MAX_FILE_BYTES`]) is logged as a
-/// warning naming the file and the reason, moved aside to `<path>.corrupt` (replacing an
-/// older one) for inspection, and reported as [`PersistError::Corrupt`]; the caller starts
-/// with an empty store and the next [`save`] writes a fresh file.
+/// Returns `Ok(None)` when it does not exist (first start). A regular file that [`decode`]
+/// rejects (torn, damaged, foreign, newer version, larger than [`MAX_FILE_BYTES`], the
+/// latter judged from its size before reading) is logged as a warning naming the file and
+/// the reason, moved aside to `<path>.corrupt` (replacing an older one) for inspection, and
+/// reported as [`PersistError::Corrupt`]; the caller starts with an empty store and the
+/// next [`save`] writes a fresh file.
 ///
-/// Errors: [`PersistError::Io`] when the file exists but cannot be read (permissions, a
-/// directory at `path`, a parent that is not a directory); the file is left where it is.
+/// Errors: [`PersistError::NotRegular`] when `path` is a directory, FIFO, socket or device
+/// (logged as a warning, never read, never moved); [`PersistError::Io`] when the file exists
+/// but cannot be read (permissions, a parent that is not a directory); the file is left
+/// where it is.
 pub fn load(path: &Path) -> Result<Option<Saved>, PersistError> {
-    let io_err = |source| PersistError::Io {
-        action: "read state file",
-        path: path.to_owned(),
-        source,
+    let bytes = match files::read_regular(path, MAX_FILE_BYTES) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(ReadError::NotRegular { kind, .. }) => {
+            let e = PersistError::NotRegular {
+                path: path.to_owned(),
+                kind,
+            };
+            log::warn!("{e}; starting with an empty cache");
+            return Err(e);
+        }
+        // Judged like an oversized file read whole: corrupt, moved aside below.
+        Err(ReadError::TooLarge { bytes, limit, .. }) => {
+            Err(FormatError::TooLarge { bytes, limit })
+        }
+        Err(ReadError::Io { source, .. }) => {
+            return Err(PersistError::Io {
+                action: "read state file",
+                path: path.to_owned(),
+                source,
+            });
+        }
     };
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(e)),
-    };
-    // Read one byte past the limit so `decode` sees an oversized file as such, without
-    // reading all of it.
-    let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io_err)?;
-    match decode(&bytes) {
+    match bytes.and_then(|bytes| decode(&bytes)) {
         Ok(saved) => Ok(Some(saved)),
         Err(error) => {
             let aside = corrupt_path(path);
@@ -985,17 +1017,84 @@ mod tests {
 
     #[test]
     fn unreadable_file_is_an_io_error_and_stays_in_place() {
-        // Permission bits do not stop root; a directory at the path cannot be read by anyone.
+        // Permission bits do not stop root; a parent that is a regular file stops anyone.
         let dir = TestDir::new("unreadable");
-        fs::create_dir(dir.file()).unwrap();
-        match load(&dir.file()) {
+        fs::write(dir.0.join("regular"), b"x").unwrap();
+        let path = dir.0.join("regular/states.json");
+        match load(&path) {
             Err(e @ PersistError::Io { .. }) => {
                 assert!(e.to_string().contains("failed to read state file"), "{e}")
             }
             other => panic!("expected Io, got {other:?}"),
         }
-        assert!(dir.file().is_dir(), "not moved");
-        assert!(!corrupt_path(&dir.file()).exists());
+        assert_eq!(fs::read(dir.0.join("regular")).unwrap(), b"x", "untouched");
+    }
+
+    /// Issue 13, item 5: a FIFO used to block `load` (and so the daemon's start) for ever;
+    /// a device was read up to 256 MiB and then renamed. Neither is read nor moved now.
+    #[test]
+    fn non_regular_files_are_refused_at_once_and_left_in_place() {
+        let dir = TestDir::new("not-regular");
+        let fifo = dir.0.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let zero = dir.0.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let subdir = dir.0.join("dir");
+        fs::create_dir(&subdir).unwrap();
+        let sock = dir.0.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        for (path, kind, name) in [
+            (&fifo, FileKind::Fifo, "a FIFO (named pipe)"),
+            (&zero, FileKind::CharDevice, "a character device"),
+            (&subdir, FileKind::Directory, "a directory"),
+            (&sock, FileKind::Socket, "a socket"),
+        ] {
+            let e = load(path).unwrap_err();
+            assert!(
+                matches!(&e, PersistError::NotRegular { kind: k, .. } if *k == kind),
+                "{}: {e:?}",
+                path.display()
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains(&path.display().to_string()) && text.contains(name),
+                "{text}"
+            );
+            assert!(
+                fs::symlink_metadata(path).is_ok(),
+                "{} moved",
+                path.display()
+            );
+            assert!(!corrupt_path(path).exists(), "{} moved", path.display());
+        }
+        assert_eq!(fs::read_link(&zero).unwrap(), Path::new("/dev/zero"));
+    }
+
+    #[test]
+    fn oversized_file_is_refused_by_its_size_and_moved_aside() {
+        let dir = TestDir::new("oversized");
+        // Sparse: 2 GiB on paper and nothing on disk; refused from fstat's size.
+        File::create(dir.file()).unwrap().set_len(2 << 30).unwrap();
+        match load(&dir.file()) {
+            Err(PersistError::Corrupt {
+                error: FormatError::TooLarge { bytes, limit },
+                moved_to: Some(to),
+                ..
+            }) => {
+                assert_eq!((bytes, limit), (2 << 30, MAX_FILE_BYTES));
+                assert_eq!(to, corrupt_path(&dir.file()));
+            }
+            other => panic!("expected Corrupt(TooLarge), got {other:?}"),
+        }
+        assert!(!dir.file().exists());
+        assert_eq!(
+            fs::metadata(corrupt_path(&dir.file())).unwrap().len(),
+            2 << 30
+        );
     }
 
     #[test]

@@ -9,10 +9,12 @@ use std::path::Path;
 /// Bottom first. Pure parts first (no sockets, no clock), then the transports and clients,
 /// the shared hub and the stream body, the services that serve it, and the wiring.
 const LAYERS: &[&[&str]] = &[
-    // Primitives: the HA entity model, config, timers, shutdown, systemd and log glue.
-    &[
-        "entity", "config", "deadline", "shutdown", "logging", "notify", "tls",
-    ],
+    // Leaf helpers that import nothing of the crate: reading a file without blocking on it.
+    &["files"],
+    // Primitives: the HA entity model, config, timers, shutdown, systemd glue.
+    &["entity", "config", "deadline", "shutdown", "notify", "tls"],
+    // Log glue: knows the secrets (`config::Secret`) it must never print.
+    &["logging"],
     // Pure protocol and rules.
     &["filter", "session", "persist"],
     &["store"],

@@ -43,6 +43,7 @@ pub async fn run(
             let token = hub.config().read_token();
             match token {
                 Ok(token) if token != settings.token => {
+                    crate::logging::redact(&token);
                     log::info!("the access token changed; trying it");
                     settings.token = token.clone();
                     hub.replace_rest_token(token);
