@@ -252,6 +252,10 @@ if want static; then
                  usr/share/doc/hass-edge/copyright usr/share/doc/hass-edge/LICENSES.crates; do
             check "amd64 .deb ships /$f" test -s "$X/$f"
         done
+        check "preinst's sysusers line (user made before unpack) matches hass-edge.sysusers" sh -c \
+            "dpkg-deb -I '$AMD64_DEB' preinst | grep -qF -- \"\$(grep '^u ' '$X/usr/lib/sysusers.d/hass-edge.conf')\""
+        check "systemd-sysusers runs once in postinst" sh -c \
+            "[ \$(dpkg-deb -I '$AMD64_DEB' postinst | grep -c '^[^#]*systemd-sysusers') -eq 1 ]"
         expect "conffiles lists /etc/hass-edge/config.toml" \
             "$(dpkg-deb --ctrl-tarfile "$AMD64_DEB" | tar -xO ./conffiles 2>/dev/null)" "/etc/hass-edge/config.toml"
         BIN=$X/usr/bin/hass-edge
@@ -699,6 +703,10 @@ if want nspawn && [ "$LIVE" = 1 ]; then
 
     if [ "$HAVE_HA" = 1 ]; then
         section "provisioned install: token and /etc/default/hass-edge exist before apt"
+        # A machine that never had the user (purge keeps it): preinst must create it
+        # before the D-Bus policy naming it is unpacked.
+        ct userdel hass-edge >/dev/null 2>&1; ct groupdel hass-edge >/dev/null 2>&1
+        check "no user hass-edge before this install" sh -c "! nsenter -t $LEADER -a getent passwd hass-edge"
         mkdir -p "$R/etc/hass-edge"
         install -m 600 "$HA_TOKEN_FILE" "$R/etc/hass-edge/token"
         printf 'HASS_EDGE_HA_URL=%s\nHASS_EDGE_HTTP_LISTEN=127.0.0.1:%s\n' "$HA_URL" "$PORT" >"$R/etc/default/hass-edge"
