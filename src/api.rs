@@ -70,7 +70,7 @@ fn route(path: &str) -> Option<Route> {
         "/api/" | "/api" => r("/api/", "GET, HEAD, OPTIONS", false),
         "/api/states" => r("/api/states", "GET, HEAD, OPTIONS", false),
         "/api/services" => r("/api/services", "GET, HEAD, OPTIONS", false),
-        "/api/stream" => r("/api/stream", "GET, OPTIONS", false),
+        "/api/stream" => r("/api/stream", "GET, HEAD, OPTIONS", false),
         p if p.starts_with("/api/states/") => {
             r("/api/states/{entity_id}", "GET, HEAD, OPTIONS", false)
         }
@@ -94,6 +94,29 @@ fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> bool {
             }
         });
     hub.api_token_accepts(presented)
+}
+
+/// Whether a request's `Origin` (RFC 6454) may use the API: absent (not from a browser's
+/// cross-site request), listed in `http.cors_origins`, or our own (`http://` + `Host`).
+fn origin_allowed(request: &Request, cors_allowed: bool) -> bool {
+    let Some(origin) = request.origin.as_deref() else {
+        return true;
+    };
+    cors_allowed
+        || request
+            .host
+            .as_deref()
+            .and_then(|host| origin.strip_prefix("http://").map(|o| o == host))
+            .unwrap_or(false)
+}
+
+/// Whether a `Content-Type` is JSON (`application/json`, parameters allowed; RFC 8259 §11).
+fn is_json(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|t| {
+        t.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    })
 }
 
 /// Routes `request`; returns the route label (for metrics) and the response.
@@ -133,6 +156,17 @@ async fn route_request(
     };
     let full = |r: Response| (route.label, r);
     let method = request.method.as_str();
+    // A browser sends `Origin` with every cross-site request it makes without a preflight
+    // (a form, `fetch(…, {mode: "no-cors"})`, a simple GET): any page open in the kiosk
+    // could otherwise call services or fill the read-through cache (issue 13, item 6). Such
+    // a request is refused before anything is done; a page served from our own origin, or
+    // one in `http.cors_origins`, is let through.
+    if method != "OPTIONS" && !origin_allowed(request, cors_allowed) {
+        return full(Response::error(
+            403,
+            "origin not allowed (http.cors_origins)",
+        ));
+    }
     if method == "OPTIONS" {
         // A CORS preflight (Fetch standard §4.8): no credentials are sent with it.
         if request.origin.is_some() && !cors_allowed {
@@ -163,6 +197,14 @@ async fn route_request(
                 .with_header("Allow", route.allow),
         );
     }
+    // Only JSON bodies: a browser sends text/plain and form bodies cross-site without a
+    // preflight.
+    if method == "POST" && !request.body.is_empty() && !is_json(request.content_type.as_deref()) {
+        return full(Response::error(
+            415,
+            "the body must be sent as Content-Type: application/json",
+        ));
+    }
     if !route.open && !authorized(hub, request, route.label == "/api/stream") {
         return full(
             Response::error(401, "missing or wrong API token (Authorization: Bearer …)")
@@ -185,6 +227,10 @@ async fn route_request(
         "/api/services" => services(hub).await,
         "/api/services/{domain}/{service}" => {
             call_service(hub, &path["/api/services/".len()..], &request.body).await
+        }
+        "/api/stream" if method == "HEAD" => {
+            Response::pieces(200, "text/event-stream", Box::new(crate::http::NoPieces))
+                .with_header("Cache-Control", "no-cache")
         }
         "/api/stream" => stream(hub, request),
         _ => Response::error(404, format!("no route for {path}")),
@@ -227,6 +273,11 @@ pub async fn state(hub: &Hub, entity_id: &str, refresh: bool) -> Response {
             Response::error(404, "Entity not found.").with_header("X-Cache", cache)
         }
         Read::Failed(e) => Response::error(502, e),
+        Read::Limited => Response::error(
+            429,
+            "too many reads of entities Home Assistant does not push; try again in a second",
+        )
+        .with_header("Retry-After", "1"),
     }
 }
 
@@ -391,6 +442,19 @@ fn stream(hub: &Hub, request: &Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json(Some("application/json")));
+        assert!(is_json(Some("Application/JSON; charset=utf-8")));
+        for other in [
+            None,
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+        ] {
+            assert!(!is_json(other), "{other:?}");
+        }
+    }
 
     #[test]
     fn routes_and_methods() {

@@ -1,50 +1,93 @@
 //! The fan-out of changes to push clients (`/api/stream` today, the local WebSocket API
-//! next): a registry of clients, each with a [`Selection`] of entities and a bounded queue.
-//! A change is wrapped once in an [`Event`] shared by every client that selects it; each
-//! kind of client renders it once (see [`Event::rendered`]), so N clients cost one
+//! next): a registry of clients, each with a [`Selection`] of entities and a queue.
+//!
+//! One [`Mirror`](crate::mirror::Mirror) update is published as one [`Batch`], shared by
+//! every client that selects something in it: a client's queue holds batches, not copies,
+//! so a resync that reveals 20,000 changes costs each client one queue entry. Each change is
+//! rendered once per kind of client ([`Event::rendered`]), so N clients cost one
 //! serialisation, not N.
 //!
-//! Each queue holds at most [`CLIENT_QUEUE`] events; a client that falls that far behind is
-//! disconnected and counted, so a stuck reader can never grow our memory. At most
+//! The slow-client rule judges whether a client keeps up over time, not the size of one
+//! batch (issue 13): a client whose oldest undelivered batch was published more than
+//! [`MAX_BEHIND`] ago, or that has [`MAX_BATCHES`] batches waiting, is disconnected and
+//! counted. So a stuck reader holds at most [`MAX_BEHIND`] of changes alive. At most
 //! [`MAX_CLIENTS`] clients at once.
 
 use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
-
-use smol::channel::{Receiver, Sender, TrySendError, bounded};
+use std::time::{Duration, Instant};
 
 use crate::store::Change;
 
 /// Most concurrent clients; more are refused.
 pub const MAX_CLIENTS: usize = 64;
-/// Events queued per client before it is disconnected as too slow.
-pub const CLIENT_QUEUE: usize = 256;
+/// A client whose oldest undelivered change is older than this does not keep up and is
+/// disconnected. A reader on the same machine drains a 20,000-change resync in well under
+/// a second.
+pub const MAX_BEHIND: Duration = Duration::from_secs(5);
+/// Batches (updates from HA) waiting for one client before it is disconnected, whatever
+/// their age.
+pub const MAX_BATCHES: usize = 4096;
 
-/// Which entities a client wants: entries ending in `.` or `*` are prefixes, others exact
-/// ids; empty selects everything.
-#[derive(Debug, Clone, Default)]
-pub struct Selection(Vec<String>);
+/// Which entities a client wants: entries ending in `.` or `*` are prefixes (`*` is
+/// dropped), others exact ids; an empty list selects everything. Indexed, so a match costs
+/// one hash lookup per prefix length of the entity id, not one comparison per entry.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Everything is selected (an empty list, or a bare `*`).
+    all: bool,
+    /// Exact entity ids.
+    exact: HashSet<String>,
+    /// Prefixes.
+    prefixes: HashSet<String>,
+    /// The longest prefix, in bytes.
+    longest: usize,
+}
+
+impl Default for Selection {
+    /// Everything.
+    fn default() -> Selection {
+        Selection::parse("")
+    }
+}
 
 impl Selection {
     /// Parses a comma-separated list such as `light.,switch.kitchen,sensor.temp*`.
     pub fn parse(list: &str) -> Selection {
-        Selection(
-            list.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
-        )
+        let mut s = Selection {
+            all: false,
+            exact: HashSet::new(),
+            prefixes: HashSet::new(),
+            longest: 0,
+        };
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let prefix = match entry.strip_suffix('*') {
+                Some(p) => Some(p),
+                None if entry.ends_with('.') => Some(entry),
+                None => None,
+            };
+            match prefix {
+                Some("") => s.all = true,
+                Some(p) => {
+                    s.longest = s.longest.max(p.len());
+                    s.prefixes.insert(p.to_owned());
+                }
+                None => {
+                    s.exact.insert(entry.to_owned());
+                }
+            }
+        }
+        s.all |= s.exact.is_empty() && s.prefixes.is_empty();
+        s
     }
 
     /// Whether `entity_id` is selected.
     pub fn matches(&self, entity_id: &str) -> bool {
-        self.0.is_empty()
-            || self.0.iter().any(|s| match s.strip_suffix('*') {
-                Some(prefix) => entity_id.starts_with(prefix),
-                None if s.ends_with('.') => entity_id.starts_with(s.as_str()),
-                None => entity_id == s,
-            })
+        self.all
+            || self.exact.contains(entity_id)
+            || (1..=self.longest.min(entity_id.len()))
+                .any(|n| entity_id.is_char_boundary(n) && self.prefixes.contains(&entity_id[..n]))
     }
 }
 
@@ -65,25 +108,39 @@ impl Event {
     }
 }
 
+/// The changes of one update, shared by every client that selects one of them.
+#[derive(Debug)]
+pub struct Batch {
+    /// The changes, in order.
+    events: Vec<Rc<Event>>,
+    /// When it was published.
+    at: Instant,
+}
+
+/// A client's half shared with the registry.
 #[derive(Debug)]
 struct Client {
     /// Registry key.
     id: u64,
     /// What it wants.
     selection: Selection,
-    /// Its queue.
-    tx: Sender<Rc<Event>>,
+    /// Batches not yet read, oldest first.
+    queue: RefCell<VecDeque<Rc<Batch>>>,
+    /// Disconnected by the registry (too slow).
+    closed: Cell<bool>,
+    /// Wakes the reader.
+    wake: event_listener::Event,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     /// Connected clients.
-    clients: RefCell<Vec<Client>>,
+    clients: RefCell<Vec<Rc<Client>>>,
     /// Next client id.
     next_id: Cell<u64>,
     /// Clients disconnected for falling behind.
     dropped_slow: Cell<u64>,
-    /// Events queued in total.
+    /// Events queued in total (one per client and selected change).
     sent: Cell<u64>,
 }
 
@@ -91,22 +148,63 @@ struct Inner {
 #[derive(Debug, Clone, Default)]
 pub struct Broadcast(Rc<Inner>);
 
-/// One client's end: its queue; removed from the registry on drop.
+/// One client's end: its queue and its place in the batch being read; removed from the
+/// registry on drop.
 #[derive(Debug)]
 pub struct Subscription {
-    /// Its queue.
-    pub rx: Receiver<Rc<Event>>,
-    id: u64,
+    client: Rc<Client>,
+    /// The batch being read and the next index in it.
+    current: Option<(Rc<Batch>, usize)>,
     registry: Broadcast,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.registry
-            .0
-            .clients
-            .borrow_mut()
-            .retain(|c| c.id != self.id);
+        let id = self.client.id;
+        self.registry.0.clients.borrow_mut().retain(|c| c.id != id);
+    }
+}
+
+impl Subscription {
+    /// The next selected change, if one is queued; `None` also once disconnected.
+    pub fn try_recv(&mut self) -> Option<Rc<Event>> {
+        if self.client.closed.get() {
+            return None;
+        }
+        loop {
+            if let Some((batch, i)) = &mut self.current {
+                while let Some(e) = batch.events.get(*i) {
+                    *i += 1;
+                    if self.client.selection.matches(&e.change.entity_id) {
+                        return Some(e.clone());
+                    }
+                }
+            }
+            let next = self.client.queue.borrow_mut().pop_front()?;
+            self.current = Some((next, 0));
+        }
+    }
+
+    /// The next selected change; `None` once the registry disconnected this client.
+    pub async fn recv(&mut self) -> Option<Rc<Event>> {
+        loop {
+            if let Some(e) = self.try_recv() {
+                return Some(e);
+            }
+            if self.client.closed.get() {
+                return None;
+            }
+            let listener = self.client.wake.listen();
+            if self.client.closed.get() || !self.client.queue.borrow().is_empty() {
+                continue;
+            }
+            listener.await;
+        }
+    }
+
+    /// Whether the registry disconnected this client (too slow).
+    pub fn is_closed(&self) -> bool {
+        self.client.closed.get()
     }
 }
 
@@ -119,51 +217,71 @@ impl Broadcast {
         }
         let id = self.0.next_id.get();
         self.0.next_id.set(id + 1);
-        let (tx, rx) = bounded(CLIENT_QUEUE);
-        clients.push(Client { id, selection, tx });
-        Some(Subscription {
-            rx,
+        let client = Rc::new(Client {
             id,
+            selection,
+            queue: RefCell::new(VecDeque::new()),
+            closed: Cell::new(false),
+            wake: event_listener::Event::new(),
+        });
+        clients.push(client.clone());
+        Some(Subscription {
+            client,
+            current: None,
             registry: self.clone(),
         })
     }
 
-    /// Queues `changes` for every client that selects them. Clients whose queue is full are
-    /// disconnected.
-    pub fn publish(&self, changes: &[Change]) {
+    /// Queues `changes`, published at `now`, for every client that selects any of them.
+    /// Clients that do not keep up (see the module docs) are disconnected and counted.
+    pub fn publish(&self, changes: &[Change], now: Instant) {
         let mut clients = self.0.clients.borrow_mut();
-        if clients.is_empty() {
+        if clients.is_empty() || changes.is_empty() {
             return;
         }
-        for change in changes {
-            let mut event: Option<Rc<Event>> = None;
-            clients.retain(|c| {
-                if !c.selection.matches(&change.entity_id) {
-                    return true;
-                }
-                let e = event.get_or_insert_with(|| {
+        let batch = Rc::new(Batch {
+            events: changes
+                .iter()
+                .map(|c| {
                     Rc::new(Event {
-                        change: change.clone(),
+                        change: c.clone(),
                         rendered: OnceCell::new(),
                     })
-                });
-                match c.tx.try_send(e.clone()) {
-                    Ok(()) => {
-                        self.0.sent.set(self.0.sent.get() + 1);
-                        true
-                    }
-                    Err(TrySendError::Full(_)) => {
-                        log::warn!(
-                            "stream client {} fell {CLIENT_QUEUE} events behind; disconnecting it",
-                            c.id
-                        );
-                        self.0.dropped_slow.set(self.0.dropped_slow.get() + 1);
-                        false
-                    }
-                    Err(TrySendError::Closed(_)) => false,
-                }
+                })
+                .collect(),
+            at: now,
+        });
+        clients.retain(|c| {
+            let selected = batch
+                .events
+                .iter()
+                .filter(|e| c.selection.matches(&e.change.entity_id))
+                .count();
+            if selected == 0 {
+                return true;
+            }
+            let mut queue = c.queue.borrow_mut();
+            let behind = queue.front().map_or(Duration::ZERO, |oldest| {
+                now.saturating_duration_since(oldest.at)
             });
-        }
+            if behind > MAX_BEHIND || queue.len() >= MAX_BATCHES {
+                log::warn!(
+                    "stream client {} is {:.1} s and {} updates behind; disconnecting it",
+                    c.id,
+                    behind.as_secs_f64(),
+                    queue.len()
+                );
+                queue.clear();
+                c.closed.set(true);
+                c.wake.notify(usize::MAX);
+                self.0.dropped_slow.set(self.0.dropped_slow.get() + 1);
+                return false;
+            }
+            queue.push_back(batch.clone());
+            self.0.sent.set(self.0.sent.get() + selected as u64);
+            c.wake.notify(usize::MAX);
+            true
+        });
     }
 
     /// Connected clients.
@@ -194,6 +312,12 @@ mod tests {
         }
     }
 
+    fn drain(s: &mut Subscription) -> Vec<String> {
+        std::iter::from_fn(|| s.try_recv())
+            .map(|e| e.change.entity_id.clone())
+            .collect()
+    }
+
     #[test]
     fn selection_prefixes_and_exact_ids() {
         let s = Selection::parse("light., switch.kitchen,sensor.temp*");
@@ -202,27 +326,75 @@ mod tests {
         assert!(!s.matches("switch.kitchen_2"));
         assert!(s.matches("sensor.temperature"));
         assert!(!s.matches("sensor.humidity"));
+        assert!(!s.matches("light"));
         assert!(Selection::parse("").matches("anything.x"));
+        assert!(Selection::parse(" , *").matches("anything.x"));
+        assert!(!Selection::parse("ä.*").matches("äb"), "char boundaries");
+        assert!(Selection::parse("ä*").matches("äb"));
     }
 
     #[test]
-    fn slow_client_is_dropped_not_buffered() {
+    fn a_large_batch_reaches_every_client_whole() {
         let b = Broadcast::default();
-        let slow = b.subscribe(Selection::default()).unwrap();
+        let t = Instant::now();
+        let mut all = b.subscribe(Selection::default()).unwrap();
+        let mut lights = b.subscribe(Selection::parse("light.")).unwrap();
+        let changes: Vec<Change> = (0..20_000)
+            .map(|i| {
+                change(&format!(
+                    "{}.e{i}",
+                    if i % 2 == 0 { "light" } else { "switch" }
+                ))
+            })
+            .collect();
+        b.publish(&changes, t);
+        b.publish(&[change("light.last")], t + Duration::from_millis(10));
+        assert_eq!(b.dropped_slow(), 0);
+        assert_eq!(drain(&mut all).len(), 20_001);
+        let got = drain(&mut lights);
+        assert_eq!(got.len(), 10_001);
+        assert!(got.iter().all(|id| id.starts_with("light.")));
+        assert_eq!(b.sent(), 30_002);
+    }
+
+    #[test]
+    fn a_client_that_does_not_keep_up_is_dropped_not_buffered() {
+        let b = Broadcast::default();
+        let t = Instant::now();
+        let mut slow = b.subscribe(Selection::default()).unwrap();
+        let mut reader = b.subscribe(Selection::default()).unwrap();
         let other = b.subscribe(Selection::parse("light.")).unwrap();
-        for _ in 0..CLIENT_QUEUE + 1 {
-            b.publish(&[change("switch.x")]);
+        let mut at = t;
+        while at - t <= MAX_BEHIND {
+            b.publish(&[change("switch.x")], at);
+            assert_eq!(drain(&mut reader).len(), 1, "a reader that keeps up stays");
+            at += Duration::from_millis(500);
         }
-        assert_eq!(b.clients(), 1, "the full client was disconnected");
-        assert_eq!(b.dropped_slow(), 1);
+        b.publish(&[change("switch.x")], at);
         assert_eq!(
-            slow.rx.len(),
-            CLIENT_QUEUE,
-            "its queue never grew past the bound"
+            b.clients(),
+            2,
+            "the client behind for over {MAX_BEHIND:?} was dropped"
         );
-        assert!(other.rx.is_empty(), "the other client selected nothing");
+        assert_eq!(b.dropped_slow(), 1);
+        assert!(slow.is_closed());
+        assert!(slow.try_recv().is_none(), "its queue is gone");
+        assert!(!reader.is_closed());
+        assert!(other.client.queue.borrow().is_empty(), "nothing selected");
         drop(other);
-        assert_eq!(b.clients(), 0);
+        assert_eq!(b.clients(), 1);
+    }
+
+    #[test]
+    fn queued_batches_are_bounded_whatever_their_age() {
+        let b = Broadcast::default();
+        let t = Instant::now();
+        let stuck = b.subscribe(Selection::default()).unwrap();
+        for _ in 0..=MAX_BATCHES {
+            b.publish(&[change("switch.x")], t);
+        }
+        assert!(stuck.is_closed());
+        assert!(stuck.client.queue.borrow().is_empty());
     }
 
     #[test]
@@ -239,12 +411,12 @@ mod tests {
     #[test]
     fn one_rendering_shared_by_all_clients() {
         let b = Broadcast::default();
-        let (x, y) = (
+        let (mut x, mut y) = (
             b.subscribe(Selection::default()).unwrap(),
             b.subscribe(Selection::default()).unwrap(),
         );
-        b.publish(&[change("light.a")]);
-        let (ex, ey) = (x.rx.try_recv().unwrap(), y.rx.try_recv().unwrap());
+        b.publish(&[change("light.a")], Instant::now());
+        let (ex, ey) = (x.try_recv().unwrap(), y.try_recv().unwrap());
         assert!(Rc::ptr_eq(&ex, &ey));
         let calls = Cell::new(0);
         for e in [&ex, &ey] {
@@ -255,5 +427,20 @@ mod tests {
             assert_eq!(text, "light.a");
         }
         assert_eq!(calls.get(), 1);
+    }
+
+    #[test]
+    fn recv_wakes_on_publish_and_ends_when_dropped() {
+        let b = Broadcast::default();
+        let mut s = b.subscribe(Selection::default()).unwrap();
+        smol::block_on(async {
+            let b2 = b.clone();
+            let publish = async move {
+                smol::future::yield_now().await;
+                b2.publish(&[change("light.a")], Instant::now());
+            };
+            let (got, ()) = smol::future::zip(s.recv(), publish).await;
+            assert_eq!(got.unwrap().change.entity_id, "light.a");
+        });
     }
 }

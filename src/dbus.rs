@@ -820,6 +820,9 @@ async fn serve_calls(hub: Rc<Hub>, calls: Receiver<Call>, shared: Rc<Shared>) {
                             "{entity_id} is not known to Home Assistant"
                         ))),
                         Read::Failed(e) => Err(Error::Unavailable(scrub(e.to_string()))),
+                        Read::Limited => Err(Error::Unavailable(
+                            "too many reads of entities Home Assistant does not push".into(),
+                        )),
                     }
                 };
                 let _ = reply.try_send(answer);

@@ -51,6 +51,10 @@ pub struct Request {
     pub authorization: Option<String>,
     /// `Origin` header value.
     pub origin: Option<String>,
+    /// `Host` header value.
+    pub host: Option<String>,
+    /// `Content-Type` header value.
+    pub content_type: Option<String>,
     /// Body bytes.
     pub body: Vec<u8>,
 }
@@ -112,6 +116,21 @@ impl std::fmt::Debug for Body {
             Body::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
             Body::Pieces(p) => write!(f, "Pieces(length {:?})", p.length()),
         }
+    }
+}
+
+/// A close-delimited body with nothing in it: the answer to `HEAD` on an event stream,
+/// whose headers are written and nothing else.
+#[derive(Debug)]
+pub struct NoPieces;
+
+impl Pieces for NoPieces {
+    fn length(&self) -> Option<usize> {
+        None
+    }
+
+    fn next<'a>(&'a mut self, _: &'a mut Vec<u8>) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
+        Box::pin(std::future::ready(false))
     }
 }
 
@@ -178,6 +197,8 @@ fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         411 => "Length Required",
         413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -214,6 +235,8 @@ pub async fn serve<H: Handler + 'static>(
             }
         };
         stream.set_nodelay(true).ok();
+        // A connect flood keeps the listener always ready: let the other tasks run.
+        smol::future::yield_now().await;
         if open.get() >= MAX_CONNECTIONS {
             handler.refused(503);
             let r = Response::error(503, "too many connections").with_header("Retry-After", "1");
@@ -269,6 +292,9 @@ async fn connection(
         if !keep_alive {
             return Ok(());
         }
+        // A client that pipelines requests as fast as it can would otherwise keep this task
+        // running (its socket is always ready) and starve every other task on the thread.
+        smol::future::yield_now().await;
     }
 }
 
@@ -297,6 +323,13 @@ pub struct Head {
     pub authorization: Option<String>,
     /// `Origin` value.
     pub origin: Option<String>,
+    /// `Host` value.
+    pub host: Option<String>,
+    /// `Content-Type` value.
+    pub content_type: Option<String>,
+    /// `Expect: 100-continue` was sent: the client waits for an interim 100 before the body
+    /// (RFC 9110 §10.1.1).
+    pub expect_continue: bool,
 }
 
 /// Parses a complete head from `buf`: `Ok(Some((head, head_len)))`, `Ok(None)` when more
@@ -335,13 +368,19 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
         content_length: 0,
         authorization: None,
         origin: None,
+        host: None,
+        content_type: None,
+        expect_continue: false,
     };
+    let mut hosts = 0;
     let mut content_length = None::<usize>;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value).unwrap_or("").trim();
         if h.name.eq_ignore_ascii_case("content-length") {
-            let Ok(n) = value.parse::<usize>() else {
-                return Err(Response::error(400, "invalid Content-Length"));
+            // RFC 9110 §8.6: 1*DIGIT; `parse` would also take a sign.
+            let n = match value.parse::<usize>() {
+                Ok(n) if value.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return Err(Response::error(400, "invalid Content-Length")),
             };
             if content_length.is_some_and(|c| c != n) {
                 return Err(Response::error(400, "conflicting Content-Length headers"));
@@ -363,7 +402,21 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
             head.authorization = Some(value.to_owned());
         } else if h.name.eq_ignore_ascii_case("origin") {
             head.origin = Some(value.to_owned());
+        } else if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            head.host = Some(value.to_owned());
+        } else if h.name.eq_ignore_ascii_case("content-type") {
+            head.content_type = Some(value.to_owned());
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            head.expect_continue = value.eq_ignore_ascii_case("100-continue");
         }
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is answered 400.
+    if req.version == Some(1) && hosts != 1 {
+        return Err(Response::error(
+            400,
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
     }
     head.content_length = content_length.unwrap_or(0);
     if head.content_length > MAX_BODY_BYTES {
@@ -462,6 +515,9 @@ async fn read_request(
     if buf.len() < needed && !started {
         deadline.set(Instant::now() + REQUEST_TIMEOUT);
     }
+    if buf.len() < needed && head.expect_continue {
+        write_timed(stream, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+    }
     while buf.len() < needed {
         match fill(stream, buf, deadline, false, shutdown).await? {
             Some(0) => return Ok(Parsed::Closed),
@@ -483,6 +539,8 @@ async fn read_request(
         method: head.method,
         authorization: head.authorization,
         origin: head.origin,
+        host: head.host,
+        content_type: head.content_type,
         body: buf[head_len..needed].to_vec(),
     };
     Ok(Parsed::Request {

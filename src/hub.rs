@@ -31,6 +31,14 @@ const REST_BREAKER: Duration = Duration::from_secs(5);
 /// Bound on remembered REST call times (for "calls in the last hour" in the status line).
 const REST_HISTORY: usize = 4096;
 
+/// REST reads of entities the mirror does not hold, on average per second: a stranger
+/// reading made-up ids must not turn into a flood of requests to HA (issue 13, item 3).
+const REST_READS_PER_SECOND: f64 = 10.0;
+/// Reads allowed at once above the average (a dashboard loading a page of entities).
+const REST_READ_BURST: f64 = 50.0;
+/// How often at most the "reads limited" warning is logged.
+const LIMITED_WARNING_PERIOD: Duration = Duration::from_secs(60);
+
 /// Commands queued to the link before senders wait.
 const COMMAND_QUEUE: usize = 8;
 
@@ -90,6 +98,40 @@ pub enum Read {
     },
     /// HA could not answer and nothing is known.
     Failed(RestError),
+    /// Too many reads of entities the mirror does not hold (see [`REST_READS_PER_SECOND`]);
+    /// HA was not asked.
+    Limited,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Tokens now (fractional).
+    tokens: f64,
+    /// When `tokens` was computed.
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(now: Instant) -> Bucket {
+        Bucket {
+            tokens: REST_READ_BURST,
+            at: now,
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * REST_READS_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(REST_READ_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 type Fetch = Result<Option<EntityState>, RestError>;
@@ -137,6 +179,10 @@ pub struct Hub {
     rest_down_until: Cell<Option<Instant>>,
     /// Times of recent REST requests (bounded).
     rest_history: RefCell<VecDeque<Instant>>,
+    /// Budget of REST reads.
+    rest_reads: Cell<Bucket>,
+    /// Reads refused by the budget (total), and when that was last logged.
+    rest_reads_limited: Cell<(u64, Option<Instant>)>,
     /// HA REST requests by outcome.
     rest_requests: RefCell<BTreeMap<&'static str, u64>>,
     /// Local HTTP requests by (route, status).
@@ -180,6 +226,8 @@ impl Hub {
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
+            rest_reads: Cell::new(Bucket::full(now)),
+            rest_reads_limited: Cell::new((0, None)),
             rest_requests: RefCell::new(BTreeMap::new()),
             http_requests: RefCell::new(BTreeMap::new()),
         }
@@ -365,7 +413,7 @@ impl Hub {
         if changes.is_empty() {
             return;
         }
-        self.broadcast.publish(changes);
+        self.broadcast.publish(changes, Instant::now());
         let hooks = self.change_hooks.borrow().clone();
         for hook in hooks {
             hook(changes);
@@ -414,6 +462,16 @@ impl Hub {
                 age: *age,
             };
         }
+        // A read that joins one in flight costs HA nothing; a new one takes from the budget.
+        if !self.inflight.borrow().contains_key(entity_id) && !self.take_read(entity_id) {
+            return match stale {
+                Some((state, age)) => {
+                    self.mirror.borrow_mut().note_stale_serve();
+                    Read::Stale { state, age }
+                }
+                None => Read::Limited,
+            };
+        }
         match self.fetch(entity_id).await {
             Ok(Some(state)) => Read::Fresh {
                 state: Rc::new(state),
@@ -430,6 +488,29 @@ impl Hub {
                 None => Read::Failed(e),
             },
         }
+    }
+
+    /// Takes one REST read from the budget; counts and (at most once a minute) logs a refusal.
+    fn take_read(&self, entity_id: &str) -> bool {
+        let now = Instant::now();
+        let mut bucket = self.rest_reads.get();
+        let ok = bucket.take(now);
+        self.rest_reads.set(bucket);
+        if !ok {
+            let (n, logged) = self.rest_reads_limited.get();
+            let log_now = logged.is_none_or(|t| now.duration_since(t) >= LIMITED_WARNING_PERIOD);
+            if log_now {
+                log::warn!(
+                    "reads of entities Home Assistant does not push are limited to {REST_READS_PER_SECOND}/s \
+                     (burst {REST_READ_BURST}); refusing {entity_id} and others ({} refused so far)",
+                    n + 1
+                );
+            }
+            self.rest_reads_limited
+                .set((n + 1, if log_now { Some(now) } else { logged }));
+            self.changed.notify(usize::MAX);
+        }
+        ok
     }
 
     /// HA rejected our token: every REST call would be another 401 toward HA's IP ban.
@@ -620,6 +701,7 @@ impl Hub {
             last_event: self.last_event.get(),
             rest_requests: self.rest_requests.borrow().clone(),
             rest_last_hour: self.rest_calls_last_hour(),
+            rest_reads_limited: self.rest_reads_limited.get().0,
             http_requests: self.http_requests.borrow().clone(),
             stream: StreamCounters {
                 clients: self.broadcast.clients(),

@@ -114,6 +114,12 @@ pub fn render(status: &Status) -> String {
         m.decode_errors,
     );
     o.single(
+        "hass_edge_invalid_entity_ids_total",
+        "counter",
+        "Entity entries from Home Assistant refused for an invalid entity id.",
+        m.invalid_entity_ids,
+    );
+    o.single(
         "hass_edge_service_events_total",
         "counter",
         "service_registered and service_removed events.",
@@ -181,6 +187,13 @@ pub fn render(status: &Status) -> String {
             "hass_edge_ha_rest_requests_total{{outcome=\"{outcome}\"}} {n}"
         );
     }
+
+    o.single(
+        "hass_edge_ha_rest_reads_limited_total",
+        "counter",
+        "Reads of entities Home Assistant does not push refused by the read-through budget.",
+        status.rest_reads_limited,
+    );
 
     o.family(
         "hass_edge_http_requests_total",

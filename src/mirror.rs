@@ -7,14 +7,19 @@
 //!
 //! Pure: no I/O, no clock; every call takes `now`.
 
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::config::CacheConfig;
-use crate::entity::{EntityState, Timestamp};
+use crate::entity::{EntityState, Timestamp, valid_entity_id};
 use crate::filter::EntityFilter;
 use crate::session::{EntitiesEvent, Output};
 use crate::store::{Change, Lookup, Store, StoreStats};
+
+/// Invalid entity ids remembered as already logged (each is logged once; past this many,
+/// new ones are counted but not logged).
+const LOGGED_INVALID_IDS: usize = 256;
 
 /// How often at most the "tracked entities evicted" warning is repeated.
 const EVICTION_WARNING_PERIOD: Duration = Duration::from_secs(3600);
@@ -72,6 +77,8 @@ pub struct Applied {
     pub filtered_out: u64,
     /// Entries that could not be decoded or applied (their entity was dropped).
     pub decode_errors: u64,
+    /// Entries refused for an invalid entity id.
+    pub invalid_entity_ids: u64,
     /// The input was a snapshot: the mirror is now live.
     pub snapshot: bool,
 }
@@ -87,6 +94,9 @@ pub struct MirrorCounters {
     pub events_filtered_out: u64,
     /// Entity entries that could not be decoded or applied.
     pub decode_errors: u64,
+    /// Entries whose entity id is not one HA itself would make (HA `core.py`
+    /// `valid_entity_id`): never stored, served or put on the bus.
+    pub invalid_entity_ids: u64,
     /// Entities in HA's last snapshot that the filter left out.
     pub snapshot_filtered_out: u64,
     /// Bumped whenever tracked states change (the warm-start saver compares it).
@@ -104,6 +114,8 @@ pub struct Mirror {
     counters: MirrorCounters,
     /// Tracked evictions when last warned about, and when.
     evictions_warned: (u64, Option<Instant>),
+    /// Invalid entity ids already logged (bounded by [`LOGGED_INVALID_IDS`]).
+    logged_invalid: HashSet<String>,
 }
 
 impl Mirror {
@@ -120,6 +132,7 @@ impl Mirror {
             filter,
             counters: MirrorCounters::default(),
             evictions_warned: (0, None),
+            logged_invalid: HashSet::new(),
         }
     }
 
@@ -136,7 +149,8 @@ impl Mirror {
                 new_state,
             } => {
                 a.received = 1;
-                if !self.filter.tracks(&entity_id) {
+                if !self.valid(&entity_id, &mut a) {
+                } else if !self.filter.tracks(&entity_id) {
                     a.filtered_out = 1;
                 } else {
                     a.applied = 1;
@@ -146,7 +160,8 @@ impl Mirror {
                     });
                 }
             }
-            Update::CallResult(states) => {
+            Update::CallResult(mut states) => {
+                states.retain(|s| self.valid(&s.entity_id, &mut a));
                 a.changes = self.store.apply_call_result(states, &self.filter, now);
             }
             Update::LastReported(rows) => {
@@ -161,6 +176,7 @@ impl Mirror {
         c.events_applied += a.applied;
         c.events_filtered_out += a.filtered_out;
         c.decode_errors += a.decode_errors;
+        c.invalid_entity_ids += a.invalid_entity_ids;
         if !a.changes.is_empty() || a.snapshot {
             c.generation += 1;
         }
@@ -172,6 +188,9 @@ impl Mirror {
         a.snapshot = true;
         let mut states = Vec::with_capacity(event.added.len());
         for (entity_id, state) in event.added {
+            if !self.valid(&entity_id, a) {
+                continue;
+            }
             if !self.filter.tracks(&entity_id) {
                 a.filtered_out += 1;
                 continue;
@@ -190,8 +209,11 @@ impl Mirror {
         self.store.set_live();
     }
 
-    fn entities(&mut self, event: EntitiesEvent, now: Instant, a: &mut Applied) {
+    fn entities(&mut self, mut event: EntitiesEvent, now: Instant, a: &mut Applied) {
         a.received = event.len() as u64;
+        event.added.retain(|(id, _)| self.valid(id, a));
+        event.changed.retain(|(id, _)| self.valid(id, a));
+        event.removed.retain(|id| self.valid(id, a));
         let (store, filter) = (&mut self.store, &self.filter);
         for (entity_id, state) in event.added {
             if !filter.tracks(&entity_id) {
@@ -243,6 +265,29 @@ impl Mirror {
         }
     }
 
+    /// Whether `entity_id` has HA's shape; an invalid one is counted in `a` and logged once.
+    fn valid(&mut self, entity_id: &str, a: &mut Applied) -> bool {
+        if valid_entity_id(entity_id) {
+            return true;
+        }
+        a.invalid_entity_ids += 1;
+        if self.logged_invalid.len() < LOGGED_INVALID_IDS
+            && self.logged_invalid.insert(entity_id.to_owned())
+        {
+            let shown: String = entity_id.chars().take(80).collect();
+            log::warn!(
+                "ignoring an entity with an invalid id from Home Assistant: {shown:?}{} ({} bytes)",
+                if shown.len() < entity_id.len() {
+                    "…"
+                } else {
+                    ""
+                },
+                entity_id.len()
+            );
+        }
+        false
+    }
+
     /// Counts a frame from HA that could not be decoded at all (the session's error).
     pub fn count_decode_error(&mut self) {
         self.counters.decode_errors += 1;
@@ -253,7 +298,7 @@ impl Mirror {
     /// (`max_entities` may have left some out).
     pub fn restore(&mut self, states: Vec<EntityState>, saved_at: Instant) -> usize {
         for state in states {
-            if self.filter.tracks(&state.entity_id) {
+            if valid_entity_id(&state.entity_id) && self.filter.tracks(&state.entity_id) {
                 self.store.insert_restored(state, saved_at);
             }
         }
@@ -552,6 +597,41 @@ mod tests {
         );
         assert!(a.changes[0].new_state.is_none());
         assert!(m.tracked_states().is_empty());
+    }
+
+    #[test]
+    fn invalid_entity_ids_are_refused_and_counted() {
+        let t = Instant::now();
+        let mut m = Mirror::new(&cache(100), filter(&[]), t);
+        let bad = [
+            "light.a\u{0}b",
+            "light.a\nb",
+            "light.\"q\"",
+            "light../x",
+            "light/x.y",
+            "Light.x",
+        ];
+        let long = format!("light.{}", "x".repeat(10_000));
+        let mut states: Vec<(&str, &str)> = bad.iter().map(|id| (*id, "on")).collect();
+        states.push((&long, "on"));
+        states.push(("light.ok", "on"));
+        let a = m.apply(Update::Snapshot(added(&states)), t);
+        assert_eq!(a.invalid_entity_ids, 7);
+        assert_eq!(ids(&m), ["light.ok"]);
+        let a = m.apply(
+            Update::StateChanged {
+                entity_id: "light.a\u{0}b".into(),
+                new_state: Some(state("light.a\u{0}b", "off")),
+            },
+            t,
+        );
+        assert!(a.changes.is_empty());
+        let a = m.apply(Update::CallResult(vec![state("switch.\u{0}", "on")]), t);
+        assert!(a.changes.is_empty());
+        assert_eq!(m.counters().invalid_entity_ids, 9);
+        assert_eq!(m.logged_invalid.len(), 8, "each id logged once");
+        let restored = m.restore(vec![state("light.x\ny", "on")], t);
+        assert_eq!(restored, 1, "only light.ok");
     }
 
     #[test]

@@ -464,7 +464,9 @@ impl Session {
             code: err.code,
             message: err.message,
         });
-        if id == self.ids.config {
+        // Only while it is awaited: a late error reusing the id once HA runs is not a reason
+        // to drop a working connection.
+        if id == self.ids.config && self.phase == Phase::AwaitRunning {
             out.push(Output::Disconnect("get_config failed"));
         }
         Ok(())
@@ -915,6 +917,44 @@ mod tests {
         );
         assert_eq!(rows[0].0, "sun.sun");
         assert_eq!(rows[0].2.to_string(), "2026-11-24T20:08:37.500000+00:00");
+    }
+
+    #[test]
+    fn a_late_error_on_get_configs_id_does_not_disconnect() {
+        let t = Instant::now();
+        let mut s = session(t, None);
+        to_syncing(&mut s, "2024.3.3", t);
+        let out = feed(
+            &mut s,
+            r#"{"id":3,"type":"result","success":false,"error":{"code":"unknown_error","message":"late"}}"#,
+            t,
+        );
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Disconnect(_))),
+            "{out:?}"
+        );
+        assert_eq!(s.phase(), Phase::Syncing);
+    }
+
+    #[test]
+    fn get_config_failing_while_awaited_disconnects() {
+        let t = Instant::now();
+        let mut s = session(t, None);
+        feed(
+            &mut s,
+            r#"{"type":"auth_required","ha_version":"2024.3.3"}"#,
+            t,
+        );
+        feed(&mut s, r#"{"type":"auth_ok","ha_version":"x"}"#, t);
+        let out = feed(
+            &mut s,
+            r#"{"id":3,"type":"result","success":false,"error":{"code":"unknown_error","message":"no"}}"#,
+            t,
+        );
+        assert!(
+            out.iter().any(|o| matches!(o, Output::Disconnect(_))),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -111,9 +111,9 @@ impl Pieces for EventStream {
                 Event(Option<Rc<crate::broadcast::Event>>),
                 KeepAlive,
             }
-            let rx = &self.subscription.rx;
+            let subscription = &mut self.subscription;
             let keepalive = &mut self.keepalive;
-            let wake = async { Wake::Event(rx.recv().await.ok()) }
+            let wake = async { Wake::Event(subscription.recv().await) }
                 .or(async {
                     keepalive.elapsed().await;
                     Wake::KeepAlive
@@ -123,7 +123,7 @@ impl Pieces for EventStream {
                 Wake::Event(Some(event)) => {
                     buf.extend_from_slice(event.rendered(format_change).as_bytes());
                     // Batch whatever else is queued into one write.
-                    while let Ok(more) = rx.try_recv() {
+                    while let Some(more) = self.subscription.try_recv() {
                         buf.extend_from_slice(more.rendered(format_change).as_bytes());
                         if buf.len() > CHUNK {
                             break;

@@ -140,6 +140,8 @@ pub struct Status {
     pub rest_requests: BTreeMap<&'static str, u64>,
     /// HA REST requests in the last hour.
     pub rest_last_hour: usize,
+    /// Reads refused by the read-through budget, HA not asked (total).
+    pub rest_reads_limited: u64,
     /// Local HTTP requests by (route label, status).
     pub http_requests: BTreeMap<(&'static str, u16), u64>,
     /// Push-stream clients.
@@ -205,12 +207,14 @@ impl Status {
                 "applied": m.events_applied,
                 "filtered_out": m.events_filtered_out,
                 "decode_errors": m.decode_errors,
+                "invalid_entity_ids": m.invalid_entity_ids,
                 "service_events": self.link_counters.service_events,
             },
             "ha_rest_requests": {
                 "total": self.rest_total(),
                 "last_hour": self.rest_last_hour,
                 "by_outcome": self.rest_requests,
+                "reads_limited": self.rest_reads_limited,
             },
             "stream_clients": self.stream.clients,
             "warm_start": self.warm_start.map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
@@ -299,6 +303,7 @@ mod tests {
             last_event: None,
             rest_requests: BTreeMap::from([("ok", 2), ("unreachable", 1)]),
             rest_last_hour: 3,
+            rest_reads_limited: 0,
             http_requests: BTreeMap::new(),
             stream: StreamCounters::default(),
             warm_start: None,

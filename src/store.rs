@@ -7,6 +7,9 @@
 //! - An expired entry is still handed back as `stale`, so the caller can serve it when HA
 //!   cannot be reached rather than fail.
 //! - `invalidate` mode drops an entry on every event instead of applying it.
+//! - Read-through entries of entities the subscription does not hold (REST reads of
+//!   untracked ids, cached 404s) live in their own LRU of [`READ_THROUGH_ENTRIES`], so no
+//!   number of reads of made-up ids can evict a tracked state (issue 13, item 3).
 
 use std::collections::HashSet;
 use std::rc::Rc;
@@ -17,6 +20,10 @@ use lru::LruCache;
 use crate::config::CacheMode;
 use crate::entity::{DecodeError, EntityState, StateDiff, Timestamp};
 use crate::filter::EntityFilter;
+
+/// Bound on read-through entries (REST reads of ids the subscription does not hold, and
+/// cached 404s), apart from `max_entities`.
+pub const READ_THROUGH_ENTRIES: usize = 1024;
 
 /// Where an entry came from; decides how long it stays fresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,8 +109,12 @@ pub struct StoreStats {
 /// The store. See the module docs for the rules.
 #[derive(Debug)]
 pub struct Store {
-    /// Entries by entity id, least recently used first out.
+    /// Entries of entities the subscription pushed (or that were restored from disk), least
+    /// recently used first out; bounded by `max_entities`.
     entries: LruCache<String, Entry>,
+    /// Read-through entries of other ids (REST reads, cached 404s); bounded by
+    /// [`READ_THROUGH_ENTRIES`].
+    fetched: LruCache<String, Entry>,
     /// Update or invalidate on events.
     mode: CacheMode,
     /// Life of REST entries, and of pushed ones while the subscription is down.
@@ -131,8 +142,14 @@ impl Store {
         // 10,000); an unbounded cache resized to `cap` grows its table with its contents.
         let mut entries = LruCache::unbounded();
         entries.resize(cap);
+        let mut fetched = LruCache::unbounded();
+        fetched.resize(
+            std::num::NonZeroUsize::new(READ_THROUGH_ENTRIES)
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+        );
         Store {
             entries,
+            fetched,
             mode,
             ttl,
             negative_ttl,
@@ -182,12 +199,12 @@ impl Store {
 
     /// Number of entries (states and cached 404s).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.fetched.len()
     }
 
     /// Whether the store is empty.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.fetched.is_empty()
     }
 
     /// Number of entities pushed by the subscription (or restored from disk).
@@ -221,7 +238,11 @@ impl Store {
 
     /// Looks `entity_id` up and counts a hit or a miss. Marks the entry recently used.
     pub fn lookup(&mut self, entity_id: &str, now: Instant) -> Lookup {
-        let Some(e) = self.entries.get(entity_id).cloned() else {
+        let found = match self.entries.get(entity_id) {
+            Some(e) => Some(e.clone()),
+            None => self.fetched.get(entity_id).cloned(),
+        };
+        let Some(e) = found else {
             self.stats.misses += 1;
             return Lookup::Miss { stale: None };
         };
@@ -255,7 +276,11 @@ impl Store {
 
     /// A tracked state without touching LRU order or counters (D-Bus, SSE snapshots).
     pub fn peek(&self, entity_id: &str) -> Option<Rc<EntityState>> {
-        match self.entries.peek(entity_id) {
+        let entry = self
+            .entries
+            .peek(entity_id)
+            .or_else(|| self.fetched.peek(entity_id));
+        match entry {
             Some(Entry {
                 value: Cached::State(s),
                 ..
@@ -266,25 +291,41 @@ impl Store {
 
     /// Stores the result of a REST read-through (`None` = HA said 404).
     /// A pushed entry that is fresh wins: the subscription is at least as new as the fetch.
+    /// The state of an entity the subscription holds replaces its entry in place; anything
+    /// else (untracked ids, 404s) goes to the read-through LRU, so it never evicts a
+    /// tracked state.
     pub fn insert_fetched(&mut self, entity_id: &str, state: Option<EntityState>, now: Instant) {
-        if let Some(e) = self.entries.peek(entity_id)
+        let held = self.entries.peek(entity_id);
+        if let Some(e) = held
             && e.origin == Origin::Pushed
             && self.age_and_fresh(e, now).1
         {
             return;
         }
-        let value = match state {
-            Some(s) => Cached::State(Rc::new(s)),
-            None => Cached::NotFound,
-        };
-        self.put(
-            entity_id.to_owned(),
-            Entry {
-                value,
-                origin: Origin::Rest,
-                at: now,
+        let entry = Entry {
+            value: match state {
+                Some(s) => Cached::State(Rc::new(s)),
+                None => Cached::NotFound,
             },
-        );
+            origin: Origin::Rest,
+            at: now,
+        };
+        if held.is_some() && matches!(entry.value, Cached::State(_)) {
+            // The key is present: no eviction.
+            self.put(entity_id.to_owned(), entry);
+            return;
+        }
+        if held.is_some() {
+            // HA says it is gone; the 404 is a read-through entry like any other.
+            self.entries.pop(entity_id);
+        }
+        if self
+            .fetched
+            .push(entity_id.to_owned(), entry)
+            .is_some_and(|(k, _)| k != entity_id)
+        {
+            self.stats.evictions += 1;
+        }
     }
 
     /// Loads states saved by an earlier run; they stay stale (never fresh) until the first
@@ -377,6 +418,7 @@ impl Store {
 
     fn upsert(&mut self, new: Rc<EntityState>, now: Instant, snapshot: bool) -> Option<Change> {
         let id = new.entity_id.clone();
+        self.fetched.pop(&id);
         let old = Self::state_of(self.put(
             id.clone(),
             Entry {
@@ -410,6 +452,8 @@ impl Store {
             return Ok(self.remove(entity_id));
         }
         let Some(entry) = self.entries.peek_mut(entity_id) else {
+            // A REST copy of an id the subscription did not hold would predate this diff.
+            self.fetched.pop(entity_id);
             return Ok(None);
         };
         let (Origin::Pushed, Cached::State(state)) = (entry.origin, &mut entry.value) else {
@@ -498,6 +542,7 @@ impl Store {
 
     /// Removes an entity (`r` event, or a failed decode). Returns the change if it was tracked.
     pub fn remove(&mut self, entity_id: &str) -> Option<Change> {
+        self.fetched.pop(entity_id);
         let old = Self::state_of(self.entries.pop(entity_id))?;
         Some(Change {
             entity_id: entity_id.to_owned(),
@@ -688,35 +733,52 @@ pub(crate) mod tests {
         assert!(s.peek("a.1").is_some());
         assert_eq!(s.stats().evictions, 1);
         assert_eq!(s.stats().tracked_evictions, 1, "a.2 was a tracked state");
-        s.insert_fetched("sensor.r", None, t0);
-        assert_eq!(
-            (s.stats().evictions, s.stats().tracked_evictions),
-            (2, 2),
-            "a.1 went for a cached 404"
-        );
-        s.insert_fetched("sensor.q", None, t0);
-        assert_eq!(
-            (s.stats().evictions, s.stats().tracked_evictions),
-            (3, 3),
-            "a.3 went"
-        );
-        s.insert_fetched("sensor.p", None, t0);
-        assert_eq!(
-            (s.stats().evictions, s.stats().tracked_evictions),
-            (4, 3),
-            "a REST entry is not a tracked one"
-        );
         s.upsert_pushed(state("a.4", "x"), t0);
+        assert_eq!(s.stats().tracked_evictions, 2);
         s.reconfigure(CacheMode::Update, 1, TTL, NEG);
         assert_eq!(s.len(), 1);
         assert_eq!(
             (s.stats().evictions, s.stats().tracked_evictions),
-            (6, 3),
-            "the shrink dropped sensor.p, kept a.4"
+            (3, 3),
+            "the shrink dropped one tracked state"
         );
-        s.reconfigure(CacheMode::Update, 1, TTL, NEG);
-        s.upsert_pushed(state("a.5", "x"), t0);
-        assert_eq!(s.stats().tracked_evictions, 4);
+    }
+
+    #[test]
+    fn read_through_entries_never_evict_tracked_states() {
+        let t0 = Instant::now();
+        let mut s = store(3, t0);
+        s.set_live();
+        s.upsert_pushed(state("a.1", "x"), t0);
+        s.upsert_pushed(state("a.2", "x"), t0);
+        // A stranger reads many made-up ids: HA answers 404 or a state for each.
+        for i in 0..READ_THROUGH_ENTRIES + 10 {
+            let id = format!("light.made_up_{i}");
+            let state = (i % 2 == 0).then(|| state(&id, "on"));
+            s.insert_fetched(&id, state, t0);
+        }
+        assert_eq!(s.tracked_len(), 2, "no tracked state was evicted");
+        assert_eq!(s.stats().tracked_evictions, 0);
+        assert_eq!(
+            s.len(),
+            2 + READ_THROUGH_ENTRIES,
+            "the read-through LRU is bounded"
+        );
+        assert_eq!(s.stats().evictions, 10);
+        assert!(matches!(s.lookup("a.1", t0), Lookup::Hit { .. }));
+        // A pushed state takes its id out of the read-through LRU.
+        let last = format!("light.made_up_{}", READ_THROUGH_ENTRIES + 8);
+        s.upsert_pushed(state(&last, "off"), t0);
+        assert_eq!(s.len(), 3 + READ_THROUGH_ENTRIES - 1);
+        assert_eq!(s.peek(&last).unwrap().state, "off");
+        // A 404 for a tracked id (deleted in HA while we were down) leaves the tracked set.
+        s.set_down(t0);
+        s.insert_fetched("a.1", None, t0 + TTL * 2);
+        assert!(s.tracked_states().iter().all(|st| st.entity_id != "a.1"));
+        assert!(matches!(
+            s.lookup("a.1", t0 + TTL * 2),
+            Lookup::NotFound { .. }
+        ));
     }
 
     #[test]

@@ -167,16 +167,23 @@ fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
         }
     });
     let rss_before = rss_kib(daemon.pid());
-    // Large attributes fill the socket buffers quickly; then the queue bound applies.
+    // Large attributes fill the socket buffers quickly; then the client falls behind, and
+    // once its oldest change has waited longer than the broadcast allows it is dropped.
     let big = "x".repeat(4000);
-    for i in 0..2000 {
+    let start = Instant::now();
+    for i in 0.. {
         let new = fake.next_state("sensor.living_temperature", |s| {
             s["state"] = i.to_string().into();
             s["attributes"]["padding"] = big.clone().into();
         });
         fake.push_change(new);
-        if metric(&daemon, "hass_edge_sse_clients_dropped_total") >= 1.0 {
+        if metric(&daemon, "hass_edge_sse_clients_dropped_total") >= 1.0
+            || start.elapsed() > hass_edge::broadcast::MAX_BEHIND + deadline()
+        {
             break;
+        }
+        if i >= 2000 {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
     wait_until(
@@ -407,8 +414,9 @@ fn cors_only_for_configured_origins_and_service_calls_can_be_disabled() {
         )
         .unwrap();
     assert_eq!(other.header("Access-Control-Allow-Origin"), None);
+    assert_eq!(other.status, 403, "a foreign origin is refused");
     let mut raw = daemon.connect();
-    raw.send(format!("POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
+    raw.send(format!("POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
     let r = raw.read_response(false).unwrap();
     assert_eq!(r.status, 403, "allow_service_calls = false");
 }
@@ -459,5 +467,123 @@ fn non_loopback_listen_without_api_token_is_refused() {
         finished.stderr.contains("http.api_token_file"),
         "{}",
         finished.stderr
+    );
+}
+
+/// A compressed state (HA `websocket_api/messages.py` `_state_diff_event`, key `a`).
+fn compressed(state: &str) -> Value {
+    json!({"s": state, "a": {"friendly_name": "burst"}, "c": "01HBURST0000000000000000000", "lc": 1_700_000_000.0})
+}
+
+/// Issue 13, item 2: one HA event carrying 300 changes (more than the old 256-slot queue)
+/// reaches every stream client whole, and nobody is disconnected.
+#[test]
+fn a_burst_of_300_changes_reaches_every_stream_client() {
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    let (_, mut all) = Stream::open(&daemon, "", "");
+    let (_, mut lights) = Stream::open(&daemon, "?entity_id=light.burst_*", "");
+    let added: serde_json::Map<String, Value> = (0..300)
+        .map(|i| (format!("light.burst_{i}"), compressed("on")))
+        .collect();
+    assert_eq!(fake.push_event(json!({"a": added})), 1);
+    for (name, stream) in [("all", &mut all), ("lights", &mut lights)] {
+        let mut got = Vec::new();
+        while got.len() < 300 {
+            match stream.next(deadline()) {
+                Some(ev) => got.push(ev["entity_id"].as_str().unwrap().to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(got.len(), 300, "{name}: every change of the burst");
+        assert_eq!(got[299], "light.burst_299");
+    }
+    assert_eq!(metric(&daemon, "hass_edge_sse_clients_dropped_total"), 0.0);
+    assert_eq!(metric(&daemon, "hass_edge_sse_clients"), 2.0);
+}
+
+/// Issue 13, item 3: reads of made-up (valid) ids never evict tracked states, are limited
+/// towards HA, and leave the mirror whole and live.
+#[test]
+fn reads_of_made_up_ids_cannot_wipe_the_mirror() {
+    let (fake, daemon) = live_with(DaemonOptions::default().set("cache", "max_entities", 50));
+    let before = daemon.get("/api/states").json();
+    let tracked = before.as_array().unwrap().len();
+    assert!(tracked > 5, "the fixture tracks several entities");
+    let mut conn = daemon.connect();
+    let (mut limited, mut not_found) = (0, 0);
+    for i in 0..2000 {
+        let r = conn
+            .request("GET", &format!("/api/states/light.made_up_{i}"), &[])
+            .unwrap();
+        match r.status {
+            404 => not_found += 1,
+            429 => limited += 1,
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    eprintln!("2,000 reads of made-up ids: {not_found} asked HA (404), {limited} limited (429)");
+    assert!(
+        limited > 1500,
+        "the read-through budget held: {limited} limited"
+    );
+    assert!(
+        fake.rest_requests().len() < 200,
+        "HA received {} REST calls",
+        fake.rest_requests().len()
+    );
+    assert_eq!(
+        daemon.get("/api/states").json(),
+        before,
+        "every tracked state is still there"
+    );
+    assert_eq!(daemon.health().unwrap().0, 200);
+    let s = daemon.get("/status").json();
+    assert_eq!(s["store"]["tracked_evictions"], 0);
+    assert!(s["ha_rest_requests"]["reads_limited"].as_u64().unwrap() >= limited);
+    // HA's next change still reaches a stream client.
+    let (_, mut stream) = Stream::open(&daemon, "?entity_id=input_boolean.kitchen", "");
+    let new = toggled(&fake, "input_boolean.kitchen");
+    fake.push_change(new.clone());
+    let ev = stream.next(deadline()).expect("the change is streamed");
+    assert_eq!(ev["new_state"], new);
+}
+
+/// Issue 13, item 6: a page on another origin cannot call a service, whatever it sends.
+#[test]
+fn cross_site_requests_cannot_call_services() {
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    let before = fake.entity("input_boolean.kitchen").unwrap();
+    let body = r#"{"entity_id":"input_boolean.kitchen"}"#;
+    let post = |headers: &str| {
+        let mut c = daemon.connect();
+        c.send(format!("POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Content-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).unwrap();
+        c.read_response(false).unwrap()
+    };
+    // A form or a `no-cors` fetch: text/plain from a foreign origin.
+    let r = post("Origin: http://evil.example\r\nContent-Type: text/plain\r\n");
+    assert_eq!(r.status, 403, "{}", r.text());
+    // Even with a JSON content type (a preflight would have been refused).
+    let r = post("Origin: http://evil.example\r\nContent-Type: application/json\r\n");
+    assert_eq!(r.status, 403, "{}", r.text());
+    // No origin (not a browser) but not JSON either.
+    let r = post("Content-Type: text/plain\r\n");
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert_eq!(
+        fake.entity("input_boolean.kitchen").unwrap(),
+        before,
+        "no service ran"
+    );
+    assert!(
+        fake.rest_requests()
+            .iter()
+            .all(|r| !r.path.contains("/api/services/"))
+    );
+    // The same call as a client means it (JSON, no foreign origin) reaches HA.
+    post("Content-Type: application/json\r\n");
+    assert!(
+        fake.rest_requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path == "/api/services/input_boolean/toggle"),
+        "the call went to HA"
     );
 }

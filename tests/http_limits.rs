@@ -487,3 +487,63 @@ fn connections_over_the_cap_get_503_until_some_close() {
     drop(open);
     assert_unaffected(&fake, &daemon);
 }
+
+/// Issue 13, HTTP details: `HEAD /api/stream` answers the stream's headers, `Expect:
+/// 100-continue` gets its interim answer before the body is sent, HTTP/1.1 without `Host`
+/// is 400 (RFC 9112 §3.2), and a signed `Content-Length` is 400 (RFC 9110 §8.6: 1*DIGIT).
+#[test]
+fn http_details_head_stream_expect_host_and_signed_length() {
+    let (fake, daemon) = live();
+    let mut c = daemon.connect();
+    let head = c.request("HEAD", "/api/stream", &[]).unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("Content-Type"), Some("text/event-stream"));
+    assert!(head.body.is_empty());
+
+    let mut c = daemon.connect();
+    let body = br#"{"entity_id":"input_boolean.kitchen"}"#;
+    c.send(
+        format!(
+            "POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let interim = c.read_response(true).unwrap();
+    assert_eq!(interim.status, 100, "100 Continue before the body is sent");
+    c.send(body).unwrap();
+    let r = c.read_response(false).unwrap();
+    assert_ne!(r.status, 100);
+    assert!(
+        fake.rest_requests()
+            .iter()
+            .any(|r| r.path == "/api/services/input_boolean/toggle"),
+        "the call went through once the body came"
+    );
+
+    assert_error(
+        &raw(&daemon, b"GET /health HTTP/1.1\r\n\r\n"),
+        400,
+        "HTTP/1.1 without Host",
+    );
+    assert_error(
+        &raw(
+            &daemon,
+            b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ),
+        400,
+        "two Host headers",
+    );
+    let r = raw(&daemon, b"GET /health HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 200, "HTTP/1.0 needs no Host");
+    assert_error(
+        &raw(
+            &daemon,
+            b"POST /api/services/a/b HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\n{}",
+        ),
+        400,
+        "Content-Length: +2",
+    );
+    assert_unaffected(&fake, &daemon);
+}

@@ -14,6 +14,7 @@ use smol::net::TcpStream;
 use smol::stream::StreamExt;
 
 use super::read_buffer::{Counted, Release};
+use crate::deadline::Deadline;
 use crate::hub::{Command, Hub, LinkSettings};
 use crate::mirror::Update;
 use crate::session::{Output, Session};
@@ -27,6 +28,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 /// tungstenite's read buffer: allocated once at this size, and the most read per syscall.
 const READ_BUFFER: usize = 16 * 1024;
+/// Most bytes queued for HA and not yet written (our frames are small: auth, commands,
+/// pongs); a peer that stops reading gets disconnected instead of growing our memory.
+const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
 /// How a connection ended.
 pub(super) enum End {
@@ -89,6 +93,10 @@ fn ws_config() -> WebSocketConfig {
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
+        // A peer that stops reading while it sends pings would otherwise grow the queue of
+        // pongs without bound; past this the write fails and the connection is dropped.
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
 }
 
 /// The WebSocket to HA, over a stream that counts what tungstenite reads.
@@ -166,23 +174,29 @@ pub(super) async fn run(
     let mut out = Vec::new();
     let mut synced = false;
     let mut release = Release::default();
+    let mut timer = Deadline::new(Instant::now());
     // As last reported to the hub.
     let mut subscriptions = 0;
     loop {
-        let deadline = session
-            .next_wakeup()
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let wake = async { Wake::Frame(ws.next().await) }
-            .or(async {
-                Timer::at(deadline).await;
-                Wake::Timer
-            })
-            .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
-            .or(async {
-                shutdown.wait().await;
-                Wake::Shutdown
-            })
-            .await;
+        timer.set(
+            session
+                .next_wakeup()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600)),
+        );
+        // The socket is polled last: a peer that keeps it always readable must not keep
+        // shutdown, commands or the session's timers (auth timeout, heartbeat) from being
+        // seen. `or` polls in order and stops at the first ready future.
+        let wake = async {
+            shutdown.wait().await;
+            Wake::Shutdown
+        }
+        .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
+        .or(async {
+            timer.elapsed().await;
+            Wake::Timer
+        })
+        .or(async { Wake::Frame(ws.next().await) })
+        .await;
         let now = Instant::now();
         if let Wake::Frame(Some(Ok(message))) = &wake {
             release.saw(message);
@@ -304,5 +318,8 @@ pub(super) async fn run(
             hub.update_link(|l| l.subscriptions = subscriptions);
         }
         ws = release.maybe(ws, ws_config()).await;
+        // One frame at a time: a peer that sends as fast as it can would otherwise keep this
+        // task running and starve HTTP, D-Bus and signals on the one executor thread.
+        smol::future::yield_now().await;
     }
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use daemon::{Daemon, DaemonOptions};
+#[allow(unused_imports)] // not every test crate talks to the fake HA
 pub use fake_ha::FakeHa;
 
 /// The usual deadline for something the daemon should do "soon": generous, because the
