@@ -228,6 +228,34 @@ struct RawEntitiesEvent<'a> {
     r: Vec<String>,
 }
 
+/// The oldest Home Assistant release hass-edge supports: the oldest the test suites run
+/// against (`tests/ha-peer/VERSIONS.md`).
+pub const OLDEST_SUPPORTED_HA: &str = "2024.3.3";
+/// The newest Home Assistant release the test suites run against.
+pub const NEWEST_TESTED_HA: &str = "2026.11.0";
+
+/// A warning for an HA `version` outside what is supported and tested, naming both
+/// versions; `None` within the range (by release month; patch releases of a tested month
+/// count as tested) or for a version that does not parse.
+pub fn ha_version_warning(version: &str) -> Option<String> {
+    let v = parse_ha_version(version)?;
+    let oldest = parse_ha_version(OLDEST_SUPPORTED_HA)?;
+    let newest = parse_ha_version(NEWEST_TESTED_HA)?;
+    if v < oldest {
+        Some(format!(
+            "Home Assistant {version} is older than the oldest supported release, {OLDEST_SUPPORTED_HA}; \
+             hass-edge may misread what it sends"
+        ))
+    } else if v > newest {
+        Some(format!(
+            "Home Assistant {version} is newer than any release hass-edge was tested with \
+             (newest tested: {NEWEST_TESTED_HA}); report anything that looks wrong"
+        ))
+    } else {
+        None
+    }
+}
+
 /// Parses `"2024.3.3"`, `"2025.4.0b1"`, `"2024.10.0.dev0"` into (year, month).
 pub fn parse_ha_version(version: &str) -> Option<(u32, u32)> {
     let mut parts = version.split('.');
@@ -1043,6 +1071,27 @@ mod tests {
             s.handle_frame(r#"{"id":4,"type":"event","event":{"x":1}}"#, t, &mut out)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn versions_outside_the_tested_range_are_named() {
+        assert!(ha_version_warning("2024.3.3").is_none());
+        assert!(ha_version_warning("2025.4.4").is_none());
+        assert!(
+            ha_version_warning("2026.11.2").is_none(),
+            "a patch of a tested month"
+        );
+        let old = ha_version_warning("2023.12.4").unwrap();
+        assert!(
+            old.contains("2023.12.4") && old.contains(OLDEST_SUPPORTED_HA),
+            "{old}"
+        );
+        let new = ha_version_warning("2027.1.0b1").unwrap();
+        assert!(
+            new.contains("2027.1.0b1") && new.contains(NEWEST_TESTED_HA),
+            "{new}"
+        );
+        assert!(ha_version_warning("garbage").is_none());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::read_buffer::{Counted, Release};
 use crate::deadline::Deadline;
 use crate::hub::{Command, Hub, LinkSettings};
 use crate::mirror::Update;
-use crate::session::{Output, Session};
+use crate::session::{Output, Session, ha_version_warning};
 use crate::shutdown::Shutdown;
 use crate::status::LinkState;
 
@@ -282,6 +282,12 @@ pub(super) async fn run(
                 }
                 Output::Authenticating { ha_version } => {
                     log::info!("Home Assistant {ha_version}: authenticating");
+                    // Once per version seen, not on every reconnect.
+                    if hub.link().ha_version.as_deref() != Some(&ha_version)
+                        && let Some(warning) = ha_version_warning(&ha_version)
+                    {
+                        log::warn!("{warning}");
+                    }
                     hub.update_link(|l| l.ha_version = Some(ha_version));
                 }
                 Output::Authenticated => {
