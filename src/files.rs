@@ -8,8 +8,10 @@
 //!   (fifo(7)), forever if none does, and the daemon has one thread. With `O_NONBLOCK` the
 //!   open returns at once; a regular file ignores the flag (open(2): "has no effect for
 //!   regular files"). `O_NOCTTY` keeps a terminal from becoming our controlling terminal.
-//! - `fstat(2)` on the opened descriptor, not `stat(2)` on the path: what is checked is what
-//!   is read, even if the path is replaced in between.
+//! - `stat(2)` on the path first: a device is refused without being opened at all (opening
+//!   some has effects: `/dev/watchdog` arms the watchdog).
+//! - `fstat(2)` on the opened descriptor as well: what is checked is what is read, even if
+//!   the path was replaced between the `stat` and the `open`.
 //! - Refusing anything but a regular file: a character device such as `/dev/zero` never ends,
 //!   a FIFO or socket ends when a peer says so, a directory cannot be read.
 //! - The size limit from `st_size` before reading, and the read itself bounded by it (the
@@ -145,7 +147,7 @@ impl ReadError {
 
 /// Reads the whole of `path`, which must be a regular file (symbolic links are followed) of
 /// at most `limit` bytes. Never blocks on a FIFO, socket or device: see the module docs for
-/// the steps (open(2) with `O_NONBLOCK | O_NOCTTY`, fstat(2), then a bounded read).
+/// the steps (stat(2), open(2) with `O_NONBLOCK | O_NOCTTY`, fstat(2), a bounded read).
 ///
 /// Errors: [`ReadError::NotRegular`] for a directory, FIFO, socket or device (`open(2)` of
 /// a socket fails with `ENXIO`; its kind is then taken from `stat(2)` on the path);
@@ -156,6 +158,15 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
         path: path.to_owned(),
         source,
     };
+    // Refuse what is plainly not a regular file before opening it (see the module docs).
+    if let Ok(meta) = std::fs::metadata(path)
+        && !meta.is_file()
+    {
+        return Err(ReadError::NotRegular {
+            path: path.to_owned(),
+            kind: FileKind::of(meta.file_type()),
+        });
+    }
     let file = match OpenOptions::new()
         .read(true)
         .custom_flags(O_NONBLOCK | O_NOCTTY)
