@@ -7,7 +7,12 @@ file, each line of a .jsonl, each received frame of restart_transcript.jsonl), a
 the live subscription), plus a few hand-made frames for paths the recordings miss (removal,
 attribute removal, failures, coalesced mixes).
 http_request: raw requests like the local API's clients send, and a few refusals.
-config: TOML files covering every section.
+config: TOML files covering every section, and URLs with user info (issue 13).
+entity_id: ids of HA's shape and the bad ones issue 13 found HA can send (NUL, newline,
+quotes, `..`, `/`, 10 KB), each also as the id inside an HA frame for ha_frame.
+sse_selection: `?entity_id=` lists, then ids to match, one per line.
+state_file: a first byte picking the kind of path (0 regular, 1 symlink to it, 2 FIFO,
+3 symlink to a FIFO, 4 socket, 5 directory, 6 device), then a state file's bytes.
 
 Deterministic; re-run after the fixtures change. tests/fuzz_regressions.rs replays them.
 """
@@ -153,16 +158,109 @@ level = "debug"
         "empty.toml": "",
         "no-persist.toml": '[cache]\npersist = false\nstate_file = ""\n',
         "bad-persist.toml": '[cache]\npersist = true\nstate_file = "/"\n',
+        "url-ftp-userinfo.toml": '[ha]\nurl = "ftp://user:pass@host"\n',
+        "url-userinfo.toml": '[ha]\nurl = "http://user:pass@host:8123"\n',
+        "url-slash-password.toml": '[ha]\nurl = "http://user:pa/ss@host"\n',
+        "url-space.toml": '[ha]\nurl = "http://user:pass@ho st"\n',
+        "url-no-scheme.toml": '[ha]\nurl = "user:pass@host:8123"\n',
+        "cors-userinfo.toml": '[http]\ncors_origins = ["http://u:p@kiosk.local"]\n',
     }
     for name, c in cfgs.items():
         write("config", name, c)
     return len(cfgs)
 
 
+BAD_IDS = {
+    "nul": "light.a\u0000b",
+    "newline": "light.a\nb",
+    "quote": 'light.a"b',
+    "single-quote": "light.a'b",
+    "dotdot": "light..kitchen",
+    "traversal": "light.x/../../etc",
+    "slash": "light/kitchen",
+    "10k": "sensor." + "x" * 10240,
+    "upper": "Light.Kitchen",
+    "space": "light.a b",
+    "no-dot": "light",
+    "two-dots": "light.a.b",
+    "empty-object": "light.",
+    "unicode": "light.k\u00fcche",
+    "dbus-path": "/io/hassedge/HassEdge1",
+}
+
+
+def entity_ids():
+    ids = dict(BAD_IDS)
+    ids.update({"good": "light.kitchen_2", "good-255": "sensor." + "a" * 248, "good-256": "sensor." + "a" * 249})
+    for name, i in ids.items():
+        write("entity_id", name, i)
+    # The same ids inside the frames HA sends, for ha_frame: added, changed, removed.
+    for name, i in BAD_IDS.items():
+        add = {"id": 4, "type": "event", "event": {"a": {i: {"s": "on", "a": {}, "c": "01C", "lc": 1795349249.5}}}}
+        change = {"id": 4, "type": "event", "event": {"c": {i: {"+": {"s": "off"}}}}}
+        remove = {"id": 4, "type": "event", "event": {"r": [i]}}
+        write("ha_frame", f"hand-bad-id-{name}-add", json.dumps(add, separators=(",", ":")))
+        write("ha_frame", f"hand-bad-id-{name}-mix", json.dumps([add, change, remove], separators=(",", ":")))
+        states = {"id": 4, "type": "result", "success": True, "result": [
+            {"entity_id": i, "state": "on", "attributes": {}, "last_changed": "2026-11-22T12:07:28+00:00",
+             "last_updated": "2026-11-22T12:07:28+00:00", "context": {"id": "x", "parent_id": None, "user_id": None}}]}
+        write("ha_frame", f"hand-bad-id-{name}-get-states", json.dumps(states, separators=(",", ":")))
+    return len(ids)
+
+
+def selections():
+    sels = {
+        "empty": "\nlight.kitchen\n",
+        "prefixes": "light.,switch.kitchen,sensor.temp*\nlight.kitchen\nswitch.kitchen\nswitch.kitchen_2\nsensor.temperature\nsensor.humidity",
+        "spaces": " light. , ,switch.a ,\nlight.x\nswitch.a",
+        "stars": "*,**,light.**,*.\nlight.*x\nanything",
+        "dot-and-star": ".,.*,light.*.\nlight.\n.",
+        "exact-vs-prefix": "light.kitchen,light.kitchen.\nlight.kitchen\nlight.kitchen.x\nlight.kitchen_2",
+        "commas": ",,,\nlight.a",
+        "unicode": "l\u00edght.,\u2003light.b\u2003\nl\u00edght.x\nlight.b",
+        "many": ",".join(f"sensor.s{i}" for i in range(2700)) + "\nsensor.s1\nsensor.s2699\nsensor.s27000",
+    }
+    for name, s in sels.items():
+        write("sse_selection", name, s)
+    return len(sels)
+
+
+def state_files():
+    body = [{"entity_id": "light.kitchen", "state": "on", "attributes": {"friendly_name": "Kitchen"},
+             "last_changed": "2026-11-22T12:07:28+00:00", "last_updated": "2026-11-22T12:07:28+00:00",
+             "context": {"id": "01C", "parent_id": None, "user_id": None}}]
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    saved_at_us, count, length = 1795349249123456, 1, len(raw)
+    import struct
+    import zlib
+    crc = zlib.crc32(struct.pack("<qQQ", saved_at_us, count, length) + raw)
+    header = (f'{{"format":"hass-edge-states","version":1,"saved_at_us":{saved_at_us},'
+              f'"count":{count},"length":{length},"crc32":{crc}}}\n').encode()
+    good = header + raw + b"\n"
+    files = {
+        "regular-good": b"\x00" + good,
+        "symlink-good": b"\x01" + good,
+        "regular-torn": b"\x00" + good[: len(good) // 2],
+        "regular-bad-crc": b"\x00" + good.replace(b"Kitchen", b"Kitchem"),
+        "regular-newer": b"\x00" + good.replace(b'"version":1', b'"version":2'),
+        "regular-empty": b"\x00",
+        "regular-small-limit": b"\x00\x01" + good,
+        "fifo": b"\x02" + good,
+        "symlink-fifo": b"\x03",
+        "socket": b"\x04",
+        "directory": b"\x05",
+        "device": b"\x06",
+    }
+    for name, data in files.items():
+        write("state_file", name, data)
+    return len(files)
+
+
 def main():
-    for t in ["ha_frame", "http_request", "config"]:
+    for t in ["ha_frame", "http_request", "config", "entity_id", "sse_selection", "state_file"]:
         shutil.rmtree(SEEDS / t, ignore_errors=True)
-    counts = {"ha_frame": ha_frames(), "http_request": http_requests(), "config": configs()}
+    counts = {"ha_frame": ha_frames(), "http_request": http_requests(), "config": configs(),
+              "entity_id": entity_ids(), "sse_selection": selections(), "state_file": state_files()}
     for t, n in counts.items():
         print(f"{t}: {n} seeds in {SEEDS / t}")
 

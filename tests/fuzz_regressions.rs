@@ -125,3 +125,34 @@ fn ha_frame_inputs_do_not_panic() {
     }
     check("ha_frame", drive::ha_frame_all_versions, extra, 50);
 }
+
+#[test]
+fn entity_id_inputs_do_not_panic() {
+    check("entity_id", drive::entity_id, Vec::new(), 10);
+}
+
+#[test]
+fn sse_selection_inputs_agree_with_the_reference() {
+    // The reference itself, on README's example and the edge cases it names.
+    let list = "light.,switch.kitchen,sensor.temp*";
+    for (id, want) in [
+        ("light.kitchen", true),
+        ("switch.kitchen", true),
+        ("switch.kitchen_2", false),
+        ("sensor.temperature", true),
+        ("sensor.humidity", false),
+    ] {
+        assert_eq!(drive::reference_matches(list, id), want, "{id}");
+    }
+    assert!(drive::reference_matches(" , ", "anything.at_all"));
+    check("sse_selection", drive::sse_selection, Vec::new(), 5);
+}
+
+#[test]
+fn state_file_inputs_do_not_panic() {
+    check("state_file", drive::state_file, Vec::new(), 10);
+    // The good seed reaches the path where a file is used, not only the refusals.
+    let good = std::fs::read(root().join("fuzz/seeds/state_file/regular-good")).unwrap();
+    let saved = hass_edge::persist::decode(&good[1..]).expect("the good seed decodes");
+    assert_eq!(saved.states.len(), 1);
+}
