@@ -411,18 +411,18 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
             head.expect_continue = value.eq_ignore_ascii_case("100-continue");
         }
     }
-    // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is answered 400.
-    if req.version == Some(1) && hosts != 1 {
-        return Err(Response::error(
-            400,
-            "an HTTP/1.1 request needs exactly one Host header",
-        ));
-    }
     head.content_length = content_length.unwrap_or(0);
     if head.content_length > MAX_BODY_BYTES {
         return Err(Response::error(
             413,
             format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is answered 400.
+    if req.version == Some(1) && hosts != 1 {
+        return Err(Response::error(
+            400,
+            "an HTTP/1.1 request needs exactly one Host header",
         ));
     }
     if !head.target.starts_with('/') {
