@@ -298,12 +298,11 @@ impl Live {
     }
 }
 
-/// Whether [`assert_stored_ids_valid`] is enforced. `false` until `src/mirror.rs` validates
-/// the ids HA sends (issue 13, item 4, done beside this change): until then the mirror
-/// stores any id, and the `hand-bad-id-*` seeds of `ha_frame` and every bad seed of
-/// `entity_id` fail it (checked: 15 ids with NUL, newline, quotes, `..`, `/`, 10 KB are
-/// stored). Set it to `true` in the commit that makes the mirror validate.
-pub const STORED_IDS_MUST_BE_VALID: bool = false;
+/// Whether [`assert_stored_ids_valid`] is enforced: `true` since `src/mirror.rs` validates
+/// the ids HA sends (8fd9b5d). Before that, the mirror stored all 15 bad ids of the
+/// `hand-bad-id-*` seeds of `ha_frame` and of the `entity_id` seeds (NUL, newline, quotes,
+/// `..`, `/`, 10 KB), and this check failed on each.
+pub const STORED_IDS_MUST_BE_VALID: bool = true;
 
 /// Issue 13, item 4: whatever HA sends, the mirror stores (and so persists, serves over
 /// HTTP and SSE and sends over D-Bus) only ids of HA's shape. See
