@@ -9,6 +9,9 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+/// Largest `ha.ca_file` read, bytes: a full system CA bundle is about 220 KB.
+const CA_FILE_LIMIT: u64 = 4 * 1024 * 1024;
+
 /// Failure to set up TLS.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -51,8 +54,10 @@ impl Roots {
                 path: path.display().to_string(),
                 message,
             };
-            let extra: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .map_err(|e| err(e.to_string()))?
+            // Never a FIFO or device, never more than a CA bundle could hold (files.rs).
+            let pem =
+                crate::files::read_regular(path, CA_FILE_LIMIT).map_err(|e| err(e.to_string()))?;
+            let extra: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<_, _>>()
                 .map_err(|e| err(e.to_string()))?;
             if extra.is_empty() {

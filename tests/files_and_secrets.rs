@@ -248,6 +248,35 @@ fn token_files_that_are_fifos_or_too_large_are_config_errors() {
     );
 }
 
+/// `ha.ca_file` goes through the same guard: a FIFO there used to hang start-up in open(2).
+#[test]
+fn a_fifo_as_ca_file_is_a_config_error() {
+    let dir = TempDir::new("ca-fifo");
+    let fifo = dir.path.join("ca.pem");
+    mkfifo(&fifo);
+    let token = dir.write("token", TOKEN);
+    let config = dir.write(
+        "config.toml",
+        &format!(
+            "[ha]\nurl = \"https://127.0.0.1:9\"\ntoken_file = {}\nca_file = {}\n[cache]\nstate_file = {}\n[dbus]\nbus = \"none\"\n",
+            quoted(&token),
+            quoted(&fifo),
+            quoted(&dir.path.join("states.json")),
+        ),
+    );
+    let run = run_to_exit(
+        command(&["--config", config.to_str().unwrap()]),
+        &dir,
+        exit_timeout(),
+    );
+    assert_eq!(run.status.code(), Some(78), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("ha.ca_file") && run.stderr.contains("FIFO"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn a_reload_with_a_fifo_token_or_a_url_with_a_password_is_rejected() {
     let fake = FakeHa::start("2025.4.4");
