@@ -1,6 +1,9 @@
 //! `hass-edge status [--json] [--session]`: asks the running daemon over D-Bus and prints a
-//! short summary, like `systemctl status`. Exit codes follow LSB `status` actions (LSB Core
-//! "Init Script Actions"): 0 live, 3 running but not live, 4 not running / unknown.
+//! short summary, like `systemctl status`. Exit codes: 0 live, 3 running but not live, 4 not
+//! running / unknown. This is not an init script's `status` action, where LSB's 3 means "not
+//! running" (LSB Core "Init Script Actions"): 3 is kept for "up but not serving live states"
+//! because scripts already test for it, and 4 ("unknown") is what a caller gets when the
+//! daemon cannot be asked at all; README and hass-edge(8) say so.
 
 use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
