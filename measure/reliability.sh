@@ -4,14 +4,15 @@
 # writes RELIABILITY.md (what was tried, how often, what held, figures, machine) and prints
 # a summary. Exits non-zero when any check failed.
 #
-#   --short   small counts for a CI smoke run (≈ 5 min instead of ≈ 45 min)
+#   --short   small counts for a CI smoke run (≈ 7 min instead of ≈ 50 min)
 #
 # Environment: HA_VERSION (default 2025.4.4), HASS_EDGE_BIN (default: built here with
 # `--profile fast` into CARGO_TARGET_DIR, default target/), REL_WORK (default
 # /tmp/hass-edge-rel), REL_RESULTS (per-script results, default measure/results),
 # REL_REPORT (the report, default RELIABILITY.md), REL_ONLY (names of
 # the scripts to run, e.g. "flood auth"), and per-script overrides:
-# REL_RESTARTS, REL_AUTH_WINDOW, REL_FLOOD_ARGS, REL_ABUSE_ARGS, REL_HALF_OPEN_ARGS.
+# REL_RESTARTS, REL_AUTH_WINDOW, REL_FLOOD_ARGS, REL_ABUSE_ARGS, REL_HALF_OPEN_ARGS,
+# REL_STARVE_ARGS.
 # The scripts are modules of measure/hass_edge_tools/reliability/, run with python3 -m.
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,12 +39,14 @@ if [[ $MODE == short ]]; then
 	AUTH_WINDOW=${REL_AUTH_WINDOW:-60}
 	FLOOD=${REL_FLOOD_ARGS:---flood 10 --budget 30 --overflow 10}
 	ABUSE=${REL_ABUSE_ARGS:---short}
+	STARVE=${REL_STARVE_ARGS:---short}
 else
 	RESTARTS=${REL_RESTARTS:-50}
 	HALF=${REL_HALF_OPEN_ARGS:---rounds 6}
 	AUTH_WINDOW=${REL_AUTH_WINDOW:-600}
 	FLOOD=${REL_FLOOD_ARGS:---flood 60 --budget 600 --overflow 30}
 	ABUSE=${REL_ABUSE_ARGS:-}
+	STARVE=${REL_STARVE_ARGS:-}
 fi
 
 declare -A cmds=(
@@ -52,8 +55,9 @@ declare -A cmds=(
 	[auth]="python3 -m $REL.auth --window $AUTH_WINDOW"
 	[flood]="python3 -m $REL.flood $FLOOD"
 	[http_abuse]="python3 -m $REL.http_abuse $ABUSE"
+	[starve]="python3 -m $REL.starve $STARVE"
 )
-ORDER=${REL_ONLY:-ha_restarts half_open auth flood http_abuse}
+ORDER=${REL_ONLY:-ha_restarts half_open auth flood http_abuse starve}
 failed=()
 start=$(date +%s)
 # Results are <name>.* for the default HA version, <name>@<version>.* for another (as

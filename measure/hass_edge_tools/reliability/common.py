@@ -90,6 +90,8 @@ class Report:
         self.checks: list[tuple[bool, str]] = []
         self.figures: dict[str, object] = {}
         self.notes: list[str] = []
+        # Optional markdown (a table) that report.py puts in this script's section as it is.
+        self.markdown = ""
         self.started = time.time()
         self.load_start = os.getloadavg()
         print(f"== {name} (HA {VERSION}, daemon {daemon_bin()}, load average {self.load_start[0]:.1f})", flush=True)
@@ -141,6 +143,7 @@ class Report:
                         "failed": failed,
                         "figures": self.figures,
                         "notes": self.notes,
+                        "markdown": self.markdown,
                     },
                     indent=1,
                     default=str,

@@ -3,6 +3,8 @@
 (exit code, seconds, command). Also includes fuzz/logs/summary.txt when fuzz/run.sh left one.
 
 usage: python3 -m hass_edge_tools.reliability.report RESULTS_DIR MODE SECONDS
+       python3 -m hass_edge_tools.reliability.report --merge RESULTS_DIR REPORT KEY…
+         (replaces or adds only those scripts' rows and sections in an existing REPORT)
 """
 import datetime
 import json
@@ -14,17 +16,86 @@ from hass_edge_tools import ROOT
 from hass_edge_tools.machine import describe
 from hass_edge_tools.reliability.common import daemon_bin
 
-ORDER = ["ha_restarts", "half_open", "auth", "flood", "http_abuse"]
+ORDER = ["ha_restarts", "half_open", "auth", "flood", "http_abuse", "starve"]
 WHAT = {
     "ha_restarts": "HA restarts (graceful `restart`, `hup`, `kill`+`start`): reconnect, resync, states equal to HA's, none stale, none left over",
     "half_open": "Half-open TCP (a proxy stops forwarding without closing): heartbeat detection within interval+timeout, reconnect through the proxy",
     "auth": "Token revoked while connected; wrong token at start; retry rate and HA's IP ban (`--ip-ban`, threshold 5)",
     "flood": "HA at its maximum event rate; distinct entity ids pushed through with `max_entities = 1000`; RSS bounded",
+    "starve": "One peer floods or withholds as fast as it can (issue 13): a raw fake HA (frames before auth, events after auth, pings never read) and local HTTP/SSE clients (pipelining, 500 connections, 63 never-reading streams, 10,000 made-up ids); `/health` p99, timers, SIGTERM, RSS per case",
     "http_abuse": "1,000 idle connections (cap 512), malformed/oversized requests, slowloris, a never-reading stream client; `/health` latency, RSS",
 }
 
 
+def section(key: str, name: str, d: dict) -> list[str]:
+    """The section of one script's result `d` (as saved by common.Report) under `## key`."""
+    out = []
+    w = out.append
+    w(f"## {key}")
+    w("")
+    w(f"{WHAT[name]}; against Home Assistant {d.get('ha_version', '?')}; {d.get('seconds', '?')} s; `{d.get('command', '?')}`.")
+    if d.get("binary"):
+        w("")
+        w(f"hass-edge: `{d['binary']}`.")
+    w("")
+    if d["failed"]:
+        w("**Did not hold:**")
+        w("")
+        for f in d["failed"]:
+            w(f"- ❌ {f}")
+        w("")
+    w("Held:")
+    w("")
+    for h in d["held"]:
+        w(f"- ✅ {h}")
+    w("")
+    if d["figures"]:
+        w("| figure | value |")
+        w("| --- | --- |")
+        for k, v in d["figures"].items():
+            w(f"| {k} | {str(v).replace('|', '/')} |")
+        w("")
+    if d.get("markdown"):
+        w(d["markdown"])
+        w("")
+    for n in d.get("notes", []):
+        w(f"> {n}")
+        w("")
+    return out
+
+
+def merge(results: Path, report: Path, keys: list[str]) -> None:
+    """Puts the results of `keys` (<results>/<key>.json) into an existing report: each one's
+    row of the summary table and its section are replaced, or added (the row after the last
+    one, the section before the fuzzing and how-to sections); the rest stays as it was."""
+    lines = report.read_text().splitlines()
+    for key in keys:
+        d = json.loads((results / f"{key}.json").read_text())
+        name = d["name"]
+        version = d.get("ha_version", "?")
+        row = f"| `{key}` | {WHAT[name]} (HA {version}) | {len(d['held'])} | {len(d['failed'])} | {d.get('seconds', '?')} s | `{d.get('command', '?')}` |"
+        rows = [i for i, l in enumerate(lines) if l.startswith("| `")]
+        mine = [i for i in rows if lines[i].startswith(f"| `{key}` |")]
+        if mine:
+            lines[mine[0]] = row
+        else:
+            lines.insert(rows[-1] + 1 if rows else 0, row)
+        new = section(key, name, d)
+        heads = [i for i, l in enumerate(lines) if l.startswith("## ")]
+        start = next((i for i in heads if lines[i] == f"## {key}"), None)
+        if start is not None:
+            end = next((i for i in heads if i > start), len(lines))
+            lines[start:end] = new
+        else:
+            at = next((i for i in heads if lines[i].startswith(("## Fuzzing", "## How to run"))), len(lines))
+            lines[at:at] = new
+    report.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
+    if sys.argv[1] == "--merge":
+        merge(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+        return
     results, mode, seconds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     out = []
     w = out.append
@@ -73,33 +144,7 @@ def main() -> None:
             w(f"- **{key}** ({kind}): {text}")
         w("")
     for key, (name, d) in data.items():
-        w(f"## {key}")
-        w("")
-        w(f"{WHAT[name]}; against Home Assistant {d.get('ha_version', '?')}; {d.get('seconds', '?')} s; `{d.get('command', '?')}`.")
-        if d.get("binary"):
-            w("")
-            w(f"hass-edge: `{d['binary']}`.")
-        w("")
-        if d["failed"]:
-            w("**Did not hold:**")
-            w("")
-            for f in d["failed"]:
-                w(f"- ❌ {f}")
-            w("")
-        w("Held:")
-        w("")
-        for h in d["held"]:
-            w(f"- ✅ {h}")
-        w("")
-        if d["figures"]:
-            w("| figure | value |")
-            w("| --- | --- |")
-            for k, v in d["figures"].items():
-                w(f"| {k} | {str(v).replace('|', '/')} |")
-            w("")
-        for n in d.get("notes", []):
-            w(f"> {n}")
-            w("")
+        out.extend(section(key, name, d))
     fuzz = ROOT / "fuzz" / "logs" / "summary.txt"
     if fuzz.exists():
         w("## Fuzzing (fuzz/run.sh, last run)")
@@ -121,6 +166,7 @@ def main() -> None:
     w("python3 -m hass_edge_tools.reliability.auth --window 600")
     w("python3 -m hass_edge_tools.reliability.flood --flood 60 --budget 600 --overflow 30")
     w("python3 -m hass_edge_tools.reliability.http_abuse")
+    w("python3 -m hass_edge_tools.reliability.starve          # --short: the CI smoke")
     w("HA_VERSION=2024.3.3 python3 -m hass_edge_tools.reliability.ha_restarts 15   # against the other HA version")
     w("fuzz/run.sh 300               # each fuzz target for 300 s")
     w("```")
