@@ -35,6 +35,12 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A started request must arrive completely within this long (slow-loris guard).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kernel send buffer of a close-delimited (event stream) response, bytes. Linux autotunes
+/// a socket's buffer up to 4 MiB (`net.ipv4.tcp_wmem`): a stream client that stops reading
+/// made the daemon copy that much into the kernel for each such client before its writes
+/// blocked, which with 63 of them cost most of a core (measured, RELIABILITY.md `starve`).
+/// An event is a few KiB; this holds dozens, and a stalled client blocks at once.
+pub const STREAM_SEND_BUFFER: usize = 64 * 1024;
 /// A response must be written within this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -597,6 +603,12 @@ async fn write_response(
     };
     let head_len = bytes.len();
     let mut written = 0;
+    if length.is_none()
+        && let Err(e) =
+            rustix::net::sockopt::set_socket_send_buffer_size(&*stream, STREAM_SEND_BUFFER)
+    {
+        log::debug!("could not cap the send buffer of a stream: {e}");
+    }
     // A close-delimited body: what the client sends is read and dropped, so a closed
     // browser tab ends the body at once instead of at the next failed write.
     let mut reader = stream.clone();

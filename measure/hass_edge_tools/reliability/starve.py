@@ -901,14 +901,19 @@ def main() -> None:
         control.stop()
         if peer and not args.keep_peer:
             peer.stop()
+    # The CI smoke (--short) runs on a machine whose load is not ours: there the speed and
+    # memory goals are reported, and only what must hold whatever the load (SIGTERM acted on,
+    # the timers firing at all, the floods running, the budget) fails the run.
+    gate = r.goal if args.short else r.check
     for c in cases:
         g = c.goals()
         lat = [ms for _, ms, _ in c.health]
-        r.check(g["p99"], f"{c.key}: /health p99 <= {P99_GOAL_MS:.0f} ms ({pct(lat, 99):.2f} ms over {len(lat)} requests)")
+        gate(g["p99"], f"{c.key}: /health p99 <= {P99_GOAL_MS:.0f} ms ({pct(lat, 99):.2f} ms over {len(lat)} requests)")
         errs = ", ".join(f"{e * 1000:+.0f}" for e in c.timer_errors)
-        r.check(g["timer"], f"{c.key}: {c.timer_name} within +-{TIMER_GOAL_S * 1000:.0f} ms ({errs or 'none observed'} ms)")
+        r.check(bool(c.timer_errors), f"{c.key}: {c.timer_name} observed")
+        gate(g["timer"], f"{c.key}: {c.timer_name} within +-{TIMER_GOAL_S * 1000:.0f} ms ({errs or 'none observed'} ms)")
         r.check(g["term"], f"{c.key}: SIGTERM to exit <= {TERM_GOAL_S:.0f} s during the flood ({c.term if c.term is None else round(c.term, 2)} s, exit {c.exit_code})")
-        r.check(g["rss"], f"{c.key}: RSS bounded: VmHWM {c.hwm / 1024:.1f} MiB <= {c.rss_bound_kb / 1024:.1f} MiB, after {c.after / 1024:.1f} MiB < 2x steady {c.steady / 1024:.1f} MiB within 10 s")
+        gate(g["rss"], f"{c.key}: RSS bounded: VmHWM {c.hwm / 1024:.1f} MiB <= {c.rss_bound_kb / 1024:.1f} MiB, after {c.after / 1024:.1f} MiB < 2x steady {c.steady / 1024:.1f} MiB within 10 s")
         for ok, text in c.extra_checks:
             r.check(ok, text)
         r.figure(f"{c.key}: flood", c.flood)
