@@ -278,7 +278,7 @@ def fresh_status(port: int) -> object:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.settimeout(5)
-            s.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: fresh\r\nConnection: close\r\n\r\n")
             return read_response(s)[0]
     except OSError as e:
         return f"error {e}"
