@@ -353,44 +353,50 @@ def pipeline_flood(port: int, path: bytes, stop, out) -> None:
     out.send({"sent": sent, "answered": answers[0]})
 
 
+async def keep_alive_client(port: int, next_path, host: str, stop, tally: dict) -> None:
+    """One keep-alive connection sending `GET next_path()` as soon as the last request is
+    answered, until `stop`; counts answers by status (and errors by type) in `tally`, and
+    reconnects after an error or `Connection: close`."""
+    reader = writer = None
+    while not stop.is_set():
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {next_path()} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+            st = head[9:12].decode()
+            tally[st] = tally.get(st, 0) + 1
+            if b"connection: close" in head.lower():
+                writer.close()
+                writer = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
+            tally[type(e).__name__] = tally.get(type(e).__name__, 0) + 1
+            if writer is not None:
+                writer.close()
+            writer = None
+            await asyncio.sleep(0.05)
+    if writer is not None:
+        writer.close()
+
+
 def hammer_flood(port: int, conns: int, paths: list[str], stop, out) -> None:
     """`conns` keep-alive connections, each sending its next request as soon as the last one
-    is answered. Sends {status: count}."""
+    is answered (connection k starts at paths[k] and walks the list). Sends {status: count}."""
 
     async def run() -> dict:
         tally: dict[str, int] = {}
 
-        async def one(k: int) -> None:
-            reader = writer = None
-            i = k
-            while not stop.is_set():
-                try:
-                    if writer is None:
-                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.write(f"GET {paths[i % len(paths)]} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
-                    i += 1
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                    length = 0
-                    for line in head.split(b"\r\n"):
-                        if line[:15].lower() == b"content-length:":
-                            length = int(line[15:])
-                    if length:
-                        await reader.readexactly(length)
-                    st = head[9:12].decode()
-                    tally[st] = tally.get(st, 0) + 1
-                    if b"connection: close" in head.lower():
-                        writer.close()
-                        writer = None
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
-                    tally[type(e).__name__] = tally.get(type(e).__name__, 0) + 1
-                    if writer is not None:
-                        writer.close()
-                    writer = None
-                    await asyncio.sleep(0.05)
-            if writer is not None:
-                writer.close()
+        def walker(k: int):
+            i = itertools.count(k)
+            return lambda: paths[next(i) % len(paths)]
 
-        await asyncio.gather(*(one(k) for k in range(conns)))
+        await asyncio.gather(*(keep_alive_client(port, walker(k), "h", stop, tally) for k in range(conns)))
         return tally
 
     out.send(asyncio.run(run()))
@@ -440,44 +446,13 @@ def made_up_reads(port: int, first: int, conns: int, stop, out) -> None:
     counter = itertools.count(first)
     paths_done = [0]
 
-    def paths():
-        while True:
-            paths_done[0] += 1
-            yield f"/api/states/sensor.starve_madeup_{next(counter)}"
+    def next_path() -> str:
+        paths_done[0] += 1
+        return f"/api/states/sensor.starve_madeup_{next(counter)}"
 
     async def run() -> dict:
         tally: dict[str, int] = {}
-        gen = paths()
-
-        async def one() -> None:
-            reader = writer = None
-            while not stop.is_set():
-                try:
-                    if writer is None:
-                        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.write(f"GET {next(gen)} HTTP/1.1\r\nHost: g\r\n\r\n".encode())
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                    length = 0
-                    for line in head.split(b"\r\n"):
-                        if line[:15].lower() == b"content-length:":
-                            length = int(line[15:])
-                    if length:
-                        await reader.readexactly(length)
-                    st = head[9:12].decode()
-                    tally[st] = tally.get(st, 0) + 1
-                    if b"connection: close" in head.lower():
-                        writer.close()
-                        writer = None
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
-                    tally[type(e).__name__] = tally.get(type(e).__name__, 0) + 1
-                    if writer is not None:
-                        writer.close()
-                    writer = None
-                    await asyncio.sleep(0.05)
-            if writer is not None:
-                writer.close()
-
-        await asyncio.gather(*(one() for _ in range(conns)))
+        await asyncio.gather(*(keep_alive_client(port, next_path, "g", stop, tally) for _ in range(conns)))
         tally["ids"] = paths_done[0]
         return tally
 
