@@ -21,6 +21,25 @@ fn fixture(version: &str, name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// Feeds a recorded subscription (`{name}_initial.json`, then `{name}_events.jsonl`) to
+/// `session` under the subscription id it used.
+fn feed_subscription(
+    session: &mut Session,
+    version: &str,
+    name: &str,
+    id: u64,
+    t: Instant,
+    out: &mut Vec<Output>,
+) {
+    let initial = fixture(version, &format!("{name}_initial.json"));
+    session
+        .handle_frame(&with_id(&initial, id), t, out)
+        .unwrap();
+    for line in fixture(version, &format!("{name}_events.jsonl")).lines() {
+        session.handle_frame(&with_id(line, id), t, out).unwrap();
+    }
+}
+
 /// Rewrites a recorded frame's subscription id to the one our session used.
 fn with_id(frame: &str, id: u64) -> String {
     let mut v: Value = serde_json::from_str(frame).unwrap();
@@ -73,21 +92,14 @@ fn replay(version: &str) -> (Mirror, BTreeMap<String, Value>) {
     }
     let entities_id =
         sent_id(&out, "subscribe_entities").expect("subscribe_entities sent once RUNNING");
-    session
-        .handle_frame(
-            &with_id(
-                &fixture(version, "subscribe_entities_initial.json"),
-                entities_id,
-            ),
-            t,
-            &mut out,
-        )
-        .unwrap();
-    for line in fixture(version, "subscribe_entities_events.jsonl").lines() {
-        session
-            .handle_frame(&with_id(line, entities_id), t, &mut out)
-            .unwrap();
-    }
+    feed_subscription(
+        &mut session,
+        version,
+        "subscribe_entities",
+        entities_id,
+        t,
+        &mut out,
+    );
     let mut snapshots = 0;
     for o in out {
         if let Ok(update) = Update::try_from(o) {
@@ -237,21 +249,14 @@ fn replay_2026_11_0_filtered_subscription() {
     session
         .handle_frame(&with_id(&result, id), t, &mut out)
         .unwrap();
-    session
-        .handle_frame(
-            &with_id(
-                &fixture(version, "subscribe_entities_filtered_initial.json"),
-                id,
-            ),
-            t,
-            &mut out,
-        )
-        .unwrap();
-    for line in fixture(version, "subscribe_entities_filtered_events.jsonl").lines() {
-        session
-            .handle_frame(&with_id(line, id), t, &mut out)
-            .unwrap();
-    }
+    feed_subscription(
+        &mut session,
+        version,
+        "subscribe_entities_filtered",
+        id,
+        t,
+        &mut out,
+    );
     for o in out {
         if let Ok(update) = Update::try_from(o) {
             assert_eq!(
