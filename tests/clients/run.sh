@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Real Home Assistant clients against HA and through hass-edge, results compared (issue 15).
+# See tests/clients/README.md.
+#
+#   HA_PEER_DIR=<dir of a running tests/ha-peer peer> bash tests/clients/run.sh
+#
+# Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root);
+# CLIENTS_TARGET=ha (the self-check: every call made against HA twice, no hass-edge);
+# CLIENTS_SECTIONS (default api-sync,api-async,cli,auth); OUT_DIR (keeps the daemons' logs and
+# the full output there); CLIENTS_VERBOSE=1 (print HA's answer to every call).
+#
+# Starts three hass-edge daemons on free loopback ports, each with its own config and state file
+# in a temporary directory: the main one (loopback-open, every domain mirrored), a read-only one
+# (allow_service_calls = false, an API token) and one whose HA is a closed port. Prints one
+# PASS/FAIL line per check and `N passed, M failed`; exit 0 only when every check passed.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+T0=$SECONDS
+
+say() { printf 'clients: %s\n' "$*" >&2; }
+die() { printf 'clients: FAIL: %s\n' "$*" >&2; exit 1; }
+
+# ---------- prerequisites ----------
+[[ -n ${HA_PEER_DIR:-} ]] || die "HA_PEER_DIR is not set (the DIR of 'tests/ha-peer/ha-peer.sh start VERSION DIR PORT')"
+[[ -s $HA_PEER_DIR/url && -s $HA_PEER_DIR/token ]] || die "$HA_PEER_DIR has no url/token: is the HA peer started?"
+HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd)
+TARGET=${CLIENTS_TARGET:-edge}
+[[ $TARGET == edge || $TARGET == ha ]] || die "CLIENTS_TARGET must be edge or ha, not $TARGET"
+if [[ $TARGET == edge ]]; then
+	EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
+	[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+	[[ -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
+fi
+for tool in python3 curl; do
+	command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+HA_URL=$(cat "$HA_PEER_DIR/url")
+curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
+	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
+HA_VERSION=$(cat "$HA_PEER_DIR/version" 2>/dev/null || echo '?')
+
+# ---------- the clients (cached venv; instant when installed) ----------
+VENV=$(bash "$HERE/install.sh") || die "tests/clients/install.sh failed"
+PY=$VENV/bin/python
+
+# ---------- processes and their cleanup ----------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-clients.XXXXXX")
+if [[ -n ${OUT_DIR:-} ]]; then
+	mkdir -p "$OUT_DIR"
+	OUT_DIR=$(cd "$OUT_DIR" && pwd)
+fi
+LOGDIR=${OUT_DIR:-$WORK}
+declare -A EDGE_PID=()
+
+stop_pid() { # PID: TERM, then KILL after 5 s
+	local pid=$1 i
+	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 50; i++)); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+	local rc=$? name
+	trap - EXIT INT TERM
+	for name in "${!EDGE_PID[@]}"; do stop_pid "${EDGE_PID[$name]}"; done
+	if ((rc != 0)); then
+		for name in "${!EDGE_PID[@]}"; do
+			[[ ! -s $LOGDIR/clients-edge-$name.log ]] || {
+				echo "--- hass-edge ($name) log (tail) ---" >&2
+				tail -n 15 "$LOGDIR/clients-edge-$name.log" >&2
+			}
+		done
+	fi
+	rm -rf "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_edge NAME HA_URL EXTRA_HTTP_TOML: writes WORK/NAME/config.toml, starts the daemon, sets PORT_<NAME>
+start_edge() {
+	local name=$1 ha_url=$2 extra=$3 port dir=$WORK/$1
+	port=$(free_port)
+	mkdir -p "$dir"
+	cat >"$dir/config.toml" <<EOF
+[ha]
+url = "$ha_url"
+token_file = "$HA_PEER_DIR/token"
+
+[http]
+listen = "127.0.0.1:$port"
+$extra
+
+# Mirror every entity: the clients compare GET /api/states with HA's whole list.
+[filter]
+enabled = false
+
+[cache]
+state_file = "$dir/states.json"
+
+[dbus]
+bus = "none"
+EOF
+	(
+		# Our callers' knobs must not reach the daemon as config overrides.
+		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
+		unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
+		exec "$EDGE_BIN" --config "$dir/config.toml"
+	) >"$LOGDIR/clients-edge-$name.log" 2>&1 &
+	EDGE_PID[$name]=$!
+	printf -v "PORT_$name" '%s' "$port"
+}
+
+# wait_edge NAME WANT: WANT=200 waits for /health 200 (live and synced), WANT=any for any HTTP answer
+wait_edge() {
+	local name=$1 want=$2 port code i
+	port=PORT_$name
+	port=${!port}
+	for ((i = 0; ; i++)); do
+		kill -0 "${EDGE_PID[$name]}" 2>/dev/null || die "hass-edge ($name) exited at start (log: $LOGDIR/clients-edge-$name.log)"
+		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$port/health" || true)
+		if [[ $want == any && $code != 000 ]] || [[ $code == "$want" ]]; then break; fi
+		((i < 300)) || die "hass-edge ($name): /health is not $want after 30 s (last: $code)"
+		sleep 0.1
+	done
+}
+
+ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,cli,auth}")
+if [[ $TARGET == edge ]]; then
+	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
+	closed=$(free_port) # nothing listens there: "HA unreachable"
+	start_edge main "$HA_URL" ""
+	start_edge ro "$HA_URL" "api_token_file = \"$WORK/api-token\"
+allow_service_calls = false"
+	start_edge down "http://127.0.0.1:$closed" ""
+	wait_edge main 200
+	wait_edge ro 200
+	wait_edge down any
+	say "HA $HA_VERSION at $HA_URL; hass-edge $("$EDGE_BIN" --version 2>/dev/null | head -1) live on :$PORT_main (read-only :$PORT_ro, HA unreachable :$PORT_down) after $((SECONDS - T0)) s"
+	ARGS+=(--target-url "http://127.0.0.1:$PORT_main" --target-label hass-edge
+		--edge-readonly "http://127.0.0.1:$PORT_ro" --edge-api-token-file "$WORK/api-token"
+		--edge-unreachable "http://127.0.0.1:$PORT_down")
+else
+	say "self-check: every call against HA $HA_VERSION at $HA_URL twice"
+	ARGS+=(--target-url "$HA_URL" --target-label HA-again)
+fi
+
+# ---------- the comparison ----------
+rc=0
+"$PY" "$HERE/compare.py" "${ARGS[@]}" 2>&1 | tee "$WORK/out.txt" || rc=$?
+[[ -z ${OUT_DIR:-} ]] || cp "$WORK/out.txt" "$OUT_DIR/clients-output.txt"
+if [[ $TARGET == edge ]]; then # the daemons must still be running (none crashed under the clients)
+	for name in main ro down; do
+		if kill -0 "${EDGE_PID[$name]}" 2>/dev/null; then
+			echo "PASS hass-edge ($name) still running after the clients" | tee -a "$WORK/out.txt"
+		else
+			echo "FAIL hass-edge ($name) still running after the clients: it exited (log: $LOGDIR/clients-edge-$name.log)" | tee -a "$WORK/out.txt"
+		fi
+	done
+fi
+passed=$(grep -c '^PASS ' "$WORK/out.txt" || true)
+failed=$(grep -c '^FAIL ' "$WORK/out.txt" || true)
+say "HA $HA_VERSION, target $TARGET: done in $((SECONDS - T0)) s"
+echo "$passed passed, $failed failed"
+((failed == 0 && passed > 0 && rc == 0))
