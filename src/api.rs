@@ -17,12 +17,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
-use serde_json::Value;
-
 use crate::broadcast::Selection;
 use crate::entity::{EntityState, valid_entity_id};
-use crate::http::{CHUNK, Handler, Pieces, Request, Response};
+use crate::http::{CHUNK, Exchange, Handler, Head, Pieces, Request, Response};
 use crate::hub::{Hub, Read};
+use crate::mirror::Update;
+use crate::proxy::{Capture, Credentials, Plan, Proxy};
 use crate::sse::EventStream;
 
 /// The routes, served by [`crate::http::serve`].
@@ -30,12 +30,17 @@ use crate::sse::EventStream;
 pub struct Api {
     /// What the routes answer from.
     hub: Rc<Hub>,
+    /// Requests the routes do not answer go to HA through this.
+    proxy: Proxy,
 }
 
 impl Api {
     /// The routes over `hub`.
     pub fn new(hub: Rc<Hub>) -> Api {
-        Api { hub }
+        Api {
+            hub,
+            proxy: Proxy::default(),
+        }
     }
 }
 
@@ -46,6 +51,26 @@ impl Handler for Api {
             self.hub.count_http(route, response.status);
             response
         })
+    }
+
+    fn forwards(&self, head: &Head) -> Option<usize> {
+        let config = self.hub.config();
+        let path = head.path();
+        // hass-edge's own routes answer every method (405 for those they do not take),
+        // except the writes to HA's API that share their paths.
+        let write = write_capture(&head.method, path);
+        if !head.upgrade && write.is_none() && route(path).is_some() {
+            return None;
+        }
+        // Writes to HA's own API are always forwarded; the rest only with `http.forward`.
+        (config.http.forward || write.is_some()).then_some(config.http.max_forward_body_bytes)
+    }
+
+    fn forward<'a>(
+        &'a self,
+        exchange: Exchange<'a>,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<bool>> + 'a>> {
+        Box::pin(forward(&self.hub, &self.proxy, exchange))
     }
 
     fn refused(&self, status: u16) {
@@ -75,7 +100,7 @@ fn route(path: &str) -> Option<Route> {
             r("/api/states/{entity_id}", "GET, HEAD, OPTIONS", false)
         }
         p if p.starts_with("/api/services/") => {
-            r("/api/services/{domain}/{service}", "POST, OPTIONS", false)
+            r("/api/services/{domain}/{service}", "OPTIONS", false)
         }
         _ => None,
     }
@@ -98,16 +123,154 @@ fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> bool {
 
 /// Whether a request's `Origin` (RFC 6454) may use the API: absent (not from a browser's
 /// cross-site request), listed in `http.cors_origins`, or our own (`http://` + `Host`).
-fn origin_allowed(request: &Request, cors_allowed: bool) -> bool {
-    let Some(origin) = request.origin.as_deref() else {
+fn origin_allowed(origin: Option<&str>, host: Option<&str>, cors_origins: &[String]) -> bool {
+    let Some(origin) = origin else {
         return true;
     };
-    cors_allowed
-        || request
-            .host
-            .as_deref()
+    cors_origins.iter().any(|o| o == origin)
+        || host
             .and_then(|host| origin.strip_prefix("http://").map(|o| o == host))
             .unwrap_or(false)
+}
+
+/// The store update a forwarded write's answer carries (see [`Capture`]).
+fn write_capture(method: &str, path: &str) -> Option<Capture> {
+    match method {
+        "POST" if path.starts_with("/api/services/") => Some(Capture::ServiceCall),
+        "POST" if path.starts_with("/api/states/") => Some(Capture::State),
+        "DELETE" => path
+            .strip_prefix("/api/states/")
+            .filter(|id| valid_entity_id(id))
+            .map(|id| Capture::Removed(id.to_owned())),
+        _ => None,
+    }
+}
+
+/// Forwards a request hass-edge does not answer itself (issue 15).
+///
+/// A foreign `Origin` is refused (403) before anything is sent, as on the local routes.
+/// Credentials: a request with its own (an `Authorization` that is not hass-edge's API
+/// token, an `/auth/*` login flow, a signed `authSig` path) goes as it came, and HA
+/// decides. One with hass-edge's API token — or, in the loopback-open mode (no
+/// `http.api_token_file`), one with none — goes with hass-edge's HA token, under the rules
+/// that guard that token: a body must be JSON (415), and with
+/// `http.allow_service_calls = false` only `GET`/`HEAD`/`OPTIONS` go (403). Any other
+/// request goes without credentials (the API token is never passed on).
+async fn forward(hub: &Hub, proxy: &Proxy, x: Exchange<'_>) -> std::io::Result<bool> {
+    let config = hub.config();
+    let head = &x.head;
+    let path = head.path().to_owned();
+    let bearer = head
+        .authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "));
+    let presents_ours = bearer.is_some_and(|t| hub.is_api_token(t));
+    let query = head.target.split_once('?').map_or("", |(_, q)| q);
+    let own_credentials = (head.authorization.is_some() && !presents_ours)
+        || path.starts_with("/auth/")
+        || form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "authSig");
+    let origin_ok = origin_allowed(
+        head.origin.as_deref(),
+        head.host.as_deref(),
+        &config.http.cors_origins,
+    );
+    let credentials = if own_credentials {
+        Credentials::Client
+    } else if (presents_ours || !hub.has_api_token()) && !head.upgrade {
+        Credentials::Ours
+    } else {
+        Credentials::Stripped
+    };
+    let reading = matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS");
+    let refusal = if !origin_ok {
+        Some(Response::error(
+            403,
+            "origin not allowed (http.cors_origins)",
+        ))
+    } else if credentials == Credentials::Ours
+        && head.content_length > 0
+        && !is_json(head.content_type.as_deref())
+    {
+        Some(Response::error(
+            415,
+            "the body must be sent as Content-Type: application/json",
+        ))
+    } else if credentials != Credentials::Client && !reading && !config.http.allow_service_calls {
+        Some(Response::error(
+            403,
+            "writes through hass-edge are disabled (http.allow_service_calls = false)",
+        ))
+    } else {
+        None
+    };
+    let capture = write_capture(&head.method, &path);
+    let mut x = x;
+    if let Some(response) = refusal {
+        let status = response.status;
+        let keep_alive = x.body_left == 0 && x.head.keep_alive;
+        x.respond(response, keep_alive).await?;
+        hub.count_http("forward", status);
+        return Ok(keep_alive);
+    }
+    let plan = Plan {
+        credentials,
+        forwarded_headers: config.http.x_forwarded_for,
+        capture: capture.clone(),
+    };
+    let outcome = proxy.forward(x, hub.upstream(), plan).await?;
+    hub.count_http(
+        if outcome.tunnel { "tunnel" } else { "forward" },
+        outcome.status,
+    );
+    if let (Some(capture), Some(body)) = (capture, outcome.captured) {
+        apply_write(hub, &capture, &path, &body);
+    }
+    Ok(outcome.keep_alive)
+}
+
+/// Writes HA's answer to a forwarded write into the store, so the next read reflects it
+/// before the subscription's event arrives (HA `components/api/__init__.py`:
+/// `APIEntityStateView.post` answers the state, `.delete` a message,
+/// `APIDomainServicesView.post` the changed states, or `{"changed_states": […],
+/// "service_response": …}` with `?return_response`).
+fn apply_write(hub: &Hub, capture: &Capture, path: &str, body: &[u8]) {
+    let update = match capture {
+        Capture::Removed(entity_id) => Update::StateChanged {
+            entity_id: entity_id.clone(),
+            new_state: None,
+        },
+        Capture::State => match serde_json::from_slice::<EntityState>(body) {
+            Ok(state) => Update::StateChanged {
+                entity_id: state.entity_id.clone(),
+                new_state: Some(state),
+            },
+            Err(e) => {
+                log::warn!("could not read the state HA answered to POST {path}: {e}");
+                return;
+            }
+        },
+        Capture::ServiceCall => {
+            #[derive(serde::Deserialize)]
+            #[serde(untagged)]
+            enum Answer {
+                List(Vec<EntityState>),
+                WithResponse { changed_states: Vec<EntityState> },
+            }
+            match serde_json::from_slice::<Answer>(body) {
+                Ok(
+                    Answer::List(states)
+                    | Answer::WithResponse {
+                        changed_states: states,
+                    },
+                ) => Update::CallResult(states),
+                Err(e) => {
+                    log::warn!("could not read the states HA answered to POST {path}: {e}");
+                    return;
+                }
+            }
+        }
+    };
+    hub.apply(update);
 }
 
 /// Whether a `Content-Type` is JSON (`application/json`, parameters allowed; RFC 8259 §11).
@@ -161,7 +324,13 @@ async fn route_request(
     // could otherwise call services or fill the read-through cache (issue 13, item 6). Such
     // a request is refused before anything is done; a page served from our own origin, or
     // one in `http.cors_origins`, is let through.
-    if method != "OPTIONS" && !origin_allowed(request, cors_allowed) {
+    if method != "OPTIONS"
+        && !origin_allowed(
+            request.origin.as_deref(),
+            request.host.as_deref(),
+            &hub.config().http.cors_origins,
+        )
+    {
         return full(Response::error(
             403,
             "origin not allowed (http.cors_origins)",
@@ -225,9 +394,6 @@ async fn route_request(
             state(hub, &path["/api/states/".len()..], request.flag("refresh")).await
         }
         "/api/services" => services(hub).await,
-        "/api/services/{domain}/{service}" => {
-            call_service(hub, &path["/api/services/".len()..], &request.body).await
-        }
         "/api/stream" if method == "HEAD" => {
             Response::pieces(200, "text/event-stream", Box::new(crate::http::NoPieces))
                 .with_header("Cache-Control", "no-cache")
@@ -257,10 +423,8 @@ pub fn health(hub: &Hub) -> Response {
 /// `GET /api/states/{entity_id}`.
 pub async fn state(hub: &Hub, entity_id: &str, refresh: bool) -> Response {
     if !valid_entity_id(entity_id) {
-        return Response::error(
-            400,
-            format!("invalid entity_id {entity_id:?}: expected <domain>.<object_id>"),
-        );
+        // HA's answer for any id it does not hold, malformed or not.
+        return Response::error(404, "Entity not found.");
     }
     match hub.read_state(entity_id, refresh).await {
         Read::Fresh { state, age, cache } => Response::json(200, state.to_json().into_bytes())
@@ -370,46 +534,6 @@ async fn services(hub: &Hub) -> Response {
     }
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// `POST /api/services/{domain}/{service}`.
-async fn call_service(hub: &Hub, rest: &str, body: &[u8]) -> Response {
-    if !hub.config().http.allow_service_calls {
-        return Response::error(
-            403,
-            "service calls are disabled (http.allow_service_calls = false)",
-        );
-    }
-    let Some((domain, service)) = rest
-        .split_once('/')
-        .filter(|(d, s)| valid_name(d) && valid_name(s))
-    else {
-        return Response::error(
-            400,
-            format!("invalid service path {rest:?}: expected <domain>/<service>"),
-        );
-    };
-    let body = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}".to_vec()
-    } else {
-        body.to_vec()
-    };
-    if !matches!(serde_json::from_slice::<Value>(&body), Ok(Value::Object(_))) {
-        return Response::error(400, "the body must be a JSON object of service_data fields");
-    }
-    match hub.call_service(domain, service, body).await {
-        // HA answers some errors as plain text; keep the JSON error shape.
-        Ok((status, text)) if !text.starts_with(['[', '{']) => Response::error(status, text),
-        Ok((status, text)) => Response::json(status, text.into_bytes()),
-        Err(e) => Response::error(502, e),
-    }
-}
-
 /// `GET /api/stream`: Server-Sent Events (see [`crate::sse`]).
 fn stream(hub: &Hub, request: &Request) -> Response {
     let selection = Selection::parse(request.query_value("entity_id").unwrap_or(""));
@@ -465,11 +589,20 @@ mod tests {
         assert!(route("/health").unwrap().open);
         assert!(!route("/metrics").unwrap().open);
         assert!(route("/nope").is_none());
-        assert!(
-            route("/api/services/light/turn_on")
-                .unwrap()
-                .allow
-                .contains("POST")
+        // Service calls are forwarded to HA: only the preflight is answered here.
+        assert_eq!(
+            route("/api/services/light/turn_on").unwrap().allow,
+            "OPTIONS"
         );
+        assert_eq!(
+            write_capture("POST", "/api/services/light/turn_on"),
+            Some(Capture::ServiceCall)
+        );
+        assert_eq!(
+            write_capture("DELETE", "/api/states/light.a"),
+            Some(Capture::Removed("light.a".into()))
+        );
+        assert_eq!(write_capture("DELETE", "/api/states/bad"), None);
+        assert_eq!(write_capture("GET", "/api/states/light.a"), None);
     }
 }

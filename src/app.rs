@@ -13,7 +13,7 @@ use smol::{LocalExecutor, Timer};
 
 use crate::api::Api;
 use crate::config::{Config, ConfigError};
-use crate::hub::{Command, Hub, LinkSettings};
+use crate::hub::{Command, Hub, LinkSettings, Upstream};
 use crate::persist::{self, SavePolicy};
 use crate::rest::RestClient;
 use crate::status::LinkState;
@@ -70,7 +70,7 @@ pub struct ConfigSource {
 /// The WebSocket settings and the REST client for `config`, from one load of the TLS roots
 /// (the system store is read once, and the DER copies are dropped once both clients hold
 /// what they need).
-fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient), AppError> {
+fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient, Upstream), AppError> {
     let token = config.read_token()?;
     logging::redact(&token);
     // Roots only for an https HA: parsed, the system store is ~300 KiB that a plain-http
@@ -82,19 +82,24 @@ fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient), AppError> {
     };
     let rest = RestClient::new(&config.ha.url, token.clone(), roots.as_ref());
     let tls = roots.as_ref().map(Roots::client_config).transpose()?;
+    let upstream = Upstream {
+        url: config.ha.url.clone(),
+        token: token.clone(),
+        tls: tls.clone(),
+    };
     let settings = LinkSettings {
         websocket_url: config.ha.websocket_url.clone(),
         token,
         tls,
     };
-    Ok((settings, rest))
+    Ok((settings, rest, upstream))
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
 ///
 /// Errors: see [`AppError`]; config and TLS problems are found before anything starts.
 pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
-    let (settings, rest) = ha_clients(&config)?;
+    let (settings, rest, upstream) = ha_clients(&config)?;
     let listener =
         std::net::TcpListener::bind(config.http.listen).map_err(|source| AppError::Bind {
             addr: config.http.listen,
@@ -116,6 +121,7 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
     api_token.iter().for_each(logging::redact);
     let hub = Rc::new(Hub::new(Rc::new(config), rest));
     hub.set_api_token(api_token);
+    hub.set_upstream(upstream);
     restore(&hub);
     let executor = Rc::new(LocalExecutor::new());
     // A task, not `run`'s own future: `run` polls its future on every wake-up of the
@@ -361,11 +367,11 @@ async fn reload(
         .and_then(|new| {
             let old = hub.config();
             // The token is re-read too: a rotated token means a new connection.
-            let (settings, rest) = ha_clients(&new)?;
+            let (settings, rest, upstream) = ha_clients(&new)?;
             let relink = new.ha != old.ha || settings.token != *token.borrow();
             let api_token = new.read_api_token()?;
             api_token.iter().for_each(logging::redact);
-            Ok((new, relink.then_some((settings, rest)), api_token))
+            Ok((new, relink.then_some((settings, rest, upstream)), api_token))
         });
     match result {
         Err(e) => log::error!("reload rejected, the old config stays in force: {e}"),
@@ -376,9 +382,10 @@ async fn reload(
             }
             logging::set_level(&new.log.level);
             let filter_changed = hub.reconfigure(new);
-            if let Some((settings, rest)) = settings {
+            if let Some((settings, rest, upstream)) = settings {
                 log::info!("Home Assistant settings changed: reconnecting");
                 hub.set_rest(rest);
+                hub.set_upstream(upstream);
                 *token.borrow_mut() = settings.token.clone();
                 hub.command(Command::Reconnect(Box::new(settings))).await;
             } else if filter_changed {

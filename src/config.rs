@@ -38,6 +38,12 @@ pub const MAX_TOKEN_FILE_BYTES: u64 = 64 << 10;
 /// Largest config file read: 1 MiB, a thousand times a full config with long filter lists.
 pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
 
+/// Default of `http.max_forward_body_bytes`: 1 MiB.
+pub const DEFAULT_FORWARD_BODY_BYTES: usize = 1024 * 1024;
+/// Upper bound of `http.max_forward_body_bytes`: 64 MiB (a backup upload is larger: upload
+/// those to HA directly).
+pub const MAX_FORWARD_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 /// Sections of the file; env overrides are split as `HASS_EDGE_<SECTION>_<KEY>`.
 const SECTIONS: &[&str] = &[
     "ha",
@@ -206,6 +212,9 @@ struct RawHttp {
     api_token_file: PathBuf,
     allow_service_calls: bool,
     cors_origins: Vec<String>,
+    forward: bool,
+    x_forwarded_for: bool,
+    max_forward_body_bytes: usize,
 }
 
 impl Default for RawHttp {
@@ -215,6 +224,9 @@ impl Default for RawHttp {
             api_token_file: PathBuf::new(),
             allow_service_calls: true,
             cors_origins: Vec::new(),
+            forward: true,
+            x_forwarded_for: false,
+            max_forward_body_bytes: DEFAULT_FORWARD_BODY_BYTES,
         }
     }
 }
@@ -374,6 +386,16 @@ pub struct HttpConfig {
     pub allow_service_calls: bool,
     /// Browser origins allowed by CORS (exact `scheme://host[:port]`).
     pub cors_origins: Vec<String>,
+    /// Whether requests hass-edge does not answer itself are forwarded to HA (`true`), or
+    /// answered 404 (`false`). See `proxy.rs`.
+    pub forward: bool,
+    /// Whether forwarded requests carry `X-Forwarded-For`/`X-Forwarded-Proto` with the real
+    /// client. HA refuses any request with `X-Forwarded-For` (400) unless its `http:` has
+    /// `use_x_forwarded_for: true` and lists hass-edge in `trusted_proxies`
+    /// (`homeassistant/components/http/forwarded.py`), so this is off by default.
+    pub x_forwarded_for: bool,
+    /// Largest request body forwarded to HA, bytes (413 beyond).
+    pub max_forward_body_bytes: usize,
 }
 
 /// `[log]`.
@@ -701,6 +723,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
     }
+    let max_forward_body_bytes = raw.http.max_forward_body_bytes;
+    if !(1024..=MAX_FORWARD_BODY_BYTES).contains(&max_forward_body_bytes) {
+        return Err(invalid(
+            "http.max_forward_body_bytes",
+            format!("{max_forward_body_bytes} is outside 1024..={MAX_FORWARD_BODY_BYTES}"),
+        ));
+    }
     let level = raw.log.level.to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
         return Err(invalid(
@@ -752,6 +781,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             api_token_file,
             allow_service_calls: raw.http.allow_service_calls,
             cors_origins: raw.http.cors_origins,
+            forward: raw.http.forward,
+            x_forwarded_for: raw.http.x_forwarded_for,
+            max_forward_body_bytes,
         },
         dbus: DbusConfig {
             bus: raw.dbus.bus,

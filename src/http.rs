@@ -181,10 +181,115 @@ impl Response {
     }
 }
 
+/// A request the handler forwards itself (see [`Handler::forwards`]): its head as received,
+/// the client's address, and the connection, whose remaining body the handler reads with
+/// [`Exchange::read_body`] and whose response it writes with [`Exchange::write`].
+pub struct Exchange<'a> {
+    /// The parsed head.
+    pub head: Head,
+    /// The head's bytes as the client sent them (request line and headers, up to and
+    /// including the blank line).
+    pub raw_head: Vec<u8>,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// Body bytes of this request still to be read (`Content-Length` minus what was read).
+    pub body_left: usize,
+    stream: &'a mut TcpStream,
+    buffered: &'a mut Vec<u8>,
+    deadline: &'a mut Deadline,
+    shutdown: &'a Shutdown,
+}
+
+impl std::fmt::Debug for Exchange<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("head", &self.head)
+            .field("peer", &self.peer)
+            .field("body_left", &self.body_left)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exchange<'_> {
+    /// Reads the next piece of the body into `out` (at most [`CHUNK`] bytes, appended):
+    /// `Ok(0)` once the body is complete. The body must arrive within [`REQUEST_TIMEOUT`] of
+    /// the head (`TimedOut`); EOF before it is complete is `UnexpectedEof`.
+    pub async fn read_body(&mut self, out: &mut Vec<u8>) -> std::io::Result<usize> {
+        if self.body_left == 0 {
+            return Ok(0);
+        }
+        if self.buffered.is_empty() {
+            match fill(
+                self.stream,
+                self.buffered,
+                self.deadline,
+                false,
+                self.shutdown,
+            )
+            .await?
+            {
+                Some(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Some(_) => {}
+                None => return Err(std::io::ErrorKind::TimedOut.into()),
+            }
+        }
+        let n = self.buffered.len().min(self.body_left).min(CHUNK);
+        out.extend_from_slice(&self.buffered[..n]);
+        self.buffered.drain(..n);
+        self.body_left -= n;
+        Ok(n)
+    }
+
+    /// Writes `bytes` to the client within [`WRITE_TIMEOUT`].
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        write_timed(self.stream, bytes).await
+    }
+
+    /// Writes `response` whole (the forwarder's own answers: 403, 502, 503).
+    pub async fn respond(&mut self, response: Response, keep_alive: bool) -> std::io::Result<()> {
+        let head = self.head.method == "HEAD";
+        write_response(self.stream, response, head, keep_alive, None).await
+    }
+
+    /// The connection itself, for a tunnel after `101 Switching Protocols`; bytes the client
+    /// sent after the head come first from [`Exchange::take_buffered`].
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.stream
+    }
+
+    /// Bytes already read from the client past the head and body (a tunnel's first bytes).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(self.buffered)
+    }
+
+    /// Resolves when the daemon shuts down.
+    pub fn shutdown(&self) -> &Shutdown {
+        self.shutdown
+    }
+}
+
 /// What the transport hands each request to: the routes.
 pub trait Handler {
     /// Answers `request`.
     fn handle<'a>(&'a self, request: &'a Request) -> Pin<Box<dyn Future<Output = Response> + 'a>>;
+
+    /// Whether the request with `head` is forwarded by [`Handler::forward`] rather than
+    /// answered by [`Handler::handle`]; decided on the head alone, before any body is read.
+    /// `Some(limit)`: forwarded, with a body of at most `limit` bytes (413 beyond);
+    /// `None` (the default): answered locally, body at most [`MAX_BODY_BYTES`].
+    fn forwards(&self, _head: &Head) -> Option<usize> {
+        None
+    }
+
+    /// Forwards one request: reads its body, writes the whole response. Resolves to whether
+    /// the connection may serve another request (the body was read to its end and the
+    /// response was framed). The default closes the connection.
+    fn forward<'a>(
+        &'a self,
+        _exchange: Exchange<'a>,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<bool>> + 'a>> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
 
     /// The transport refused a request itself with `status` (malformed or over a limit:
     /// 400, 408, 411, 413, 431; or 503 over [`MAX_CONNECTIONS`]), for counting.
@@ -193,6 +298,7 @@ pub trait Handler {
 
 fn reason(status: u16) -> &'static str {
     match status {
+        101 => "Switching Protocols",
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
@@ -230,7 +336,7 @@ pub async fn serve<H: Handler + 'static>(
                 None
             })
             .await;
-        let (mut stream, _) = match accepted {
+        let (mut stream, peer) = match accepted {
             None => return,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
@@ -257,7 +363,7 @@ pub async fn serve<H: Handler + 'static>(
         let (handler, shutdown, open) = (handler.clone(), shutdown.clone(), open.clone());
         executor
             .spawn(async move {
-                if let Err(e) = connection(stream, &*handler, &shutdown).await {
+                if let Err(e) = connection(stream, peer, &*handler, &shutdown).await {
                     log::debug!("HTTP connection ended: {e}");
                 }
                 open.set(open.get() - 1);
@@ -269,6 +375,7 @@ pub async fn serve<H: Handler + 'static>(
 /// Serves one connection: requests in order until close, error, timeout or shutdown.
 async fn connection(
     mut stream: TcpStream,
+    peer: std::net::SocketAddr,
     handler: &dyn Handler,
     shutdown: &Shutdown,
 ) -> std::io::Result<()> {
@@ -276,12 +383,31 @@ async fn connection(
     let mut deadline = Deadline::new(Instant::now() + IDLE_TIMEOUT);
     loop {
         let (request, consumed, keep_alive) =
-            match read_request(&mut stream, &mut buf, &mut deadline, shutdown).await? {
+            match read_request(&mut stream, &mut buf, &mut deadline, handler, shutdown).await? {
                 Parsed::Request {
                     request,
                     consumed,
                     keep_alive,
                 } => (request, consumed, keep_alive),
+                Parsed::Forward { head, head_len } => {
+                    let keep_alive = head.keep_alive;
+                    let exchange = Exchange {
+                        raw_head: buf.drain(..head_len).collect(),
+                        body_left: head.content_length,
+                        head,
+                        peer,
+                        stream: &mut stream,
+                        buffered: &mut buf,
+                        deadline: &mut deadline,
+                        shutdown,
+                    };
+                    if !(handler.forward(exchange).await? && keep_alive) || shutdown.is_triggered()
+                    {
+                        return Ok(());
+                    }
+                    smol::future::yield_now().await;
+                    continue;
+                }
                 Parsed::Closed => return Ok(()),
                 Parsed::Reject(response) => {
                     handler.refused(response.status);
@@ -310,6 +436,11 @@ enum Parsed {
         consumed: usize,
         keep_alive: bool,
     },
+    /// For [`Handler::forward`]: the head is `buf[..head_len]`, the body not read yet.
+    Forward {
+        head: Head,
+        head_len: usize,
+    },
     Closed,
     Reject(Response),
 }
@@ -336,11 +467,23 @@ pub struct Head {
     /// `Expect: 100-continue` was sent: the client waits for an interim 100 before the body
     /// (RFC 9110 §10.1.1).
     pub expect_continue: bool,
+    /// The body is sent with `Transfer-Encoding` (chunked): refused with 411.
+    pub chunked: bool,
+    /// `Upgrade` and `Connection: upgrade` were sent (a WebSocket handshake, RFC 9110 §7.8).
+    pub upgrade: bool,
+}
+
+impl Head {
+    /// The path of the target, without the query.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
 }
 
 /// Parses a complete head from `buf`: `Ok(Some((head, head_len)))`, `Ok(None)` when more
-/// bytes are needed, `Err` with the response (400/411/413/431) for a request that must be
-/// refused. Pure; the fuzz target `http_request` drives it.
+/// bytes are needed, `Err` with the response (400/431) for a request that must be refused.
+/// The body's limits (411, 413) depend on where the request goes: [`body_refusal`]. Pure;
+/// the fuzz target `http_request` drives it.
 pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -377,7 +520,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
         host: None,
         content_type: None,
         expect_continue: false,
+        chunked: false,
+        upgrade: false,
     };
+    let mut connection_upgrade = false;
+    let mut upgrade_header = false;
     let mut hosts = 0;
     let mut content_length = None::<usize>;
     for h in req.headers.iter() {
@@ -393,12 +540,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
             }
             content_length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Response::error(
-                411,
-                "chunked request bodies are not supported; send Content-Length",
-            ));
+            head.chunked = true;
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade_header = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
             let v = value.to_ascii_lowercase();
+            connection_upgrade |= v.split(',').any(|t| t.trim() == "upgrade");
             if v.contains("close") {
                 head.keep_alive = false;
             } else if v.contains("keep-alive") {
@@ -418,12 +565,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
         }
     }
     head.content_length = content_length.unwrap_or(0);
-    if head.content_length > MAX_BODY_BYTES {
-        return Err(Response::error(
-            413,
-            format!("request body larger than {MAX_BODY_BYTES} bytes"),
-        ));
-    }
+    head.upgrade = connection_upgrade && upgrade_header;
     // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is answered 400.
     if req.version == Some(1) && hosts != 1 {
         return Err(Response::error(
@@ -438,6 +580,19 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, Response> {
         ));
     }
     Ok(Some((head, head_len)))
+}
+
+/// The answer to a request whose body the transport will not take: 411 for a chunked body
+/// (this server reads `Content-Length` bodies only), 413 for one over `limit` bytes.
+pub fn body_refusal(head: &Head, limit: usize) -> Option<Response> {
+    if head.chunked {
+        return Some(Response::error(
+            411,
+            "chunked request bodies are not supported; send Content-Length",
+        ));
+    }
+    (head.content_length > limit)
+        .then(|| Response::error(413, format!("request body larger than {limit} bytes")))
 }
 
 /// Reads more bytes into `buf` before `deadline`: `Ok(None)` once it has passed, `Ok(Some(0))`
@@ -486,6 +641,7 @@ async fn read_request(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     deadline: &mut Deadline,
+    handler: &dyn Handler,
     shutdown: &Shutdown,
 ) -> std::io::Result<Parsed> {
     let mut started = false;
@@ -517,9 +673,19 @@ async fn read_request(
             }
         }
     };
+    let forward = handler.forwards(&head);
+    if let Some(refusal) = body_refusal(&head, forward.unwrap_or(MAX_BODY_BYTES)) {
+        return Ok(Parsed::Reject(refusal));
+    }
     let needed = head_len + head.content_length;
     if buf.len() < needed && !started {
         deadline.set(Instant::now() + REQUEST_TIMEOUT);
+    }
+    if forward.is_some() {
+        if buf.len() < needed && head.expect_continue {
+            write_timed(stream, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        }
+        return Ok(Parsed::Forward { head, head_len });
     }
     if buf.len() < needed && head.expect_continue {
         write_timed(stream, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
@@ -576,9 +742,10 @@ async fn write_response(
     let mut out = String::with_capacity(160);
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n",
+        "HTTP/1.1 {} {}\r\nDate: {}\r\nContent-Type: {}\r\n",
         r.status,
         reason(r.status),
+        http_date(),
         r.content_type
     );
     if let Some(length) = length {
@@ -663,6 +830,26 @@ async fn write_response(
         return Err(std::io::ErrorKind::InvalidData.into());
     }
     Ok(())
+}
+
+/// Now as an HTTP date (RFC 9110 §5.6.7, `Date:` on every response, §6.6.1), formatted
+/// once per second.
+pub fn http_date() -> Rc<str> {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, Rc<str>)> =
+            std::cell::RefCell::new((u64::MAX, Rc::from("")));
+    }
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != second {
+            *c = (second, Rc::from(httpdate::fmt_http_date(now)));
+        }
+        c.1.clone()
+    })
 }
 
 /// Writes and flushes `bytes` within [`WRITE_TIMEOUT`].

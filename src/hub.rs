@@ -72,6 +72,26 @@ impl std::fmt::Debug for LinkSettings {
     }
 }
 
+/// Where forwarded requests go (`proxy.rs`): HA's base URL, the token hass-edge forwards
+/// with, and the TLS config for an `https` HA.
+#[derive(Clone)]
+pub struct Upstream {
+    /// `ha.url` without a trailing `/`, e.g. `http://homeassistant.local:8123`.
+    pub url: String,
+    /// hass-edge's HA token.
+    pub token: Secret,
+    /// TLS config for `https` (`None` for `http`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The answer to a read of one entity.
 #[derive(Debug, Clone)]
 pub enum Read {
@@ -173,6 +193,8 @@ pub struct Hub {
     services: RefCell<Rc<OnceCell<Rc<str>>>>,
     /// REST client (replaced when a reload changes HA's URL, token or CA).
     rest: RefCell<RestClient>,
+    /// Where forwarded requests go; `None` until the app sets it.
+    upstream: RefCell<Option<Rc<Upstream>>>,
     /// In-flight REST reads by entity id: concurrent misses share one request.
     inflight: RefCell<HashMap<String, Rc<OnceCell<Fetch>>>>,
     /// Until when REST is considered down (see [`REST_BREAKER`]).
@@ -223,6 +245,7 @@ impl Hub {
             commands: smol::channel::bounded(COMMAND_QUEUE),
             services: RefCell::new(Rc::new(OnceCell::new())),
             rest: RefCell::new(rest),
+            upstream: RefCell::new(None),
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
@@ -615,52 +638,43 @@ impl Hub {
         .cloned()
     }
 
-    /// Forwards a service call to HA. On success (200, a list of changed states) the states
-    /// are written into the mirror at once and announced. Returns HA's status and body
-    /// unchanged.
-    ///
-    /// Errors: HA unreachable.
-    pub async fn call_service(
-        &self,
-        domain: &str,
-        service: &str,
-        body: Vec<u8>,
-    ) -> Result<(u16, String), RestError> {
-        if let Some(e) = self.auth_failed() {
-            return Err(e);
-        }
-        let rest = self.rest();
-        let (d, s) = (domain.to_owned(), service.to_owned());
-        let result = smol::unblock(move || rest.call_service(&d, &s, &body)).await;
-        match &result {
-            Ok((200, _)) => self.record_rest::<()>(&Ok(Some(()))),
-            Ok((status, body)) => {
-                self.record_rest::<()>(&Err(crate::rest::status_error(*status, body)))
-            }
-            Err(e) => self.record_rest::<()>(&Err(e.clone())),
-        }
-        if let Ok((200, text)) = &result {
-            match serde_json::from_str::<Vec<EntityState>>(text) {
-                Ok(states) => {
-                    self.apply(Update::CallResult(states));
-                }
-                Err(e) => {
-                    log::warn!("could not read the states returned by {domain}.{service}: {e}")
-                }
-            }
-        }
-        result
-    }
-
     /// The REST client.
     fn rest(&self) -> RestClient {
         self.rest.borrow().clone()
     }
 
-    /// Uses a new token for REST (the link found a changed token file).
+    /// Uses a new token for REST and forwarding (the link found a changed token file).
     pub fn replace_rest_token(&self, token: Secret) {
-        let rest = self.rest.borrow().with_token(token);
+        let rest = self.rest.borrow().with_token(token.clone());
         *self.rest.borrow_mut() = rest;
+        let upstream = self.upstream.borrow().as_deref().cloned();
+        if let Some(mut upstream) = upstream {
+            upstream.token = token;
+            self.set_upstream(upstream);
+        }
+    }
+
+    /// Sets where forwarded requests go (start, and reload with new HA settings).
+    pub fn set_upstream(&self, upstream: Upstream) {
+        *self.upstream.borrow_mut() = Some(Rc::new(upstream));
+    }
+
+    /// Where forwarded requests go.
+    pub fn upstream(&self) -> Option<Rc<Upstream>> {
+        self.upstream.borrow().clone()
+    }
+
+    /// Whether `presented` is hass-edge's own API token (`false` when none is configured).
+    pub fn is_api_token(&self, presented: &str) -> bool {
+        self.api_token
+            .borrow()
+            .as_ref()
+            .is_some_and(|t| same_secret(presented.trim().as_bytes(), t.expose().as_bytes()))
+    }
+
+    /// Whether an API token is configured (`false`: the loopback-open mode).
+    pub fn has_api_token(&self) -> bool {
+        self.api_token.borrow().is_some()
     }
 
     /// Replaces the REST client (reload with new HA settings).

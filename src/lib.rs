@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod notify;
 pub mod persist;
+pub mod proxy;
 pub mod rest;
 pub mod session;
 pub mod shutdown;

@@ -100,7 +100,7 @@ impl RestClient {
     /// `entity_id` must already be validated (it becomes part of the path).
     pub fn get_state(&self, entity_id: &str) -> Result<Option<EntityState>, RestError> {
         let url = format!("{}/api/states/{entity_id}", self.base);
-        let (status, body) = self.request("GET", &url, None)?;
+        let (status, body) = self.get(&url)?;
         match status {
             200 => serde_json::from_str(&body)
                 .map(Some)
@@ -112,7 +112,7 @@ impl RestClient {
 
     /// `GET /api/services`: HA's list of domains and their services, as raw JSON. Blocking.
     pub fn get_services(&self) -> Result<String, RestError> {
-        let (status, body) = self.request("GET", &format!("{}/api/services", self.base), None)?;
+        let (status, body) = self.get(&format!("{}/api/services", self.base))?;
         match status {
             200 if body.trim_start().starts_with('[') => Ok(body),
             200 => Err(RestError::BadBody(
@@ -122,39 +122,11 @@ impl RestClient {
         }
     }
 
-    /// `POST /api/services/<domain>/<service>` with a JSON object body. Returns HA's status
-    /// and body as they are (200: the list of states the call changed). Blocking.
-    /// `domain` and `service` must already be validated (they become part of the path).
-    pub fn call_service(
-        &self,
-        domain: &str,
-        service: &str,
-        body: &[u8],
-    ) -> Result<(u16, String), RestError> {
-        self.request(
-            "POST",
-            &format!("{}/api/services/{domain}/{service}", self.base),
-            Some(body),
-        )
-    }
-
-    /// Performs one request and reads the body (bounded). Blocking.
-    pub(crate) fn request(
-        &self,
-        method: &str,
-        url: &str,
-        json_body: Option<&[u8]>,
-    ) -> Result<(u16, String), RestError> {
+    /// Performs one `GET` and reads the body (bounded). Blocking. (Writes go through the
+    /// forwarder, `proxy.rs`, with HA's answer streamed back as it is.)
+    pub(crate) fn get(&self, url: &str) -> Result<(u16, String), RestError> {
         let auth = format!("Bearer {}", self.token.expose());
-        let result = match (method, json_body) {
-            ("GET", _) => self.agent.get(url).header("Authorization", &auth).call(),
-            (_, body) => self
-                .agent
-                .post(url)
-                .header("Authorization", &auth)
-                .content_type("application/json")
-                .send(body.unwrap_or(b"{}")),
-        };
+        let result = self.agent.get(url).header("Authorization", &auth).call();
         // ureq's errors name the URL and cause, never the headers: the token stays out.
         let mut response = result.map_err(|e| RestError::Unreachable(e.to_string()))?;
         let status = response.status().as_u16();

@@ -12,7 +12,7 @@ use hass_edge::http::{
     MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_HEAD_BYTES, MAX_HEADERS, REQUEST_TIMEOUT,
 };
 use serde_json::{Value, json};
-use support::daemon::slowdown;
+use support::daemon::{DaemonOptions, slowdown};
 use support::http_client::{Conn, Response, request};
 use support::{Daemon, FakeHa, deadline, wait_until};
 
@@ -78,9 +78,15 @@ fn assert_error(r: &Response, status: u16, what: &str) {
     );
 }
 
+/// With `http.forward = false`, a path hass-edge does not serve is its own 404.
 #[test]
 fn unknown_route_is_404_with_a_json_message() {
-    let (fake, daemon) = live();
+    let fake = FakeHa::start("2025.4.4");
+    let daemon = Daemon::start_with(
+        &fake,
+        DaemonOptions::default().set("http", "forward", false),
+    );
+    daemon.wait_live();
     for path in ["/nope", "/api/statesX", "/api/state/light.kitchen", "/"] {
         assert_error(&daemon.get(path), 404, path);
     }
@@ -91,14 +97,40 @@ fn unknown_route_is_404_with_a_json_message() {
     assert_unaffected(&fake, &daemon);
 }
 
+/// By default a path hass-edge does not serve goes to HA, and HA's answer comes back as
+/// HA sent it (status, content type, body), with hass-edge's HA token.
+#[test]
+fn unknown_route_is_forwarded_to_ha() {
+    let (fake, daemon) = live();
+    for path in ["/nope", "/api/statesX", "/"] {
+        let r = daemon.get(path);
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        assert_eq!(r.text(), "404: Not Found", "{path}: HA's own body");
+        assert_eq!(r.header("Content-Type"), Some("text/plain"), "{path}");
+        assert!(r.header("Date").is_some(), "{path}: Date on every response");
+    }
+    let seen: Vec<(String, bool)> = fake
+        .rest_requests()
+        .iter()
+        .map(|r| (r.path.clone(), r.authorized))
+        .collect();
+    assert_eq!(
+        seen,
+        [("/nope", true), ("/api/statesX", true), ("/", true)]
+            .map(|(p, a)| (p.to_owned(), a))
+            .to_vec()
+    );
+    assert_unaffected(&fake, &daemon);
+}
+
 #[test]
 fn wrong_method_is_405_with_allow() {
     let (fake, daemon) = live();
     for (method, path) in [
         ("POST", "/api/states"),
         ("PUT", "/api/states"),
-        ("DELETE", "/api/states/light.kitchen"),
         ("POST", "/health"),
+        ("DELETE", "/status"),
     ] {
         let mut c = daemon.connect();
         let r = c
@@ -116,7 +148,7 @@ fn wrong_method_is_405_with_allow() {
     }
     assert!(
         fake.rest_requests().is_empty(),
-        "a DELETE is never passed to HA: {:?}",
+        "a wrong method on hass-edge's own routes is never passed to HA: {:?}",
         fake.rest_requests()
     );
     assert!(fake.entity("light.kitchen").is_some());
@@ -141,7 +173,7 @@ fn malformed_requests_are_400() {
 }
 
 #[test]
-fn invalid_entity_id_is_400_and_never_reaches_ha() {
+fn invalid_entity_id_is_404_and_never_reaches_ha() {
     let (fake, daemon) = live();
     for path in [
         "/api/states/Light.X",
@@ -151,7 +183,10 @@ fn invalid_entity_id_is_400_and_never_reaches_ha() {
         "/api/states/light.x%2F..%2Fconfig",
         "/api/states/light.k%C3%BCche",
     ] {
-        assert_error(&daemon.get(path), 400, path);
+        // HA's own answer for an id it does not hold, malformed or not.
+        let r = daemon.get(path);
+        assert_error(&r, 404, path);
+        assert_eq!(r.json()["message"], "Entity not found.", "{path}");
     }
     assert!(
         fake.rest_requests().is_empty(),

@@ -26,6 +26,8 @@ const LAYERS: &[&[&str]] = &[
     &["http", "rest", "broadcast", "metrics"],
     // Shared state, and the push-stream body.
     &["hub", "sse"],
+    // Forwarding to HA: carries out what the routes decided.
+    &["proxy"],
     // What serves the hub to the world; none imports another.
     &["api", "dbus", "ha", "status_cli"],
     // Wiring and lifecycle.
