@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ha-peer.sh — start/stop/restart a real Home Assistant on 127.0.0.1 for tests.
 #
-#   ha-peer.sh start VERSION DIR PORT [--ip-ban]
+#   ha-peer.sh start VERSION DIR PORT [--ip-ban] [--trusted-proxy]
 #   ha-peer.sh stop DIR            graceful stop (SIGTERM, SIGKILL after 20 s)
 #   ha-peer.sh kill DIR            SIGKILL hass; it stays down until `start`
 #   ha-peer.sh restart DIR         homeassistant.restart service; wait until RUNNING
@@ -169,14 +169,27 @@ cmd_supervise() {
 
 # ---- commands -----------------------------------------------------------------
 
-# render_config VERSION PORT IPBAN: configuration.yaml for VERSION on stdout
-# (install.sh reads it too, for the requirements).  HA 2025.10 brought the
+# render_config VERSION PORT IPBAN [TRUSTED]: configuration.yaml for VERSION on stdout
+# (install.sh reads it too, for the requirements).  TRUSTED=1 (--trusted-proxy):
+# HA trusts X-Forwarded-For from 127.0.0.1 (a reverse proxy such as hass-edge on
+# this machine) and logs in clients at ::1 without a password (trusted_networks,
+# allow_bypass_login; listed first so that HA's login page starts with it).  ::1,
+# not 127.0.0.2: Linux connects to 127.0.0.2 from 127.0.0.1 (the source address of
+# the 127.0.0.0/8 route), so a client at 127.0.0.x would look like the proxy itself;
+# a client of the proxy at [::1] is told apart only by X-Forwarded-For.
+# Without TRUSTED the output is byte for byte the default.  HA 2025.10 brought the
 # template light/switch/cover/lock under `template:` (default_entity_id);
 # 2026.x refuses the legacy `platform: template` form.
 render_config() {
-	local version=$1 port=$2 ipban=$3 extra="" y m tpl
+	local version=$1 port=$2 ipban=$3 trusted=${4:-0} extra="" haextra="" y m tpl
 	if ((ipban)); then
 		extra=$'  ip_ban_enabled: true\n  login_attempts_threshold: 5'
+	fi
+	if ((trusted)); then
+		[[ -z $extra ]] || extra+=$'\n'
+		extra+=$'  use_x_forwarded_for: true\n  trusted_proxies:\n    - 127.0.0.1'
+		# appended to the internal_url line, hence the leading newline
+		haextra=$'\n  auth_providers:\n    - type: trusted_networks\n      trusted_networks:\n        - "::1/128"\n      allow_bypass_login: true\n    - type: homeassistant'
 	fi
 	IFS=. read -r y m _ <<<"$version"
 	tpl=$HERE/config/template-legacy.yaml
@@ -185,12 +198,13 @@ render_config() {
 	f=$(<"$HERE/config/configuration.yaml")
 	f=${f//@PORT@/$port}
 	f=${f//@HTTP_EXTRA@/$extra}
+	f=${f//@HOMEASSISTANT_EXTRA@/$haextra}
 	f=${f//@TEMPLATE_PLATFORMS@/$(<"$tpl")}
 	printf '%s\n' "$f"
 }
 
-write_config() { # write_config PORT IPBAN VERSION
-	render_config "$3" "$1" "$2" >"$DIR/configuration.yaml.tmp"
+write_config() { # write_config PORT IPBAN VERSION TRUSTED
+	render_config "$3" "$1" "$2" "$4" >"$DIR/configuration.yaml.tmp"
 	mv "$DIR/configuration.yaml.tmp" "$DIR/configuration.yaml"
 	cp "$HERE/config/scripts.yaml" "$DIR/scripts.yaml"
 	cp "$HERE/config/automations.yaml" "$DIR/automations.yaml"
@@ -204,12 +218,13 @@ print_info() {
 }
 
 cmd_start() {
-	local version=${1:-} dir=${2:-} port=${3:-} ipban=0
+	local version=${1:-} dir=${2:-} port=${3:-} ipban=0 trusted=0
 	[[ -n $version && -n $dir && -n $port ]] || usage
 	shift 3
 	while (($#)); do
 		case $1 in
 		--ip-ban) ipban=1 ;;
+		--trusted-proxy) trusted=1 ;;
 		*) die "unknown option: $1" ;;
 		esac
 		shift
@@ -255,7 +270,7 @@ cmd_start() {
 
 	port_in_use "$port" && die "127.0.0.1:$port is already in use"
 
-	write_config "$port" "$ipban" "$version"
+	write_config "$port" "$ipban" "$version" "$trusted"
 	ha_py check-config --dir "$DIR" --port "$port" || die "bad configuration in $DIR (not started)"
 	echo "$version" >"$DIR/version"
 	echo "$URL" >"$DIR/url"
@@ -267,7 +282,7 @@ cmd_start() {
 	local logoff
 	logoff=$(log_size)
 	printf '\n%s [ha-peer] start %s on %s%s\n' "$(date '+%F %T')" "$version" "$URL" \
-		"$( ((ipban)) && echo ' (ip_ban_enabled)')" >>"$DIR/ha.log"
+		"$( ((ipban)) && echo ' (ip_ban_enabled)')$( ((trusted)) && echo ' (trusted proxy 127.0.0.1, trusted network ::1)')" >>"$DIR/ha.log"
 
 	say "starting Home Assistant $version in $DIR on $URL (log: $DIR/ha.log)"
 	setsid "$BASH" "$SELF" _supervise "$DIR" "$VENV" </dev/null >>"$DIR/ha.log" 2>&1 8>&- &

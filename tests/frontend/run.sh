@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# Home Assistant's own frontend in Chromium through hass-edge (issue 15); see tests/frontend/README.md.
+#
+#   HA_PEER_DIR=<dir of a running tests/ha-peer peer> OUT_DIR=<dir> bash tests/frontend/run.sh
+#
+# Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root),
+# SCENARIOS (default "password trusted"), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
+# CHROMIUM (default /usr/bin/chromium), FRONTEND_TARGET=ha (a control run of the browser steps
+# directly against HA, without hass-edge: the password scenario only).
+# The trusted scenario needs the peer started with `ha-peer.sh start ... --trusted-proxy`; a peer
+# started without it is restarted with it for that scenario and restarted as it was at the end.
+# Prints "frontend: N passed, M failed"; exit 0 = all passed.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PEER=$ROOT/tests/ha-peer/ha-peer.sh
+T0=$SECONDS
+
+say() { printf 'frontend: %s\n' "$*"; }
+die() { printf 'frontend: FAIL: %s\n' "$*" >&2; exit 1; }
+
+# ---------- prerequisites ----------
+[[ -n ${HA_PEER_DIR:-} ]] || die "HA_PEER_DIR is not set (the DIR of 'tests/ha-peer/ha-peer.sh start VERSION DIR PORT')"
+[[ -n ${OUT_DIR:-} ]] || die "OUT_DIR is not set (where screenshots and logs go)"
+[[ -s $HA_PEER_DIR/url && -s $HA_PEER_DIR/token && -s $HA_PEER_DIR/version && -s $HA_PEER_DIR/venv ]] ||
+	die "$HA_PEER_DIR has no url/token/version/venv: is the HA peer started?"
+TARGET=${FRONTEND_TARGET:-edge}
+[[ $TARGET == edge || $TARGET == ha ]] || die "FRONTEND_TARGET must be edge or ha, not $TARGET"
+EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
+[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+[[ $TARGET == ha || -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+[[ -x $CHROMIUM ]] || die "no Chromium at $CHROMIUM (Debian package chromium)"
+for tool in node npm python3 curl; do
+	command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd)
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+rm -f "$OUT_DIR"/frontend-*.png "$OUT_DIR"/frontend-*-requests.txt "$OUT_DIR"/frontend-*-daemon.log
+HA_URL=$(cat "$HA_PEER_DIR/url")
+HA_PORT=${HA_URL##*:}
+HA_VERSION=$(cat "$HA_PEER_DIR/version")
+HA_PY=$(cat "$HA_PEER_DIR/venv")/bin/python
+[[ -x $HA_PY ]] || die "the peer's Python $HA_PY is missing"
+curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
+	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
+SCENARIOS=${SCENARIOS:-password trusted}
+for s in $SCENARIOS; do [[ $s == password || $s == trusted ]] || die "unknown scenario $s (password, trusted)"; done
+if [[ $TARGET == ha && $SCENARIOS == *trusted* ]]; then
+	say "FRONTEND_TARGET=ha: the trusted scenario needs a proxy that sets X-Forwarded-For (hass-edge); running the password scenario only"
+	SCENARIOS=password
+fi
+
+# ---------- playwright-core (no browser download: Debian's Chromium is used) ----------
+lock_sum=$(cat "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -d' ' -f1)
+stamp=$HERE/node_modules/.hass-edge-installed
+if [[ ! -f $HERE/node_modules/playwright-core/package.json || "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]]; then
+	t=$SECONDS
+	if ! (cd "$HERE" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) >"$OUT_DIR/frontend-npm.log" 2>&1; then
+		cat "$OUT_DIR/frontend-npm.log" >&2
+		die "npm ci in tests/frontend failed"
+	fi
+	echo "$lock_sum" >"$stamp"
+	say "npm ci: playwright-core $(node -p "require('$HERE/node_modules/playwright-core/package.json').version") installed in $((SECONDS - t)) s"
+fi
+
+# ---------- processes and their cleanup ----------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-frontend.XXXXXX")
+EDGE_PID='' NODE_PID='' RESTORE_PEER=0 EDGE_LOG=''
+
+stop_pid() { # PID: TERM, then KILL after 5 s
+	local pid=$1 i
+	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 50; i++)); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+}
+kill_chromium() { # a Chromium that outlived its driver: ours are the ones with our profiles
+	local pid
+	for pid in $(pgrep -f -- "--user-data-dir=$WORK/profile-" || true); do
+		kill -KILL "$pid" 2>/dev/null || true
+	done
+}
+# The peer as it was found (without --trusted-proxy), if this run restarted it with the option.
+restore_peer() {
+	((RESTORE_PEER)) || return 0
+	RESTORE_PEER=0
+	say "restarting the HA peer as it was (without --trusted-proxy)"
+	bash "$PEER" stop "$HA_PEER_DIR" >>"$OUT_DIR/frontend-peer.log" 2>&1 &&
+		bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" >>"$OUT_DIR/frontend-peer.log" 2>&1 ||
+		{ tail -n 20 "$OUT_DIR/frontend-peer.log" >&2; printf 'frontend: FAIL: could not restart the HA peer in %s as it was\n' "$HA_PEER_DIR" >&2; return 1; }
+}
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	stop_pid "$NODE_PID" # closes its Chromium
+	kill_chromium
+	stop_pid "$EDGE_PID"
+	restore_peer || rc=1
+	rm -rf "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { # free_port ADDRESS (IPv4 or IPv6)
+	python3 -c 'import socket, sys
+a = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET)
+s.bind((a, 0))
+print(s.getsockname()[1])' "$1"
+}
+
+# start_edge SCENARIO ADDRESS: hass-edge on ADDRESS:<free port>; sets EDGE_PID, BASE, EDGE_LOG
+start_edge() {
+	local scenario=$1 addr=$2 port code i hostport
+	port=$(free_port "$addr") || die "cannot bind $addr (needed for the $scenario scenario)"
+	hostport=$addr:$port
+	[[ $addr != *:* ]] || hostport=[$addr]:$port
+	BASE=http://$hostport
+	EDGE_LOG=$OUT_DIR/frontend-$scenario-daemon.log
+	cat >"$WORK/$scenario.toml" <<EOF
+[ha]
+url = "$HA_URL"
+token_file = "$HA_PEER_DIR/token"
+
+[http]
+listen = "$hostport"
+
+[dbus]
+bus = "none"
+
+[cache]
+state_file = "$WORK/$scenario-states.json"
+
+[log]
+level = "${EDGE_LOG_LEVEL:-info}"
+EOF
+	(
+		# Our callers' knobs must not reach the daemon as config overrides.
+		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
+		unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
+		exec "$EDGE_BIN" --config "$WORK/$scenario.toml"
+	) >"$EDGE_LOG" 2>&1 &
+	EDGE_PID=$!
+	for ((i = 0; ; i++)); do
+		kill -0 "$EDGE_PID" 2>/dev/null || { tail -n 20 "$EDGE_LOG" >&2; die "hass-edge exited at start (log: $EDGE_LOG)"; }
+		code=$(curl -gs -o /dev/null -w '%{http_code}' --max-time 2 "$BASE/health" || true)
+		[[ $code != 200 ]] || break
+		((i < 300)) || die "hass-edge's /health on $BASE is not 200 after 30 s (last: $code)"
+		sleep 0.1
+	done
+	say "hass-edge live on $BASE (HA $HA_VERSION at $HA_URL)"
+}
+
+# run_browser SCENARIO: test.mjs against $BASE; 0 = pass
+run_browser() {
+	local scenario=$1 rc=0
+	mkdir -m 700 "$WORK/profile-$scenario"
+	(
+		cd "$HERE"
+		export SCENARIO=$scenario BASE HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY OUT_DIR CHROMIUM
+		export DASHBOARD VIEW PROFILE_DIR=$WORK/profile-$scenario DIRECT=$([[ $TARGET == ha ]] && echo 1 || echo 0)
+		# Chromium's crash-report database goes under XDG_CONFIG_HOME: keep it in WORK too.
+		export XDG_CONFIG_HOME=$WORK/xdg
+		exec node test.mjs
+	) &
+	NODE_PID=$!
+	wait "$NODE_PID" || rc=$?
+	NODE_PID=''
+	kill_chromium
+	return "$rc"
+}
+
+peer_trusts_proxy() { grep -q '^  use_x_forwarded_for: true' "$HA_PEER_DIR/configuration.yaml"; }
+
+# ---------- Home Assistant: onboarding finished, the dashboard (directly, admin token) ----------
+setup=$("$HA_PY" "$HERE/ha_helper.py" setup --url "$HA_URL" --token-file "$HA_PEER_DIR/token") ||
+	die "could not prepare Home Assistant (ha_helper.py setup)"
+DASHBOARD=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["dashboard"])' "$setup")
+VIEW=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["view_path"])' "$setup")
+say "HA $HA_VERSION ready: dashboard /$DASHBOARD/$VIEW ($setup)"
+
+# ---------- the scenarios ----------
+passed=0 failed=0 failures=()
+for scenario in $SCENARIOS; do
+	ts=$SECONDS
+	if [[ $scenario == trusted ]] && ! peer_trusts_proxy; then
+		say "restarting the HA peer with --trusted-proxy (X-Forwarded-For from 127.0.0.1 trusted, trusted_networks ::1)"
+		RESTORE_PEER=1
+		{ bash "$PEER" stop "$HA_PEER_DIR" && bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" --trusted-proxy; } \
+			>>"$OUT_DIR/frontend-peer.log" 2>&1 || { tail -n 20 "$OUT_DIR/frontend-peer.log" >&2; die "could not restart the HA peer with --trusted-proxy"; }
+	fi
+	if [[ $TARGET == ha ]]; then
+		BASE=$HA_URL
+		say "[$scenario] control run: the browser goes to HA itself ($BASE), no hass-edge"
+	elif [[ $scenario == trusted ]]; then
+		# the browser at [::1]; hass-edge's own connection to HA comes from 127.0.0.1, so HA can
+		# see ::1 only in hass-edge's X-Forwarded-For (127.0.0.2 would not do: Linux connects to
+		# it from 127.0.0.1, the source address of the 127.0.0.0/8 route)
+		start_edge "$scenario" ::1
+	else
+		start_edge "$scenario" 127.0.0.1
+	fi
+	if run_browser "$scenario"; then
+		passed=$((passed + 1))
+		say "[$scenario] passed in $((SECONDS - ts)) s"
+	else
+		failed=$((failed + 1))
+		failures+=("$scenario")
+		if [[ -n $EDGE_LOG && -s $EDGE_LOG ]]; then
+			echo "--- hass-edge log (tail; all of it in $EDGE_LOG) ---" >&2
+			tail -n 40 "$EDGE_LOG" >&2
+		fi
+		say "[$scenario] FAILED after $((SECONDS - ts)) s"
+	fi
+	stop_pid "$EDGE_PID"
+	EDGE_PID='' EDGE_LOG=''
+done
+restore_peer || failed=$((failed + 1))
+
+say "done in $((SECONDS - T0)) s${failures[*]:+ (failed: ${failures[*]})}"
+echo "frontend: $passed passed, $failed failed"
+((failed == 0))

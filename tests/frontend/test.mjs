@@ -1,0 +1,431 @@
+// Home Assistant's own frontend in Chromium through hass-edge (issue 15). Debian's Chromium, driven by
+// playwright-core, talks only to BASE (hass-edge); the checks of what reached HA use HA's REST and
+// WebSocket APIs directly with the peer's admin token (Node and ha_helper.py, never the browser).
+// Started by run.sh, one scenario per run; everything comes in the environment:
+//
+//   SCENARIO     password: log in on HA's login page with the peer's user and password
+//                trusted:  no password: HA's trusted_networks provider logs the browser in, because
+//                          hass-edge tells HA the client's address (X-Forwarded-For: ::1; HA trusts
+//                          X-Forwarded-For from 127.0.0.1 and logs in ::1 without a password)
+//   BASE         where the browser goes, e.g. http://127.0.0.1:41234 or http://[::1]:41234 (hass-edge)
+//   CLIENT_ADDR  the address HA must record for the login (default 127.0.0.1, trusted: ::1)
+//   HA_URL, HA_TOKEN_FILE, HA_PY   the peer: its URL, admin token, and the Python that runs ha_helper.py
+//   DIRECT       1 = BASE is HA itself (a control run of this script, not a test of hass-edge):
+//                the "nothing went to HA directly" check is skipped
+//   DASHBOARD, VIEW   the dashboard made by `ha_helper.py setup` (edge-test, 0)
+//   OUT_DIR, PROFILE_DIR, CHROMIUM
+import { execFile } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { request as httpRequest } from 'node:http';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const env = (name, fallback) => {
+  const v = process.env[name] ?? fallback;
+  if (v === undefined || v === '') {
+    console.error(`frontend: FAIL: environment variable ${name} is not set (start this through tests/frontend/run.sh)`);
+    process.exit(2);
+  }
+  return v;
+};
+const SCENARIO = env('SCENARIO');
+const BASE = env('BASE').replace(/\/+$/, '');
+const HA_URL = env('HA_URL').replace(/\/+$/, '');
+const HA_TOKEN_FILE = env('HA_TOKEN_FILE');
+const HA_TOKEN = readFileSync(HA_TOKEN_FILE, 'utf8').trim();
+const HA_PY = env('HA_PY');
+const DIRECT = process.env.DIRECT === '1';
+const DASHBOARD = env('DASHBOARD', 'edge-test');
+const VIEW = env('VIEW', '0');
+const OUT_DIR = env('OUT_DIR');
+const PROFILE_DIR = env('PROFILE_DIR');
+const CHROMIUM = env('CHROMIUM', '/usr/bin/chromium');
+const USER = 'edge';                     // tests/ha-peer/peer.py ONBOARD_USER
+const PASSWORD = 'edge-tester-password';
+const STEP_TIMEOUT = 20_000;             // any one wait
+const RUN_TIMEOUT = 150_000;             // the whole scenario
+const FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--disable-quic'];
+if (!['password', 'trusted'].includes(SCENARIO)) {
+  console.error(`frontend: FAIL: SCENARIO must be password or trusted, not ${SCENARIO}`);
+  process.exit(2);
+}
+const tag = `frontend[${SCENARIO}]`;
+const t0 = Date.now();
+const log = (msg) => console.log(`${tag}: ${msg} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+class TestFailure extends Error {}
+function fail(msg) { throw new TestFailure(msg); }
+function check(cond, msg) { if (!cond) fail(msg); }
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const baseUrl = new URL(BASE);
+const haUrl = new URL(HA_URL);
+const CLIENT_ID = `${BASE}/`; // what HA's frontend sends as client_id: its own origin
+
+// ---------- Home Assistant, directly (Node side, never the browser) ----------
+function raw(method, url, headers = {}, body) {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(url, { method, headers, timeout: 10_000 }, (res) => {
+      let data = '';
+      res.setEncoding('utf8');
+      res.on('data', (c) => { data += c; });
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: data }));
+    });
+    req.on('timeout', () => req.destroy(new Error(`${method} ${url}: timed out`)));
+    req.on('error', reject);
+    if (body) req.write(body);
+    req.end();
+  });
+}
+async function haState(id) {
+  const r = await raw('GET', `${HA_URL}/api/states/${id}`, { Authorization: `Bearer ${HA_TOKEN}` });
+  check(r.status === 200, `Home Assistant GET /api/states/${id}: HTTP ${r.status} ${r.body.slice(0, 200)}`);
+  return JSON.parse(r.body);
+}
+function helper(...args) {
+  return new Promise((resolve, reject) => {
+    execFile(HA_PY, [new URL('./ha_helper.py', import.meta.url).pathname, ...args,
+      '--url', HA_URL, '--token-file', HA_TOKEN_FILE], { timeout: 30_000 }, (err, stdout, stderr) => {
+      if (err) reject(new TestFailure(`ha_helper.py ${args[0]}: ${(stderr || err.message).trim()}`));
+      else resolve(JSON.parse(stdout));
+    });
+  });
+}
+// Poll fn (async, truthy = done) every 100 ms, at most `ms`.
+async function until(what, fn, ms = STEP_TIMEOUT) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      if (e instanceof TestFailure) throw e;
+      last = String(e.message ?? e).split('\n')[0];
+    }
+    if (Date.now() > deadline) fail(`timed out (${ms / 1000} s) waiting until ${what}${last ? ` (last: ${last})` : ''}`);
+    await sleep(100);
+  }
+}
+
+// ---------- the browser and what it did on the network ----------
+let context;
+let page;
+const requests = [];   // every HTTP request of the context (pages and workers)
+const sockets = [];    // every WebSocket
+const consoleLines = [];
+const authAnswers = []; // HA's answers to the login requests, as the page got them
+
+async function cleanup() {
+  if (context) {
+    const c = context;
+    context = undefined;
+    await Promise.race([c.close().catch(() => {}), sleep(5000)]);
+  }
+}
+let interrupted = false;
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, async () => {
+    interrupted = true;
+    console.error(`${tag}: interrupted (${sig}); closing Chromium`);
+    await cleanup();
+    process.exit(130);
+  });
+}
+const watchdog = setTimeout(() => {
+  console.error(`${tag}: FAIL: the whole scenario took more than ${RUN_TIMEOUT / 1000} s`);
+  dumpNetwork();
+  cleanup().finally(() => process.exit(1));
+}, RUN_TIMEOUT);
+
+function recordNetwork() {
+  context.on('request', (r) => {
+    requests.push({ t: Date.now() - t0, method: r.method(), url: r.url(), type: r.resourceType(), status: null, failure: null, req: r });
+  });
+  const entry = (r) => requests.find((e) => e.req === r);
+  context.on('requestfinished', async (r) => {
+    const e = entry(r);
+    if (!e) return;
+    const resp = await r.response().catch(() => null);
+    e.status = resp ? resp.status() : 'no response';
+  });
+  // HA's answers to the login requests, read as soon as they arrive (a navigation right after one
+  // can take its body away: then it is kept as null, and HA's own record decides, see main()).
+  context.on('response', async (resp) => {
+    const path = new URL(resp.url()).pathname;
+    if (!(path === '/auth/providers' || path.startsWith('/auth/login_flow') || path === '/auth/token')) return;
+    const a = { method: resp.request().method(), path, status: resp.status(), body: null };
+    authAnswers.push(a);
+    let body = null;
+    try { body = JSON.parse(await resp.text()); } catch { /* gone with a navigation, or not JSON */ }
+    // never keep a token: of /auth/token's answer only the field names and the provider
+    if (body && path === '/auth/token') body = { fields: Object.keys(body), ha_auth_provider: body.ha_auth_provider };
+    a.body = body;
+  });
+  context.on('requestfailed', (r) => {
+    const e = entry(r);
+    if (e) e.failure = r.failure()?.errorText ?? 'failed';
+  });
+}
+function watchPage(p) {
+  p.on('console', (m) => consoleLines.push(`[${m.type()}] ${m.text()}`));
+  p.on('pageerror', (e) => consoleLines.push(`[pageerror] ${Date.now() - t0} ms ${p.url()} ${e?.name}: ${e?.message} ${e?.stack ?? ''} ${JSON.stringify(e)}`));
+  p.on('websocket', (ws) => {
+    const s = { t: Date.now() - t0, url: ws.url(), received: 0, sent: 0, closed: false, error: null, firstIn: [], types: new Map(), errors: [] };
+    sockets.push(s);
+    const messages = (payload) => { try { return [JSON.parse(String(payload))].flat(); } catch { return []; } };
+    ws.on('framereceived', (f) => {
+      s.received += 1;
+      if (s.firstIn.length < 3) s.firstIn.push(String(f.payload).slice(0, 120));
+      for (const m of messages(f.payload)) {
+        if (m && m.type === 'result' && m.success === false) s.errors.push(`${s.types.get(m.id) ?? `id ${m.id}`}: ${m.error?.code}`);
+      }
+    });
+    ws.on('framesent', (f) => {
+      s.sent += 1;
+      for (const m of messages(f.payload)) if (m && m.id !== undefined) s.types.set(m.id, m.type);
+    });
+    ws.on('close', () => { s.closed = true; });
+    ws.on('socketerror', (err) => { s.error = String(err); });
+  });
+}
+const fmtReq = (e) => `${String(e.t).padStart(6)} ms ${e.method.padEnd(4)} ${e.status ?? '…'}${e.failure ? ` FAILED ${e.failure}` : ''} ${e.type} ${e.url}`;
+function dumpNetwork() {
+  const lines = [...requests.map(fmtReq), ...sockets.map((s) => `${String(s.t).padStart(6)} ms WS   ${s.url} received ${s.received} sent ${s.sent}${s.closed ? ' closed' : ' open'}${s.error ? ` error ${s.error}` : ''}`)];
+  const file = join(OUT_DIR, `frontend-${SCENARIO}-requests.txt`);
+  try { writeFileSync(file, `${lines.join('\n')}\n`); } catch { /* OUT_DIR gone */ }
+  return file;
+}
+
+// ---------- the dashboard, read from the DOM (Playwright's CSS pierces HA's open shadow roots) ----------
+const row = (name) => page.locator('hui-entities-card hui-toggle-entity-row').filter({ has: page.locator(`.info[title="${name}"]`) });
+const rowSwitch = (name) => row(name).locator('ha-entity-toggle input[role="switch"]');
+async function shown(names) {
+  const out = {};
+  for (const n of names) {
+    const c = await rowSwitch(n).getAttribute('aria-checked', { timeout: 2000 });
+    out[n] = c === 'true' ? 'on' : c === 'false' ? 'off' : `aria-checked=${c}`;
+  }
+  out.card = (await page.locator('hui-entity-card .info .value').textContent({ timeout: 2000 })).trim().toLowerCase();
+  return out;
+}
+// What a person would see when it goes wrong: the URL, the title and the text of the main parts,
+// collected through the shadow roots (innerText does not enter them).
+async function pageState() {
+  if (!page) return 'no page';
+  try {
+    return JSON.stringify(await page.evaluate(() => {
+      const texts = [];
+      const walk = (node, depth) => {
+        if (depth > 40 || texts.join(' ').length > 1500) return;
+        for (const child of node.childNodes) {
+          if (child.nodeType === Node.TEXT_NODE) {
+            const t = child.textContent.trim();
+            if (t && !['STYLE', 'SCRIPT'].includes(child.parentNode?.nodeName)) texts.push(t);
+          } else if (child.nodeType === Node.ELEMENT_NODE) {
+            if (/^(MWC|HA)-LIST-ITEM$/.test(child.nodeName)) continue; // e.g. the 60 languages of the login page
+            if (child.shadowRoot) walk(child.shadowRoot, depth + 1);
+            walk(child, depth + 1);
+          }
+        }
+      };
+      walk(document.body, 0);
+      return { url: location.href, title: document.title, text: texts.join(' | ').slice(0, 1500) };
+    }));
+  } catch (e) {
+    return `unreadable: ${String(e.message ?? e).split('\n')[0]}`;
+  }
+}
+
+async function screenshot(name) {
+  const file = join(OUT_DIR, `frontend-${SCENARIO}-${name}.png`);
+  await page.screenshot({ path: file, timeout: 10_000 });
+  log(`screenshot: ${file}`);
+}
+
+// ---------- the scenario ----------
+async function main() {
+  const since = new Date(Date.now() - 2000).toISOString();
+  const names = {};
+  for (const id of ['input_boolean.kitchen', 'light.kitchen']) names[id] = (await haState(id)).attributes.friendly_name;
+  const rowNames = Object.values(names);
+  check(new Set(rowNames).size === 2 && rowNames.every(Boolean), `friendly names in HA: ${JSON.stringify(names)}`);
+
+  context = await chromium.launchPersistentContext(PROFILE_DIR, {
+    executablePath: CHROMIUM, headless: true, args: FLAGS, viewport: { width: 1280, height: 800 }, timeout: 30_000,
+  });
+  recordNetwork();
+  // An unhandled rejection with a plain object reaches Playwright as "Object": log its content.
+  // HA's own answer "unknown_command" to a WebSocket command of the frontend (the peer has no
+  // default_config, so some integrations the frontend asks are not loaded; it happens without
+  // hass-edge too) is logged, not counted as a JavaScript error: the commands are listed below.
+  await context.addInitScript(() => window.addEventListener('unhandledrejection', (e) => {
+    let reason;
+    try { reason = JSON.stringify(e.reason); } catch { reason = String(e.reason); }
+    if (e.reason && e.reason.code === 'unknown_command') {
+      e.preventDefault();
+      console.info(`tolerated unhandledrejection: ${reason}`);
+    } else {
+      console.error(`unhandledrejection: ${reason}`);
+    }
+  }));
+  page = context.pages()[0] ?? await context.newPage();
+  watchPage(page);
+  context.on('page', watchPage);
+  log(`Chromium ${context.browser()?.version() ?? ''} started; opening ${BASE}/${DIRECT ? ' (DIRECT: HA itself, a control run)' : ''}`);
+
+  // 1. Log in.
+  const resp = await page.goto(`${BASE}/`, { waitUntil: 'commit', timeout: STEP_TIMEOUT });
+  check(resp && resp.status() < 400, `GET ${BASE}/: HTTP ${resp?.status()}`);
+  if (SCENARIO === 'password') {
+    await until('HA\'s login page shows the username field', () => page.locator('input[name="username"]').isVisible());
+    check(new URL(page.url()).pathname === '/auth/authorize', `the login page is at ${page.url()}, expected ${BASE}/auth/authorize`);
+    await screenshot('login');
+    await page.locator('input[name="username"]').fill(USER, { timeout: STEP_TIMEOUT });
+    await page.locator('input[name="password"]').fill(PASSWORD, { timeout: STEP_TIMEOUT });
+    await page.getByRole('button', { name: /log in/i }).click({ timeout: STEP_TIMEOUT });
+    log(`logged in as ${USER} on HA's login page`);
+  }
+  await until(`the frontend is logged in and shows its sidebar (${SCENARIO === 'trusted' ? 'no password typed' : 'after the password'})`,
+    async () => {
+      if (SCENARIO === 'trusted') {
+        // Without the client's address in X-Forwarded-For, HA sees hass-edge's 127.0.0.1, offers
+        // only the password form, and nothing else would happen: say so at once.
+        const p = authAnswers.find((a) => a.path === '/auth/providers' && a.body);
+        if (p && p.body.providers?.[0]?.type !== 'trusted_networks') {
+          fail(`HA's login page offers ${JSON.stringify(p.body.providers?.map((x) => x.type))}, not trusted_networks first: HA did not see the browser at ${env('CLIENT_ADDR', '::1')} (X-Forwarded-For missing or wrong?)`);
+        }
+      }
+      return !new URL(page.url()).pathname.startsWith('/auth/') && (await page.locator('ha-sidebar').count()) > 0;
+    });
+  check(new URL(page.url()).origin === baseUrl.origin, `after the login the page is at ${page.url()}, not on ${BASE}`);
+  const flows = authAnswers.filter((a) => a.path.startsWith('/auth/login_flow'));
+  const providersAnswer = authAnswers.find((a) => a.path === '/auth/providers');
+  check(providersAnswer && providersAnswer.status === 200 && providersAnswer.body,
+    `GET /auth/providers: ${providersAnswer ? `HTTP ${providersAnswer.status} ${JSON.stringify(providersAnswer.body)}` : 'not seen'}`);
+  const providers = providersAnswer.body.providers.map((p) => p.type);
+  const wanted = SCENARIO === 'trusted' ? 'trusted_networks' : 'homeassistant';
+  check(flows.length >= 1 && flows.every((a) => a.status === 200), `the login flow requests: ${JSON.stringify(flows).slice(0, 600)}`);
+  if (SCENARIO === 'trusted') {
+    check(providers[0] === 'trusted_networks', `HA offered the providers ${JSON.stringify(providers)} to the browser: trusted_networks is not first, so HA did not see the browser at a trusted network address`);
+    // trusted_networks with allow_bypass_login and one user: the first POST creates the login, no form
+    check(flows.length === 1, `the trusted_networks login took ${flows.length} login-flow requests (expected 1: no form): ${JSON.stringify(flows).slice(0, 600)}`);
+  } else {
+    check(flows.length === 2, `the password login took ${flows.length} login-flow requests (expected 2: the form, then username and password): ${JSON.stringify(flows).slice(0, 600)}`);
+  }
+  const lastFlow = flows[flows.length - 1].body;
+  check(lastFlow === null || (lastFlow.type === 'create_entry' && lastFlow.handler?.[0] === wanted),
+    `the login flow ended with ${JSON.stringify(lastFlow).slice(0, 400)}, expected create_entry by ${wanted}`);
+  const token = authAnswers.find((a) => a.path === '/auth/token');
+  check(token && token.status === 200, `POST /auth/token: ${token ? `HTTP ${token.status} ${JSON.stringify(token.body)}` : 'not seen'}`);
+  check(!token.body || token.body.ha_auth_provider === wanted, `POST /auth/token says ha_auth_provider ${token.body?.ha_auth_provider}, expected ${wanted}`);
+  // What HA itself recorded for this login: the provider, and the client address it saw.
+  const logins = await helper('tokens', '--client-id', CLIENT_ID, '--since', since);
+  check(logins.length === 1, `HA has ${logins.length} refresh tokens for client_id ${CLIENT_ID} since ${since}, expected 1: ${JSON.stringify(logins)}`);
+  const wantIp = env('CLIENT_ADDR', SCENARIO === 'trusted' ? '::1' : '127.0.0.1');
+  check(logins[0].auth_provider_type === wanted, `HA's refresh token of this login has auth_provider_type ${logins[0].auth_provider_type}, expected ${wanted}`);
+  check(logins[0].last_used_ip === wantIp, `HA saw this login from ${logins[0].last_used_ip}, expected ${wantIp}`);
+  log(`logged in: HA's ${logins[0].auth_provider_type} provider (offered: ${providers.join(', ')}; ${flows.length} login-flow request(s)), HA saw the client at ${logins[0].last_used_ip}`);
+
+  // 2. The dashboard, reached as a person would: its entry in the sidebar.
+  const link = page.locator(`ha-sidebar a[href="/${DASHBOARD}"]`);
+  await until(`the sidebar lists the dashboard /${DASHBOARD}`, () => link.isVisible());
+  await link.click({ timeout: STEP_TIMEOUT });
+  await until(`the page is at /${DASHBOARD}/${VIEW}`, () => new URL(page.url()).pathname === `/${DASHBOARD}/${VIEW}`);
+  await until('the entities card shows both toggle rows and the entity card its state',
+    async () => (await row(names['input_boolean.kitchen']).count()) === 1 && (await row(names['light.kitchen']).count()) === 1
+      && (await page.locator('hui-entity-card .info .value').count()) === 1);
+
+  const truth = async () => ({ ib: (await haState('input_boolean.kitchen')).state, light: (await haState('light.kitchen')).state });
+  const matches = async (want) => {
+    const s = await shown(rowNames);
+    return s[names['input_boolean.kitchen']] === want.ib && s[names['light.kitchen']] === want.light && s.card === want.light ? s : false;
+  };
+  const start = await truth();
+  check(['on', 'off'].includes(start.ib) && start.light === start.ib, `HA reports input_boolean.kitchen = ${start.ib}, light.kitchen = ${start.light}`);
+  await until(`the dashboard shows HA's states (${JSON.stringify(start)})`, () => matches(start), 10_000);
+  log(`dashboard /${DASHBOARD}/${VIEW} shows ${JSON.stringify(await shown(rowNames))}, as HA reports`);
+
+  // 3. Toggle in the page; the change must reach HA and come back to the page.
+  const flip = (s) => (s === 'on' ? 'off' : 'on');
+  const toggle = async (from, why) => {
+    const want = { ib: flip(from.ib), light: flip(from.light) };
+    const tClick = Date.now();
+    await rowSwitch(names['input_boolean.kitchen']).click({ timeout: STEP_TIMEOUT });
+    await until(`HA reports input_boolean.kitchen = ${want.ib} and light.kitchen = ${want.light} after the click (${why})`,
+      async () => { const t = await truth(); return t.ib === want.ib && t.light === want.light; });
+    const inHa = Date.now() - tClick;
+    await until(`the page shows ${JSON.stringify(want)} after the click (${why})`, () => matches(want));
+    log(`${why}: clicked ${names['input_boolean.kitchen']} → HA has ${want.ib} after ${inHa} ms, the page shows it (light too) after ${Date.now() - tClick} ms`);
+    return want;
+  };
+  const flipped = await toggle(start, 'toggle');
+  await screenshot('dashboard');
+
+  // 4. A cold load of the dashboard's own URL (stored login), then toggle back from there.
+  await page.goto(`${BASE}/${DASHBOARD}/${VIEW}`, { waitUntil: 'commit', timeout: STEP_TIMEOUT });
+  await until(`the reloaded /${DASHBOARD}/${VIEW} shows ${JSON.stringify(flipped)}`, async () => new URL(page.url()).pathname === `/${DASHBOARD}/${VIEW}` && matches(flipped));
+  log(`reloaded ${BASE}/${DASHBOARD}/${VIEW}: still logged in, shows ${JSON.stringify(flipped)}`);
+  await toggle(flipped, 'toggle back after the reload');
+  check(JSON.stringify(await truth()) === JSON.stringify(start), 'HA did not end where it started');
+
+  // 5. The network: everything through BASE, nothing broken.
+  await sleep(500); // late responses land in the log
+  const netFile = dumpNetwork();
+  const web = requests.filter((e) => /^(https?|wss?):/.test(e.url));
+  const allUrls = [...web.map((e) => e.url), ...sockets.map((s) => s.url)];
+  const toHa = allUrls.filter((u) => { const x = new URL(u); return x.port === haUrl.port && ['127.0.0.1', 'localhost', haUrl.hostname].includes(x.hostname); });
+  const elsewhere = allUrls.filter((u) => new URL(u).host !== baseUrl.host);
+  if (!DIRECT) {
+    check(toHa.length === 0, `${toHa.length} request(s) went to HA's port ${haUrl.port} directly: ${toHa.slice(0, 5).join(' ')}`);
+  }
+  check(elsewhere.length === 0, `${elsewhere.length} request(s) went elsewhere than ${baseUrl.host}: ${elsewhere.slice(0, 5).join(' ')}`);
+  const wsUrl = `${baseUrl.protocol === 'https:' ? 'wss' : 'ws'}://${baseUrl.host}/api/websocket`;
+  const tunnels = sockets.filter((s) => s.url === wsUrl);
+  check(tunnels.length >= 1, `no WebSocket to ${wsUrl} (sockets: ${JSON.stringify(sockets)})`);
+  check(tunnels.every((s) => !s.error), `a WebSocket failed: ${JSON.stringify(tunnels.filter((s) => s.error))}`);
+  check(tunnels.some((s) => s.received >= 5), `no WebSocket to ${wsUrl} carried HA's answers (frames received: ${tunnels.map((s) => s.received).join(', ')})`);
+  const broken = web.filter((e) => (e.failure && e.failure !== 'net::ERR_ABORTED') || (typeof e.status === 'number' && e.status >= 400));
+  check(broken.length === 0, `${broken.length} request(s) failed or got an HTTP error: ${broken.slice(0, 8).map(fmtReq).join(' | ')}`);
+  const unanswered = web.filter((e) => e.status === null && !e.failure);
+  check(unanswered.length === 0, `${unanswered.length} request(s) never answered: ${unanswered.slice(0, 8).map(fmtReq).join(' | ')}`);
+  const pageErrors = consoleLines.filter((l) => l.startsWith('[pageerror]'));
+  check(pageErrors.length === 0, `JavaScript errors in the page: ${pageErrors.join(' | ').slice(0, 1500)}`);
+  const aborted = web.filter((e) => e.failure === 'net::ERR_ABORTED').length;
+  const refused = [...new Set(sockets.flatMap((s) => s.errors))];
+  if (refused.length) log(`WebSocket commands of the frontend that HA refused (also without hass-edge: the peer has no default_config): ${refused.join(', ')}`);
+  log(`network: ${web.length} HTTP requests and ${sockets.length} WebSocket(s), all to ${baseUrl.host}${DIRECT ? ' (HA itself)' : `, none to HA's port ${haUrl.port}`}; ${tunnels.map((s) => s.received).join('+')} WebSocket frames from HA; no HTTP error${aborted ? `; ${aborted} aborted by navigation` : ''} (list: ${netFile})`);
+}
+
+async function forgetLogin() {
+  // This run's login must not stay in HA (each run would add a refresh token to the user).
+  try {
+    await helper('tokens', '--client-id', CLIENT_ID, '--since', new Date(t0 - 2000).toISOString(), '--delete');
+  } catch (e) {
+    console.error(`${tag}: could not remove this run's refresh tokens: ${e.message}`);
+  }
+}
+
+try {
+  await main();
+  clearTimeout(watchdog);
+  await cleanup();
+  await forgetLogin();
+  log('PASS');
+  process.exit(0);
+} catch (e) {
+  if (interrupted) await new Promise(() => {}); // the signal handler exits
+  const what = e instanceof TestFailure ? e.message : `${String(e.message ?? e).split('\nBrowser logs:')[0]}\n${(e.stack ?? '').split('\n').filter((l) => l.trim().startsWith('at ')).slice(0, 3).join('\n')}`;
+  console.error(`${tag}: FAIL: ${what}`);
+  if (page) {
+    try { await screenshot('failure'); } catch { /* the browser may be gone */ }
+    console.error(`${tag}: page state: ${await pageState()}`);
+  }
+  const netFile = dumpNetwork();
+  console.error(`${tag}: last requests (all in ${netFile}):\n  ${[...requests.slice(-25).map(fmtReq), ...sockets.map((s) => `WS ${s.url} received ${s.received} sent ${s.sent}${s.closed ? ' closed' : ''}${s.error ? ` error ${s.error}` : ''} refused: ${s.errors.join(', ') || 'none'} first: ${s.firstIn.join(' / ')}`)].join('\n  ')}`);
+  if (authAnswers.length) console.error(`${tag}: login answers: ${JSON.stringify(authAnswers).slice(0, 2000)}`);
+  if (consoleLines.length) console.error(`${tag}: console:\n  ${consoleLines.slice(-15).map((l) => l.slice(0, 400)).join('\n  ')}`);
+  clearTimeout(watchdog);
+  await cleanup();
+  await forgetLogin();
+  process.exit(1);
+}
