@@ -364,6 +364,8 @@ def section_api(sync: bool) -> None:
                  call(lambda c: c.get_logbook_entries(filter_entities=ent, start_timestamp=FIXED_START),
                       lambda c: _agen(c.get_logbook_entries(filter_entities=ent, start_timestamp=FIXED_START))),
                  expect_any(expect_ok(), expect_error("EndpointNotFoundError")))
+    compare_read(f"{pre} check_api_config (POST /api/config/core/check_config, admin)",
+                 call(lambda c: c.check_api_config(), lambda c: c.check_api_config()), expect_ok(lambda v: v is True, "True"))
     compare_read(f"{pre} get_error_log (admin)", call(lambda c: c.get_error_log(), lambda c: c.get_error_log()),
                  expect_ok(lambda v: isinstance(v, str), "text"))
 
@@ -426,6 +428,61 @@ async def _async_domain_call(c: AsyncClient, domain: str, service: str, **data: 
 async def _async_history(c: AsyncClient, entity_id: str) -> Any:
     e = await c.get_entity(entity_id=entity_id)
     return await e.get_history(start_timestamp=FIXED_START)
+
+
+# ---------------------------------------------------------------- HomeAssistant-API's WebSocket clients
+def ws_sync(side: Side, f: Callable[[Any], Any]) -> Any:
+    with hapi.WebsocketClient(side.url + "/api/websocket", side.token) as w:  # upgrade, auth, supported_features
+        return f(w)
+
+
+def ws_async(side: Side, f: Callable[[Any], Any]) -> Any:
+    async def go() -> Any:
+        async with hapi.AsyncWebsocketClient(side.url + "/api/websocket", side.token) as w:
+            return await f(w)
+    return asyncio.run(go())
+
+
+def section_ws(sync: bool) -> None:
+    """HomeAssistant-API's WebsocketClient / AsyncWebsocketClient: an HTTP/1.1 Upgrade to
+    /api/websocket, HA's auth phase, then commands, through the target as through HA."""
+    pre = "api-ws-sync" if sync else "api-ws-async"
+    run = ws_sync if sync else ws_async
+
+    def call(f: Callable[[Any], Any]) -> Callable[[Side], Any]:
+        return lambda side: run(side, f)
+
+    compare_read(f"{pre} get_config", call(lambda w: w.get_config()),
+                 expect_ok(lambda v: isinstance(v, dict) and "version" in v, "a config"))
+    compare_read(f"{pre} get_states", call(lambda w: w.get_states()), expect_ok(lambda v: len(v) >= 20, "≥ 20 states"),
+                 norm=sort_states)
+    compare_read(f"{pre} get_domains", call(lambda w: w.get_domains()),
+                 expect_ok(lambda v: "input_boolean" in v, "the domains"))
+    compare_read(f"{pre} get_rendered_template", call(lambda w: w.get_rendered_template("{{ 6 * 7 }}")),
+                 expect_ok(lambda v: v == "42", "42"))
+    num = "input_number.living_temp"
+    compare_write(f"{pre} trigger_service input_number.set_value", reset_number(num, 21.5),
+                  call(lambda w: w.trigger_service("input_number", "set_value", entity_id=num, value=23.5)),
+                  read_state(num), expect_ok())
+    txt = "input_text.last_message"
+    compare_write(f"{pre} trigger_service_with_response script.say_hello", reset_text(txt, "hello"),
+                  call(lambda w: w.trigger_service_with_response("script", "say_hello")), read_state(txt),
+                  expect_ok(lambda v: v == {}, "{}"))
+    compare_write(f"{pre} fire_event clients_ws_event", lambda: None,
+                  with_events("clients_ws_event", call(_ws_fire_sync if sync else _ws_fire_async)),
+                  lambda side: None, expect_ok(lambda v: v["result"][0] == "ok" and len(v["events on HA"]) == 1,
+                                               "a context and one event on HA"))
+    compare_read(f"{pre} bad token (auth_invalid)",
+                 lambda side: run(Side(side.label, side.url, "not-a-valid-token"), lambda w: w.get_config()),
+                 expect_error("UnauthorizedError"))
+
+
+def _ws_fire_sync(w: Any) -> Any:  # a Context at the top: put it under "context" for norm_change
+    return {"context": w.fire_event("clients_ws_event", n=2)}
+
+
+async def _ws_fire_async(w: Any) -> Any:
+    return {"context": await w.fire_event("clients_ws_event", n=2)}
 
 
 # ---------------------------------------------------------------- homeassistant-cli
@@ -583,7 +640,8 @@ def http_result(method: str, path: str, token: str, body: Any = None) -> Callabl
         b: Any = r.text
         if ctype == "application/json":
             b = r.json()
-        return {"status": r.status_code, "content-type": ctype, "body": b}
+        # HA sends Date on every answer (issue 15: so must hass-edge)
+        return {"status": r.status_code, "content-type": ctype, "body": b, "has Date": "Date" in r.headers}
     return go
 
 
@@ -720,7 +778,7 @@ def main() -> int:
     ap.add_argument("--target-url", required=True)
     ap.add_argument("--target-token-file", help="token the clients send to the target (default: the HA token)")
     ap.add_argument("--target-label", default="hass-edge")
-    ap.add_argument("--sections", default="api-sync,api-async,cli,auth")
+    ap.add_argument("--sections", default="api-sync,api-async,api-ws-sync,api-ws-async,cli,auth")
     ap.add_argument("--edge-unreachable", help="URL of a hass-edge whose HA is a closed port")
     ap.add_argument("--edge-readonly", help="URL of a hass-edge with allow_service_calls = false and an API token")
     ap.add_argument("--edge-api-token-file")
@@ -738,6 +796,10 @@ def main() -> int:
             section_api(True)
         elif s == "api-async":
             section_api(False)
+        elif s == "api-ws-sync":
+            section_ws(True)
+        elif s == "api-ws-async":
+            section_ws(False)
         elif s == "cli":
             section_cli()
         elif s == "auth":

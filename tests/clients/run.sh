@@ -6,7 +6,7 @@
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root);
 # CLIENTS_TARGET=ha (the self-check: every call made against HA twice, no hass-edge);
-# CLIENTS_SECTIONS (default api-sync,api-async,cli,auth); OUT_DIR (keeps the daemons' logs and
+# CLIENTS_SECTIONS (default api-sync,api-async,api-ws-sync,api-ws-async,cli,auth); OUT_DIR (keeps the daemons' logs and
 # the full output there); CLIENTS_VERBOSE=1 (print HA's answer to every call).
 #
 # Starts three hass-edge daemons on free loopback ports, each with its own config and state file
@@ -40,6 +40,11 @@ HA_URL=$(cat "$HA_PEER_DIR/url")
 curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
 	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
 HA_VERSION=$(cat "$HA_PEER_DIR/version" 2>/dev/null || echo '?')
+# The auth checks make HA log ~10 refused requests per run (a bad token, a non-admin user on admin
+# routes): a peer started with --ip-ban (5 attempts) would ban 127.0.0.1 half-way.
+if grep -qs 'ip_ban_enabled: true' "$HA_PEER_DIR/configuration.yaml"; then
+	die "$HA_PEER_DIR runs with ip_ban_enabled (--ip-ban): its 5-attempt ban would cut this run short; use a peer without --ip-ban"
+fi
 
 # ---------- the clients (cached venv; instant when installed) ----------
 VENV=$(bash "$HERE/install.sh") || die "tests/clients/install.sh failed"
@@ -136,7 +141,7 @@ wait_edge() {
 	done
 }
 
-ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,cli,auth}")
+ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,api-ws-sync,api-ws-async,cli,auth}")
 if [[ $TARGET == edge ]]; then
 	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
 	closed=$(free_port) # nothing listens there: "HA unreachable"
