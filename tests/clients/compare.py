@@ -138,7 +138,21 @@ def short(x: Any, n: int = 600) -> str:
     return s if len(s) <= n else s[:n] + f"...({len(s)} chars)"
 
 
+def outcome(r: Any) -> str:
+    """A captured result, for a message: `ok <value>` or `<Exception>: <message>`."""
+    if isinstance(r, list) and len(r) == 2 and r[0] == "ok":
+        return "ok " + short(r[1], 300)
+    if isinstance(r, list) and len(r) == 3 and r[0] == "error":
+        return f"{r[1]}: {r[2][:300]}"
+    return short(r, 300)
+
+
 def first_diff(a: Any, b: Any, path: str = "") -> str:
+    for x, y in ((a, b), (a[0] if isinstance(a, list) and a else None, b[0] if isinstance(b, list) and b else None)):
+        # a captured result (["ok", v] / ["error", cls, msg]) whose kind differs: say both whole
+        if (isinstance(x, list) and isinstance(y, list) and x and y and x[0] in ("ok", "error")
+                and y[0] in ("ok", "error") and x[0] != y[0]):
+            return f"at {path or '/'}: HA -> {outcome(x)} | {TGT.label} -> {outcome(y)}"
     if type(a) is not type(b):
         return f"at {path or '/'}: HA {short(a, 300)} vs {TGT.label} {short(b, 300)}"
     if isinstance(a, dict):
