@@ -59,7 +59,9 @@ impl Handler for Api {
         // hass-edge's own routes answer every method (405 for those they do not take),
         // except the writes to HA's API that share their paths.
         let write = write_capture(&head.method, path);
-        if !head.upgrade && write.is_none() && route(path).is_some() {
+        // HA's config is served once the link has it; before, HA answers.
+        let unknown_config = path == "/api/config" && self.hub.ha_config().is_none();
+        if !head.upgrade && write.is_none() && !unknown_config && route(path).is_some() {
             return None;
         }
         // Writes to HA's own API are always forwarded; the rest only with `http.forward`.
@@ -93,6 +95,7 @@ fn route(path: &str) -> Option<Route> {
         "/status" => r("/status", "GET, HEAD, OPTIONS", false),
         "/metrics" => r("/metrics", "GET, HEAD, OPTIONS", false),
         "/api/" | "/api" => r("/api/", "GET, HEAD, OPTIONS", false),
+        "/api/config" => r("/api/config", "GET, HEAD, OPTIONS", false),
         "/api/states" => r("/api/states", "GET, HEAD, OPTIONS", false),
         "/api/services" => r("/api/services", "GET, HEAD, OPTIONS", false),
         "/api/stream" => r("/api/stream", "GET, HEAD, OPTIONS", false),
@@ -389,6 +392,10 @@ async fn route_request(
             r
         }
         "/api/" => Response::json(200, br#"{"message":"API running."}"#.to_vec()),
+        "/api/config" => match hub.ha_config() {
+            Some(config) => Response::json(200, config.as_bytes().to_vec()),
+            None => Response::error(503, "Home Assistant's config is not known yet"),
+        },
         "/api/states" => states(hub),
         "/api/states/{entity_id}" => {
             state(hub, &path["/api/states/".len()..], request.flag("refresh")).await
@@ -536,7 +543,15 @@ async fn services(hub: &Hub) -> Response {
 
 /// `GET /api/stream`: Server-Sent Events (see [`crate::sse`]).
 fn stream(hub: &Hub, request: &Request) -> Response {
-    let selection = Selection::parse(request.query_value("entity_id").unwrap_or(""));
+    // HA's `?restrict=` (event types): only `state_changed` comes from the mirror.
+    let restricted_out = request
+        .query_value("restrict")
+        .is_some_and(|r| !r.split(',').any(|t| t.trim() == "state_changed"));
+    let selection = if restricted_out {
+        Selection::none()
+    } else {
+        Selection::parse(request.query_value("entity_id").unwrap_or(""))
+    };
     let first: Vec<Rc<EntityState>> = if request.flag("snapshot") {
         let (mut states, _) = hub.tracked_states();
         states.retain(|s| selection.matches(&s.entity_id));

@@ -82,6 +82,16 @@ impl Selection {
         s
     }
 
+    /// Nothing: a stream that only keeps alive (HA's `?restrict=` without `state_changed`).
+    pub fn none() -> Selection {
+        Selection {
+            all: false,
+            exact: HashSet::new(),
+            prefixes: HashSet::new(),
+            longest: 0,
+        }
+    }
+
     /// Whether `entity_id` is selected.
     pub fn matches(&self, entity_id: &str) -> bool {
         self.all

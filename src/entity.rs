@@ -92,6 +92,14 @@ impl Timestamp {
         ))
     }
 
+    /// Now, from the system clock.
+    pub fn now() -> Timestamp {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        Timestamp(i64::try_from(micros).unwrap_or(MAX_MICROS).min(MAX_MICROS))
+    }
+
     /// Seconds since the epoch as a float (for `LastEventTime`-style outputs and comparisons).
     pub fn as_epoch_seconds(self) -> f64 {
         self.0 as f64 / 1e6

@@ -195,6 +195,8 @@ pub struct Hub {
     rest: RefCell<RestClient>,
     /// Where forwarded requests go; `None` until the app sets it.
     upstream: RefCell<Option<Rc<Upstream>>>,
+    /// HA's core config as HA last sent it (`GET /api/config`); `None` until then.
+    ha_config: RefCell<Option<Rc<str>>>,
     /// In-flight REST reads by entity id: concurrent misses share one request.
     inflight: RefCell<HashMap<String, Rc<OnceCell<Fetch>>>>,
     /// Until when REST is considered down (see [`REST_BREAKER`]).
@@ -246,6 +248,7 @@ impl Hub {
             services: RefCell::new(Rc::new(OnceCell::new())),
             rest: RefCell::new(rest),
             upstream: RefCell::new(None),
+            ha_config: RefCell::new(None),
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
@@ -662,6 +665,16 @@ impl Hub {
     /// Where forwarded requests go.
     pub fn upstream(&self) -> Option<Rc<Upstream>> {
         self.upstream.borrow().clone()
+    }
+
+    /// Keeps HA's core config (the link's `get_config` answer, a JSON object).
+    pub fn set_ha_config(&self, config: String) {
+        *self.ha_config.borrow_mut() = Some(Rc::from(config));
+    }
+
+    /// HA's core config as last received (kept while HA is away: it rarely changes).
+    pub fn ha_config(&self) -> Option<Rc<str>> {
+        self.ha_config.borrow().clone()
     }
 
     /// Whether `presented` is hass-edge's own API token (`false` when none is configured).

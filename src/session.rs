@@ -80,6 +80,11 @@ pub enum Output {
     LastReported(Vec<(String, Timestamp, Timestamp)>),
     /// A `service_registered` / `service_removed` event (the event type).
     ServicesChanged(String),
+    /// HA's core config (`get_config`'s result, a JSON object, as HA sent it): asked once
+    /// the session is live and again on every `core_config_updated`; `GET /api/config`
+    /// serves it (HA `websocket_api/commands.py` `handle_get_config` and REST
+    /// `APIConfigView` both answer `hass.config.as_dict()`).
+    Config(String),
     /// A command failed; logged and counted, the session goes on.
     CommandFailed {
         /// The command.
@@ -133,6 +138,10 @@ struct Ids {
     entities: u64,
     registered: u64,
     removed: u64,
+    /// `subscribe_events` for `core_config_updated`.
+    config_updated: u64,
+    /// The latest `get_config` asked for the [`Output::Config`] copy.
+    config_copy: u64,
 }
 
 /// One connection's protocol state.
@@ -429,6 +438,12 @@ impl Session {
                 self.subscribe_after_states(out);
                 return Ok(());
             }
+            if id == self.ids.config_copy && id != 0 {
+                if let Some(r) = msg.result.filter(|r| r.get().starts_with('{')) {
+                    out.push(Output::Config(r.get().to_owned()));
+                }
+                return Ok(());
+            }
             if id == self.ids.config && self.phase == Phase::AwaitRunning {
                 #[derive(Deserialize)]
                 struct CoreConfig {
@@ -525,6 +540,8 @@ impl Session {
                 "service_removed"
             };
             out.push(Output::ServicesChanged(kind.into()));
+        } else if id == self.ids.config_updated && id != 0 {
+            self.ids.config_copy = self.command(json!({"type": "get_config"}), out);
         }
         // Events of an old subscription (before a resubscribe) are ignored.
         Ok(())
@@ -581,6 +598,11 @@ impl Session {
                 json!({"type": "subscribe_events", "event_type": "service_removed"}),
                 out,
             );
+            self.ids.config_updated = self.command(
+                json!({"type": "subscribe_events", "event_type": "core_config_updated"}),
+                out,
+            );
+            self.ids.config_copy = self.command(json!({"type": "get_config"}), out);
         }
     }
 
@@ -776,15 +798,35 @@ mod tests {
         let kinds: Vec<&str> = cmds.iter().map(|c| c["type"].as_str().unwrap()).collect();
         assert_eq!(
             kinds,
-            ["subscribe_entities", "subscribe_events", "subscribe_events"]
+            [
+                "subscribe_entities",
+                "subscribe_events",
+                "subscribe_events",
+                "subscribe_events",
+                "get_config"
+            ]
         );
         assert_eq!(cmds[1]["event_type"], "service_registered");
+        assert_eq!(cmds[3]["event_type"], "core_config_updated");
         let ids: Vec<u64> = cmds.iter().map(|c| c["id"].as_u64().unwrap()).collect();
         assert_eq!(
             ids,
-            [4, 5, 6],
+            [4, 5, 6, 7, 8],
             "ids continue after the three setup commands"
         );
+        // The config copy for `GET /api/config`, and a fresh one on `core_config_updated`.
+        let out = feed(
+            &mut s,
+            r#"{"id":8,"type":"result","success":true,"result":{"version":"2024.3.3"}}"#,
+            t,
+        );
+        assert!(matches!(&out[..], [Output::Config(c)] if c == r#"{"version":"2024.3.3"}"#));
+        let out = feed(
+            &mut s,
+            r#"{"id":7,"type":"event","event":{"event_type":"core_config_updated"}}"#,
+            t,
+        );
+        assert_eq!(sent(&out), [json!({"id": 9, "type": "get_config"})]);
         let out = feed(
             &mut s,
             r#"{"id":4,"type":"event","event":{"a":{"light.a":{"s":"on","c":"x","lc":1.0}}}}"#,
@@ -917,7 +959,9 @@ mod tests {
             [
                 "5 subscribe_entities",
                 "6 subscribe_events",
-                "7 subscribe_events"
+                "7 subscribe_events",
+                "8 subscribe_events",
+                "9 get_config"
             ]
         );
         assert!(

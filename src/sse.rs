@@ -1,11 +1,18 @@
-//! The push stream, `GET /api/stream`: Server-Sent Events (WHATWG HTML §9.2) with one
-//! `event: state_changed` per change to a tracked entity, `data:` in HA's `state_changed`
-//! shape `{"entity_id", "old_state", "new_state"}` (`new_state: null` on removal).
+//! The push stream, `GET /api/stream`: Server-Sent Events (WHATWG HTML §9.2) in HA's own
+//! format (`components/api/__init__.py` `APIEventStream`), so a page written for HA works
+//! unchanged: unnamed `data:` messages (an `EventSource`'s `onmessage`), `data: ping` when
+//! the stream opens and as the keep-alive, and one message per change to a tracked entity
+//! with HA's event envelope:
+//! `{"event_type":"state_changed","data":{"entity_id","old_state","new_state"},
+//! "origin":"LOCAL","time_fired","context"}` (`new_state: null` on removal). `time_fired` and
+//! `context` are the new state's `last_updated` and `context`, as HA fires them
+//! (`core.py` `async_set_internal`); for a removal, the time hass-edge learnt of it and the
+//! old state's context.
 //!
 //! An [`EventStream`] is the response body: the snapshot first (when asked for), then the
 //! client's [`Subscription`] from [`crate::broadcast`], which bounds its queue and the
-//! number of clients. A `:` comment every [`KEEPALIVE`] keeps proxies and browsers from
-//! timing the stream out.
+//! number of clients. `data: ping` every [`KEEPALIVE`] keeps proxies and browsers from
+//! timing the stream out (HA sends it every 50 s).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +24,7 @@ use smol::future::FutureExt;
 
 use crate::broadcast::Subscription;
 use crate::deadline::Deadline;
-use crate::entity::EntityState;
+use crate::entity::{Context, EntityState, Timestamp};
 use crate::http::{CHUNK, Pieces};
 use crate::store::Change;
 
@@ -25,25 +32,48 @@ use crate::store::Change;
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 #[derive(Serialize)]
-struct Event<'a> {
+struct Data<'a> {
     entity_id: &'a str,
     old_state: Option<&'a EntityState>,
     new_state: Option<&'a EntityState>,
 }
 
-/// Formats one SSE `state_changed` event.
+/// HA's event envelope (`core.py` `Event.as_dict`), in its key order.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    event_type: &'static str,
+    data: Data<'a>,
+    origin: &'static str,
+    time_fired: Timestamp,
+    context: Option<&'a Context>,
+}
+
+/// The keep-alive message, and the first one of every stream (HA `STREAM_PING_PAYLOAD`).
+pub const PING: &[u8] = b"data: ping\n\n";
+
+/// Formats one SSE message carrying a `state_changed` event in HA's envelope.
 pub fn format_event(
     entity_id: &str,
     old_state: Option<&EntityState>,
     new_state: Option<&EntityState>,
 ) -> String {
-    let data = serde_json::to_string(&Event {
-        entity_id,
-        old_state,
-        new_state,
+    let (time_fired, context) = match (new_state, old_state) {
+        (Some(new), _) => (new.last_updated, Some(&new.context)),
+        (None, old) => (Timestamp::now(), old.map(|o| &o.context)),
+    };
+    let data = serde_json::to_string(&Envelope {
+        event_type: "state_changed",
+        data: Data {
+            entity_id,
+            old_state,
+            new_state,
+        },
+        origin: "LOCAL",
+        time_fired,
+        context,
     })
     .unwrap_or_default();
-    format!("event: state_changed\ndata: {data}\n\n")
+    format!("data: {data}\n\n")
 }
 
 /// [`format_event`] for a [`Change`].
@@ -94,6 +124,7 @@ impl Pieces for EventStream {
             if !self.opened {
                 self.opened = true;
                 buf.extend_from_slice(b"retry: 2000\n\n");
+                buf.extend_from_slice(PING);
             }
             if !self.first.is_empty() {
                 while let Some(s) = self.first.pop() {
@@ -130,7 +161,7 @@ impl Pieces for EventStream {
                         }
                     }
                 }
-                Wake::KeepAlive => buf.extend_from_slice(b": keep-alive\n\n"),
+                Wake::KeepAlive => buf.extend_from_slice(PING),
                 // Disconnected by the broadcast (too slow): end the stream.
                 Wake::Event(None) => return false,
             }
@@ -145,11 +176,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn removal_event_has_null_new_state() {
-        let e = format_event("light.a", None, None);
+    fn events_have_has_envelope() {
+        let new: EntityState = serde_json::from_str(
+            r#"{"entity_id":"light.a","state":"on","attributes":{},"last_changed":"2024-03-20T10:00:00.000001+00:00","last_updated":"2024-03-20T10:00:00.000002+00:00","context":{"id":"01HSC","parent_id":null,"user_id":null}}"#,
+        )
+        .unwrap();
+        let e = format_event("light.a", None, Some(&new));
+        let json = e
+            .strip_prefix("data: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
-            e,
-            "event: state_changed\ndata: {\"entity_id\":\"light.a\",\"old_state\":null,\"new_state\":null}\n\n"
+            keys,
+            ["event_type", "data", "origin", "time_fired", "context"]
         );
+        assert_eq!(v["event_type"], "state_changed");
+        assert_eq!(v["time_fired"], "2024-03-20T10:00:00.000002+00:00");
+        assert_eq!(v["context"]["id"], "01HSC");
+        assert_eq!(v["data"]["old_state"], serde_json::Value::Null);
+        assert_eq!(v["data"]["new_state"]["state"], "on");
+        // A removal: new_state null, the old state's context.
+        let e = format_event("light.a", Some(&new), None);
+        let v: serde_json::Value =
+            serde_json::from_str(e.trim_start_matches("data: ").trim()).unwrap();
+        assert_eq!(v["data"]["new_state"], serde_json::Value::Null);
+        assert_eq!(v["context"]["id"], "01HSC");
     }
 }

@@ -64,8 +64,11 @@ impl Stream {
             match self.0.read_line(&mut line) {
                 Ok(0) => return None,
                 Ok(_) => {
-                    if let Some(data) = line.strip_prefix("data: ") {
-                        return Some(serde_json::from_str(data.trim()).unwrap());
+                    // HA's format: `data: ping`, and events in HA's envelope.
+                    if let Some(data) = line.strip_prefix("data: ").filter(|d| d.trim() != "ping") {
+                        let event: Value = serde_json::from_str(data.trim()).unwrap();
+                        assert_eq!(event["event_type"], "state_changed", "{event}");
+                        return Some(event["data"].clone());
                     }
                 }
                 Err(_) => {}

@@ -814,8 +814,10 @@ fn read_sse_until(
         match reader.read_line(&mut line) {
             Ok(0) => panic!("stream closed"),
             Ok(_) => {
-                if let Some(data) = line.strip_prefix("data: ") {
-                    let v: Value = serde_json::from_str(data.trim()).unwrap();
+                // HA's format: `data: ping`, and events in HA's envelope.
+                if let Some(data) = line.strip_prefix("data: ").filter(|d| d.trim() != "ping") {
+                    let event: Value = serde_json::from_str(data.trim()).unwrap();
+                    let v = event["data"].clone();
                     if want(&v) {
                         return v;
                     }

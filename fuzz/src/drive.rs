@@ -325,11 +325,12 @@ fn publish(changes: &[Change]) {
     for c in changes {
         let event = hass_edge::sse::format_change(c);
         let data = event
-            .strip_prefix("event: state_changed\ndata: ")
-            .and_then(|d| d.strip_suffix("\n\n"));
+            .strip_prefix("data: ")
+            .and_then(|d| d.strip_suffix("\n\n"))
+            .filter(|d| !d.contains('\n'));
         let parsed = data.map(serde_json::from_str::<Value>);
         assert!(
-            matches!(parsed, Some(Ok(Value::Object(_)))),
+            matches!(&parsed, Some(Ok(Value::Object(o))) if o["event_type"] == "state_changed"),
             "SSE event for {} is not one JSON object: {event:?}",
             c.entity_id
         );

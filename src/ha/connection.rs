@@ -302,6 +302,7 @@ pub(super) async fn run(
                         l.ha_filter_active = filtered;
                     });
                 }
+                Output::Config(config) => hub.set_ha_config(config),
                 Output::ServicesChanged(kind) => {
                     hub.count_link(|c| c.service_events += 1);
                     hub.invalidate_services();

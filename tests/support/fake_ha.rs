@@ -117,6 +117,8 @@ pub struct RestRequest {
     pub authorized: bool,
     /// The status answered.
     pub status: u16,
+    /// The request's headers, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
 }
 
 enum Command {
@@ -871,7 +873,16 @@ async fn handle_tcp(mut stream: TcpStream, shared: Arc<Mutex<State>>, stop: Rece
             .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
     };
     let upgrade = header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
-    let authorization = header("authorization");
+    let all_headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).trim().to_owned(),
+            )
+        })
+        .collect();
     let ws_key = header("sec-websocket-key");
     if path == "/api/websocket" && upgrade {
         let Some(key) = ws_key else {
@@ -880,8 +891,25 @@ async fn handle_tcp(mut stream: TcpStream, shared: Arc<Mutex<State>>, stop: Rece
         };
         websocket(stream, &key, rest, shared, stop).await;
     } else {
-        rest_request(stream, &method, &path, authorization.as_deref(), &shared).await;
+        rest_request(stream, &method, &path, all_headers, &shared).await;
     }
+}
+
+async fn stream_big(stream: &mut TcpStream, n: usize) -> std::io::Result<()> {
+    stream
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await?;
+    let piece = vec![b'x'; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(piece.len());
+        stream.write_all(format!("{k:x}\r\n").as_bytes()).await?;
+        stream.write_all(&piece[..k]).await?;
+        stream.write_all(b"\r\n").await?;
+        left -= k;
+    }
+    stream.write_all(b"0\r\n\r\n").await?;
+    stream.flush().await
 }
 
 async fn respond(
@@ -912,17 +940,28 @@ async fn rest_request(
     mut stream: TcpStream,
     method: &str,
     path: &str,
-    authorization: Option<&str>,
+    headers: Vec<(String, String)>,
     shared: &Mutex<State>,
 ) {
+    let authorization = headers
+        .iter()
+        .find(|(n, _)| n == "authorization")
+        .map(|(_, v)| v.as_str());
     let delay = lock(shared).rest_delay;
     if !delay.is_zero() {
         Timer::after(delay).await;
     }
+    // `GET /fake/big/<bytes>`: a large body, chunked, written as it is produced (as HA's
+    // aiohttp streams a big answer), for the forwarder's streaming tests.
+    let big = path
+        .strip_prefix("/fake/big/")
+        .and_then(|n| n.parse::<usize>().ok());
     let (status, content_type, body) = {
         let mut st = lock(shared);
         let authorized = authorization == Some(format!("Bearer {}", st.token).as_str());
-        let (status, content_type, body) = if !authorized {
+        let (status, content_type, body) = if let Some(n) = big.filter(|_| authorized) {
+            (200, "application/octet-stream", format!("{n}"))
+        } else if !authorized {
             (401, "text/plain", "401: Unauthorized".to_owned())
         } else if let Some(id) = path
             .strip_prefix("/api/states/")
@@ -950,9 +989,14 @@ async fn rest_request(
             path: path.to_owned(),
             authorized,
             status,
+            headers,
         });
         (status, content_type, body)
     };
+    if let (Some(n), 200) = (big, status) {
+        let _ = stream_big(&mut stream, n).await;
+        return;
+    }
     let _ = respond(&mut stream, status, content_type, &body).await;
 }
 

@@ -86,6 +86,58 @@ impl Conn {
         self.send(request(method, path, headers).as_bytes())
     }
 
+    /// A chunked body (RFC 9112 §7.1), decoded; trailers are skipped.
+    fn read_chunked(&mut self) -> std::io::Result<Vec<u8>> {
+        let eof = || {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed in a chunked body",
+            )
+        };
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                if self.fill()? == 0 {
+                    return Err(eof());
+                }
+            };
+            let line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("chunk size {line:?}: {e}"),
+                    )
+                })?;
+            self.buf.drain(..line_end + 2);
+            if size == 0 {
+                // Trailers, up to an empty line.
+                loop {
+                    while !self.buf.windows(2).any(|w| w == b"\r\n") {
+                        if self.fill()? == 0 {
+                            return Err(eof());
+                        }
+                    }
+                    let i = self.buf.windows(2).position(|w| w == b"\r\n").unwrap();
+                    self.buf.drain(..i + 2);
+                    if i == 0 {
+                        return Ok(body);
+                    }
+                }
+            }
+            while self.buf.len() < size + 2 {
+                if self.fill()? == 0 {
+                    return Err(eof());
+                }
+            }
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+        }
+    }
+
     /// Reads the next response. `head_only` for the answer to a HEAD (no body follows,
     /// whatever Content-Length says).
     pub fn read_response(&mut self, head_only: bool) -> std::io::Result<Response> {
@@ -134,8 +186,13 @@ impl Conn {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
             .map(|(_, v)| v.trim().parse::<usize>().expect("numeric Content-Length"));
+        let chunked = headers.iter().any(|(n, v)| {
+            n.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+        });
         let body = if head_only {
             Vec::new()
+        } else if chunked {
+            self.read_chunked()?
         } else if let Some(len) = length {
             while self.buf.len() < len {
                 if self.fill()? == 0 {

@@ -53,8 +53,8 @@ async def measure(h: Harness, s: aiohttp.ClientSession, d: Daemon) -> None:
             ready.set()
             async for line in r.content:
                 t = clock()
-                if line.startswith(b"data:"):
-                    ev = json.loads(line[5:])
+                if line.startswith(b"data:") and line[5:].strip() != b"ping":
+                    ev = json.loads(line[5:])["data"]  # HA's envelope
                     ns = ev.get("new_state") or {}
                     if "state" in ns:
                         seen_sse.setdefault(ns["state"], t)

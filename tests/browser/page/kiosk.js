@@ -146,12 +146,17 @@
       kiosk.streamOpen = es.readyState === EventSource.OPEN;
       setBadge(es.readyState === EventSource.CLOSED ? 'stream: closed' : 'stream: reconnecting', 'bad');
     };
-    es.addEventListener('state_changed', (ev) => {
-      let data;
-      try { data = JSON.parse(ev.data); } catch (e) { report('stream-json', false, 'state_changed data is JSON', String(e)); return; }
+    // HA's own format (components/api APIEventStream): unnamed messages, `ping` when the
+    // stream opens and as keep-alive, events in HA's envelope — a page written for HA.
+    es.onmessage = (ev) => {
+      if (ev.data === 'ping') { kiosk.pings = (kiosk.pings || 0) + 1; return; }
+      let event;
+      try { event = JSON.parse(ev.data); } catch (e) { report('stream-json', false, 'stream data is JSON', String(e)); return; }
+      if (event.event_type !== 'state_changed') return;
+      const data = event.data;
       addEvent(data);
       if (WATCH.includes(data.entity_id)) render(data.entity_id, data.new_state, 'stream');
-    });
+    };
   }
 
   // What a page without the token gets: 401, readable because the origin is allowed.

@@ -1,0 +1,327 @@
+//! Forwarding to HA (issue 15), against the daemon binary and the fake HA: what reaches HA
+//! with which credentials, what comes back, and the limits. The real HA's side (its
+//! frontend, its client libraries) is in `tests/clients` and `tests/frontend`; here is what
+//! needs a peer we can look inside (the headers HA received) or one that misbehaves.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use support::daemon::{DaemonOptions, TempDir, free_port};
+use support::fake_ha::TOKEN;
+use support::http_client::Response;
+use support::{Daemon, FakeHa};
+
+const API_TOKEN: &str = "kiosk-token-0123456789abcdef";
+
+fn live_with(options: DaemonOptions) -> (FakeHa, Daemon) {
+    let fake = FakeHa::start("2025.4.4");
+    let daemon = Daemon::start_with(&fake, options);
+    daemon.wait_live();
+    (fake, daemon)
+}
+
+fn with_api_token(dir: &TempDir) -> DaemonOptions {
+    let path = dir.write("api-token", &format!("{API_TOKEN}\n"));
+    DaemonOptions::default().set("http", "api_token_file", format!("\"{}\"", path.display()))
+}
+
+fn send(daemon: &Daemon, method: &str, path: &str, headers: &[&str]) -> Response {
+    let mut c = daemon.connect();
+    let mut all = headers.to_vec();
+    all.push("Connection: close");
+    c.request(method, path, &all).unwrap()
+}
+
+/// The `Authorization` HA received with the last request to `path`.
+fn authorization_seen(fake: &FakeHa, path: &str) -> Option<String> {
+    let requests = fake.rest_requests();
+    let r = requests
+        .iter()
+        .rev()
+        .find(|r| r.path == path)
+        .unwrap_or_else(|| panic!("{path} never reached HA: {requests:?}"));
+    r.headers
+        .iter()
+        .find(|(n, _)| n == "authorization")
+        .map(|(_, v)| v.clone())
+}
+
+/// hass-edge's API token is swapped for its HA token; an HA user's own token goes as it
+/// came and HA's 401 comes back; a request without credentials goes without; the API
+/// token itself never reaches HA.
+#[test]
+fn credentials_reach_ha_as_the_rules_say() {
+    let dir = TempDir::new("proxy-creds");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let ours = format!("Authorization: Bearer {API_TOKEN}");
+    let r = send(&daemon, "GET", "/api/error_log", &[&ours]);
+    assert_eq!(r.status, 404, "the fake's answer: {}", r.text());
+    assert_eq!(
+        authorization_seen(&fake, "/api/error_log"),
+        Some(format!("Bearer {TOKEN}")),
+        "hass-edge's API token is replaced by its HA token"
+    );
+    // An HA user's token (not ours): passed on unchanged, HA decides.
+    let user = "Authorization: Bearer some-ha-user-token";
+    let r = send(&daemon, "GET", "/api/history/period", &[user]);
+    assert_eq!(r.status, 401, "HA's verdict comes back");
+    assert_eq!(r.text(), "401: Unauthorized", "HA's own body");
+    assert_eq!(
+        authorization_seen(&fake, "/api/history/period"),
+        Some("Bearer some-ha-user-token".into())
+    );
+    // No credentials while an API token is configured: forwarded with none.
+    let r = send(&daemon, "GET", "/frontend_latest/app.js", &[]);
+    assert_eq!(r.status, 401);
+    assert_eq!(authorization_seen(&fake, "/frontend_latest/app.js"), None);
+    // A wrong token is an HA user's token as far as hass-edge knows: HA refuses it.
+    let r = send(
+        &daemon,
+        "GET",
+        "/api/config/x",
+        &["Authorization: Bearer wrong"],
+    );
+    assert_eq!(r.status, 401);
+    for r in fake.rest_requests() {
+        for (_, v) in &r.headers {
+            assert!(!v.contains(API_TOKEN), "the API token reached HA: {r:?}");
+        }
+    }
+}
+
+/// Loopback-open mode (no API token): a request without credentials goes with hass-edge's
+/// HA token; a foreign Origin is refused before anything is sent; a non-JSON body is 415;
+/// read-only mode refuses forwarded writes but not reads.
+#[test]
+fn loopback_open_mode_guards_the_ha_token() {
+    let (fake, daemon) =
+        live_with(DaemonOptions::default().set("http", "allow_service_calls", false));
+    let r = send(&daemon, "GET", "/api/events", &[]);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(
+        authorization_seen(&fake, "/api/events"),
+        Some(format!("Bearer {TOKEN}"))
+    );
+    let before = fake.rest_requests().len();
+    let r = send(
+        &daemon,
+        "GET",
+        "/api/events",
+        &["Origin: http://evil.example"],
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = send(
+        &daemon,
+        "POST",
+        "/api/events/doorbell",
+        &["Content-Type: text/plain", "Content-Length: 2"],
+    );
+    // The body was not read: answered, connection closed.
+    assert_eq!(r.status, 415, "{}", r.text());
+    let r = send(
+        &daemon,
+        "POST",
+        "/api/events/doorbell",
+        &["Content-Type: application/json", "Content-Length: 0"],
+    );
+    assert_eq!(r.status, 403, "read-only: {}", r.text());
+    assert!(r.text().contains("allow_service_calls"), "{}", r.text());
+    let r = send(
+        &daemon,
+        "DELETE",
+        "/api/states/light.kitchen",
+        &["Content-Length: 0"],
+    );
+    assert_eq!(r.status, 403, "read-only: {}", r.text());
+    assert_eq!(
+        fake.rest_requests().len(),
+        before,
+        "none of the refused requests reached HA"
+    );
+    // HA's own user token is HA's business, read-only or not.
+    let r = send(
+        &daemon,
+        "POST",
+        "/api/events/doorbell",
+        &[
+            "Authorization: Bearer some-ha-user-token",
+            "Content-Type: application/json",
+            "Content-Length: 0",
+        ],
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+}
+
+/// `http.x_forwarded_for`: HA learns the real client; what a client claims is dropped. Off
+/// by default (HA answers 400 to X-Forwarded-For it was not told to trust).
+#[test]
+fn forwarded_headers_name_the_real_client() {
+    let (fake, daemon) = live_with(DaemonOptions::default().set("http", "x_forwarded_for", true));
+    send(
+        &daemon,
+        "GET",
+        "/api/xff",
+        &["X-Forwarded-For: 10.9.9.9", "Forwarded: for=10.9.9.9"],
+    );
+    let seen = fake
+        .rest_requests()
+        .into_iter()
+        .find(|r| r.path == "/api/xff")
+        .unwrap()
+        .headers;
+    let get = |n: &str| -> Vec<&str> {
+        seen.iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(get("x-forwarded-for"), ["127.0.0.1"], "{seen:?}");
+    assert_eq!(get("x-forwarded-proto"), ["http"]);
+    assert_eq!(get("x-forwarded-host"), ["127.0.0.1"]);
+    assert!(get("forwarded").is_empty(), "{seen:?}");
+    // Hop-by-hop fields never travel (RFC 9110 §7.6.1).
+    assert_eq!(get("connection"), ["close"]);
+    assert!(get("keep-alive").is_empty() && get("te").is_empty());
+
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    send(&daemon, "GET", "/api/xff", &["X-Forwarded-For: 10.9.9.9"]);
+    let seen = fake
+        .rest_requests()
+        .into_iter()
+        .find(|r| r.path == "/api/xff")
+        .unwrap()
+        .headers;
+    assert!(
+        !seen.iter().any(|(k, _)| k.starts_with("x-forwarded")),
+        "off by default: {seen:?}"
+    );
+}
+
+/// HA unreachable: 502 in HA's JSON shape, at once.
+#[test]
+fn ha_unreachable_is_502_at_once() {
+    let port = free_port();
+    let daemon = Daemon::start_at(
+        &format!("http://127.0.0.1:{port}"),
+        DaemonOptions::default(),
+    );
+    let t = Instant::now();
+    let r = daemon.get("/api/history/period");
+    let took = t.elapsed();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unreachable")),
+        "{}",
+        r.text()
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A 32 MiB answer, chunked by HA, is streamed to the client (re-chunked, whole, in
+/// order) without being held: the daemon's peak RSS stays within a few MiB, also while a
+/// slow client reads it.
+#[test]
+fn a_large_answer_streams_through_without_being_held() {
+    let (_fake, daemon) = live_with(DaemonOptions::default());
+    let size = 32 * 1024 * 1024;
+    let before = vm_kib(daemon.pid(), "VmHWM:");
+    let r = daemon.get(&format!("/fake/big/{size}"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Transfer-Encoding"), Some("chunked"));
+    assert_eq!(r.body.len(), size, "whole");
+    assert!(r.body.iter().all(|&b| b == b'x'));
+    // A client that reads slowly: the daemon waits for it instead of buffering.
+    let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
+    write!(
+        s,
+        "GET /fake/big/{size} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    let end = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(got > size, "all of it arrived ({got} bytes with framing)");
+    let after = vm_kib(daemon.pid(), "VmHWM:");
+    eprintln!("VmHWM {before} KiB before, {after} KiB after two 32 MiB answers");
+    assert!(
+        after < before + 8 * 1024,
+        "peak RSS grew {} KiB for a 32 MiB answer",
+        after - before
+    );
+    assert_eq!(daemon.health().unwrap().0, 200);
+}
+
+/// A WebSocket handshake on `/api/websocket` becomes a tunnel to HA: HA's own
+/// `auth_required` arrives through it.
+#[test]
+fn websocket_handshakes_are_tunnelled() {
+    let (fake, daemon) = live_with(DaemonOptions::default());
+    let sessions = fake.sessions().len();
+    let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET /api/websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end && !String::from_utf8_lossy(&got).contains("auth_required") {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+    assert!(
+        text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "HA's accept key: {text}"
+    );
+    assert!(text.contains("auth_required"), "HA's first frame: {text}");
+    assert_eq!(
+        fake.sessions().len(),
+        sessions + 1,
+        "a session of its own at HA"
+    );
+    // A foreign page cannot open one.
+    let mut c = daemon.connect();
+    let r = c
+        .request(
+            "GET",
+            "/api/websocket",
+            &[
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version: 13",
+                "Origin: http://evil.example",
+            ],
+        )
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+}
