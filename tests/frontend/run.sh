@@ -4,11 +4,11 @@
 #   HA_PEER_DIR=<dir of a running tests/ha-peer peer> OUT_DIR=<dir> bash tests/frontend/run.sh
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root),
-# SCENARIOS (default "password trusted"), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
+# SCENARIOS (default "password api-token trusted no-xff"), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
 # CHROMIUM (default /usr/bin/chromium), FRONTEND_TARGET=ha (a control run of the browser steps
 # directly against HA, without hass-edge: the password scenario only).
-# The trusted scenario needs the peer started with `ha-peer.sh start ... --trusted-proxy`; a peer
-# started without it is restarted with it for that scenario and restarted as it was at the end.
+# The trusted and no-xff scenarios need the peer started with `ha-peer.sh start ... --trusted-proxy`;
+# a peer started without it is restarted with it for them and restarted as it was at the end.
 # Prints "frontend: N passed, M failed"; exit 0 = all passed.
 set -euo pipefail
 
@@ -46,10 +46,12 @@ HA_PY=$(cat "$HA_PEER_DIR/venv")/bin/python
 [[ -x $HA_PY ]] || die "the peer's Python $HA_PY is missing"
 curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
 	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
-SCENARIOS=${SCENARIOS:-password trusted}
-for s in $SCENARIOS; do [[ $s == password || $s == trusted ]] || die "unknown scenario $s (password, trusted)"; done
-if [[ $TARGET == ha && $SCENARIOS == *trusted* ]]; then
-	say "FRONTEND_TARGET=ha: the trusted scenario needs a proxy that sets X-Forwarded-For (hass-edge); running the password scenario only"
+SCENARIOS=${SCENARIOS:-password api-token trusted no-xff}
+for s in $SCENARIOS; do
+	[[ $s == password || $s == api-token || $s == trusted || $s == no-xff ]] || die "unknown scenario $s (password, api-token, trusted, no-xff)"
+done
+if [[ $TARGET == ha && $SCENARIOS != password ]]; then
+	say "FRONTEND_TARGET=ha: api-token, trusted and no-xff need hass-edge between the browser and HA; running the password scenario only"
 	SCENARIOS=password
 fi
 
@@ -68,7 +70,7 @@ fi
 
 # ---------- processes and their cleanup ----------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-frontend.XXXXXX")
-EDGE_PID='' NODE_PID='' RESTORE_PEER=0 EDGE_LOG=''
+EDGE_PID='' NODE_PID='' RESTORE_PEER=0 EDGE_LOG='' EDGE_API_TOKEN_FILE=''
 
 stop_pid() { # PID: TERM, then KILL after 5 s
 	local pid=$1 i
@@ -117,9 +119,11 @@ s.bind((a, 0))
 print(s.getsockname()[1])' "$1"
 }
 
-# start_edge SCENARIO ADDRESS: hass-edge on ADDRESS:<free port>; sets EDGE_PID, BASE, EDGE_LOG
+# start_edge SCENARIO ADDRESS XFF [TOKEN]: hass-edge on ADDRESS:<free port>, [http]
+# x_forwarded_for = XFF, and with TOKEN=token an api_token_file; sets EDGE_PID, BASE, EDGE_LOG,
+# EDGE_API_TOKEN_FILE
 start_edge() {
-	local scenario=$1 addr=$2 port code i hostport
+	local scenario=$1 addr=$2 xff=$3 token=${4:-} port code i hostport
 	port=$(free_port "$addr") || die "cannot bind $addr (needed for the $scenario scenario)"
 	hostport=$addr:$port
 	[[ $addr != *:* ]] || hostport=[$addr]:$port
@@ -132,6 +136,7 @@ token_file = "$HA_PEER_DIR/token"
 
 [http]
 listen = "$hostport"
+x_forwarded_for = $xff
 
 [dbus]
 bus = "none"
@@ -142,6 +147,12 @@ state_file = "$WORK/$scenario-states.json"
 [log]
 level = "${EDGE_LOG_LEVEL:-info}"
 EOF
+	EDGE_API_TOKEN_FILE=''
+	if [[ $token == token ]]; then
+		EDGE_API_TOKEN_FILE=$WORK/$scenario-api-token
+		(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$EDGE_API_TOKEN_FILE")
+		sed -i "/^x_forwarded_for = /a api_token_file = \"$EDGE_API_TOKEN_FILE\"" "$WORK/$scenario.toml"
+	fi
 	(
 		# Our callers' knobs must not reach the daemon as config overrides.
 		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
@@ -156,7 +167,7 @@ EOF
 		((i < 300)) || die "hass-edge's /health on $BASE is not 200 after 30 s (last: $code)"
 		sleep 0.1
 	done
-	say "hass-edge live on $BASE (HA $HA_VERSION at $HA_URL)"
+	say "hass-edge live on $BASE (x_forwarded_for = $xff${EDGE_API_TOKEN_FILE:+, api_token_file}; HA $HA_VERSION at $HA_URL)"
 }
 
 # run_browser SCENARIO: test.mjs against $BASE; 0 = pass
@@ -165,7 +176,7 @@ run_browser() {
 	mkdir -m 700 "$WORK/profile-$scenario"
 	(
 		cd "$HERE"
-		export SCENARIO=$scenario BASE HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY OUT_DIR CHROMIUM
+		export SCENARIO=$scenario BASE HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY OUT_DIR CHROMIUM EDGE_API_TOKEN_FILE
 		export DASHBOARD VIEW PROFILE_DIR=$WORK/profile-$scenario DIRECT=$([[ $TARGET == ha ]] && echo 1 || echo 0)
 		# Chromium's crash-report database goes under XDG_CONFIG_HOME: keep it in WORK too.
 		export XDG_CONFIG_HOME=$WORK/xdg
@@ -176,6 +187,26 @@ run_browser() {
 	NODE_PID=''
 	kill_chromium
 	return "$rc"
+}
+
+# hass-edge's established connections to HA's port (its subscription, REST keep-alive, and any
+# forward or tunnel still open)
+edge_upstreams() {
+	ss -tnpH state established "( dport = :$HA_PORT )" 2>/dev/null | grep -c "pid=$EDGE_PID," || true
+}
+# upstreams_closed BEFORE: after the browser is gone, hass-edge holds no more connections to HA
+# than before it came (a tunnel or forward left open upstream would stay), within 10 s
+upstreams_closed() {
+	local before=$1 now i
+	[[ -n $before ]] || return 0
+	for ((i = 0; i < 100; i++)); do
+		now=$(edge_upstreams)
+		((now <= before)) && { say "hass-edge's connections to HA: $before before the browser, $now after it closed"; return 0; }
+		sleep 0.1
+	done
+	printf 'frontend: FAIL: hass-edge still holds %s connection(s) to HA 10 s after the browser closed (%s before it came):\n' "$now" "$before" >&2
+	ss -tnpH state established "( dport = :$HA_PORT )" 2>/dev/null | grep "pid=$EDGE_PID," >&2 || true
+	return 1
 }
 
 peer_trusts_proxy() { grep -q '^  use_x_forwarded_for: true' "$HA_PEER_DIR/configuration.yaml"; }
@@ -191,7 +222,7 @@ say "HA $HA_VERSION ready: dashboard /$DASHBOARD/$VIEW ($setup)"
 passed=0 failed=0 failures=()
 for scenario in $SCENARIOS; do
 	ts=$SECONDS
-	if [[ $scenario == trusted ]] && ! peer_trusts_proxy; then
+	if [[ $scenario == trusted || $scenario == no-xff ]] && ! peer_trusts_proxy; then
 		say "restarting the HA peer with --trusted-proxy (X-Forwarded-For from 127.0.0.1 trusted, trusted_networks ::1)"
 		RESTORE_PEER=1
 		{ bash "$PEER" stop "$HA_PEER_DIR" && bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" --trusted-proxy; } \
@@ -204,11 +235,18 @@ for scenario in $SCENARIOS; do
 		# the browser at [::1]; hass-edge's own connection to HA comes from 127.0.0.1, so HA can
 		# see ::1 only in hass-edge's X-Forwarded-For (127.0.0.2 would not do: Linux connects to
 		# it from 127.0.0.1, the source address of the 127.0.0.0/8 route)
-		start_edge "$scenario" ::1
+		start_edge "$scenario" ::1 true
+	elif [[ $scenario == no-xff ]]; then
+		# the control of trusted: the same without X-Forwarded-For must get the password form
+		start_edge "$scenario" ::1 false
+	elif [[ $scenario == api-token ]]; then
+		start_edge "$scenario" 127.0.0.1 false token
 	else
-		start_edge "$scenario" 127.0.0.1
+		start_edge "$scenario" 127.0.0.1 false
 	fi
-	if run_browser "$scenario"; then
+	ups0=''
+	if [[ -n $EDGE_PID ]]; then sleep 0.5; ups0=$(edge_upstreams); fi
+	if run_browser "$scenario" && upstreams_closed "$ups0"; then
 		passed=$((passed + 1))
 		say "[$scenario] passed in $((SECONDS - ts)) s"
 	else

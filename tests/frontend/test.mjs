@@ -7,7 +7,12 @@
 //                trusted:  no password: HA's trusted_networks provider logs the browser in, because
 //                          hass-edge tells HA the client's address (X-Forwarded-For: ::1; HA trusts
 //                          X-Forwarded-For from 127.0.0.1 and logs in ::1 without a password)
+//                no-xff:   the control of trusted: the same with hass-edge's x_forwarded_for off must
+//                          end on HA's password form (HA sees hass-edge's 127.0.0.1), and nothing more
+//                api-token: password, with hass-edge's http.api_token_file set (a kiosk on a LAN
+//                          address must have one): the frontend sends no hass-edge token, only HA's own
 //   BASE         where the browser goes, e.g. http://127.0.0.1:41234 or http://[::1]:41234 (hass-edge)
+//   EDGE_API_TOKEN_FILE  hass-edge's API token, when it has one (api-token; also for /metrics)
 //   CLIENT_ADDR  the address HA must record for the login (default 127.0.0.1, trusted: ::1)
 //   HA_URL, HA_TOKEN_FILE, HA_PY   the peer: its URL, admin token, and the Python that runs ha_helper.py
 //   DIRECT       1 = BASE is HA itself (a control run of this script, not a test of hass-edge):
@@ -46,11 +51,13 @@ const STEP_TIMEOUT = 20_000;             // any one wait
 const RUN_TIMEOUT = 150_000;             // the whole scenario
 const FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--disable-quic'];
-if (!['password', 'trusted'].includes(SCENARIO)) {
-  console.error(`frontend: FAIL: SCENARIO must be password or trusted, not ${SCENARIO}`);
+if (!['password', 'api-token', 'trusted', 'no-xff'].includes(SCENARIO)) {
+  console.error(`frontend: FAIL: SCENARIO must be password, api-token, trusted or no-xff, not ${SCENARIO}`);
   process.exit(2);
 }
 const tag = `frontend[${SCENARIO}]`;
+const PASSWORD_LOGIN = SCENARIO === 'password' || SCENARIO === 'api-token';
+const EDGE_API_TOKEN = process.env.EDGE_API_TOKEN_FILE ? readFileSync(process.env.EDGE_API_TOKEN_FILE, 'utf8').trim() : '';
 const t0 = Date.now();
 const log = (msg) => console.log(`${tag}: ${msg} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
 class TestFailure extends Error {}
@@ -80,6 +87,16 @@ async function haState(id) {
   const r = await raw('GET', `${HA_URL}/api/states/${id}`, { Authorization: `Bearer ${HA_TOKEN}` });
   check(r.status === 200, `Home Assistant GET /api/states/${id}: HTTP ${r.status} ${r.body.slice(0, 200)}`);
   return JSON.parse(r.body);
+}
+// hass-edge's request counters: forwarded requests (any status) and WebSocket tunnels (101).
+async function edgeCounts() {
+  const r = await raw('GET', `${BASE}/metrics`, EDGE_API_TOKEN ? { Authorization: `Bearer ${EDGE_API_TOKEN}` } : {});
+  check(r.status === 200, `hass-edge GET /metrics: HTTP ${r.status} ${r.body.slice(0, 200)}`);
+  const sum = (re) => r.body.split('\n').filter((l) => re.test(l)).reduce((a, l) => a + Number(l.split(' ').pop()), 0);
+  return {
+    forwarded: sum(/^hass_edge_http_requests_total\{route="forward",/),
+    tunnels: sum(/^hass_edge_http_requests_total\{route="tunnel",status="101"\}/),
+  };
 }
 function helper(...args) {
   return new Promise((resolve, reject) => {
@@ -250,6 +267,15 @@ async function main() {
   const rowNames = Object.values(names);
   check(new Set(rowNames).size === 2 && rowNames.every(Boolean), `friendly names in HA: ${JSON.stringify(names)}`);
 
+  if (SCENARIO === 'api-token') {
+    // hass-edge's token mode is on: its own routes refuse a request without the API token
+    const bare = await raw('GET', `${BASE}/api/states/light.kitchen`);
+    check(bare.status === 401, `hass-edge GET /api/states/light.kitchen without a token: HTTP ${bare.status}, expected 401 (api_token_file set)`);
+    const withToken = await raw('GET', `${BASE}/api/states/light.kitchen`, { Authorization: `Bearer ${EDGE_API_TOKEN}` });
+    check(withToken.status === 200, `hass-edge GET /api/states/light.kitchen with its API token: HTTP ${withToken.status}`);
+    log('hass-edge has an API token: its own routes answer 401 without it, 200 with it');
+  }
+  const counts0 = DIRECT ? null : await edgeCounts();
   context = await chromium.launchPersistentContext(PROFILE_DIR, {
     executablePath: CHROMIUM, headless: true, args: FLAGS, viewport: { width: 1280, height: 800 }, timeout: 30_000,
   });
@@ -276,7 +302,21 @@ async function main() {
   // 1. Log in.
   const resp = await page.goto(`${BASE}/`, { waitUntil: 'commit', timeout: STEP_TIMEOUT });
   check(resp && resp.status() < 400, `GET ${BASE}/: HTTP ${resp?.status()}`);
-  if (SCENARIO === 'password') {
+  if (SCENARIO === 'no-xff') {
+    // Without X-Forwarded-For HA sees hass-edge (127.0.0.1), not a trusted network: the password form.
+    await until('HA\'s login page shows the username field', () => page.locator('input[name="username"]').isVisible());
+    const p = authAnswers.find((a) => a.path === '/auth/providers' && a.body);
+    check(p, 'GET /auth/providers: not seen');
+    const offered = p.body.providers.map((x) => x.type);
+    check(JSON.stringify(offered) === '["homeassistant"]', `without X-Forwarded-For HA offered ${JSON.stringify(offered)}, expected only homeassistant`);
+    await sleep(1500); // nothing must log the browser in by itself
+    check(new URL(page.url()).pathname === '/auth/authorize', `without X-Forwarded-For the page went on to ${page.url()}`);
+    check(authAnswers.every((a) => a.path !== '/auth/token'), 'without X-Forwarded-For the browser got a token');
+    await screenshot('login');
+    log(`without X-Forwarded-For HA offers only ${offered.join(', ')}: the password form, as it must (the control of the trusted scenario)`);
+    return;
+  }
+  if (PASSWORD_LOGIN) {
     await until('HA\'s login page shows the username field', () => page.locator('input[name="username"]').isVisible());
     check(new URL(page.url()).pathname === '/auth/authorize', `the login page is at ${page.url()}, expected ${BASE}/auth/authorize`);
     await screenshot('login');
@@ -391,9 +431,23 @@ async function main() {
   const pageErrors = consoleLines.filter((l) => l.startsWith('[pageerror]'));
   check(pageErrors.length === 0, `JavaScript errors in the page: ${pageErrors.join(' | ').slice(0, 1500)}`);
   const aborted = web.filter((e) => e.failure === 'net::ERR_ABORTED').length;
+  let counted = '';
+  if (!DIRECT) {
+    // hass-edge itself forwarded and tunnelled them (its counters; the browser's own cache may
+    // spare some requests, so forwards are at least 1 per answered document, not equal). A
+    // tunnel is counted when it ends: close the browser first, then every tunnel must end.
+    const docs = web.filter((e) => e.type === 'document' && typeof e.status === 'number').length;
+    const openTunnels = (await edgeCounts()).tunnels - counts0.tunnels;
+    await cleanup();
+    const counts = await until(`hass-edge counted ${tunnels.length} ended WebSocket tunnel(s) after the browser closed`,
+      async () => { const c = await edgeCounts(); return c.tunnels - counts0.tunnels === tunnels.length ? c : false; }, 10_000);
+    const fwd = counts.forwarded - counts0.forwarded;
+    check(fwd >= docs && fwd >= 1, `hass-edge counted ${fwd} forwarded request(s), the browser loaded ${docs} document(s) through it`);
+    counted = `; hass-edge counted ${fwd} forwards and ${tunnels.length} tunnels (${openTunnels} of them while the browser was open: a tunnel is counted when it ends)`;
+  }
   const refused = [...new Set(sockets.flatMap((s) => s.errors))];
   if (refused.length) log(`WebSocket commands of the frontend that HA refused (also without hass-edge: the peer has no default_config): ${refused.join(', ')}`);
-  log(`network: ${web.length} HTTP requests and ${sockets.length} WebSocket(s), all to ${baseUrl.host}${DIRECT ? ' (HA itself)' : `, none to HA's port ${haUrl.port}`}; ${tunnels.map((s) => s.received).join('+')} WebSocket frames from HA; no HTTP error${aborted ? `; ${aborted} aborted by navigation` : ''} (list: ${netFile})`);
+  log(`network: ${web.length} HTTP requests and ${sockets.length} WebSocket(s), all to ${baseUrl.host}${DIRECT ? ' (HA itself)' : `, none to HA's port ${haUrl.port}`}; ${tunnels.map((s) => s.received).join('+')} WebSocket frames from HA; no HTTP error${aborted ? `; ${aborted} aborted by navigation` : ''}${counted} (list: ${netFile})`);
 }
 
 async function forgetLogin() {
