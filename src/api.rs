@@ -99,6 +99,8 @@ fn route(path: &str) -> Option<Route> {
         "/api/states" => r("/api/states", "GET, HEAD, OPTIONS", false),
         "/api/services" => r("/api/services", "GET, HEAD, OPTIONS", false),
         "/api/stream" => r("/api/stream", "GET, HEAD, OPTIONS", false),
+        // Their writes (POST, DELETE) are forwarded to HA (`write_capture`); the preflight
+        // names them too ([`preflight_methods`]).
         p if p.starts_with("/api/states/") => {
             r("/api/states/{entity_id}", "GET, HEAD, OPTIONS", false)
         }
@@ -134,6 +136,18 @@ fn origin_allowed(origin: Option<&str>, host: Option<&str>, cors_origins: &[Stri
         || host
             .and_then(|host| origin.strip_prefix("http://").map(|o| o == host))
             .unwrap_or(false)
+}
+
+/// The methods a route takes, with the writes to HA that share its path (answered by HA
+/// through the forwarder): what a CORS preflight allows.
+fn preflight_methods(label: &str) -> &'static str {
+    match label {
+        "/api/states/{entity_id}" => "GET, HEAD, POST, DELETE, OPTIONS",
+        "/api/services/{domain}/{service}" => "POST, OPTIONS",
+        "/health" | "/status" | "/metrics" | "/api/" | "/api/config" | "/api/states"
+        | "/api/services" | "/api/stream" => "GET, HEAD, OPTIONS",
+        _ => "OPTIONS",
+    }
 }
 
 /// The store update a forwarded write's answer carries (see [`Capture`]).
@@ -215,10 +229,24 @@ async fn forward(hub: &Hub, proxy: &Proxy, x: Exchange<'_>) -> std::io::Result<b
         hub.count_http("forward", status);
         return Ok(keep_alive);
     }
+    // An allowed cross-origin page reads HA's answer as it reads ours.
+    let cors = x
+        .head
+        .origin
+        .as_deref()
+        .filter(|o| config.http.cors_origins.iter().any(|a| a == o))
+        .map(|o| {
+            vec![
+                ("Access-Control-Allow-Origin", o.to_owned()),
+                ("Vary", "Origin".to_owned()),
+            ]
+        })
+        .unwrap_or_default();
     let plan = Plan {
         credentials,
         forwarded_headers: config.http.x_forwarded_for,
         capture: capture.clone(),
+        response_headers: cors,
     };
     let outcome = proxy.forward(x, hub.upstream(), plan).await?;
     hub.count_http(
@@ -253,19 +281,19 @@ fn apply_write(hub: &Hub, capture: &Capture, path: &str, body: &[u8]) {
             }
         },
         Capture::ServiceCall => {
+            // Not an untagged enum: states keep their attributes as raw JSON text, which
+            // serde's buffered (untagged) path cannot hand out.
             #[derive(serde::Deserialize)]
-            #[serde(untagged)]
-            enum Answer {
-                List(Vec<EntityState>),
-                WithResponse { changed_states: Vec<EntityState> },
+            struct WithResponse {
+                changed_states: Vec<EntityState>,
             }
-            match serde_json::from_slice::<Answer>(body) {
-                Ok(
-                    Answer::List(states)
-                    | Answer::WithResponse {
-                        changed_states: states,
-                    },
-                ) => Update::CallResult(states),
+            let states = if body.trim_ascii_start().starts_with(b"{") {
+                serde_json::from_slice::<WithResponse>(body).map(|w| w.changed_states)
+            } else {
+                serde_json::from_slice::<Vec<EntityState>>(body)
+            };
+            match states {
+                Ok(states) => Update::CallResult(states),
                 Err(e) => {
                     log::warn!("could not read the states HA answered to POST {path}: {e}");
                     return;
@@ -347,10 +375,11 @@ async fn route_request(
                 "origin not allowed (http.cors_origins)",
             ));
         }
-        let mut r = Response::json(204, Vec::new()).with_header("Allow", route.allow);
+        let methods = preflight_methods(route.label);
+        let mut r = Response::json(204, Vec::new()).with_header("Allow", methods);
         if cors_allowed {
             r = r
-                .with_header("Access-Control-Allow-Methods", route.allow)
+                .with_header("Access-Control-Allow-Methods", methods)
                 .with_header(
                     "Access-Control-Allow-Headers",
                     "Authorization, Content-Type",

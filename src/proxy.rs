@@ -106,8 +106,12 @@ pub struct Plan {
     pub credentials: Credentials,
     /// Send `X-Forwarded-For`/`-Proto`/`-Host` (config `http.x_forwarded_for`).
     pub forwarded_headers: bool,
-    /// A write whose answer updates the store.
+    /// A write whose answer updates the store. Its request goes without `Accept-Encoding`:
+    /// the answer must be readable here, not gzip.
     pub capture: Option<Capture>,
+    /// Headers added to HA's answer, replacing HA's own of the same names (CORS for an
+    /// allowed origin).
+    pub response_headers: Vec<(&'static str, String)>,
 }
 
 /// How a forward ended, for counting and for the store.
@@ -264,7 +268,8 @@ fn request_head(
         let drop = DROPPED.contains(&name.as_str())
             || DROPPED_FROM_REQUESTS.contains(&name.as_str())
             || (name != "upgrade" && named_by_connection.contains(&name))
-            || (name == "authorization" && plan.credentials != Credentials::Client);
+            || (name == "authorization" && plan.credentials != Credentials::Client)
+            || (name == "accept-encoding" && plan.capture.is_some());
         if drop {
             continue;
         }
@@ -685,6 +690,13 @@ impl Proxy {
         };
         if response.status == 101 && x.head.upgrade {
             return self.tunnel(x, up, response).await;
+        }
+        let mut response = response;
+        for (name, value) in plan.response_headers {
+            response
+                .headers
+                .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+            response.headers.push((name.to_owned(), value.into_bytes()));
         }
         relay(x, up, response, client_11, plan.capture.is_some()).await
     }

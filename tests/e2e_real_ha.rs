@@ -1055,15 +1055,29 @@ fn service_call_through_us_changes_ha_our_get_and_the_stream() {
         |v| v["entity_id"] == "light.kitchen",
         Duration::from_secs(5),
     );
-    // Errors come back with HA's status and message.
+    // Errors come back as HA sent them: status, content type and body.
     let bad = http(
         "POST",
         &format!("{}/api/services/nope/nothing", daemon.base),
         None,
         Some("{}".into()),
     );
+    let direct = http(
+        "POST",
+        &format!("{}/api/services/nope/nothing", peer.url),
+        Some(&peer.token),
+        Some("{}".into()),
+    );
     assert_eq!(bad.status, 400, "{}", bad.body);
-    assert!(serde_json::from_str::<Value>(&bad.body).unwrap()["message"].is_string());
+    assert_eq!(
+        (bad.status, &bad.body, bad.headers.get("content-type")),
+        (
+            direct.status,
+            &direct.body,
+            direct.headers.get("content-type")
+        ),
+        "HA's own answer"
+    );
 }
 
 #[test]
