@@ -50,7 +50,11 @@ TS_KEYS = {"last_changed", "last_updated", "last_reported", "time_fired"}
 RESULTS: list[tuple[bool, str, str]] = []
 
 
+NAME_PREFIX = ""
+
+
 def report(ok: bool, name: str, why: str = "") -> None:
+    name = NAME_PREFIX + name
     RESULTS.append((ok, name, why))
     if ok:
         print(f"PASS {name}" + (f" ({why})" if why else ""), flush=True)
@@ -722,25 +726,29 @@ def section_unreachable(url: str) -> None:
 def section_readonly(url: str, api_token: str) -> None:
     ro = Side("hass-edge (read-only)", url, api_token)
     # Forwarded writes: 403, and nothing reaches HA.
-    probe = "sensor.clients_readonly_probe"
-    ha_req("DELETE", f"/api/states/{probe}")
+    probe, victim, kb = "sensor.clients_readonly_probe", "sensor.clients_readonly_victim", "input_boolean.kitchen"
     for tok_name, tok in (("hass-edge's API token", api_token), ("the HA token", HA.token)):
         for method, path, body in (("POST", "/api/events/clients_readonly_event", {}),
                                    ("POST", f"/api/states/{probe}", {"state": "1"}),
-                                   ("DELETE", "/api/states/input_boolean.kitchen", None),
-                                   ("POST", "/api/services/input_boolean/turn_on", {"entity_id": "input_boolean.kitchen"})):
+                                   ("DELETE", f"/api/states/{victim}", None),
+                                   ("POST", "/api/services/input_boolean/turn_on", {"entity_id": kb})):
             name = f"edge read-only: {method} {path} with {tok_name} -> 403"
             try:
-                before = ha_state("input_boolean.kitchen")
-                got_events = asyncio.run(_events_during(HA, "clients_readonly_event",
-                                                        lambda: ha_req(method, path, body, side=ro, token=tok)))
-                r, events = got_events
-                after_probe = ha_req("GET", f"/api/states/{probe}").status_code
-                after = ha_state("input_boolean.kitchen")
+                # the state before: no probe, the victim there, the kitchen off
+                ha_req("DELETE", f"/api/states/{probe}")
+                reset_set_state(victim, "still here")()
+                reset_boolean(kb, "off")()
+                before = ha_state(kb)
+                r, events = asyncio.run(_events_during(HA, "clients_readonly_event",
+                                                       lambda: ha_req(method, path, body, side=ro, token=tok)))
+                probe_st = ha_req("GET", f"/api/states/{probe}").status_code
+                victim_st = ha_req("GET", f"/api/states/{victim}").status_code
+                kb_same = ha_state(kb) == before
                 ctype = r.headers.get("content-type", "").split(";")[0]
-                ok = r.status_code == 403 and ctype == "application/json" and not events and after_probe == 404 and after == before
-                report(ok, name, f"{r.status_code} {ctype} {r.text[:160]!r}; events fired on HA: {len(events)}; "
-                                 f"{probe} on HA: {after_probe}; input_boolean.kitchen unchanged: {after == before}")
+                ok = (r.status_code == 403 and ctype == "application/json" and not events and probe_st == 404
+                      and victim_st == 200 and kb_same)
+                report(ok, name, f"{r.status_code} {ctype} {r.text[:160]!r}; on HA afterwards: events fired {len(events)}, "
+                                 f"{probe} {probe_st} (want 404), {victim} {victim_st} (want 200), {kb} unchanged {kb_same}")
             except Exception:  # noqa: BLE001
                 report(False, name, traceback.format_exc(limit=3).replace("\n", " | "))
     # Reads still go through, with hass-edge's API token (forwarded with hass-edge's HA token).
@@ -785,7 +793,7 @@ async def _events_during(side: Side, event_type: str, action: Callable[[], Any])
 
 # ---------------------------------------------------------------- main
 def main() -> int:
-    global HA, TGT, TARGET_IS_EDGE, ALL_URLS
+    global HA, TGT, TARGET_IS_EDGE, ALL_URLS, NAME_PREFIX
     ap = argparse.ArgumentParser()
     ap.add_argument("--ha-url", required=True)
     ap.add_argument("--ha-token-file", required=True)
@@ -796,6 +804,7 @@ def main() -> int:
     ap.add_argument("--edge-unreachable", help="URL of a hass-edge whose HA is a closed port")
     ap.add_argument("--edge-readonly", help="URL of a hass-edge with allow_service_calls = false and an API token")
     ap.add_argument("--edge-api-token-file")
+    ap.add_argument("--name-prefix", default="", help="put before every check's name")
     a = ap.parse_args()
     ha_token = open(a.ha_token_file).read().strip()
     tgt_token = open(a.target_token_file).read().strip() if a.target_token_file else ha_token
@@ -803,7 +812,8 @@ def main() -> int:
     TGT = Side(a.target_label, a.target_url, tgt_token)
     TARGET_IS_EDGE = a.target_url.rstrip("/") != a.ha_url.rstrip("/")
     ALL_URLS = [u.rstrip("/") for u in (a.ha_url, a.target_url, a.edge_unreachable, a.edge_readonly) if u]
-    sections = a.sections.split(",")
+    NAME_PREFIX = a.name_prefix
+    sections = [x for x in a.sections.split(",") if x]
     for s in sections:
         t = time.monotonic()
         if s == "api-sync":

@@ -149,9 +149,11 @@ if [[ $TARGET == edge ]]; then
 	start_edge ro "$HA_URL" "api_token_file = \"$WORK/api-token\"
 allow_service_calls = false"
 	start_edge down "http://127.0.0.1:$closed" ""
+	start_edge tok "$HA_URL" "api_token_file = \"$WORK/api-token\""
 	wait_edge main 200
 	wait_edge ro 200
 	wait_edge down any
+	wait_edge tok 200
 	say "HA $HA_VERSION at $HA_URL; hass-edge $("$EDGE_BIN" --version 2>/dev/null | head -1) live on :$PORT_main (read-only :$PORT_ro, HA unreachable :$PORT_down) after $((SECONDS - T0)) s"
 	ARGS+=(--target-url "http://127.0.0.1:$PORT_main" --target-label hass-edge
 		--edge-readonly "http://127.0.0.1:$PORT_ro" --edge-api-token-file "$WORK/api-token"
@@ -164,13 +166,32 @@ fi
 # ---------- the comparison ----------
 rc=0
 "$PY" "$HERE/compare.py" "${ARGS[@]}" 2>&1 | tee "$WORK/out.txt" || rc=$?
+if [[ $TARGET == edge && -n ${CLIENTS_TOKEN_SECTIONS-api-sync,cli} ]]; then
+	# The REST clients again, now sending hass-edge's API token (a hass-edge with api_token_file):
+	# hass-edge forwards with its own HA token, so HA must answer as to the HA token.
+	"$PY" "$HERE/compare.py" --ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" \
+		--target-url "http://127.0.0.1:$PORT_tok" --target-token-file "$WORK/api-token" --target-label "hass-edge (API token)" \
+		--sections "${CLIENTS_TOKEN_SECTIONS-api-sync,cli}" --name-prefix "api-token: " 2>&1 | tee -a "$WORK/out.txt" || rc=$?
+fi
 [[ -z ${OUT_DIR:-} ]] || cp "$WORK/out.txt" "$OUT_DIR/clients-output.txt"
 if [[ $TARGET == edge ]]; then # the daemons must still be running (none crashed under the clients)
-	for name in main ro down; do
+	for name in main ro down tok; do
 		if kill -0 "${EDGE_PID[$name]}" 2>/dev/null; then
 			echo "PASS hass-edge ($name) still running after the clients" | tee -a "$WORK/out.txt"
 		else
 			echo "FAIL hass-edge ($name) still running after the clients: it exited (log: $LOGDIR/clients-edge-$name.log)" | tee -a "$WORK/out.txt"
+		fi
+	done
+fi
+if [[ $TARGET == edge ]]; then
+	# Nothing the clients did should make hass-edge warn: e.g. "could not read the states HA answered"
+	# means a forwarded write's answer did not reach the mirror. (The "down" daemon warns by design.)
+	for name in main ro tok; do
+		warns=$(grep -E '^[^ ]+ (WARN|ERROR) ' "$LOGDIR/clients-edge-$name.log" || true)
+		if [[ -z $warns ]]; then
+			echo "PASS hass-edge ($name) logged no WARN/ERROR during the clients" | tee -a "$WORK/out.txt"
+		else
+			echo "FAIL hass-edge ($name) logged no WARN/ERROR during the clients: $(wc -l <<<"$warns") lines, first: $(head -n 3 <<<"$warns" | tr '\n' '|')" | tee -a "$WORK/out.txt"
 		fi
 	done
 fi
