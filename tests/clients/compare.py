@@ -159,6 +159,8 @@ def first_diff(a: Any, b: Any, path: str = "") -> str:
             return f"at {path or '/'}: HA -> {outcome(x)} | {TGT.label} -> {outcome(y)}"
     if type(a) is not type(b):
         return f"at {path or '/'}: HA {short(a, 300)} vs {TGT.label} {short(b, 300)}"
+    if isinstance(a, dict) and "exit" in a and "stderr" in a and a != b:  # a hass-cli run: say it all
+        return f"at {path or '/'}: HA -> {short(a, 400)} | {TGT.label} -> {short(b, 400)}"
     if isinstance(a, dict):
         for k in sorted(set(a) | set(b)):
             if k not in a:
