@@ -20,7 +20,7 @@ use std::rc::Rc;
 use crate::broadcast::Selection;
 use crate::entity::{EntityState, valid_entity_id};
 use crate::http::{CHUNK, Exchange, Handler, Head, Pieces, Request, Response};
-use crate::hub::{Hub, Read};
+use crate::hub::{Hub, Read, TokenCheck};
 use crate::mirror::Update;
 use crate::proxy::{Capture, Credentials, Plan, Proxy};
 use crate::sse::EventStream;
@@ -111,7 +111,10 @@ fn route(path: &str) -> Option<Route> {
     }
 }
 
-fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> bool {
+/// Whether a request may use a local route: hass-edge's API token (or any, in the
+/// loopback-open mode), or a token HA accepts (checked once, [`Hub::ha_accepts`]). The
+/// refusal is 401, or 429/502 when HA could not be asked.
+async fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> Result<(), Response> {
     let presented = request
         .authorization
         .as_deref()
@@ -123,7 +126,29 @@ fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> bool {
                 None
             }
         });
-    hub.api_token_accepts(presented)
+    if hub.api_token_accepts(presented) {
+        return Ok(());
+    }
+    let unauthorized = || {
+        Response::error(401, "missing or wrong API token (Authorization: Bearer …)")
+            .with_header("WWW-Authenticate", "Bearer")
+    };
+    let Some(token) = presented.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Err(unauthorized());
+    };
+    match hub.ha_accepts(token).await {
+        TokenCheck::Accepted => Ok(()),
+        TokenCheck::Refused => Err(unauthorized()),
+        TokenCheck::Limited => Err(Response::error(
+            429,
+            "too many new tokens to check with Home Assistant; try again in a second",
+        )
+        .with_header("Retry-After", "1")),
+        TokenCheck::Unreachable => Err(Response::error(
+            502,
+            "the token is not hass-edge's, and Home Assistant could not be asked about it",
+        )),
+    }
 }
 
 /// Whether a request's `Origin` (RFC 6454) may use the API: absent (not from a browser's
@@ -406,11 +431,10 @@ async fn route_request(
             "the body must be sent as Content-Type: application/json",
         ));
     }
-    if !route.open && !authorized(hub, request, route.label == "/api/stream") {
-        return full(
-            Response::error(401, "missing or wrong API token (Authorization: Bearer …)")
-                .with_header("WWW-Authenticate", "Bearer"),
-        );
+    if !route.open
+        && let Err(refusal) = authorized(hub, request, route.label == "/api/stream").await
+    {
+        return full(refusal);
     }
     let response = match route.label {
         "/health" => health(hub),

@@ -19,6 +19,7 @@ use crate::broadcast::{Broadcast, Selection, Subscription};
 use crate::config::{Config, Secret};
 use crate::entity::EntityState;
 use crate::filter::EntityFilter;
+use crate::ha_tokens::{Known, Verdicts};
 use crate::mirror::{Applied, Mirror, Update};
 use crate::rest::{RestClient, RestError};
 use crate::status::{Link, LinkCounters, LinkState, Status, StreamCounters};
@@ -90,6 +91,19 @@ impl std::fmt::Debug for Upstream {
             .field("url", &self.url)
             .finish_non_exhaustive()
     }
+}
+
+/// HA's verdict on a token presented to a local route ([`Hub::ha_accepts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCheck {
+    /// HA accepts it.
+    Accepted,
+    /// HA refuses it.
+    Refused,
+    /// Too many new tokens checked just now (try again in a second).
+    Limited,
+    /// HA could not be asked.
+    Unreachable,
 }
 
 /// The answer to a read of one entity.
@@ -197,6 +211,8 @@ pub struct Hub {
     upstream: RefCell<Option<Rc<Upstream>>>,
     /// HA's core config as HA last sent it (`GET /api/config`); `None` until then.
     ha_config: RefCell<Option<Rc<str>>>,
+    /// HA's verdicts on tokens presented to the local routes.
+    ha_tokens: RefCell<Verdicts>,
     /// In-flight REST reads by entity id: concurrent misses share one request.
     inflight: RefCell<HashMap<String, Rc<OnceCell<Fetch>>>>,
     /// Until when REST is considered down (see [`REST_BREAKER`]).
@@ -249,6 +265,7 @@ impl Hub {
             rest: RefCell::new(rest),
             upstream: RefCell::new(None),
             ha_config: RefCell::new(None),
+            ha_tokens: RefCell::new(Verdicts::new(now)),
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
@@ -683,6 +700,37 @@ impl Hub {
             .borrow()
             .as_ref()
             .is_some_and(|t| same_secret(presented.trim().as_bytes(), t.expose().as_bytes()))
+    }
+
+    /// Whether HA accepts `token` (an HA user's or a long-lived token presented to a local
+    /// route): from the kept verdicts, else by asking HA once ([`crate::ha_tokens`]).
+    pub async fn ha_accepts(&self, token: &str) -> TokenCheck {
+        let now = Instant::now();
+        match self.ha_tokens.borrow_mut().lookup(token, now) {
+            Known::Accepted => return TokenCheck::Accepted,
+            Known::Refused => return TokenCheck::Refused,
+            Known::Unknown => {}
+        }
+        if !self.ha_tokens.borrow_mut().may_check(now) {
+            return TokenCheck::Limited;
+        }
+        let rest = self.rest().with_token(Secret::new(token));
+        match smol::unblock(move || rest.token_accepted()).await {
+            Ok(accepted) => {
+                self.ha_tokens
+                    .borrow_mut()
+                    .record(token, accepted, Instant::now());
+                if accepted {
+                    TokenCheck::Accepted
+                } else {
+                    TokenCheck::Refused
+                }
+            }
+            Err(e) => {
+                log::debug!("could not check a token with Home Assistant: {e}");
+                TokenCheck::Unreachable
+            }
+        }
     }
 
     /// Whether an API token is configured (`false`: the loopback-open mode).

@@ -17,6 +17,7 @@ pub mod entity;
 pub mod files;
 pub mod filter;
 pub mod ha;
+pub mod ha_tokens;
 pub mod http;
 pub mod hub;
 pub mod logging;

@@ -95,6 +95,19 @@ impl RestClient {
         }
     }
 
+    /// Whether HA accepts this client's token: `GET /api/` answers 200 with a valid token,
+    /// 401 without (HA `components/http/auth.py`). Blocking.
+    ///
+    /// Errors: HA unreachable, or another status.
+    pub fn token_accepted(&self) -> Result<bool, RestError> {
+        let (status, body) = self.get(&format!("{}/api/", self.base))?;
+        match status {
+            200 => Ok(true),
+            401 | 403 => Ok(false),
+            status => Err(status_error(status, &body)),
+        }
+    }
+
     /// `GET /api/states/<entity_id>`: `Ok(None)` on HA's 404. Blocking.
     ///
     /// `entity_id` must already be validated (it becomes part of the path).

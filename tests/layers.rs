@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     // Log glue: knows the secrets (`config::Secret`) it must never print.
     &["logging"],
     // Pure protocol and rules.
-    &["filter", "session", "persist"],
+    &["filter", "session", "persist", "ha_tokens"],
     &["store"],
     // The one "apply what HA sent" step.
     &["mirror"],

@@ -325,3 +325,65 @@ fn websocket_handshakes_are_tunnelled() {
         .unwrap();
     assert_eq!(r.status, 403, "{}", r.text());
 }
+
+/// With an API token configured, hass-edge's own routes also take any token HA accepts:
+/// asked once (`GET /api/`), then from the kept verdict; a refused token is refused again
+/// without asking; a flood of made-up tokens asks HA at most the check budget.
+#[test]
+fn local_routes_take_tokens_ha_accepts_asking_once() {
+    let dir = TempDir::new("proxy-ha-tokens");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let asked = |fake: &FakeHa| {
+        fake.rest_requests()
+            .iter()
+            .filter(|r| r.path == "/api/")
+            .count()
+    };
+    let ha_token = format!("Authorization: Bearer {TOKEN}");
+    for _ in 0..5 {
+        let r = send(&daemon, "GET", "/api/states/light.kitchen", &[&ha_token]);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(asked(&fake), 1, "HA was asked once for five reads");
+    for _ in 0..3 {
+        let r = send(
+            &daemon,
+            "GET",
+            "/api/states",
+            &["Authorization: Bearer not-a-token-ha-knows"],
+        );
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    assert_eq!(asked(&fake), 2, "a refused token is asked about once");
+    let mut limited = 0;
+    for i in 0..40 {
+        let r = send(
+            &daemon,
+            "GET",
+            "/api/states",
+            &[&format!("Authorization: Bearer made-up-{i}")],
+        );
+        match r.status {
+            401 => {}
+            429 => limited += 1,
+            s => panic!("{s}: {}", r.text()),
+        }
+    }
+    assert!(limited >= 25, "{limited} of 40 made-up tokens were limited");
+    assert!(
+        asked(&fake) <= 2 + 15,
+        "HA was asked {} times",
+        asked(&fake)
+    );
+    // hass-edge's own token never goes to HA to be checked.
+    let r = send(
+        &daemon,
+        "GET",
+        "/api/states",
+        &[&format!("Authorization: Bearer {API_TOKEN}")],
+    );
+    assert_eq!(r.status, 200);
+    for r in fake.rest_requests() {
+        assert!(!r.headers.iter().any(|(_, v)| v.contains(API_TOKEN)));
+    }
+}

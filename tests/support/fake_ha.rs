@@ -963,6 +963,12 @@ async fn rest_request(
             (200, "application/octet-stream", format!("{n}"))
         } else if !authorized {
             (401, "text/plain", "401: Unauthorized".to_owned())
+        } else if path == "/api/" && method == "GET" {
+            (
+                200,
+                "application/json",
+                r#"{"message":"API running."}"#.to_owned(),
+            )
         } else if let Some(id) = path
             .strip_prefix("/api/states/")
             .filter(|_| method == "GET")
