@@ -13,7 +13,7 @@ Every case runs its own hass-edge (the real binary) and measures the same things
 - a timer of the daemon, observed from outside: upstream the 10 s auth timeout
   (session.rs AUTH_TIMEOUT) or the heartbeat (`[heartbeat] interval_seconds = 2`,
   `timeout_seconds = 3`: the ping 2 s after `auth_ok`, the disconnect 3 s after an
-  unanswered ping); locally the SSE `: keep-alive` comment (sse.rs KEEPALIVE, 15 s) seen by
+  unanswered ping); locally the SSE `data: ping` keep-alive (sse.rs KEEPALIVE, 15 s) seen by
   a well-behaved `/api/stream` client whose selection never changes;
 - SIGTERM to exit, sent while the flood runs (it is started again after the RSS "after"
   reading, and SIGTERM goes 1 s after hass-edge's counters show it going);
@@ -309,7 +309,9 @@ def sse_observer(port: int, out, stop, ready) -> None:
             buf = buf.split(b"\r\n\r\n", 1)[1]
         while b"\n\n" in buf:
             block, buf = buf.split(b"\n\n", 1)
-            if block.startswith(b": keep-alive"):
+            # HA's format (sse.rs): `data: ping` when the stream opens (not a keep-alive:
+            # it comes with the head) and every KEEPALIVE after.
+            if block.strip() == b"data: ping" and head is not None and now - head > 1.0:
                 times.append(now)
     out.send({"head": head, "keepalives": times})
 
@@ -679,7 +681,7 @@ def local_case(r: Report, ctx, key: str, seconds: float, peer, control) -> Case:
             "f": f"{SINKS} `/api/stream` clients never read (with the observer: {SINKS + 1}; a dropped one is replaced) while HA changes states as fast as it can",
             "g": "`GET /api/states/<made-up id>`: 10,000 distinct ids as fast as possible, then more"}[key]
     case = Case(key, what)
-    case.timer_name = f"SSE `: keep-alive` every {KEEPALIVE:.0f} s (observer client)"
+    case.timer_name = f"SSE `data: ping` every {KEEPALIVE:.0f} s (observer client)"
     r.tried(f"{key}. {what}, {seconds:.0f} s")
     daemon = make_daemon(f"starve-{key}", peer.url, peer.token, {"cache": {"persist": False}}, log_level="warn")
     daemon.start()
