@@ -416,6 +416,37 @@ async function main() {
   await toggle(flipped, 'toggle back after the reload');
   check(JSON.stringify(await truth()) === JSON.stringify(start), 'HA did not end where it started');
 
+  // 4b. The frontend's own REST client (hass.callApi: its HA access token, refreshed as needed),
+  //     as Developer tools' "Set state" and "Events" and Settings' "Check configuration" use it:
+  //     through hass-edge with the frontend's own credentials.
+  const ID = 'input_text.last_message';
+  const original = await haState(ID);
+  const callApi = (method, path, body) => page.evaluate(async ([m, p, b]) => {
+    try {
+      return { ok: true, result: await document.querySelector('home-assistant').hass.callApi(m, p, b) };
+    } catch (e) {
+      return { ok: false, error: JSON.stringify(e) ?? String(e), status: e?.status_code ?? e?.status };
+    }
+  }, [method, path, body]);
+  const events = await callApi('GET', 'events');
+  check(events.ok && Array.isArray(events.result) && events.result.some((e) => e.event === 'state_changed'),
+    `hass.callApi GET /api/events through hass-edge: ${JSON.stringify(events).slice(0, 300)}`);
+  const value = `set by the frontend through hass-edge ${Date.now()}`;
+  const set = await callApi('POST', `states/${ID}`, { state: value, attributes: original.attributes });
+  check(set.ok && set.result?.state === value, `hass.callApi POST /api/states/${ID} ("Set state") through hass-edge: ${JSON.stringify(set).slice(0, 300)}`);
+  check((await haState(ID)).state === value, `after "Set state" through hass-edge HA reports ${ID} = ${(await haState(ID)).state}`);
+  const local = await raw('GET', `${BASE}/api/states/${ID}`, EDGE_API_TOKEN ? { Authorization: `Bearer ${EDGE_API_TOKEN}` } : {});
+  if (!DIRECT) {
+    check(local.status === 200 && JSON.parse(local.body).state === value,
+      `hass-edge's own GET /api/states/${ID} right after the frontend's "Set state": HTTP ${local.status} ${local.body.slice(0, 200)} (X-Cache ${local.headers['x-cache']})`);
+  }
+  const checked = await callApi('POST', 'config/core/check_config');
+  check(checked.ok && checked.result?.result === 'valid', `hass.callApi POST /api/config/core/check_config through hass-edge: ${JSON.stringify(checked).slice(0, 300)}`);
+  const restore = await raw('POST', `${HA_URL}/api/states/${ID}`, { Authorization: `Bearer ${HA_TOKEN}`, 'Content-Type': 'application/json' },
+    JSON.stringify({ state: original.state, attributes: original.attributes }));
+  check(restore.status === 200 || restore.status === 201, `restoring ${ID} in HA: HTTP ${restore.status}`);
+  log(`the frontend's REST client through hass-edge: GET /api/events (${events.result.length} event types), "Set state" POST /api/states/${ID} (HA has it${DIRECT ? '' : `, hass-edge's own route too: X-Cache ${local.headers['x-cache']}`}), POST /api/config/core/check_config: ${checked.result.result}`);
+
   // 5. (HA_RESTART=1) Home Assistant restarts under the open dashboard, as after an update: the
   //    frontend must notice (its WebSocket through hass-edge closes), reconnect through hass-edge,
   //    and follow HA again — a change made in HA, and a click in the page.
