@@ -159,6 +159,8 @@ def first_diff(a: Any, b: Any, path: str = "") -> str:
             return f"at {path or '/'}: HA -> {outcome(x)} | {TGT.label} -> {outcome(y)}"
     if type(a) is not type(b):
         return f"at {path or '/'}: HA {short(a, 300)} vs {TGT.label} {short(b, 300)}"
+    if isinstance(a, dict) and isinstance(b, dict) and "status" in a and a.get("status") != b.get("status"):
+        return f"at {path or '/'}: HA -> {short(a, 400)} | {TGT.label} -> {short(b, 400)}"
     if isinstance(a, dict) and "exit" in a and "stderr" in a and a != b:  # a hass-cli run: say it all
         return f"at {path or '/'}: HA -> {short(a, 400)} | {TGT.label} -> {short(b, 400)}"
     if isinstance(a, dict):
@@ -248,10 +250,13 @@ def compare_write(name: str, prepare: Callable[[], None], fn: Callable[[Side], A
 
 
 # ---------------------------------------------------------------- direct HA helpers (setup/effects)
+NO_AUTH = "<no Authorization header>"
+
+
 def ha_req(method: str, path: str, body: Any = None, side: Side | None = None, token: str | None = None,
            headers: dict | None = None) -> requests.Response:
     side = side or HA
-    h = {"Authorization": f"Bearer {token if token is not None else side.token}"}
+    h = {} if token == NO_AUTH else {"Authorization": f"Bearer {token if token is not None else side.token}"}
     if body is not None:
         h["Content-Type"] = "application/json"
     h.update(headers or {})
@@ -367,7 +372,8 @@ def section_api(sync: bool) -> None:
                  expect_ok(lambda v: "api" in v, "a list with api"))
     compare_read(f"{pre} get_events", call(lambda c: c.get_events(), lambda c: c.get_events()),
                  expect_ok(lambda v: any(e.get("event") == "state_changed" for e in v), "a list of events"))
-    tmpl = "{{ 1 + 1 }} {{ state_attr('input_number.living_temp', 'max') }} {{ states('input_select.house_mode') }}"
+    tmpl = ("{{ 1 + 1 }} {{ state_attr('input_number.living_temp', 'max') }} {{ states('input_select.house_mode') }}"
+            " {{ state_attr('input_number.living_temp', 'unit_of_measurement') }} ✓ ünïcödé")
     compare_read(f"{pre} get_rendered_template", call(lambda c: c.get_rendered_template(tmpl),
                                                       lambda c: c.get_rendered_template(tmpl)),
                  expect_ok(lambda v: v.startswith("2 50"), "the rendered template"))
@@ -388,6 +394,21 @@ def section_api(sync: bool) -> None:
                  call(lambda c: c.check_api_config(), lambda c: c.check_api_config()), expect_ok(lambda v: v is True, "True"))
     compare_read(f"{pre} get_error_log (admin)", call(lambda c: c.get_error_log(), lambda c: c.get_error_log()),
                  expect_ok(lambda v: isinstance(v, str), "text"))
+
+    # Many calls on one client (one kept-alive connection, local and forwarded routes mixed); for
+    # the async client, the same calls at once (asyncio.gather: concurrent forwards).
+    mixed = [lambda c: c.get_config(), lambda c: c.get_state(entity_id="input_boolean.kitchen"),
+             lambda c: c.get_rendered_template("{{ 2 ** 10 }}"), lambda c: c.get_components(),
+             lambda c: c.get_state(entity_id="sensor.living_temperature"), lambda c: c.get_events()] * 4
+    if sync:
+        compare_read(f"{pre} 24 mixed calls on one kept-alive session",
+                     lambda side: api_sync(side, lambda c: [f(c) for f in mixed]),
+                     expect_ok(lambda v: len(v) == 24 and v[2] == "1024", "24 answers"))
+    else:
+        async def gather(c: AsyncClient) -> Any:
+            return list(await asyncio.gather(*(f(c) for f in mixed)))
+        compare_read(f"{pre} 24 mixed calls at once (asyncio.gather)", lambda side: api_async(side, gather),
+                     expect_ok(lambda v: len(v) == 24 and v[2] == "1024", "24 answers"))
 
     # --- writes
     num = "input_number.living_temp"
@@ -653,9 +674,10 @@ def ensure_nonadmin_user() -> None:
     assert cred["success"], cred
 
 
-def http_result(method: str, path: str, token: str, body: Any = None) -> Callable[[Side], Any]:
+def http_result(method: str, path: str, token: str | Callable[[Side], str], body: Any = None,
+                headers: dict | None = None) -> Callable[[Side], Any]:
     def go(side: Side) -> Any:
-        r = ha_req(method, path, body, side=side, token=token)
+        r = ha_req(method, path, body, side=side, token=token(side) if callable(token) else token, headers=headers)
         ctype = r.headers.get("content-type", "").split(";")[0]
         b: Any = r.text
         if ctype == "application/json":
@@ -700,6 +722,71 @@ def section_auth() -> None:
     compare_read("auth non-admin GET /api/config", http_result("GET", "/api/config", na_token), is_status(200))
     # A token HA does not accept: HA's 401 on a forwarded route.
     compare_read("auth invalid token GET /api/events", http_result("GET", "/api/events", "not-a-valid-token"), is_status(401))
+    # The non-admin user over a WebSocket through the target: its own auth, and HA's refusal of an
+    # admin-only command (the WebSocket must carry the client's token, not hass-edge's).
+    compare_read("auth non-admin WebSocket: auth_ok, then config/auth/list refused",
+                 lambda side: asyncio.run(ws_exchange(side, na_token, [{"type": "get_config"}, {"type": "config/auth/list"}])),
+                 expect_ok(lambda v: v[0]["type"] == "auth_ok" and v[1]["success"] and not v[2]["success"],
+                           "auth_ok, get_config ok, config/auth/list refused"))
+    compare_read("auth invalid token WebSocket: auth_invalid",
+                 lambda side: asyncio.run(ws_exchange(side, "not-a-valid-token", [{"type": "get_config"}])),
+                 expect_ok(lambda v: v[0]["type"] == "auth_invalid", "auth_invalid"))
+    if TARGET_IS_EDGE:
+        section_edge_credentials()
+
+
+async def ws_exchange(side: Side, token: str, frames: list[dict]) -> list[Any]:
+    """auth with token, then each frame; returns the auth answer and each result (or what ended
+    the connection), normalised: the result of get_config is reduced to its version."""
+    out: list[Any] = []
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(side.url + "/api/websocket") as ws:
+            first = await ws.receive_json()
+            out.append({"first": first["type"], "ha_version": first.get("ha_version")})
+            await ws.send_json({"type": "auth", "access_token": token})
+            m = await ws.receive_json()
+            out[0] = {"type": m["type"], "first": first["type"], "ha_version": m.get("ha_version"), "message": m.get("message")}
+            if m["type"] != "auth_ok":
+                return out
+            for i, f in enumerate(frames, 1):
+                await ws.send_json(dict(f, id=i))
+                while True:
+                    msg = await ws.receive(timeout=10)
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        out.append({"closed": str(msg.type)})
+                        return out
+                    m = json.loads(msg.data)
+                    if m.get("id") == i and m.get("type") == "result":
+                        r = m.get("result")
+                        if isinstance(r, dict) and "version" in r:
+                            m = dict(m, result={"version": r["version"]})
+                        out.append(m)
+                        break
+    return out
+
+
+def section_edge_credentials() -> None:
+    """hass-edge only (issue 15, credentials): in the loopback-open mode a request without
+    credentials is forwarded with hass-edge's HA token; a cross-site request without credentials
+    (foreign Origin, text/plain, as a page's no-cors fetch would send) never reaches HA."""
+    global TGT
+    compare_read("edge no credentials (loopback-open): GET /api/events as with the HA token",
+                 http_result("GET", "/api/events", lambda side: side.token if side is HA else NO_AUTH),
+                 expect_ok(lambda v: v["status"] == 200, "200"))
+    compare_write("edge no credentials (loopback-open): POST /api/events/clients_noauth_event fired as hass-edge's HA user",
+                  lambda: None,
+                  with_events("clients_noauth_event", http_result("POST", "/api/events/clients_noauth_event",
+                                                                  lambda side: side.token if side is HA else NO_AUTH, {"z": 1})),
+                  lambda side: None, expect_ok(lambda v: len(v["events on HA"]) == 1, "one event on HA"))
+    for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+        name = f"edge cross-site: POST /api/events/clients_xsite_event, Origin http://attacker.example, {ctype}, no credentials -> 403, nothing on HA"
+        try:
+            r, events = asyncio.run(_events_during(HA, "clients_xsite_event", lambda: requests.post(
+                TGT.url + "/api/events/clients_xsite_event", data='{"x": 1}', timeout=10,
+                headers={"Origin": "http://attacker.example", "Content-Type": ctype})))
+            report(r.status_code == 403 and not events, name, f"{r.status_code} {r.text[:150]!r}; events on HA: {len(events)}")
+        except Exception:  # noqa: BLE001
+            report(False, name, traceback.format_exc(limit=3).replace("\n", " | "))
 
 
 # ---------------------------------------------------------------- hass-edge only: unreachable HA, read-only mode
