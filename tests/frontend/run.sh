@@ -32,7 +32,7 @@ EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
 [[ $TARGET == ha || -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 [[ -x $CHROMIUM ]] || die "no Chromium at $CHROMIUM (Debian package chromium)"
-for tool in node npm python3 curl; do
+for tool in node npm python3 curl ss pgrep; do
 	command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd)
