@@ -36,10 +36,23 @@ pub struct Api {
 
 impl Api {
     /// The routes over `hub`.
+    /// The routes over `hub`. With `http.forward` and `http.asset_cache_mib` > 0, HA's
+    /// frontend assets are kept in `assets/` beside `cache.state_file` (its directory is
+    /// listed now, blocking: call at start).
     pub fn new(hub: Rc<Hub>) -> Api {
+        let config = hub.config();
+        let assets = (config.http.forward && config.http.asset_cache_mib > 0)
+            .then(|| config.cache.state_file.parent())
+            .flatten()
+            .map(|dir| {
+                crate::assets::AssetCache::new(
+                    dir.join("assets"),
+                    config.http.asset_cache_mib * 1024 * 1024,
+                )
+            });
         Api {
             hub,
-            proxy: Proxy::default(),
+            proxy: Proxy::new(assets),
         }
     }
 }

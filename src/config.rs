@@ -215,6 +215,7 @@ struct RawHttp {
     forward: bool,
     x_forwarded_for: bool,
     max_forward_body_bytes: usize,
+    asset_cache_mib: u64,
 }
 
 impl Default for RawHttp {
@@ -227,6 +228,7 @@ impl Default for RawHttp {
             forward: true,
             x_forwarded_for: false,
             max_forward_body_bytes: DEFAULT_FORWARD_BODY_BYTES,
+            asset_cache_mib: 64,
         }
     }
 }
@@ -396,6 +398,9 @@ pub struct HttpConfig {
     pub x_forwarded_for: bool,
     /// Largest request body forwarded to HA, bytes (413 beyond).
     pub max_forward_body_bytes: usize,
+    /// Budget of the frontend asset cache (`assets.rs`), MiB, in `assets/` beside
+    /// `cache.state_file`; 0 turns it off.
+    pub asset_cache_mib: u64,
 }
 
 /// `[log]`.
@@ -730,6 +735,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("{max_forward_body_bytes} is outside 1024..={MAX_FORWARD_BODY_BYTES}"),
         ));
     }
+    if raw.http.asset_cache_mib > 4096 {
+        return Err(invalid(
+            "http.asset_cache_mib",
+            format!("{} is over 4096 (MiB)", raw.http.asset_cache_mib),
+        ));
+    }
     let level = raw.log.level.to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
         return Err(invalid(
@@ -784,6 +795,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             forward: raw.http.forward,
             x_forwarded_for: raw.http.x_forwarded_for,
             max_forward_body_bytes,
+            asset_cache_mib: raw.http.asset_cache_mib,
         },
         dbus: DbusConfig {
             bus: raw.dbus.bus,

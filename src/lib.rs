@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod app;
+pub mod assets;
 pub mod broadcast;
 pub mod config;
 pub mod dbus;

@@ -28,6 +28,7 @@ use smol::future::FutureExt;
 use smol::io::{AsyncReadExt, AsyncWriteExt};
 use smol::net::TcpStream;
 
+use crate::assets::{AssetCache, AssetWriter, Hit};
 use crate::http::{CHUNK, Exchange, Response};
 use crate::hub::Upstream;
 
@@ -127,11 +128,13 @@ pub struct Outcome {
     pub tunnel: bool,
 }
 
-/// Counts of forwards in flight, shared by every connection.
+/// Counts of forwards in flight, shared by every connection, and the frontend assets kept
+/// on disk.
 #[derive(Debug, Default)]
 pub struct Proxy {
     forwards: Cell<usize>,
     tunnels: Cell<usize>,
+    assets: Option<AssetCache>,
 }
 
 /// Decrements a gauge when dropped.
@@ -573,6 +576,37 @@ impl BodyReader {
 }
 
 impl Proxy {
+    /// A proxy that keeps HA's frontend assets in `assets` (see [`crate::assets`]).
+    pub fn new(assets: Option<AssetCache>) -> Proxy {
+        Proxy {
+            assets,
+            ..Proxy::default()
+        }
+    }
+
+    /// The asset cache, if any.
+    pub fn assets(&self) -> Option<&AssetCache> {
+        self.assets.as_ref()
+    }
+
+    /// The asset-cache key of a `GET`/`HEAD`, or `None`.
+    fn asset_key(&self, x: &Exchange<'_>) -> Option<String> {
+        self.assets.as_ref()?;
+        if !matches!(x.head.method.as_str(), "GET" | "HEAD") {
+            return None;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; crate::http::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(&x.raw_head).ok()?;
+        let gzip = req.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("accept-encoding")
+                && String::from_utf8_lossy(h.value)
+                    .split(',')
+                    .any(|e| e.split(';').next().unwrap_or("").trim() == "gzip")
+        });
+        crate::assets::key(x.head.path(), gzip)
+    }
+
     /// Requests being forwarded now.
     pub fn forwards(&self) -> usize {
         self.forwards.get()
@@ -608,6 +642,13 @@ impl Proxy {
             )
             .await;
         };
+        // A kept frontend asset needs no HA at all.
+        let asset_key = self.asset_key(&x);
+        if let (Some(key), Some(assets)) = (&asset_key, &self.assets)
+            && let Some(hit) = assets.lookup(key).await
+        {
+            return serve_hit(&mut x, hit, &plan.response_headers).await;
+        }
         let Some(upstream) = upstream else {
             return reply(
                 &mut x,
@@ -692,13 +733,22 @@ impl Proxy {
             return self.tunnel(x, up, response).await;
         }
         let mut response = response;
+        let writer = match (&asset_key, &self.assets, response.framing) {
+            (Some(key), Some(assets), Framing::Length(n))
+                if response.status == 200 && x.head.method == "GET" =>
+            {
+                assets.writer(key, &response.headers, Some(n)).await
+            }
+            _ => None,
+        };
         for (name, value) in plan.response_headers {
             response
                 .headers
                 .retain(|(n, _)| !n.eq_ignore_ascii_case(name));
             response.headers.push((name.to_owned(), value.into_bytes()));
         }
-        relay(x, up, response, client_11, plan.capture.is_some()).await
+        let keep = writer.map(|w| (w, self.assets.as_ref().expect("a writer has a cache")));
+        relay(x, up, response, client_11, plan.capture.is_some(), keep).await
     }
 
     /// After `101`: the head to the client, then bytes both ways until either side closes
@@ -775,6 +825,59 @@ async fn reply(x: &mut Exchange<'_>, response: Response) -> std::io::Result<Outc
     })
 }
 
+/// Answers from a kept asset: HA's headers as kept, `X-Cache: hit`, the body from disk.
+async fn serve_hit(
+    x: &mut Exchange<'_>,
+    hit: Hit,
+    extra: &[(&'static str, String)],
+) -> std::io::Result<Outcome> {
+    let keep_alive = x.head.keep_alive && x.body_left == 0;
+    let mut out = Vec::with_capacity(1024);
+    let _ = write!(
+        Writer(&mut out),
+        "HTTP/1.1 200 OK\r\nDate: {}\r\n",
+        crate::http::http_date()
+    );
+    for (name, value) in &hit.head.headers {
+        if !extra.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            let _ = write!(Writer(&mut out), "{name}: {value}\r\n");
+        }
+    }
+    for (name, value) in extra {
+        let _ = write!(Writer(&mut out), "{name}: {value}\r\n");
+    }
+    let _ = write!(
+        Writer(&mut out),
+        "X-Cache: hit\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        hit.head.length,
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    x.write(&out).await?;
+    if x.head.method != "HEAD" {
+        // The length was checked against the file just now; a file cut short after that
+        // (a disk error) ends the connection instead of misframing it.
+        let mut file = smol::fs::File::open(&hit.body).await?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut left = hit.head.length;
+        while left > 0 {
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let n = n.min(left as usize);
+            x.write(&buf[..n]).await?;
+            left -= n as u64;
+            smol::future::yield_now().await;
+        }
+    }
+    Ok(Outcome {
+        status: 200,
+        keep_alive,
+        captured: None,
+        tunnel: false,
+    })
+}
+
 /// The response head for the client, without the final blank line.
 fn client_head(response: &ResponseHead, length: Option<u64>, chunked: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
@@ -807,6 +910,7 @@ async fn relay(
     response: ResponseHead,
     client_11: bool,
     capture: bool,
+    mut keep: Option<(AssetWriter, &AssetCache)>,
 ) -> std::io::Result<Outcome> {
     let status = response.status;
     let (length, chunked) = match response.framing {
@@ -833,6 +937,9 @@ async fn relay(
             Ok(more) => more,
             Err(e) => {
                 log::debug!("forward {} {}: {e}", x.head.method, x.head.path());
+                if let Some((w, _)) = keep.take() {
+                    w.abandon().await;
+                }
                 // Once the head is out, closing is the only signal left.
                 if !head_sent {
                     x.respond(
@@ -848,6 +955,13 @@ async fn relay(
                 });
             }
         };
+        if let Some((w, _)) = keep.as_mut()
+            && !data.is_empty()
+            && !w.write(&data).await
+            && let Some((w, _)) = keep.take()
+        {
+            w.abandon().await;
+        }
         if let Some(c) = captured.as_mut() {
             if c.len() + data.len() <= MAX_CAPTURE {
                 c.extend_from_slice(&data);
@@ -870,6 +984,9 @@ async fn relay(
             }
             if !out.is_empty() {
                 x.write(&out).await?;
+            }
+            if let Some((w, assets)) = keep.take() {
+                assets.commit(w).await;
             }
             break;
         }

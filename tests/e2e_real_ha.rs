@@ -1798,3 +1798,73 @@ fn a_full_disk_keeps_the_old_state_file_whole() {
     assert_eq!(daemon.get("/health").status, 200, "still live");
     assert_eq!(daemon.stop().0, Some(0));
 }
+
+// ---------------------------------------------------------------- issue 15: HA's frontend
+
+/// HA's frontend assets (content-hashed, `Cache-Control: public, max-age=…`) are kept on
+/// the Pi: the first read goes to HA, the next is answered from disk (`X-Cache: hit`) with
+/// HA's bytes and headers, and another hass-edge on the same state directory serves them
+/// while HA cannot be reached at all (a kiosk reload after a reboot, HA away).
+#[test]
+fn frontend_assets_are_kept_and_served_while_ha_is_away() {
+    let peer = peer();
+    let shared = TempDir::new();
+    let state = format!(
+        "[cache]\nstate_file = \"{}\"\n",
+        shared.0.join("states.json").display()
+    );
+    let login = http(
+        "GET",
+        &format!(
+            "{}/auth/authorize?response_type=code&client_id=http://kiosk/&redirect_uri=http://kiosk/",
+            peer.url
+        ),
+        None,
+        None,
+    );
+    let start = login
+        .body
+        .find("/frontend_latest/")
+        .expect("HA's login page loads a frontend asset");
+    let rest = &login.body[start..];
+    let asset = &rest[..rest.find('"').unwrap()];
+    let direct = http("GET", &format!("{}{asset}", peer.url), None, None);
+    assert_eq!(direct.status, 200, "{asset}");
+    let daemon = Daemon::start(
+        &peer,
+        Options {
+            extra: &state,
+            ..Default::default()
+        },
+    );
+    daemon.wait_live();
+    let first = daemon.get(asset);
+    assert_eq!(first.status, 200);
+    assert_eq!(first.headers.get("x-cache"), None, "the first read is HA's");
+    let second = daemon.get(asset);
+    assert_eq!(
+        second.headers.get("x-cache").map(String::as_str),
+        Some("hit")
+    );
+    assert_eq!(second.body, direct.body, "HA's bytes");
+    for h in ["content-type", "cache-control", "etag", "last-modified"] {
+        assert_eq!(second.headers.get(h), direct.headers.get(h), "{h}");
+    }
+    drop(daemon);
+    // HA unreachable: a closed port.
+    let away = Daemon::start(
+        &peer,
+        Options {
+            url: Some(format!("http://127.0.0.1:{}", free_port())),
+            extra: &state,
+            ..Default::default()
+        },
+    );
+    wait_until("hass-edge answers", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(away.base.trim_start_matches("http://")).is_ok()
+    });
+    let r = away.get(asset);
+    assert_eq!(r.status, 200, "the kept asset is served while HA is away");
+    assert_eq!(r.body, direct.body);
+    assert_eq!(away.get("/manifest.json").status, 502, "nothing else is");
+}
