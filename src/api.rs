@@ -609,14 +609,33 @@ async fn services(hub: &Hub) -> Response {
 
 /// `GET /api/stream`: Server-Sent Events (see [`crate::sse`]).
 fn stream(hub: &Hub, request: &Request) -> Response {
-    // HA's `?restrict=` (event types): only `state_changed` comes from the mirror.
-    let restricted_out = request
-        .query_value("restrict")
-        .is_some_and(|r| !r.split(',').any(|t| t.trim() == "state_changed"));
-    let selection = if restricted_out {
-        Selection::none()
-    } else {
+    // HA's `?restrict=` (event types): `state_changed` comes from the mirror, other types
+    // from HA's bus (crate::events). Without it HA streams every event; hass-edge does too,
+    // unless the client used its own `?entity_id=` extension, which asks for entity
+    // changes only.
+    let restrict: Option<std::collections::HashSet<String>> =
+        request.query_value("restrict").map(|r| {
+            r.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect()
+        });
+    let state_changes = restrict
+        .as_ref()
+        .is_none_or(|r| r.contains("state_changed"));
+    let other_types: Option<crate::events::Types> = match restrict {
+        Some(mut types) => {
+            types.remove("state_changed");
+            (!types.is_empty()).then_some(Some(types))
+        }
+        None if request.query_value("entity_id").is_some() => None,
+        None => Some(None),
+    };
+    let selection = if state_changes {
         Selection::parse(request.query_value("entity_id").unwrap_or(""))
+    } else {
+        Selection::none()
     };
     let first: Vec<Rc<EntityState>> = if request.flag("snapshot") {
         let (mut states, _) = hub.tracked_states();
@@ -625,11 +644,27 @@ fn stream(hub: &Hub, request: &Request) -> Response {
     } else {
         Vec::new()
     };
+    let others = match other_types {
+        Some(types) => match hub.subscribe_events(types) {
+            Some(r) => Some(r),
+            None => {
+                return Response::error(
+                    503,
+                    format!(
+                        "too many stream clients of HA's events (at most {})",
+                        crate::events::MAX_CLIENTS
+                    ),
+                )
+                .with_header("Retry-After", "5");
+            }
+        },
+        None => None,
+    };
     match hub.subscribe(selection) {
         Some(subscription) => Response::pieces(
             200,
             "text/event-stream",
-            Box::new(EventStream::new(first, subscription)),
+            Box::new(EventStream::new(first, subscription, others)),
         )
         .with_header("Cache-Control", "no-cache")
         .with_header("X-Accel-Buffering", "no"),

@@ -18,6 +18,7 @@ use smol::lock::OnceCell;
 use crate::broadcast::{Broadcast, Selection, Subscription};
 use crate::config::{Config, Secret};
 use crate::entity::EntityState;
+use crate::events::{Feed, Receiver as EventReceiver, Types};
 use crate::filter::EntityFilter;
 use crate::ha_tokens::{Known, Verdicts};
 use crate::mirror::{Applied, Mirror, Update};
@@ -213,6 +214,8 @@ pub struct Hub {
     ha_config: RefCell<Option<Rc<str>>>,
     /// HA's verdicts on tokens presented to the local routes.
     ha_tokens: RefCell<Verdicts>,
+    /// HA's other events, for stream clients that want them.
+    events: Rc<Feed>,
     /// In-flight REST reads by entity id: concurrent misses share one request.
     inflight: RefCell<HashMap<String, Rc<OnceCell<Fetch>>>>,
     /// Until when REST is considered down (see [`REST_BREAKER`]).
@@ -266,6 +269,7 @@ impl Hub {
             upstream: RefCell::new(None),
             ha_config: RefCell::new(None),
             ha_tokens: RefCell::new(Verdicts::new(now)),
+            events: Rc::new(Feed::default()),
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
@@ -466,6 +470,27 @@ impl Hub {
     /// Registers a push client for `selection`, or `None` at the client cap.
     pub fn subscribe(&self, selection: Selection) -> Option<Subscription> {
         self.broadcast.subscribe(selection)
+    }
+
+    /// A stream client's queue of HA's other events of `types` (see [`crate::events`]);
+    /// `None` at the client cap.
+    pub fn subscribe_events(&self, types: Types) -> Option<EventReceiver> {
+        self.events.subscribe(types)
+    }
+
+    /// The event types stream clients want now (`"*"`: all).
+    pub fn wanted_event_types(&self) -> std::collections::BTreeSet<String> {
+        self.events.wanted()
+    }
+
+    /// Resolves when [`Hub::wanted_event_types`] may have changed.
+    pub fn listen_event_types(&self) -> EventListener {
+        self.events.listen()
+    }
+
+    /// Passes one of HA's events (from the link) to the stream clients that want it.
+    pub fn publish_event(&self, event_type: &str, json: &str) {
+        self.events.publish(event_type, json);
     }
 
     /// Adds a watcher of every change (D-Bus `EntityChanged`).

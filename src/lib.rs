@@ -15,6 +15,7 @@ pub mod config;
 pub mod dbus;
 pub mod deadline;
 pub mod entity;
+pub mod events;
 pub mod files;
 pub mod filter;
 pub mod ha;

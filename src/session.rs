@@ -85,6 +85,14 @@ pub enum Output {
     /// serves it (HA `websocket_api/commands.py` `handle_get_config` and REST
     /// `APIConfigView` both answer `hass.config.as_dict()`).
     Config(String),
+    /// An event of a type asked for with [`Session::set_event_types`] (for `/api/stream`):
+    /// its type and its JSON as HA sent it.
+    Event {
+        /// `event_type`.
+        event_type: String,
+        /// The event object.
+        json: String,
+    },
     /// A command failed; logged and counted, the session goes on.
     CommandFailed {
         /// The command.
@@ -178,6 +186,10 @@ pub struct Session {
     next_ping: Instant,
     /// When the connection was made (auth deadline).
     connected_at: Instant,
+    /// `subscribe_events` held for stream clients: event type (`"*"`: all) → id.
+    extra_events: std::collections::BTreeMap<String, u64>,
+    /// The event types last asked for ([`Session::set_event_types`]), subscribed once live.
+    wanted_events: std::collections::BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +314,8 @@ impl Session {
             ping: None,
             next_ping: now + heartbeat_interval,
             connected_at: now,
+            extra_events: std::collections::BTreeMap::new(),
+            wanted_events: std::collections::BTreeSet::new(),
         }
     }
 
@@ -319,10 +333,17 @@ impl Session {
     /// authenticated, then the entities and the two service events (0 before `auth_ok`).
     pub fn subscriptions(&self) -> u32 {
         let i = &self.ids;
-        [i.started, i.entities, i.registered, i.removed]
-            .iter()
-            .filter(|id| **id != 0)
-            .count() as u32
+        let own = [
+            i.started,
+            i.entities,
+            i.registered,
+            i.removed,
+            i.config_updated,
+        ]
+        .iter()
+        .filter(|id| **id != 0)
+        .count();
+        (own + self.extra_events.len()) as u32
     }
 
     /// Whether the subscription was made with the server-side filter.
@@ -525,6 +546,8 @@ impl Session {
                 self.snapshot_pending = false;
                 self.phase = Phase::Live;
                 out.push(Output::Snapshot(ev));
+                let wanted = std::mem::take(&mut self.wanted_events);
+                self.set_event_types(&wanted, out);
                 if let Some(rows) = self.last_reported.take() {
                     out.push(Output::LastReported(rows));
                 }
@@ -542,6 +565,18 @@ impl Session {
             out.push(Output::ServicesChanged(kind.into()));
         } else if id == self.ids.config_updated && id != 0 {
             self.ids.config_copy = self.command(json!({"type": "get_config"}), out);
+        } else if self.extra_events.values().any(|&e| e == id) {
+            #[derive(Deserialize)]
+            struct Kind<'a> {
+                #[serde(borrow)]
+                event_type: std::borrow::Cow<'a, str>,
+            }
+            let kind: Kind<'_> = serde_json::from_str(event.get())
+                .map_err(|e| FrameError(format!("subscribed event: {e}")))?;
+            out.push(Output::Event {
+                event_type: kind.event_type.into_owned(),
+                json: event.get().to_owned(),
+            });
         }
         // Events of an old subscription (before a resubscribe) are ignored.
         Ok(())
@@ -603,6 +638,45 @@ impl Session {
                 out,
             );
             self.ids.config_copy = self.command(json!({"type": "get_config"}), out);
+        }
+    }
+
+    /// Holds upstream `subscribe_events` for exactly `wanted` (`"*"`: all types), for the
+    /// stream clients' events: subscribes what is new, unsubscribes what is no longer
+    /// wanted. Before the session is live the set is kept and subscribed with the snapshot.
+    pub fn set_event_types(
+        &mut self,
+        wanted: &std::collections::BTreeSet<String>,
+        out: &mut Vec<Output>,
+    ) {
+        self.wanted_events.clone_from(wanted);
+        if self.phase != Phase::Live {
+            return;
+        }
+        let gone: Vec<String> = self
+            .extra_events
+            .keys()
+            .filter(|t| !wanted.contains(*t))
+            .cloned()
+            .collect();
+        for t in gone {
+            if let Some(id) = self.extra_events.remove(&t) {
+                self.command(
+                    json!({"type": "unsubscribe_events", "subscription": id}),
+                    out,
+                );
+            }
+        }
+        for t in wanted {
+            if !self.extra_events.contains_key(t) {
+                let body = if t == "*" {
+                    json!({"type": "subscribe_events"})
+                } else {
+                    json!({"type": "subscribe_events", "event_type": t})
+                };
+                let id = self.command(body, out);
+                self.extra_events.insert(t.clone(), id);
+            }
         }
     }
 
@@ -788,6 +862,47 @@ mod tests {
         );
         assert_eq!(s.phase(), Phase::Syncing);
         sent(&out)
+    }
+
+    #[test]
+    fn stream_event_types_are_held_while_wanted() {
+        let t = Instant::now();
+        let mut s = session(t, None);
+        let mut out = Vec::new();
+        // Asked before the session is live: kept, sent with the snapshot.
+        s.set_event_types(&["doorbell".to_owned()].into(), &mut out);
+        assert!(sent(&out).is_empty());
+        to_syncing(&mut s, "2024.3.3", t);
+        let out = feed(&mut s, r#"{"id":4,"type":"event","event":{"a":{}}}"#, t);
+        let cmds = sent(&out);
+        assert_eq!(
+            cmds,
+            [json!({"id": 9, "type": "subscribe_events", "event_type": "doorbell"})]
+        );
+        let out = feed(
+            &mut s,
+            r#"{"id":9,"type":"event","event":{"event_type":"doorbell","data":{},"origin":"LOCAL","time_fired":"x","context":{}}}"#,
+            t,
+        );
+        assert!(
+            matches!(&out[..], [Output::Event { event_type, json }] if event_type == "doorbell" && json.starts_with("{\"event_type\":\"doorbell\""))
+        );
+        // All types instead: the new one, and the old one ended.
+        let mut out = Vec::new();
+        s.set_event_types(&["*".to_owned()].into(), &mut out);
+        assert_eq!(
+            sent(&out),
+            [
+                json!({"id": 10, "type": "unsubscribe_events", "subscription": 9}),
+                json!({"id": 11, "type": "subscribe_events"}),
+            ]
+        );
+        let mut out = Vec::new();
+        s.set_event_types(&Default::default(), &mut out);
+        assert_eq!(
+            sent(&out),
+            [json!({"id": 12, "type": "unsubscribe_events", "subscription": 11})]
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ use smol::future::FutureExt;
 use crate::broadcast::Subscription;
 use crate::deadline::Deadline;
 use crate::entity::{Context, EntityState, Timestamp};
+use crate::events::Receiver as EventReceiver;
 use crate::http::{CHUNK, Pieces};
 use crate::store::Change;
 
@@ -96,6 +97,8 @@ pub struct EventStream {
     opened: bool,
     /// The client's queue.
     subscription: Subscription,
+    /// HA's other events, when the client wants some.
+    others: Option<EventReceiver>,
     /// When the next keep-alive is due; one lazily re-armed timer (a fresh `Timer` per event
     /// would wake the reactor each time).
     keepalive: Deadline,
@@ -103,12 +106,17 @@ pub struct EventStream {
 
 impl EventStream {
     /// A stream that sends `first` as events, then what `subscription` receives.
-    pub fn new(mut first: Vec<Rc<EntityState>>, subscription: Subscription) -> EventStream {
+    pub fn new(
+        mut first: Vec<Rc<EntityState>>,
+        subscription: Subscription,
+        others: Option<EventReceiver>,
+    ) -> EventStream {
         first.reverse();
         EventStream {
             first,
             opened: false,
             subscription,
+            others,
             keepalive: Deadline::new(Instant::now() + KEEPALIVE),
         }
     }
@@ -140,17 +148,30 @@ impl Pieces for EventStream {
             }
             enum Wake {
                 Event(Option<Rc<crate::broadcast::Event>>),
+                Other(Option<Rc<str>>),
                 KeepAlive,
             }
             let subscription = &mut self.subscription;
+            let others = &mut self.others;
             let keepalive = &mut self.keepalive;
             let wake = async { Wake::Event(subscription.recv().await) }
+                .or(async {
+                    match others {
+                        Some(r) => Wake::Other(r.recv().await),
+                        None => std::future::pending().await,
+                    }
+                })
                 .or(async {
                     keepalive.elapsed().await;
                     Wake::KeepAlive
                 })
                 .await;
             match wake {
+                Wake::Other(Some(text)) => {
+                    buf.extend_from_slice(text.as_bytes());
+                }
+                // Fell behind on HA's events: end the stream, as for state changes.
+                Wake::Other(None) => return false,
                 Wake::Event(Some(event)) => {
                     buf.extend_from_slice(event.rendered(format_change).as_bytes());
                     // Batch whatever else is queued into one write.

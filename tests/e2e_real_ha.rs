@@ -1868,3 +1868,89 @@ fn frontend_assets_are_kept_and_served_while_ha_is_away() {
     assert_eq!(r.body, direct.body);
     assert_eq!(away.get("/manifest.json").status, 502, "nothing else is");
 }
+
+/// The raw `data:` lines of an SSE stream (HA's or ours) until one holds `needle`.
+fn sse_line_with(reader: &mut BufReader<std::net::TcpStream>, needle: &str) -> String {
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut line = String::new();
+    while Instant::now() < end {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => panic!("stream closed"),
+            Ok(_) if line.starts_with("data: ") && line.contains(needle) => {
+                return line.trim_end().to_owned();
+            }
+            _ => {}
+        }
+    }
+    panic!("no event with {needle:?} within 10 s");
+}
+
+/// `/api/stream` in HA's format: an event HA fires reaches a hass-edge client that asked
+/// for its type (`?restrict=`) byte for byte as HA's own stream sends it; an unrestricted
+/// stream carries it too, next to the mirror's `state_changed`; and the upstream
+/// subscription for it ends when the last client leaves.
+#[test]
+fn api_stream_carries_has_events_as_ha_does() {
+    use std::io::Write;
+    let peer = peer();
+    let daemon = Daemon::start(&peer, Options::default());
+    daemon.wait_live();
+    let mut ours = open_stream(&daemon, "?restrict=hass_edge_probe");
+    let mut all = open_stream(&daemon, "");
+    let mut theirs = {
+        let addr = peer.url.trim_start_matches("http://").to_owned();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        write!(
+            s,
+            "GET /api/stream?restrict=hass_edge_probe HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+            peer.token
+        )
+        .unwrap();
+        BufReader::new(s)
+    };
+    let subscriptions =
+        || daemon.get("/health").into_json().1["websocket"]["subscriptions"].clone();
+    // One upstream subscription for all the streams' other events ("*" covers the type).
+    wait_until(
+        "hass-edge subscribes to HA's events",
+        Duration::from_secs(10),
+        || subscriptions() == serde_json::json!(6),
+    );
+    let marker = format!("probe-{}", fastrand::u64(..));
+    let (status, _) = peer.post(
+        "/api/events/hass_edge_probe",
+        serde_json::json!({ "marker": marker }),
+    );
+    assert_eq!(status, 200);
+    let mine = sse_line_with(&mut ours, &marker);
+    let has = sse_line_with(&mut theirs, &marker);
+    assert_eq!(mine, has, "the same message as HA's own stream");
+    assert_eq!(sse_line_with(&mut all, &marker), has);
+    // The unrestricted stream also has the mirror's state changes.
+    let before = peer.get("/api/states/input_boolean.kitchen").1["state"].clone();
+    peer.post(
+        "/api/services/input_boolean/toggle",
+        serde_json::json!({"entity_id": "input_boolean.kitchen"}),
+    );
+    let line = sse_line_with(
+        &mut all,
+        "{\"event_type\":\"state_changed\",\"data\":{\"entity_id\":\"input_boolean.kitchen\"",
+    );
+    let event: Value = serde_json::from_str(line.trim_start_matches("data: ")).unwrap();
+    assert_eq!(event["event_type"], "state_changed");
+    assert_eq!(event["data"]["old_state"]["state"], before);
+    // Nothing of `state_changed` on a stream restricted to another type.
+    drop((ours, all));
+    peer.post(
+        "/api/services/input_boolean/toggle",
+        serde_json::json!({"entity_id": "input_boolean.kitchen"}),
+    );
+    wait_until(
+        "the upstream subscription for the stream's events is ended",
+        Duration::from_secs(10),
+        || subscriptions() == serde_json::json!(5),
+    );
+}

@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
     // The status snapshot and its pure renderers.
     &["status"],
     // Transports and clients; none imports another.
-    &["http", "rest", "broadcast", "metrics", "assets"],
+    &["http", "rest", "broadcast", "metrics", "assets", "events"],
     // Shared state, and the push-stream body.
     &["hub", "sse"],
     // Forwarding to HA: carries out what the routes decided.

@@ -125,6 +125,8 @@ enum Wake {
     Frame(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
     Timer,
     Command(Command),
+    /// Stream clients want other HA event types now.
+    EventTypes,
     Shutdown,
 }
 
@@ -172,6 +174,8 @@ pub(super) async fn run(
         Instant::now(),
     );
     let mut out = Vec::new();
+    // Kept until the session is live, then subscribed with the snapshot.
+    session.set_event_types(&hub.wanted_event_types(), &mut out);
     let mut synced = false;
     let mut release = Release::default();
     let mut timer = Deadline::new(Instant::now());
@@ -186,11 +190,16 @@ pub(super) async fn run(
         // The socket is polled last: a peer that keeps it always readable must not keep
         // shutdown, commands or the session's timers (auth timeout, heartbeat) from being
         // seen. `or` polls in order and stops at the first ready future.
+        let event_types = hub.listen_event_types();
         let wake = async {
             shutdown.wait().await;
             Wake::Shutdown
         }
         .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
+        .or(async {
+            event_types.await;
+            Wake::EventTypes
+        })
         .or(async {
             timer.elapsed().await;
             Wake::Timer
@@ -224,6 +233,7 @@ pub(super) async fn run(
             Wake::Frame(Some(Err(e))) => return lost(format!("WebSocket error: {e}"), synced),
             Wake::Frame(None) => return lost("connection closed".into(), synced),
             Wake::Timer => session.poll_timers(now, &mut out),
+            Wake::EventTypes => session.set_event_types(&hub.wanted_event_types(), &mut out),
             Wake::Command(Command::Resync) => {
                 log::info!("resync requested: taking a fresh snapshot");
                 session.resubscribe(hub.ha_filter(), &mut out);
@@ -303,6 +313,7 @@ pub(super) async fn run(
                     });
                 }
                 Output::Config(config) => hub.set_ha_config(config),
+                Output::Event { event_type, json } => hub.publish_event(&event_type, &json),
                 Output::ServicesChanged(kind) => {
                     hub.count_link(|c| c.service_events += 1);
                     hub.invalidate_services();
