@@ -74,6 +74,7 @@ HA: Side
 TGT: Side
 TARGET_IS_EDGE = False
 VERBOSE = os.environ.get("CLIENTS_VERBOSE") == "1"
+CLI_WS_LISTS = True  # hass-cli's entity/area/device list (WebSocket commands); --no-cli-ws-lists
 ALL_URLS: list[str] = []
 
 
@@ -565,6 +566,7 @@ def section_cli() -> None:
     tf.write("{{ 3 * 7 }} {{ state_attr('input_number.living_temp', 'min') }}")
     tf.close()
     compare_read("cli template", cli("template", tf.name), ok_exit(lambda o: str(o).strip().startswith("21 -20"), "'21 -20'"))
+    os.unlink(tf.name)
     compare_read("cli config full", cli("config", "full"), ok_exit(lambda o: isinstance(o, list) and "version" in o[0], "a config"))
     compare_read("cli raw get /api/config", cli("raw", "get", "/api/config"), ok_exit(lambda o: "version" in str(o), "a config"))
     compare_read("cli raw get /api/", cli("raw", "get", "/api/"), ok_exit(lambda o: "API running" in str(o), "API running"))
@@ -572,6 +574,23 @@ def section_cli() -> None:
     # A WebSocket through the target (hass-cli's raw ws: connect, auth, one command).
     compare_read("cli raw ws get_config (WebSocket)", cli("raw", "ws", "get_config"),
                  ok_exit(lambda o: "location_name" in str(o), "a config"), norm=lambda v: _drop_ws_id(v))
+    if not CLI_WS_LISTS:
+        return _cli_writes()
+    compare_read("cli entity list (WebSocket)", cli("entity", "list"),
+                 ok_exit(lambda o: isinstance(o, list) and len(o) > 5, "the entity registry"))
+    compare_read("cli area list (WebSocket)", cli("area", "list"), ok_exit(lambda o: isinstance(o, list), "areas"))
+    compare_read("cli device list (WebSocket)", cli("device", "list"), ok_exit(lambda o: isinstance(o, list), "devices"))
+    _cli_writes()
+
+
+def _cli_writes() -> None:
+    def ok_exit(pred: Callable[[Any], bool] | None = None, what: str = "") -> Callable[[Any], str | None]:
+        return expect_ok(lambda v: v["exit"] == 0 and (pred is None or pred(v["stdout"])), what or "exit 0")
+
+    def states_sorted(v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("stdout"), list):
+            v = dict(v, stdout=sort_states(v["stdout"]))
+        return v
 
     # --- writes
     probe = "sensor.clients_cli_probe"
@@ -594,6 +613,32 @@ def section_cli() -> None:
                   lambda side: None, expect_ok(lambda v: v["result"][0] == "ok" and v["result"][1]["exit"] == 0
                                                and "clients_cli_event" in str(v["result"]) and len(v["events on HA"]) == 1,
                                                "exit 0, the event message and one event on HA"))
+
+
+def section_errors() -> None:
+    """HA's error statuses and shapes where clients can tell them apart (issue 15): the same bad
+    requests, with the HA token, against HA and the target; status, Content-Type and body."""
+    def raw(method: str, path: str, body: str | None = None) -> Callable[[Side], Any]:
+        def go(side: Side) -> Any:
+            h = {"Authorization": f"Bearer {side.token}"}
+            if body is not None:
+                h["Content-Type"] = "application/json"
+            r = requests.request(method, side.url + path, headers=h, data=None if body is None else body.encode(), timeout=20)
+            ctype = r.headers.get("content-type", "")
+            return {"status": r.status_code, "content-type": ctype, "body": r.text}
+        return go
+
+    for method, path, body, status in (
+            ("GET", "/api/states/not_valid", None, 404),  # a malformed entity id: HA's 404, not 400
+            ("GET", "/api/states/sensor.clients_no_such_entity", None, 404),
+            ("DELETE", "/api/states/sensor.clients_no_such_entity", None, 404),
+            ("POST", "/api/states/sensor.clients_bad", "{not json", 400),
+            ("POST", "/api/states/sensor.clients_bad", "{}", 400),
+            ("POST", "/api/services/clients_nodomain/noservice", "{}", 400),  # HA's text/plain 400
+            ("POST", "/api/events/clients_bad_event", "[1, 2]", 400),
+            ("GET", "/api/clients_no_such_route", None, 404)):  # HA's text/plain 404
+        compare_read(f"errors {method} {path}" + (f" {body}" if body else ""), raw(method, path, body),
+                     expect_ok(lambda v, st=status: v["status"] == st, f"status {status}"))
 
 
 def _drop_ws_id(v: Any) -> Any:
@@ -882,18 +927,19 @@ async def _events_during(side: Side, event_type: str, action: Callable[[], Any])
 
 # ---------------------------------------------------------------- main
 def main() -> int:
-    global HA, TGT, TARGET_IS_EDGE, ALL_URLS, NAME_PREFIX
+    global HA, TGT, TARGET_IS_EDGE, ALL_URLS, NAME_PREFIX, CLI_WS_LISTS
     ap = argparse.ArgumentParser()
     ap.add_argument("--ha-url", required=True)
     ap.add_argument("--ha-token-file", required=True)
     ap.add_argument("--target-url", required=True)
     ap.add_argument("--target-token-file", help="token the clients send to the target (default: the HA token)")
     ap.add_argument("--target-label", default="hass-edge")
-    ap.add_argument("--sections", default="api-sync,api-async,api-ws-sync,api-ws-async,cli,auth")
+    ap.add_argument("--sections", default="api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth")
     ap.add_argument("--edge-unreachable", help="URL of a hass-edge whose HA is a closed port")
     ap.add_argument("--edge-readonly", help="URL of a hass-edge with allow_service_calls = false and an API token")
     ap.add_argument("--edge-api-token-file")
     ap.add_argument("--name-prefix", default="", help="put before every check's name")
+    ap.add_argument("--no-cli-ws-lists", action="store_true", help="skip hass-cli's entity/area/device list")
     a = ap.parse_args()
     ha_token = open(a.ha_token_file).read().strip()
     tgt_token = open(a.target_token_file).read().strip() if a.target_token_file else ha_token
@@ -902,6 +948,7 @@ def main() -> int:
     TARGET_IS_EDGE = a.target_url.rstrip("/") != a.ha_url.rstrip("/")
     ALL_URLS = [u.rstrip("/") for u in (a.ha_url, a.target_url, a.edge_unreachable, a.edge_readonly) if u]
     NAME_PREFIX = a.name_prefix
+    CLI_WS_LISTS = not a.no_cli_ws_lists
     sections = [x for x in a.sections.split(",") if x]
     for s in sections:
         t = time.monotonic()
@@ -915,6 +962,8 @@ def main() -> int:
             section_ws(False)
         elif s == "cli":
             section_cli()
+        elif s == "errors":
+            section_errors()
         elif s == "auth":
             section_auth()
         else:

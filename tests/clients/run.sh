@@ -6,7 +6,7 @@
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root);
 # CLIENTS_TARGET=ha (the self-check: every call made against HA twice, no hass-edge);
-# CLIENTS_SECTIONS (default api-sync,api-async,api-ws-sync,api-ws-async,cli,auth); OUT_DIR (keeps the daemons' logs and
+# CLIENTS_SECTIONS (default api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth); OUT_DIR (keeps the daemons' logs and
 # the full output there); CLIENTS_VERBOSE=1 (print HA's answer to every call).
 #
 # Starts three hass-edge daemons on free loopback ports, each with its own config and state file
@@ -141,7 +141,7 @@ wait_edge() {
 	done
 }
 
-ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,api-ws-sync,api-ws-async,cli,auth}")
+ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth}")
 if [[ $TARGET == edge ]]; then
 	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
 	closed=$(free_port) # nothing listens there: "HA unreachable"
@@ -166,12 +166,13 @@ fi
 # ---------- the comparison ----------
 rc=0
 "$PY" "$HERE/compare.py" "${ARGS[@]}" 2>&1 | tee "$WORK/out.txt" || rc=$?
-if [[ $TARGET == edge && -n ${CLIENTS_TOKEN_SECTIONS-api-sync,cli} ]]; then
+if [[ $TARGET == edge && -n ${CLIENTS_TOKEN_SECTIONS-api-sync,cli,errors} ]]; then
 	# The REST clients again, now sending hass-edge's API token (a hass-edge with api_token_file):
-	# hass-edge forwards with its own HA token, so HA must answer as to the HA token.
+	# hass-edge forwards with its own HA token, so HA must answer as to the HA token. Of hass-cli's
+	# WebSocket commands only `raw ws` (the token goes inside the WebSocket's auth message).
 	"$PY" "$HERE/compare.py" --ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" \
 		--target-url "http://127.0.0.1:$PORT_tok" --target-token-file "$WORK/api-token" --target-label "hass-edge (API token)" \
-		--sections "${CLIENTS_TOKEN_SECTIONS-api-sync,cli}" --name-prefix "api-token: " 2>&1 | tee -a "$WORK/out.txt" || rc=$?
+		--sections "${CLIENTS_TOKEN_SECTIONS-api-sync,cli,errors}" --name-prefix "api-token: " --no-cli-ws-lists 2>&1 | tee -a "$WORK/out.txt" || rc=$?
 fi
 [[ -z ${OUT_DIR:-} ]] || cp "$WORK/out.txt" "$OUT_DIR/clients-output.txt"
 if [[ $TARGET == edge ]]; then # the daemons must still be running (none crashed under the clients)
