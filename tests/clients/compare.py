@@ -3,8 +3,9 @@
 self-check), results compared (issue 15). Run by run.sh with the clients venv's Python.
 
     compare.py --ha-url URL --ha-token-file F --target-url URL [--target-label edge]
-               [--sections api-sync,api-async,cli,auth] [--edge-unreachable URL]
-               [--edge-readonly URL --edge-api-token-file F]
+               [--target-token-file F] [--name-prefix P] [--no-cli-ws-lists]
+               [--sections api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth]
+               [--edge-unreachable URL] [--edge-readonly URL --edge-api-token-file F]
 
 Prints one `PASS name` / `FAIL name: why` line per check (run.sh counts them).
 
@@ -32,7 +33,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
