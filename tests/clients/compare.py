@@ -4,7 +4,7 @@ self-check), results compared (issue 15). Run by run.sh with the clients venv's 
 
     compare.py --ha-url URL --ha-token-file F --target-url URL [--target-label edge]
                [--target-token-file F] [--name-prefix P] [--no-cli-ws-lists]
-               [--sections api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth]
+               [--sections api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,config,auth]
                [--edge-unreachable URL] [--edge-readonly URL --edge-api-token-file F]
 
 Prints one `PASS name` / `FAIL name: why` line per check (run.sh counts them).
@@ -641,6 +641,42 @@ def section_errors() -> None:
                      expect_ok(lambda v, st=status: v["status"] == st, f"status {status}"))
 
 
+def section_config() -> None:
+    """get_config after a core-config change (HA's WebSocket config/core/update of the currency),
+    made directly on HA and through the target's WebSocket: the target's answer (hass-edge: from
+    its link, refreshed on core_config_updated, so asynchronously: we wait ≤ 3 s) must become
+    HA's. The currency is put back (EUR, the peer's) in any case."""
+    def set_currency(side: Side, cur: str) -> None:
+        [r] = asyncio.run(ws_admin(side.url, side.token, [{"type": "config/core/update", "currency": cur}]))
+        assert r["success"], r
+
+    def follow(want_currency: str) -> tuple[bool, Any, Any]:
+        deadline = time.monotonic() + 3
+        while True:
+            ha = api_sync(HA, lambda c: c.get_config())
+            tgt = api_sync(TGT, lambda c: c.get_config())
+            if ha == tgt and ha.get("currency") == want_currency:
+                return True, ha, tgt
+            if time.monotonic() > deadline:
+                return False, ha, tgt
+            time.sleep(0.05)
+
+    for via in (HA, TGT):
+        name = f"config get_config follows a core config change made {'on HA' if via is HA else 'through the target (WebSocket)'}"
+        try:
+            set_currency(via, "USD")
+            ok, ha, tgt = follow("USD")
+            report(ok, name, "" if ok else f"after 3 s: {first_diff(ha, tgt)}")
+        except Exception:  # noqa: BLE001
+            report(False, name, traceback.format_exc(limit=3).replace("\n", " | "))
+        finally:
+            try:
+                set_currency(HA, "EUR")
+                follow("EUR")
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def _drop_ws_id(v: Any) -> Any:
     return v  # the frame's id is 1 on both sides; nothing to drop (kept as a hook)
 
@@ -934,7 +970,7 @@ def main() -> int:
     ap.add_argument("--target-url", required=True)
     ap.add_argument("--target-token-file", help="token the clients send to the target (default: the HA token)")
     ap.add_argument("--target-label", default="hass-edge")
-    ap.add_argument("--sections", default="api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth")
+    ap.add_argument("--sections", default="api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,config,auth")
     ap.add_argument("--edge-unreachable", help="URL of a hass-edge whose HA is a closed port")
     ap.add_argument("--edge-readonly", help="URL of a hass-edge with allow_service_calls = false and an API token")
     ap.add_argument("--edge-api-token-file")
@@ -964,6 +1000,8 @@ def main() -> int:
             section_cli()
         elif s == "errors":
             section_errors()
+        elif s == "config":
+            section_config()
         elif s == "auth":
             section_auth()
         else:

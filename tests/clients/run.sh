@@ -6,7 +6,7 @@
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root);
 # CLIENTS_TARGET=ha (the self-check: every call made against HA twice, no hass-edge);
-# CLIENTS_SECTIONS (default api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth); OUT_DIR (keeps the daemons' logs and
+# CLIENTS_SECTIONS (default api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,config,auth); OUT_DIR (keeps the daemons' logs and
 # the full output there); CLIENTS_VERBOSE=1 (print HA's answer to every call).
 #
 # Starts three hass-edge daemons on free loopback ports, each with its own config and state file
@@ -141,7 +141,7 @@ wait_edge() {
 	done
 }
 
-ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,auth}")
+ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,config,auth}")
 if [[ $TARGET == edge ]]; then
 	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
 	closed=$(free_port) # nothing listens there: "HA unreachable"
