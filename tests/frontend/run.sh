@@ -179,6 +179,9 @@ run_browser() {
 		export SCENARIO=$scenario BASE HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY OUT_DIR CHROMIUM EDGE_API_TOKEN_FILE
 		export DASHBOARD VIEW PROFILE_DIR=$WORK/profile-$scenario DIRECT=$([[ $TARGET == ha ]] && echo 1 || echo 0)
 		# HA restarts under the open dashboard in the password scenario (HA_RESTART=0: not at all)
+		# hass-edge keeps HA's frontend assets in $WORK/assets (beside its state file), shared by the
+		# scenarios of this run: empty for the first, filled by the first browser for the others
+		export ASSETS=$([[ $TARGET == ha ]] && echo '' || { [[ -d $WORK/assets && -n $(ls -A "$WORK/assets" 2>/dev/null) ]] && echo warm || echo cold; })
 		export PEER_SCRIPT=$PEER HA_PEER_DIR HA_RESTART=$([[ $scenario == password && ${HA_RESTART:-1} == 1 ]] && echo 1 || echo 0)
 		# Chromium's crash-report database goes under XDG_CONFIG_HOME: keep it in WORK too.
 		export XDG_CONFIG_HOME=$WORK/xdg

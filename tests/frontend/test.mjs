@@ -13,6 +13,8 @@
 //                          address must have one): the frontend sends no hass-edge token, only HA's own
 //   BASE         where the browser goes, e.g. http://127.0.0.1:41234 or http://[::1]:41234 (hass-edge)
 //   HA_RESTART   1 = restart HA under the open dashboard (needs PEER_SCRIPT, HA_PEER_DIR)
+//   ASSETS       cold|warm: hass-edge's asset directory (beside its state file) is empty / was filled
+//                by an earlier scenario's browser; checked against the X-Cache of the assets
 //   EDGE_API_TOKEN_FILE  hass-edge's API token, when it has one (api-token; also for /metrics)
 //   CLIENT_ADDR  the address HA must record for the login (default 127.0.0.1, trusted: ::1)
 //   HA_URL, HA_TOKEN_FILE, HA_PY   the peer: its URL, admin token, and the Python that runs ha_helper.py
@@ -84,6 +86,19 @@ function raw(method, url, headers = {}, body) {
     req.end();
   });
 }
+// GET without Accept-Encoding: HA answers the plain bytes (what the browser's decoded body must be)
+function rawBytes(url) {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(url, { method: 'GET', timeout: 10_000 }, (res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: Buffer.concat(chunks) }));
+    });
+    req.on('timeout', () => req.destroy(new Error(`GET ${url}: timed out`)));
+    req.on('error', reject);
+    req.end();
+  });
+}
 async function haState(id) {
   const r = await raw('GET', `${HA_URL}/api/states/${id}`, { Authorization: `Bearer ${HA_TOKEN}` });
   check(r.status === 200, `Home Assistant GET /api/states/${id}: HTTP ${r.status} ${r.body.slice(0, 200)}`);
@@ -132,6 +147,9 @@ const requests = [];   // every HTTP request of the context (pages and workers)
 const sockets = [];    // every WebSocket
 const consoleLines = [];
 const pageErrors = []; // { t, line }
+const hitBodies = []; // { t, url, body } of assets hass-edge answered from its disk cache
+const isAsset = (u) => /^\/(frontend_latest|frontend_es5|static)\//.test(new URL(u).pathname);
+const ASSETS = process.env.ASSETS ?? ''; // cold: hass-edge's asset directory is empty; warm: an earlier browser filled it
 const authAnswers = []; // HA's answers to the login requests, as the page got them
 let restartWindow = null; // { from, to } ms after t0 while HA restarted (HA_RESTART=1)
 const duringRestart = (t) => restartWindow !== null && t >= restartWindow.from && t <= restartWindow.to;
@@ -168,6 +186,15 @@ function recordNetwork() {
     if (!e) return;
     const resp = await r.response().catch(() => null);
     e.status = resp ? resp.status() : 'no response';
+    // hass-edge's asset cache (X-Cache: hit = answered from its disk); a few hits' bodies are
+    // kept to compare with HA's own bytes
+    if (resp && isAsset(r.url())) {
+      e.xcache = (await resp.allHeaders().catch(() => ({})))['x-cache'] ?? null;
+      if (e.xcache === 'hit' && hitBodies.length < 400) {
+        const body = await resp.body().catch(() => null);
+        if (body) hitBodies.push({ t: e.t, url: r.url(), body });
+      }
+    }
   });
   // HA's answers to the login requests, read as soon as they arrive (a navigation right after one
   // can take its body away: then it is kept as null, and HA's own record decides, see main()).
@@ -213,7 +240,7 @@ function watchPage(p) {
     ws.on('socketerror', (err) => { s.error = String(err); });
   });
 }
-const fmtReq = (e) => `${String(e.t).padStart(6)} ms ${e.method.padEnd(4)} ${e.status ?? '…'}${e.failure ? ` FAILED ${e.failure}` : ''} ${e.type} ${e.url}`;
+const fmtReq = (e) => `${String(e.t).padStart(6)} ms ${e.method.padEnd(4)} ${e.status ?? '…'}${e.xcache ? ` X-Cache:${e.xcache}` : ''}${e.failure ? ` FAILED ${e.failure}` : ''} ${e.type} ${e.url}`;
 function dumpNetwork() {
   const lines = [...requests.map(fmtReq), ...sockets.map((s) => `${String(s.t).padStart(6)} ms WS   ${s.url} received ${s.received} sent ${s.sent}${s.closed ? ' closed' : ' open'}${s.error ? ` error ${s.error}` : ''}`)];
   const file = join(OUT_DIR, `frontend-${SCENARIO}-requests.txt`);
@@ -513,6 +540,7 @@ async function main() {
   if (jsErrorsInRestart.length) log(`JavaScript errors while HA restarted (not counted): ${jsErrorsInRestart.map((e) => e.line.slice(0, 300)).join(' | ')}`);
   const aborted = web.filter((e) => e.failure === 'net::ERR_ABORTED').length;
   let counted = '';
+  let assetNote = '';
   if (!DIRECT) {
     // hass-edge itself forwarded and tunnelled them (its counters; the browser's own cache may
     // spare some requests, so forwards are at least 1 per answered document, not equal). A
@@ -524,12 +552,38 @@ async function main() {
       async () => { const c = await edgeCounts(); return c.tunnels - counts0.tunnels === opened.length ? c : false; }, 10_000);
     const fwd = counts.forwarded - counts0.forwarded;
     check(fwd >= docs && fwd >= 1, `hass-edge counted ${fwd} forwarded request(s), the browser loaded ${docs} document(s) through it`);
+    // The asset cache, as the browser got it
+    const assets = web.filter((e) => isAsset(e.url) && e.status === 200);
+    const hits = assets.filter((e) => e.xcache === 'hit');
+    // an asset whose earlier request the browser aborted (a navigation) while hass-edge relayed it
+    const abortedBefore = (url, t) => web.some((e) => e.url === url && e.t < t && e.failure === 'net::ERR_ABORTED');
+    // (no check that a cold directory answers nothing before the browser asked HA: the browser's
+    // log misses requests of a page that navigated away, e.g. "/" loading chunks right before
+    // it goes to the login page, and those fill the directory too)
+    if (ASSETS === 'warm') {
+      // the frontend's first scripts, which every earlier browser loaded whole, come from the disk
+      const first = assets.filter((e) => /^\/frontend_latest\/(core|app|authorize)\.[^/]+\.js$/.test(new URL(e.url).pathname));
+      check(first.length >= 2 && first.every((e) => e.xcache === 'hit'),
+        `hass-edge's asset directory was filled by an earlier browser, yet the frontend's first scripts did not come from it: ${first.map((e) => `${new URL(e.url).pathname} X-Cache ${e.xcache}`).join(', ') || 'none loaded'}`);
+    }
+    // compare with HA's bytes: every hit kept while the browser had aborted its first request
+    // (was the file written whole?), and 5 others
+    const afterAbort = hitBodies.filter((h) => abortedBefore(h.url, h.t));
+    const seenUrls = new Set();
+    const compare = [...afterAbort.slice(0, 20), ...hitBodies.filter((h) => !afterAbort.includes(h)).slice(0, 5)]
+      .filter((h) => !seenUrls.has(h.url) && seenUrls.add(h.url));
+    for (const h of compare) {
+      const direct = await rawBytes(h.url.replace(baseUrl.origin, HA_URL));
+      check(direct.status === 200 && Buffer.compare(direct.body, h.body) === 0,
+        `${h.url} from hass-edge's asset cache (${h.body.length} bytes as the browser decoded them) differs from HA's own (HTTP ${direct.status}, ${direct.body.length} bytes)`);
+    }
+    assetNote = `; assets: ${hits.length} of ${assets.length} from hass-edge's disk cache (X-Cache: hit)${compare.length ? `, ${compare.length} of them byte-equal to HA's (${afterAbort.length ? `${new Set(afterAbort.map((h) => h.url)).size} first asked for by a request the browser aborted` : 'none written from an aborted request'})` : ''}`;
     counted = `; hass-edge counted ${fwd} forwards and ${opened.length} tunnels (${openTunnels} of them while the browser was open: a tunnel is counted when it ends)`;
   }
   const refused = [...new Set(sockets.flatMap((s) => s.errors))];
   if (refused.length) log(`WebSocket commands of the frontend that HA refused (also without hass-edge: the peer has no default_config): ${refused.join(', ')}`);
   const inRestart = restartWindow ? `; while HA restarted: ${web.filter((e) => duringRestart(e.t)).map((e) => e.status ?? e.failure).join(',') || 'no'} HTTP, ${tunnels.filter((x) => duringRestart(x.t)).map((x) => (x.received ? 'open' : x.error ?? 'failed')).join(',') || 'no'} WebSocket attempts` : '';
-  log(`network: ${web.length} HTTP requests and ${sockets.length} WebSocket(s), all to ${baseUrl.host}${DIRECT ? ' (HA itself)' : `, none to HA's port ${haUrl.port}`}; ${tunnels.map((s) => s.received).join('+')} WebSocket frames from HA; no HTTP error${aborted ? `; ${aborted} aborted by navigation` : ''}${counted}${inRestart} (list: ${netFile})`);
+  log(`network: ${web.length} HTTP requests and ${sockets.length} WebSocket(s), all to ${baseUrl.host}${DIRECT ? ' (HA itself)' : `, none to HA's port ${haUrl.port}`}; ${tunnels.map((s) => s.received).join('+')} WebSocket frames from HA; no HTTP error${aborted ? `; ${aborted} aborted by navigation` : ''}${counted}${assetNote}${inRestart} (list: ${netFile})`);
 }
 
 async function forgetLogin() {
