@@ -208,9 +208,10 @@ fn write_capture(method: &str, path: &str) -> Option<Capture> {
 /// token, an `/auth/*` login flow, a signed `authSig` path) goes as it came, and HA
 /// decides. One with hass-edge's API token — or, in the loopback-open mode (no
 /// `http.api_token_file`), one with none — goes with hass-edge's HA token, under the rules
-/// that guard that token: a body must be JSON (415), and with
-/// `http.allow_service_calls = false` only `GET`/`HEAD`/`OPTIONS` go (403). Any other
-/// request goes without credentials (the API token is never passed on).
+/// that guard that token: a body must be JSON (415). Any other request goes without
+/// credentials (the API token is never passed on). Read-only mode
+/// (`http.allow_service_calls = false`) forwards only `GET`/`HEAD`/`OPTIONS`, whoever asks
+/// (403), and HA's login flow (`/auth/*`), which changes nothing in the house.
 async fn forward(hub: &Hub, proxy: &Proxy, x: Exchange<'_>) -> std::io::Result<bool> {
     let config = hub.config();
     let head = &x.head;
@@ -250,7 +251,7 @@ async fn forward(hub: &Hub, proxy: &Proxy, x: Exchange<'_>) -> std::io::Result<b
             415,
             "the body must be sent as Content-Type: application/json",
         ))
-    } else if credentials != Credentials::Client && !reading && !config.http.allow_service_calls {
+    } else if !reading && !path.starts_with("/auth/") && !config.http.allow_service_calls {
         Some(Response::error(
             403,
             "writes through hass-edge are disabled (http.allow_service_calls = false)",

@@ -140,7 +140,7 @@ fn loopback_open_mode_guards_the_ha_token() {
         before,
         "none of the refused requests reached HA"
     );
-    // HA's own user token is HA's business, read-only or not.
+    // Read-only holds for an HA user's own token too; the login flow still goes.
     let r = send(
         &daemon,
         "POST",
@@ -151,7 +151,20 @@ fn loopback_open_mode_guards_the_ha_token() {
             "Content-Length: 0",
         ],
     );
-    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(fake.rest_requests().len(), before, "nothing reached HA");
+    let r = send(
+        &daemon,
+        "POST",
+        "/auth/login_flow",
+        &["Content-Type: application/json", "Content-Length: 0"],
+    );
+    assert_eq!(r.status, 401, "HA's answer (no credentials): {}", r.text());
+    assert_eq!(
+        fake.rest_requests().len(),
+        before + 1,
+        "the login flow went to HA"
+    );
 }
 
 /// `http.x_forwarded_for`: HA learns the real client; what a client claims is dropped. Off
