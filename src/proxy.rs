@@ -339,6 +339,9 @@ struct ResponseHead {
     /// End-to-end headers, in order.
     headers: Vec<(String, Vec<u8>)>,
     framing: Framing,
+    /// The `Content-Length` HA announced for a body it did not send (the answer to a
+    /// `HEAD`), passed on as it is.
+    announced: Option<u64>,
     /// Bytes read past the head.
     rest: Vec<u8>,
 }
@@ -392,6 +395,10 @@ async fn read_response_head(
                         );
                     }
                 }
+                let announced = match framing {
+                    Framing::Length(n) if method == "HEAD" => Some(n),
+                    _ => None,
+                };
                 if method == "HEAD" || status == 204 || status == 304 || status == 101 {
                     framing = Framing::None;
                 }
@@ -414,6 +421,7 @@ async fn read_response_head(
                     reason,
                     headers,
                     framing,
+                    announced,
                     rest: buf[n..].to_vec(),
                 });
             }
@@ -913,12 +921,13 @@ async fn relay(
     mut keep: Option<(AssetWriter, &AssetCache)>,
 ) -> std::io::Result<Outcome> {
     let status = response.status;
+    let head_only = x.head.method == "HEAD";
     let (length, chunked) = match response.framing {
+        Framing::None if head_only => (response.announced, false),
         Framing::None => (None, false),
         Framing::Length(n) => (Some(n), false),
         Framing::Chunked | Framing::Close => (None, client_11),
     };
-    let head_only = x.head.method == "HEAD";
     let keep_alive = x.head.keep_alive
         && (response.framing != Framing::Close && response.framing != Framing::Chunked || chunked);
     let mut out = client_head(&response, length, chunked && !head_only);

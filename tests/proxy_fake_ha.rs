@@ -257,6 +257,16 @@ fn a_large_answer_streams_through_without_being_held() {
     assert_eq!(r.header("Transfer-Encoding"), Some("chunked"));
     assert_eq!(r.body.len(), size, "whole");
     assert!(r.body.iter().all(|&b| b == b'x'));
+    // HEAD: HA's head, no body, the connection still in step.
+    let mut c = daemon.connect();
+    let r = c.request("HEAD", "/api/error_log", &[]).unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        r.header("Content-Length"),
+        Some("14"),
+        "HA's length of '404: Not Found'"
+    );
+    assert_eq!(c.request("GET", "/health", &[]).unwrap().status, 200);
     // A client that reads slowly: the daemon waits for it instead of buffering.
     let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
     write!(
