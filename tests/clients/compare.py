@@ -3,7 +3,7 @@
 self-check), results compared (issue 15). Run by run.sh with the clients venv's Python.
 
     compare.py --ha-url URL --ha-token-file F --target-url URL [--target-label edge]
-               [--target-token-file F] [--name-prefix P] [--no-cli-ws-lists]
+               [--target-token-file F] [--name-prefix P] [--no-cli-ws-lists] [--no-cli-ws]
                [--sections api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,config,auth]
                [--edge-unreachable URL] [--edge-readonly URL --edge-api-token-file F]
 
@@ -75,6 +75,7 @@ TGT: Side
 TARGET_IS_EDGE = False
 VERBOSE = os.environ.get("CLIENTS_VERBOSE") == "1"
 CLI_WS_LISTS = True  # hass-cli's entity/area/device list (WebSocket commands); --no-cli-ws-lists
+CLI_WS = True  # any hass-cli WebSocket command (raw ws too); --no-cli-ws
 ALL_URLS: list[str] = []
 
 
@@ -571,6 +572,8 @@ def section_cli() -> None:
     compare_read("cli raw get /api/config", cli("raw", "get", "/api/config"), ok_exit(lambda o: "version" in str(o), "a config"))
     compare_read("cli raw get /api/", cli("raw", "get", "/api/"), ok_exit(lambda o: "API running" in str(o), "API running"))
     compare_read("cli raw get /api/events", cli("raw", "get", "/api/events"), ok_exit(lambda o: "state_changed" in str(o), "events"))
+    if not CLI_WS:
+        return _cli_writes()
     # A WebSocket through the target (hass-cli's raw ws: connect, auth, one command).
     compare_read("cli raw ws get_config (WebSocket)", cli("raw", "ws", "get_config"),
                  ok_exit(lambda o: "location_name" in str(o), "a config"), norm=lambda v: _drop_ws_id(v))
@@ -963,7 +966,7 @@ async def _events_during(side: Side, event_type: str, action: Callable[[], Any])
 
 # ---------------------------------------------------------------- main
 def main() -> int:
-    global HA, TGT, TARGET_IS_EDGE, ALL_URLS, NAME_PREFIX, CLI_WS_LISTS
+    global HA, TGT, TARGET_IS_EDGE, ALL_URLS, NAME_PREFIX, CLI_WS_LISTS, CLI_WS
     ap = argparse.ArgumentParser()
     ap.add_argument("--ha-url", required=True)
     ap.add_argument("--ha-token-file", required=True)
@@ -976,6 +979,7 @@ def main() -> int:
     ap.add_argument("--edge-api-token-file")
     ap.add_argument("--name-prefix", default="", help="put before every check's name")
     ap.add_argument("--no-cli-ws-lists", action="store_true", help="skip hass-cli's entity/area/device list")
+    ap.add_argument("--no-cli-ws", action="store_true", help="skip every hass-cli WebSocket command (raw ws too)")
     a = ap.parse_args()
     ha_token = open(a.ha_token_file).read().strip()
     tgt_token = open(a.target_token_file).read().strip() if a.target_token_file else ha_token
@@ -985,6 +989,7 @@ def main() -> int:
     ALL_URLS = [u.rstrip("/") for u in (a.ha_url, a.target_url, a.edge_unreachable, a.edge_readonly) if u]
     NAME_PREFIX = a.name_prefix
     CLI_WS_LISTS = not a.no_cli_ws_lists
+    CLI_WS = not a.no_cli_ws
     sections = [x for x in a.sections.split(",") if x]
     for s in sections:
         t = time.monotonic()
