@@ -473,7 +473,7 @@ async function main() {
   const restore = await raw('POST', `${HA_URL}/api/states/${ID}`, { Authorization: `Bearer ${HA_TOKEN}`, 'Content-Type': 'application/json' },
     JSON.stringify({ state: original.state, attributes: original.attributes }));
   check(restore.status === 200 || restore.status === 201, `restoring ${ID} in HA: HTTP ${restore.status}`);
-  log(`the frontend's REST client through hass-edge: GET /api/events (${events.result.length} event types), "Set state" POST /api/states/${ID} (HA has it${DIRECT ? '' : `, hass-edge's own route too: X-Cache ${local.headers['x-cache']}`}), POST /api/config/core/check_config: ${checked.result.result}`);
+  log(`the frontend's REST client through ${DIRECT ? 'HA itself' : 'hass-edge'}: GET /api/events (${events.result.length} event types), "Set state" POST /api/states/${ID} (HA has it${DIRECT ? '' : `, hass-edge's own route too: X-Cache ${local.headers['x-cache']}`}), POST /api/config/core/check_config: ${checked.result.result}`);
 
   // 5. (HA_RESTART=1) Home Assistant restarts under the open dashboard, as after an update: the
   //    frontend must notice (its WebSocket through hass-edge closes), reconnect through hass-edge,
