@@ -9,15 +9,23 @@
 //!
 //! The slow-client rule judges whether a client keeps up over time, not the size of one
 //! batch (issue 13): a client whose oldest undelivered batch was published more than
-//! [`MAX_BEHIND`] ago, or that has [`MAX_BATCHES`] batches waiting, is disconnected and
-//! counted. So a stuck reader holds at most [`MAX_BEHIND`] of changes alive. At most
-//! [`MAX_CLIENTS`] clients at once.
+//! [`MAX_BEHIND`] ago, that has more than [`MAX_QUEUED_BYTES`] queued behind that batch, or
+//! that has [`MAX_BATCHES`] batches waiting, is disconnected and counted. Each batch's size
+//! is estimated once when it is published ([`Batch::bytes`]: its changes, the states they
+//! keep alive and their rendering) and charged to every client that queues it. The queues
+//! are suffixes of one sequence of shared batches, so whatever the number of stuck readers,
+//! they keep alive at most one batch (of any size: a resync) plus [`MAX_QUEUED_BYTES`] —
+//! not [`MAX_BEHIND`] of HA's churn, which under a flood of changes was tens of MiB
+//! (RELIABILITY.md `starve`, case f). A disconnected client's stream learns it at once
+//! ([`Subscription::closed`]), even while its connection is blocked writing to a client
+//! that stopped reading. At most [`MAX_CLIENTS`] clients at once.
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::entity::EntityState;
 use crate::store::Change;
 
 /// Most concurrent clients; more are refused.
@@ -29,6 +37,11 @@ pub const MAX_BEHIND: Duration = Duration::from_secs(5);
 /// Batches (updates from HA) waiting for one client before it is disconnected, whatever
 /// their age.
 pub const MAX_BATCHES: usize = 4096;
+/// Estimated bytes ([`Batch::bytes`]) queued for one client behind its oldest undelivered
+/// batch before it is disconnected, whatever their age. About 1,000 typical changes: a
+/// reader that keeps up is never near it; the other event feed (`events.rs`) has the same
+/// bound.
+pub const MAX_QUEUED_BYTES: usize = 1024 * 1024;
 
 /// Which entities a client wants: entries ending in `.` or `*` are prefixes (`*` is
 /// dropped), others exact ids; an empty list selects everything. Indexed, so a match costs
@@ -125,6 +138,43 @@ pub struct Batch {
     events: Vec<Rc<Event>>,
     /// When it was published.
     at: Instant,
+    /// Estimated heap bytes it keeps alive, rendering included ([`change_bytes`]).
+    bytes: usize,
+}
+
+impl Batch {
+    /// Estimated heap bytes the batch keeps alive while queued, rendering included.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Fixed cost of one state beyond its strings: the struct, its allocations' headers, and in
+/// the rendering its keys, timestamps and context (about 200 bytes of JSON).
+const STATE_OVERHEAD: usize = 320;
+/// Fixed cost of one queued change beyond its states: the [`Event`], the `Rc`, the entity id
+/// allocation, and the rendering's envelope.
+const CHANGE_OVERHEAD: usize = 256;
+
+/// Estimated heap bytes one queued change keeps alive: its states (the old one is held by
+/// the change alone once the store replaced it) and, once a client rendered it, the text,
+/// which is about as long again. Cheap: attributes are kept as JSON text, so no state is
+/// serialised to count it.
+fn change_bytes(c: &Change) -> usize {
+    fn state(s: Option<&EntityState>) -> usize {
+        s.map_or(0, |s| {
+            STATE_OVERHEAD
+                + s.entity_id.len()
+                + s.state.len()
+                + s.attributes.get().len()
+                + s.context.id.len()
+                + s.context.parent_id.as_ref().map_or(0, String::len)
+                + s.context.user_id.as_ref().map_or(0, String::len)
+        })
+    }
+    CHANGE_OVERHEAD
+        + c.entity_id.len()
+        + 2 * (state(c.old_state.as_deref()) + state(c.new_state.as_deref()))
 }
 
 /// A client's half shared with the registry.
@@ -136,10 +186,15 @@ struct Client {
     selection: Selection,
     /// Batches not yet read, oldest first.
     queue: RefCell<VecDeque<Rc<Batch>>>,
+    /// The sum of [`Batch::bytes`] over `queue`.
+    queued_bytes: Cell<usize>,
     /// Disconnected by the registry (too slow).
     closed: Cell<bool>,
     /// Wakes the reader.
     wake: event_listener::Event,
+    /// Notified once, when the registry disconnects the client ([`Subscription::closed`]);
+    /// apart from `wake`, which every publish notifies.
+    gone: event_listener::Event,
 }
 
 #[derive(Debug, Default)]
@@ -191,6 +246,8 @@ impl Subscription {
                 }
             }
             let next = self.client.queue.borrow_mut().pop_front()?;
+            let left = self.client.queued_bytes.get() - next.bytes;
+            self.client.queued_bytes.set(left);
             self.current = Some((next, 0));
         }
     }
@@ -216,6 +273,28 @@ impl Subscription {
     pub fn is_closed(&self) -> bool {
         self.client.closed.get()
     }
+
+    /// Resolves once the registry disconnected this client (too slow). Woken by that alone,
+    /// not by every publish: a stream waits on it while its connection is blocked writing to
+    /// a client that stopped reading, and ends the connection then rather than when the
+    /// write times out.
+    pub async fn closed(&self) {
+        loop {
+            if self.client.closed.get() {
+                return;
+            }
+            let listener = self.client.gone.listen();
+            if self.client.closed.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// Estimated bytes queued for this client and not read yet ([`Batch::bytes`]).
+    pub fn queued_bytes(&self) -> usize {
+        self.client.queued_bytes.get()
+    }
 }
 
 impl Broadcast {
@@ -231,8 +310,10 @@ impl Broadcast {
             id,
             selection,
             queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
             closed: Cell::new(false),
             wake: event_listener::Event::new(),
+            gone: event_listener::Event::new(),
         });
         clients.push(client.clone());
         Some(Subscription {
@@ -260,6 +341,7 @@ impl Broadcast {
                 })
                 .collect(),
             at: now,
+            bytes: changes.iter().map(change_bytes).sum(),
         });
         clients.retain(|c| {
             let selected = batch
@@ -274,19 +356,29 @@ impl Broadcast {
             let behind = queue.front().map_or(Duration::ZERO, |oldest| {
                 now.saturating_duration_since(oldest.at)
             });
-            if behind > MAX_BEHIND || queue.len() >= MAX_BATCHES {
+            // Bytes queued behind the oldest batch, this one included: one batch, however
+            // large (a resync), is always taken.
+            let behind_bytes = queue.front().map_or(0, |oldest| {
+                c.queued_bytes.get() - oldest.bytes + batch.bytes
+            });
+            if behind > MAX_BEHIND || queue.len() >= MAX_BATCHES || behind_bytes > MAX_QUEUED_BYTES
+            {
                 log::warn!(
-                    "stream client {} is {:.1} s and {} updates behind; disconnecting it",
+                    "stream client {} is {:.1} s, {} updates and {} KiB behind; disconnecting it",
                     c.id,
                     behind.as_secs_f64(),
-                    queue.len()
+                    queue.len(),
+                    c.queued_bytes.get() / 1024
                 );
                 queue.clear();
+                c.queued_bytes.set(0);
                 c.closed.set(true);
                 c.wake.notify(usize::MAX);
+                c.gone.notify(usize::MAX);
                 self.0.dropped_slow.set(self.0.dropped_slow.get() + 1);
                 return false;
             }
+            c.queued_bytes.set(c.queued_bytes.get() + batch.bytes);
             queue.push_back(batch.clone());
             self.0.sent.set(self.0.sent.get() + selected as u64);
             c.wake.notify(usize::MAX);
@@ -405,6 +497,107 @@ mod tests {
         }
         assert!(stuck.is_closed());
         assert!(stuck.client.queue.borrow().is_empty());
+    }
+
+    /// A change of `id` whose new state carries `padding` bytes of attributes.
+    fn big_change(id: &str, padding: usize) -> Change {
+        let state: EntityState = serde_json::from_value(serde_json::json!({
+            "entity_id": id, "state": "on",
+            "attributes": {"padding": "x".repeat(padding)},
+            "last_changed": "2024-03-20T10:00:00.000001+00:00",
+            "last_updated": "2024-03-20T10:00:00.000001+00:00",
+            "context": {"id": "01HSC", "parent_id": null, "user_id": null},
+        }))
+        .unwrap();
+        Change {
+            entity_id: id.into(),
+            old_state: None,
+            new_state: Some(Rc::new(state)),
+        }
+    }
+
+    #[test]
+    fn batch_bytes_count_states_and_their_rendering() {
+        let small = change_bytes(&change("light.a"));
+        let big = change_bytes(&big_change("light.a", 10_000));
+        assert!(small < 400, "{small}");
+        assert!(
+            (20_000..21_500).contains(&big),
+            "the attributes twice (held, rendered): {big}"
+        );
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_dropped_by_bytes_long_before_max_behind() {
+        let b = Broadcast::default();
+        let t = Instant::now();
+        let stuck = b.subscribe(Selection::default()).unwrap();
+        let mut reader = b.subscribe(Selection::default()).unwrap();
+        // 10 KB of attributes: ~20 KB a change; the budget is reached after ~50 of them,
+        // published within 50 ms, a hundredth of MAX_BEHIND.
+        let mut published = 0;
+        while !stuck.is_closed() {
+            b.publish(
+                &[big_change("sensor.x", 10_000)],
+                t + Duration::from_millis(published),
+            );
+            published += 1;
+            assert_eq!(drain(&mut reader).len(), 1, "a reader that keeps up stays");
+            assert!(published < 200, "never dropped");
+        }
+        let per_change = change_bytes(&big_change("sensor.x", 10_000));
+        assert_eq!(
+            published as usize,
+            MAX_QUEUED_BYTES / per_change + 2,
+            "dropped at the first batch past the budget behind the oldest one"
+        );
+        assert_eq!(b.dropped_slow(), 1);
+        assert_eq!(b.clients(), 1);
+        assert!(!reader.is_closed());
+        assert_eq!(stuck.queued_bytes(), 0, "its queue is released");
+        assert_eq!(reader.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn one_batch_over_the_byte_budget_is_taken_whole() {
+        let b = Broadcast::default();
+        let t = Instant::now();
+        let mut reader = b.subscribe(Selection::default()).unwrap();
+        // A resync: 2,000 changes of ~2.5 KB, 5 MB in one batch, then live changes.
+        let resync: Vec<Change> = (0..2000)
+            .map(|i| big_change(&format!("sensor.e{i}"), 1000))
+            .collect();
+        b.publish(&resync, t);
+        assert!(reader.queued_bytes() > MAX_QUEUED_BYTES);
+        b.publish(&[change("light.a")], t + Duration::from_millis(1));
+        assert!(
+            !reader.is_closed(),
+            "what follows a large batch is taken too"
+        );
+        assert_eq!(drain(&mut reader).len(), 2001);
+        assert_eq!(reader.queued_bytes(), 0);
+        assert_eq!(b.dropped_slow(), 0);
+    }
+
+    #[test]
+    fn closed_resolves_when_the_registry_drops_the_client() {
+        let b = Broadcast::default();
+        let t = Instant::now();
+        let stuck = b.subscribe(Selection::default()).unwrap();
+        smol::block_on(async {
+            let b2 = b.clone();
+            let publish = async move {
+                // Publishes wake readers, not `closed`: it resolves only on the drop.
+                for i in 0..=MAX_BATCHES {
+                    b2.publish(&[change("switch.x")], t);
+                    if i % 512 == 0 {
+                        smol::future::yield_now().await;
+                    }
+                }
+            };
+            smol::future::zip(stuck.closed(), publish).await;
+        });
+        assert!(stuck.is_closed());
     }
 
     #[test]

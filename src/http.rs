@@ -106,6 +106,14 @@ pub trait Pieces {
     /// Appends the next piece to `buf`; resolves `false` once the body is complete (`buf`
     /// may then hold the last piece).
     fn next<'a>(&'a mut self, buf: &'a mut Vec<u8>) -> Pin<Box<dyn Future<Output = bool> + 'a>>;
+
+    /// Resolves when a close-delimited body gives up on its client (an event stream whose
+    /// client was disconnected for falling behind), even while a piece is being written: the
+    /// write is abandoned and the connection reset, rather than left blocked on a client
+    /// that stopped reading until [`WRITE_TIMEOUT`]. The default never resolves.
+    fn abandoned(&self) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// A response body.
@@ -142,6 +150,11 @@ impl Pieces for NoPieces {
 
 /// The size of the pieces a [`Pieces`] body should produce: one write each.
 pub const CHUNK: usize = 64 * 1024;
+/// The size of the pieces of a live event stream: events queued since the last write. A
+/// piece waits in the daemon while the client's socket is full, so for 63 clients that stop
+/// reading this is held 63 times; with a [`STREAM_SEND_BUFFER`] as the kernel's part, 16 KiB
+/// is still a handful of writes a second for the fastest HA.
+pub const STREAM_PIECE: usize = 16 * 1024;
 
 impl Response {
     /// A JSON response.
@@ -810,9 +823,32 @@ async fn write_response(
             return Ok(());
         };
         if !bytes.is_empty() {
-            write_timed(stream, &bytes).await?;
+            let gave_up = async {
+                write_timed(stream, &bytes).await?;
+                Ok::<bool, std::io::Error>(false)
+            }
+            .or(async {
+                pieces.abandoned().await;
+                Ok(true)
+            })
+            .await?;
+            if gave_up {
+                // A client that stopped reading: reset the connection, so that neither this
+                // task nor the kernel keeps the unsent data for it (a FIN would wait behind
+                // that data until the client reads or the kernel gives up, minutes later).
+                if let Err(e) =
+                    rustix::net::sockopt::set_socket_linger(&*stream, Some(Duration::ZERO))
+                {
+                    log::debug!("could not reset an abandoned stream: {e}");
+                }
+                return Ok(());
+            }
             written += bytes.len();
             bytes.clear();
+            if length.is_none() && bytes.capacity() > STREAM_PIECE * 2 {
+                // A stream may be idle for hours after a burst: keep no burst-sized buffer.
+                bytes = Vec::new();
+            }
         }
         if !more {
             break;

@@ -26,7 +26,7 @@ use crate::broadcast::Subscription;
 use crate::deadline::Deadline;
 use crate::entity::{Context, EntityState, Timestamp};
 use crate::events::Receiver as EventReceiver;
-use crate::http::{CHUNK, Pieces};
+use crate::http::{CHUNK, Pieces, STREAM_PIECE};
 use crate::store::Change;
 
 /// Period of `:` keep-alive comments.
@@ -177,7 +177,7 @@ impl Pieces for EventStream {
                     // Batch whatever else is queued into one write.
                     while let Some(more) = self.subscription.try_recv() {
                         buf.extend_from_slice(more.rendered(format_change).as_bytes());
-                        if buf.len() > CHUNK {
+                        if buf.len() > STREAM_PIECE {
                             break;
                         }
                     }
@@ -189,6 +189,11 @@ impl Pieces for EventStream {
             self.keepalive.set(Instant::now() + KEEPALIVE);
             true
         })
+    }
+
+    fn abandoned(&self) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+        // Dropped by the broadcast for falling behind: end now, even mid-write.
+        Box::pin(self.subscription.closed())
     }
 }
 
