@@ -4,7 +4,7 @@
 #   HA_PEER_DIR=<dir of a running tests/ha-peer peer> OUT_DIR=<dir> bash tests/frontend/run.sh
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root),
-# SCENARIOS (default "password api-token trusted no-xff"), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
+# SCENARIOS (default "password api-token trusted no-xff"; also read-only, see test.mjs), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
 # CHROMIUM (default /usr/bin/chromium), FRONTEND_TARGET=ha (a control run of the browser steps
 # directly against HA, without hass-edge: the password scenario only).
 # The trusted and no-xff scenarios need the peer started with `ha-peer.sh start ... --trusted-proxy`;
@@ -48,10 +48,11 @@ curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DI
 	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
 SCENARIOS=${SCENARIOS:-password api-token trusted no-xff}
 for s in $SCENARIOS; do
-	[[ $s == password || $s == api-token || $s == trusted || $s == no-xff ]] || die "unknown scenario $s (password, api-token, trusted, no-xff)"
+	[[ $s == password || $s == api-token || $s == trusted || $s == no-xff || $s == read-only ]] ||
+		die "unknown scenario $s (password, api-token, trusted, no-xff, read-only)"
 done
 if [[ $TARGET == ha && $SCENARIOS != password ]]; then
-	say "FRONTEND_TARGET=ha: api-token, trusted and no-xff need hass-edge between the browser and HA; running the password scenario only"
+	say "FRONTEND_TARGET=ha: api-token, trusted, no-xff and read-only need hass-edge between the browser and HA; running the password scenario only"
 	SCENARIOS=password
 fi
 
@@ -119,9 +120,9 @@ s.bind((a, 0))
 print(s.getsockname()[1])' "$1"
 }
 
-# start_edge SCENARIO ADDRESS XFF [TOKEN]: hass-edge on ADDRESS:<free port>, [http]
-# x_forwarded_for = XFF, and with TOKEN=token an api_token_file; sets EDGE_PID, BASE, EDGE_LOG,
-# EDGE_API_TOKEN_FILE
+# start_edge SCENARIO ADDRESS XFF [token|read-only]: hass-edge on ADDRESS:<free port>, [http]
+# x_forwarded_for = XFF, and an api_token_file or allow_service_calls = false; sets EDGE_PID,
+# BASE, EDGE_LOG, EDGE_API_TOKEN_FILE
 start_edge() {
 	local scenario=$1 addr=$2 xff=$3 token=${4:-} port code i hostport
 	port=$(free_port "$addr") || die "cannot bind $addr (needed for the $scenario scenario)"
@@ -152,6 +153,8 @@ EOF
 		EDGE_API_TOKEN_FILE=$WORK/$scenario-api-token
 		(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$EDGE_API_TOKEN_FILE")
 		sed -i "/^x_forwarded_for = /a api_token_file = \"$EDGE_API_TOKEN_FILE\"" "$WORK/$scenario.toml"
+	elif [[ $token == read-only ]]; then
+		sed -i "/^x_forwarded_for = /a allow_service_calls = false" "$WORK/$scenario.toml"
 	fi
 	(
 		# Our callers' knobs must not reach the daemon as config overrides.
@@ -167,7 +170,7 @@ EOF
 		((i < 300)) || die "hass-edge's /health on $BASE is not 200 after 30 s (last: $code)"
 		sleep 0.1
 	done
-	say "hass-edge live on $BASE (x_forwarded_for = $xff${EDGE_API_TOKEN_FILE:+, api_token_file}; HA $HA_VERSION at $HA_URL)"
+	say "hass-edge live on $BASE (x_forwarded_for = $xff${EDGE_API_TOKEN_FILE:+, api_token_file}$([[ $token == read-only ]] && echo ', allow_service_calls = false'); HA $HA_VERSION at $HA_URL)"
 }
 
 # run_browser SCENARIO: test.mjs against $BASE; 0 = pass
@@ -246,6 +249,8 @@ for scenario in $SCENARIOS; do
 		start_edge "$scenario" ::1 false
 	elif [[ $scenario == api-token ]]; then
 		start_edge "$scenario" 127.0.0.1 false token
+	elif [[ $scenario == read-only ]]; then
+		start_edge "$scenario" 127.0.0.1 false read-only
 	else
 		start_edge "$scenario" 127.0.0.1 false
 	fi

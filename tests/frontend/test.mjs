@@ -11,6 +11,10 @@
 //                          end on HA's password form (HA sees hass-edge's 127.0.0.1), and nothing more
 //                api-token: password, with hass-edge's http.api_token_file set (a kiosk on a LAN
 //                          address must have one): the frontend sends no hass-edge token, only HA's own
+//                read-only: password, with http.allow_service_calls = false: the login works (HA's
+//                          /auth/* flow), the dashboard shows, but neither the switch (a WebSocket
+//                          call_service) nor a REST write from the page may change HA. Not in the
+//                          default set: it fails at 69563e8 (the WebSocket tunnel is not looked into)
 //   BASE         where the browser goes, e.g. http://127.0.0.1:41234 or http://[::1]:41234 (hass-edge)
 //   HA_RESTART   1 = restart HA under the open dashboard (needs PEER_SCRIPT, HA_PEER_DIR)
 //   ASSETS       cold|warm: hass-edge's asset directory (beside its state file) is empty / was filled
@@ -54,12 +58,12 @@ const STEP_TIMEOUT = 20_000;             // any one wait
 const RUN_TIMEOUT = 150_000;             // the whole scenario
 const FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--disable-quic'];
-if (!['password', 'api-token', 'trusted', 'no-xff'].includes(SCENARIO)) {
-  console.error(`frontend: FAIL: SCENARIO must be password, api-token, trusted or no-xff, not ${SCENARIO}`);
+if (!['password', 'api-token', 'trusted', 'no-xff', 'read-only'].includes(SCENARIO)) {
+  console.error(`frontend: FAIL: SCENARIO must be password, api-token, trusted, no-xff or read-only, not ${SCENARIO}`);
   process.exit(2);
 }
 const tag = `frontend[${SCENARIO}]`;
-const PASSWORD_LOGIN = SCENARIO === 'password' || SCENARIO === 'api-token';
+const PASSWORD_LOGIN = ['password', 'api-token', 'read-only'].includes(SCENARIO);
 const EDGE_API_TOKEN = process.env.EDGE_API_TOKEN_FILE ? readFileSync(process.env.EDGE_API_TOKEN_FILE, 'utf8').trim() : '';
 const t0 = Date.now();
 const log = (msg) => console.log(`${tag}: ${msg} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
@@ -420,6 +424,32 @@ async function main() {
   check(['on', 'off'].includes(start.ib) && start.light === start.ib, `HA reports input_boolean.kitchen = ${start.ib}, light.kitchen = ${start.light}`);
   await until(`the dashboard shows HA's states (${JSON.stringify(start)})`, () => matches(start), 10_000);
   log(`dashboard /${DASHBOARD}/${VIEW} shows ${JSON.stringify(await shown(rowNames))}, as HA reports`);
+
+  if (SCENARIO === 'read-only') {
+    // http.allow_service_calls = false: "only GETs/HEADs are forwarded" (issue 15). A click on the
+    // switch is a WebSocket call_service inside the tunnel, a "Set state" a REST POST: neither may
+    // change HA.
+    const tClick = Date.now();
+    await rowSwitch(names['input_boolean.kitchen']).click({ timeout: STEP_TIMEOUT });
+    await sleep(3000);
+    const after = await truth();
+    if (after.ib !== start.ib) {
+      await raw('POST', `${HA_URL}/api/services/input_boolean/turn_${start.ib}`, { Authorization: `Bearer ${HA_TOKEN}`, 'Content-Type': 'application/json' },
+        JSON.stringify({ entity_id: 'input_boolean.kitchen' })); // put HA back
+    }
+    const set = await page.evaluate(async () => {
+      try {
+        await document.querySelector('home-assistant').hass.callApi('POST', 'states/input_text.last_message', { state: 'read-only?' });
+        return 'written';
+      } catch (e) {
+        return `${e?.status_code}: ${e?.body?.message}`;
+      }
+    });
+    check(set.startsWith('403'), `read-only hass-edge: the frontend's POST /api/states/input_text.last_message was ${set}, expected 403`);
+    check(after.ib === start.ib, `read-only hass-edge (http.allow_service_calls = false): the page's switch changed HA all the same — input_boolean.kitchen ${start.ib} → ${after.ib} ${Date.now() - tClick} ms after the click (a call_service over the WebSocket tunnel, which read-only mode does not look into), while a REST write from the same page got ${set}`);
+    log(`read-only: the switch did not change HA (still ${after.ib}), a REST write got ${set}`);
+    return;
+  }
 
   // 3. Toggle in the page; the change must reach HA and come back to the page.
   const flip = (s) => (s === 'on' ? 'off' : 'on');
