@@ -31,7 +31,7 @@ pub struct Api {
     /// What the routes answer from.
     hub: Rc<Hub>,
     /// Requests the routes do not answer go to HA through this.
-    proxy: Proxy,
+    proxy: Rc<Proxy>,
 }
 
 impl Api {
@@ -50,10 +50,12 @@ impl Api {
                     config.http.asset_cache_mib * 1024 * 1024,
                 )
             });
-        Api {
-            hub,
-            proxy: Proxy::new(assets),
-        }
+        let proxy = Rc::new(Proxy::new(assets));
+        let weak = Rc::downgrade(&proxy);
+        hub.set_forward_probe(Box::new(move || {
+            weak.upgrade().map(|p| p.status()).unwrap_or_default()
+        }));
+        Api { hub, proxy }
     }
 }
 

@@ -23,7 +23,7 @@ use crate::filter::EntityFilter;
 use crate::ha_tokens::{Known, Verdicts};
 use crate::mirror::{Applied, Mirror, Update};
 use crate::rest::{RestClient, RestError};
-use crate::status::{Link, LinkCounters, LinkState, Status, StreamCounters};
+use crate::status::{ForwardStatus, Link, LinkCounters, LinkState, Status, StreamCounters};
 use crate::store::{Change, Lookup};
 
 /// After HA's REST API was unreachable, expired states are served stale without asking HA
@@ -216,6 +216,8 @@ pub struct Hub {
     ha_tokens: RefCell<Verdicts>,
     /// HA's other events, for stream clients that want them.
     events: Rc<Feed>,
+    /// Reads the forwarder's gauges (see [`Hub::set_forward_probe`]).
+    forward_probe: RefCell<Option<Box<dyn Fn() -> ForwardStatus>>>,
     /// In-flight REST reads by entity id: concurrent misses share one request.
     inflight: RefCell<HashMap<String, Rc<OnceCell<Fetch>>>>,
     /// Until when REST is considered down (see [`REST_BREAKER`]).
@@ -270,6 +272,7 @@ impl Hub {
             ha_config: RefCell::new(None),
             ha_tokens: RefCell::new(Verdicts::new(now)),
             events: Rc::new(Feed::default()),
+            forward_probe: RefCell::new(None),
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
@@ -809,7 +812,24 @@ impl Hub {
                 sent: self.broadcast.sent(),
             },
             warm_start: self.restored.get(),
+            forwarding: {
+                let mut f = self
+                    .forward_probe
+                    .borrow()
+                    .as_ref()
+                    .map(|probe| probe())
+                    .unwrap_or_default();
+                f.event_clients = self.events.clients();
+                f.event_clients_dropped = self.events.dropped_slow();
+                f
+            },
         }
+    }
+
+    /// Registers what reads the forwarder's gauges for [`Hub::status`] (the forwarder
+    /// lives above the hub).
+    pub fn set_forward_probe(&self, probe: Box<dyn Fn() -> ForwardStatus>) {
+        *self.forward_probe.borrow_mut() = Some(probe);
     }
 }
 

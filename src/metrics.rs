@@ -225,5 +225,54 @@ pub fn render(status: &Status) -> String {
         "Events queued to stream clients.",
         status.stream.sent,
     );
+    let f = &status.forwarding;
+    o.single(
+        "hass_edge_forwards_open",
+        "gauge",
+        "Requests being forwarded to Home Assistant now.",
+        f.forwards_open,
+    );
+    o.single(
+        "hass_edge_tunnels_open",
+        "gauge",
+        "WebSocket tunnels to Home Assistant open now.",
+        f.tunnels_open,
+    );
+    o.single(
+        "hass_edge_asset_cache_hits_total",
+        "counter",
+        "Frontend assets answered from disk.",
+        f.asset_hits,
+    );
+    o.single(
+        "hass_edge_asset_cache_misses_total",
+        "counter",
+        "Frontend assets asked of Home Assistant.",
+        f.asset_misses,
+    );
+    o.single(
+        "hass_edge_asset_cache_files",
+        "gauge",
+        "Frontend asset files kept on disk.",
+        f.asset_files,
+    );
+    o.single(
+        "hass_edge_asset_cache_bytes",
+        "gauge",
+        "Bytes of frontend asset files kept on disk.",
+        f.asset_bytes,
+    );
+    o.single(
+        "hass_edge_event_stream_clients",
+        "gauge",
+        "Stream clients of Home Assistant's other events.",
+        f.event_clients,
+    );
+    o.single(
+        "hass_edge_event_stream_clients_dropped_total",
+        "counter",
+        "Stream clients of Home Assistant's other events dropped for falling behind.",
+        f.event_clients_dropped,
+    );
     o.0
 }

@@ -31,6 +31,7 @@ use smol::net::TcpStream;
 use crate::assets::{AssetCache, AssetWriter, Hit};
 use crate::http::{CHUNK, Exchange, Response};
 use crate::hub::Upstream;
+use crate::status::ForwardStatus;
 
 /// Budget for TCP connect (+ TLS handshake) to HA.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -592,11 +593,6 @@ impl Proxy {
         }
     }
 
-    /// The asset cache, if any.
-    pub fn assets(&self) -> Option<&AssetCache> {
-        self.assets.as_ref()
-    }
-
     /// The asset-cache key of a `GET`/`HEAD`, or `None`.
     fn asset_key(&self, x: &Exchange<'_>) -> Option<String> {
         self.assets.as_ref()?;
@@ -615,14 +611,22 @@ impl Proxy {
         crate::assets::key(x.head.path(), gzip)
     }
 
-    /// Requests being forwarded now.
-    pub fn forwards(&self) -> usize {
-        self.forwards.get()
-    }
-
-    /// WebSocket tunnels open now.
-    pub fn tunnels(&self) -> usize {
-        self.tunnels.get()
+    /// Open forwards and tunnels, and the asset cache's counters.
+    pub fn status(&self) -> ForwardStatus {
+        let assets = self
+            .assets
+            .as_ref()
+            .map(AssetCache::stats)
+            .unwrap_or_default();
+        ForwardStatus {
+            forwards_open: self.forwards.get(),
+            tunnels_open: self.tunnels.get(),
+            asset_hits: assets.hits,
+            asset_misses: assets.misses,
+            asset_files: assets.entries,
+            asset_bytes: assets.bytes,
+            ..ForwardStatus::default()
+        }
     }
 
     /// Forwards the request of `x` to `upstream` as `plan` says and writes HA's answer.

@@ -148,6 +148,30 @@ pub struct Status {
     pub stream: StreamCounters,
     /// Warm start: how many states were loaded from disk, and when they were saved.
     pub warm_start: Option<(usize, SystemTime)>,
+    /// Forwarding to HA.
+    pub forwarding: ForwardStatus,
+}
+
+/// Forwarding to HA now (`proxy.rs`, `assets.rs`, `events.rs`): open forwards and tunnels,
+/// the frontend asset cache, and the stream clients of HA's other events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardStatus {
+    /// Requests being forwarded now.
+    pub forwards_open: usize,
+    /// WebSocket tunnels open now.
+    pub tunnels_open: usize,
+    /// Assets answered from disk (total).
+    pub asset_hits: u64,
+    /// Assets asked of HA (total).
+    pub asset_misses: u64,
+    /// Asset files kept now.
+    pub asset_files: usize,
+    /// Bytes of asset files kept now.
+    pub asset_bytes: u64,
+    /// Stream clients of HA's other events now.
+    pub event_clients: usize,
+    /// Such clients dropped for falling behind (total).
+    pub event_clients_dropped: u64,
 }
 
 impl Status {
@@ -217,6 +241,18 @@ impl Status {
                 "reads_limited": self.rest_reads_limited,
             },
             "stream_clients": self.stream.clients,
+            "forwarding": {
+                "forwards_open": self.forwarding.forwards_open,
+                "tunnels_open": self.forwarding.tunnels_open,
+                "asset_cache": {
+                    "hits": self.forwarding.asset_hits,
+                    "misses": self.forwarding.asset_misses,
+                    "files": self.forwarding.asset_files,
+                    "bytes": self.forwarding.asset_bytes,
+                },
+                "event_clients": self.forwarding.event_clients,
+                "event_clients_dropped": self.forwarding.event_clients_dropped,
+            },
             "warm_start": self.warm_start.map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
             "serving_stale": self.serving_stale(),
         })
@@ -307,6 +343,7 @@ mod tests {
             http_requests: BTreeMap::new(),
             stream: StreamCounters::default(),
             warm_start: None,
+            forwarding: ForwardStatus::default(),
         }
     }
 

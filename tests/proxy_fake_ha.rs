@@ -331,6 +331,13 @@ fn websocket_handshakes_are_tunnelled() {
         sessions + 1,
         "a session of its own at HA"
     );
+    let status = daemon.get("/status").json();
+    assert_eq!(status["forwarding"]["tunnels_open"], 1, "{status}");
+    let metrics = daemon.get("/metrics").text();
+    assert!(
+        metrics.contains("\nhass_edge_tunnels_open 1\n"),
+        "{metrics}"
+    );
     // A foreign page cannot open one.
     let mut c = daemon.connect();
     let r = c
