@@ -4,7 +4,8 @@
 # debootstrap/systemd-nspawn); a missing prerequisite fails its stage, it is never skipped.
 #
 #   scripts/test.sh            all stages
-#   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 armhf
+#   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser
+#                              clients-2024.3.3 clients-2025.4.4 frontend aarch64 armhf
 #                              packaging bench reliability fuzz; and, outside the default
 #                              set, packaging-arm64 packaging-bullseye (slow, see packaging/)
 #
@@ -59,6 +60,32 @@ browser() {
 	cargo build --quiet || return 1
 	HA_PEER_DIR=$dir OUT_DIR="$WORK/browser" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
 		bash tests/browser/run.sh
+	local rc=$?
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	return $rc
+}
+
+# HA's own client libraries against HA VERSION and through hass-edge, results compared
+# (issue 15; tests/clients).
+clients() {
+	local version=$1 port=$2 dir="$WORK/ha-clients-$1"
+	bash tests/clients/install.sh || return 1
+	start_peer "$version" "$dir" "$port" || return 1
+	cargo build --quiet || return 1
+	HA_PEER_DIR=$dir OUT_DIR="$WORK/clients-$version" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
+		bash tests/clients/run.sh
+	local rc=$?
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	return $rc
+}
+
+# HA's own frontend in Chromium through hass-edge (issue 15; tests/frontend).
+frontend() {
+	local dir="$WORK/ha-frontend"
+	start_peer 2024.3.3 "$dir" 18136 || return 1
+	cargo build --quiet || return 1
+	HA_PEER_DIR=$dir OUT_DIR="$WORK/frontend" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
+		bash tests/frontend/run.sh
 	local rc=$?
 	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
 	return $rc
@@ -130,7 +157,7 @@ fuzz() {
 }
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser aarch64 armhf packaging bench reliability fuzz)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 frontend aarch64 armhf packaging bench reliability fuzz)
 for s in "${STAGES[@]}"; do
 	case $s in
 		unit) stage unit unit ;;
@@ -138,6 +165,9 @@ for s in "${STAGES[@]}"; do
 		e2e-2025.4.4) stage "$s" e2e 2025.4.4 18126 ;;
 		e2e-2026.11.0) stage "$s" e2e 2026.11.0 18134 ;;
 		browser) stage browser browser ;;
+		clients-2024.3.3) stage "$s" clients 2024.3.3 18137 ;;
+		clients-2025.4.4) stage "$s" clients 2025.4.4 18138 ;;
+		frontend) stage frontend frontend ;;
 		aarch64) stage aarch64 aarch64 ;;
 		armhf) stage armhf armhf ;;
 		packaging) stage packaging packaging ;;
