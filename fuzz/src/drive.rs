@@ -60,7 +60,19 @@ pub fn http_request(data: &[u8]) {
         data.len()
     );
     assert!(head_len <= hass_edge::http::MAX_HEAD_BYTES);
-    assert!(head.content_length <= hass_edge::http::MAX_BODY_BYTES);
+    // The body's limits depend on where the request goes (`http::body_refusal`): a local
+    // route's, or a forwarded one's (`http.max_forward_body_bytes`, its default and its
+    // upper bound).
+    for limit in [
+        hass_edge::http::MAX_BODY_BYTES,
+        hass_edge::config::DEFAULT_FORWARD_BODY_BYTES,
+        hass_edge::config::MAX_FORWARD_BODY_BYTES,
+    ] {
+        match hass_edge::http::body_refusal(&head, limit) {
+            Some(r) => assert!(matches!(r.status, 411 | 413), "refusal {}", r.status),
+            None => assert!(head.content_length <= limit && !head.chunked),
+        }
+    }
     assert!(head.target.starts_with('/'));
     // As `read_request` builds the `Request`.
     let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
