@@ -644,6 +644,15 @@ def section_errors() -> None:
                      expect_ok(lambda v, st=status: v["status"] == st, f"status {status}"))
 
 
+def section_ws_token() -> None:
+    """For the api-token pass: the clients' token (hass-edge's API token) in HA's in-band
+    WebSocket auth. hass-edge passes a tunnel through unchanged (README: a tunnel carries the
+    user's own HA credentials), so HA answers as it answers that token directly: auth_invalid."""
+    compare_read("WebSocket auth with this token, as HA answers it directly (the tunnel passes in-band auth unchanged)",
+                 lambda side: asyncio.run(ws_exchange(side, TGT.token, [{"type": "get_config"}])),
+                 expect_ok(lambda v: v[0]["type"] in ("auth_ok", "auth_invalid"), "auth_ok or auth_invalid"))
+
+
 def section_config() -> None:
     """get_config after a core-config change (HA's WebSocket config/core/update of the currency),
     made directly on HA and through the target's WebSocket: the target's answer (hass-edge: from
@@ -1007,6 +1016,8 @@ def main() -> int:
             section_errors()
         elif s == "config":
             section_config()
+        elif s == "ws-token":
+            section_ws_token()
         elif s == "auth":
             section_auth()
         else:
