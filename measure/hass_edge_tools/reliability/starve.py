@@ -18,7 +18,12 @@ Every case runs its own hass-edge (the real binary) and measures the same things
 - SIGTERM to exit, sent while the flood runs (it is started again after the RSS "after"
   reading, and SIGTERM goes 1 s after hass-edge's counters show it going);
 - RSS from /proc/PID/status: steady (before the flood), peak (VmHWM, and VmRSS sampled every
-  0.2 s), after (polled for up to 10 s once the flood stopped, until below 2x steady).
+  0.2 s), after (polled for up to 10 s once the flood stopped, until below 2x steady);
+- where the CPU went during the flood (CpuShare): hass-edge's on-CPU time and its time
+  runnable but waiting for a CPU (schedstat), the flood's processes' CPU, the machine's busy
+  share and run queue: a daemon that is slow and one that is starved by the load generator
+  on the same cores look the same from the probe. `--nice N` runs the hass-edge under test
+  at nice N, to measure the latter (a diagnostic; the report's figures use 0).
 
 Upstream cases (a raw fake HA in this file: no real HA can do this on demand):
  a. frames (events) as fast as it can, never `auth_required`;
@@ -37,7 +42,7 @@ Results: common.Report's JSON (with the table as its `markdown`) for reliability
 this section into an existing report.
 
 usage: python3 -m hass_edge_tools.reliability.starve [--short] [--upstream S] [--local S] [--only a,b,…]
-       [--conns N] [--sinks N] [--keep-peer]
+       [--conns N] [--sinks N] [--nice N] [--keep-peer]
 """
 from __future__ import annotations
 
@@ -59,7 +64,7 @@ import time
 
 from hass_edge_tools.daemon import free_port
 from hass_edge_tools.machine import describe
-from hass_edge_tools.procfs import proc_cpu_seconds, proc_mem
+from hass_edge_tools.procfs import proc_cpu_seconds, proc_mem, stat_cpu_seconds
 from hass_edge_tools.reliability.common import ensure_venv, make_daemon, make_peer, PORT_BASE, Report, VERSION
 from hass_edge_tools.reliability.flood import flood_writer_process
 from hass_edge_tools.reliability.http_abuse import read_response
@@ -78,6 +83,8 @@ PROBE_PERIOD = 0.02
 # them, to find out how the figures depend on them).
 CONNS = 500
 SINKS = 63
+# The nice value of the hass-edge under test (--nice, a diagnostic: 0 for the report).
+NICE = 0
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 # ------------------------------------------------------------------ raw WebSocket (RFC 6455)
@@ -484,6 +491,8 @@ class Case:
         self.load = 0.0
         self.t0 = 0.0  # monotonic start of the flood
         self.cpu = 0.0  # hass-edge's CPU during the flood, in cores
+        self.share: CpuShare | None = None  # where the CPU went during the flood
+        self.runq: list[int] = []  # procs_running, sampled every 0.2 s during the flood
         self.flood = ""
         self.extra_checks: list[tuple[bool, str]] = []
 
@@ -533,8 +542,10 @@ class Measure:
         self._t.start()
 
     def _sample(self) -> None:
+        self.runq: list[int] = []
         while self._sampling:
             self.peak = max(self.peak, proc_mem(self.daemon.pid).get("VmRSS", 0))
+            self.runq.append(procs_running())
             time.sleep(0.2)
 
     def finish(self) -> tuple[list, dict | None]:
@@ -577,6 +588,68 @@ def sigterm(daemon) -> tuple[float | None, int | None]:
     return took, daemon.proc.returncode
 
 
+class CpuShare:
+    """Where the CPU went during a flood, to tell a slow daemon from a starved one: hass-edge's
+    on-CPU time and its time runnable but waiting for a CPU (the sum over its threads of
+    /proc/<pid>/task/*/schedstat fields 1 and 2), the flood's processes' CPU (utime + stime),
+    and the machine's busy share (/proc/stat). `start` at the flood's start, `stop` at its
+    end."""
+
+    def __init__(self, daemon_pid: int, flood_pids: list[int]):
+        self.pid, self.flood_pids = daemon_pid, flood_pids
+        self.on = self.wait = self.flood = self.busy = 0.0
+
+    @staticmethod
+    def _sched(pid: int) -> tuple[float, float]:
+        on = wait = 0
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    f = open(f"/proc/{pid}/task/{task}/schedstat").read().split()
+                    on, wait = on + int(f[0]), wait + int(f[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        except OSError:
+            pass
+        return on / 1e9, wait / 1e9
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+
+    def _read(self):
+        # The flood's processes from /proc/<pid>/stat, which keeps the time of threads that
+        # ended (the fake HA's end with their connection).
+        return self._sched(self.pid), sum(stat_cpu_seconds(p) for p in self.flood_pids), self._machine(), time.monotonic()
+
+    def start(self) -> None:
+        self._a = self._read()
+
+    def stop(self) -> None:
+        (on0, w0), f0, (t0, i0), m0 = self._a
+        (on1, w1), f1, (t1, i1), m1 = self._read()
+        el = max(1e-6, m1 - m0)
+        self.on, self.wait, self.flood = (on1 - on0) / el, (w1 - w0) / el, (f1 - f0) / el
+        self.busy = 1 - (i1 - i0) / max(1, t1 - t0)
+
+    def text(self, runq: list[int]) -> str:
+        rq = sorted(runq)
+        q = f"; run queue (procs_running) median {rq[len(rq) // 2]}, p90 {rq[int(len(rq) * 0.9)]}" if rq else ""
+        return (f"hass-edge used {self.on * 100:.0f}% of a core and waited for a CPU (runnable, not running) "
+                f"{self.wait * 100:.0f}% of the time; the flood's processes used {self.flood * 100:.0f}% of a core; "
+                f"machine busy {self.busy * 100:.0f}% of {os.cpu_count()} cores{q}")
+
+
+def procs_running() -> int:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    return 0
+
+
 def in_window(rows, t0: float, t1: float, k: int) -> list:
     """The probe's rows of port `k` (0: the daemon under test, 1: the control) in [t0, t1]."""
     return [row[:3] for row in rows if t0 <= row[0] <= t1 and row[3] == k]
@@ -610,6 +683,8 @@ def upstream_case(r: Report, ctx, key: str, seconds: float, control) -> Case:
     settings = {"heartbeat": {"interval_seconds": int(HB_INTERVAL), "timeout_seconds": int(HB_TIMEOUT)},
                 "reconnect": {"max_delay_seconds": 1}, "cache": {"persist": False}}
     daemon = make_daemon(f"starve-{key}", f"http://127.0.0.1:{port}", "starve-token", settings, log_level="warn")
+    if NICE:
+        daemon.prefix = ["nice", "-n", str(NICE)]
     daemon.start()
     try:
         time.sleep(2)
@@ -618,10 +693,15 @@ def upstream_case(r: Report, ctx, key: str, seconds: float, control) -> Case:
         t0 = time.monotonic()
         case.load = os.getloadavg()[0]
         cpu0 = proc_cpu_seconds(daemon.pid)
+        case.share = CpuShare(daemon.pid, [peer.pid])
+        case.share.start()
+        rq0 = len(m.runq)
         flooding.set()
         time.sleep(seconds)
         flooding.clear()
         t1 = time.monotonic()
+        case.share.stop()
+        case.runq = m.runq[rq0:]
         case.cpu = (proc_cpu_seconds(daemon.pid) - cpu0) / (t1 - t0)
         rows, _ = m.finish()
         case.t0 = t0
@@ -684,6 +764,8 @@ def local_case(r: Report, ctx, key: str, seconds: float, peer, control) -> Case:
     case.timer_name = f"SSE `data: ping` every {KEEPALIVE:.0f} s (observer client)"
     r.tried(f"{key}. {what}, {seconds:.0f} s")
     daemon = make_daemon(f"starve-{key}", peer.url, peer.token, {"cache": {"persist": False}}, log_level="warn")
+    if NICE:
+        daemon.prefix = ["nice", "-n", str(NICE)]
     daemon.start()
     try:
         if daemon.wait_live(60) is None:
@@ -759,8 +841,13 @@ def local_case(r: Report, ctx, key: str, seconds: float, peer, control) -> Case:
         t0 = time.monotonic()
         case.load = os.getloadavg()[0]
         cpu0 = proc_cpu_seconds(daemon.pid)
+        case.share = CpuShare(daemon.pid, [p.pid for p, _ in flood[1]])
+        case.share.start()
+        rq0 = len(m.runq)
         time.sleep(seconds)
         t1 = time.monotonic()
+        case.share.stop()
+        case.runq = m.runq[rq0:]
         case.cpu = (proc_cpu_seconds(daemon.pid) - cpu0) / (t1 - t0)
         result = stop_flood(flood)
         rows, obs = m.finish()
@@ -808,7 +895,8 @@ def local_case(r: Report, ctx, key: str, seconds: float, peer, control) -> Case:
 def table(cases: list[Case], commit: str) -> str:
     out = [
         f"Machine: {describe()}, shared with other agents' builds and tests (load not controlled); "
-        f"commit {commit}; hass-edge against HA {VERSION} (local cases) or a raw fake HA (upstream cases).",
+        f"commit {commit}; hass-edge against HA {VERSION} (local cases) or a raw fake HA (upstream cases)"
+        + (f"; the hass-edge under test ran at nice {NICE} (--nice, a diagnostic)." if NICE else "."),
         "",
         f"Goals: `/health` p99 <= {P99_GOAL_MS:.0f} ms (a separate keep-alive client, every {PROBE_PERIOD * 1000:.0f} ms); "
         f"timers within +-{TIMER_GOAL_S * 1000:.0f} ms of due; SIGTERM to exit <= {TERM_GOAL_S:.0f} s (exit 0) during the flood; "
@@ -835,12 +923,13 @@ def table(cases: list[Case], commit: str) -> str:
     out.append("What each flood did:")
     out.append("")
     for c in cases:
-        out.append(f"- {c.key}: {c.flood}; hass-edge used {c.cpu * 100:.0f}% of a core")
+        share = c.share.text(c.runq) if c.share else f"hass-edge used {c.cpu * 100:.0f}% of a core"
+        out.append(f"- {c.key}: {c.flood}; {share}")
     return "\n".join(out)
 
 
 def main() -> None:
-    global CONNS, SINKS
+    global CONNS, SINKS, NICE
     ap = argparse.ArgumentParser()
     ap.add_argument("--short", action="store_true", help="CI smoke: 11 s upstream, 16 s local cases")
     ap.add_argument("--upstream", type=float, default=None, help="seconds of each upstream flood (default 25; >= 11 to see an auth timeout)")
@@ -848,9 +937,11 @@ def main() -> None:
     ap.add_argument("--only", default="a,b,c,d,e,f,g")
     ap.add_argument("--conns", type=int, default=CONNS, help="case e's connections")
     ap.add_argument("--sinks", type=int, default=SINKS, help="case f's never-reading stream clients")
+    ap.add_argument("--nice", type=int, default=0, help="run the hass-edge under test at this nice value (a diagnostic: "
+                    "how much of a case's latency is waiting for a CPU that the flood's processes hold)")
     ap.add_argument("--keep-peer", action="store_true")
     args = ap.parse_args()
-    CONNS, SINKS = args.conns, args.sinks
+    CONNS, SINKS, NICE = args.conns, args.sinks, args.nice
     up = args.upstream or (11.5 if args.short else 25)
     local = args.local or (16 if args.short else 32)
     ensure_venv()
