@@ -126,7 +126,8 @@ fn now_secs() -> u64 {
 
 impl AssetCache {
     /// A cache in `dir` of at most `budget` bytes; the files already there are indexed
-    /// (oldest first out). Blocking (a directory listing, at start).
+    /// (oldest first out). The directory is made when the first asset is kept. Blocking
+    /// (a directory listing, at start).
     pub fn new(dir: PathBuf, budget: u64) -> AssetCache {
         let cache = AssetCache {
             dir,
@@ -134,13 +135,6 @@ impl AssetCache {
             index: RefCell::new(LruCache::unbounded()),
             stats: RefCell::new(AssetStats::default()),
         };
-        if let Err(e) = std::fs::create_dir_all(&cache.dir) {
-            log::warn!(
-                "frontend asset cache disabled: cannot create {}: {e}",
-                cache.dir.display()
-            );
-            return cache;
-        }
         let mut found: Vec<(SystemTime, String, u64)> = Vec::new();
         if let Ok(entries) = std::fs::read_dir(&cache.dir) {
             for entry in entries.flatten() {
@@ -227,6 +221,10 @@ impl AssetCache {
             length,
             expires: now_secs() + age.as_secs(),
         };
+        if let Err(e) = smol::fs::create_dir_all(&self.dir).await {
+            log::warn!("cannot keep frontend assets in {}: {e}", self.dir.display());
+            return None;
+        }
         let tmp = self
             .dir
             .join(format!("{key}.{:08x}.tmp", fastrand::u32(..)));
@@ -350,6 +348,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hass-edge-assets-{}", fastrand::u64(..)));
         smol::block_on(async {
             let cache = AssetCache::new(dir.clone(), 250);
+            assert!(!dir.exists(), "made only when an asset is kept");
             let headers = vec![("Cache-Control".to_owned(), b"public, max-age=600".to_vec())];
             for i in 0..4 {
                 let k = key(&format!("/frontend_latest/f{i}.abcdef12.js"), true).unwrap();
