@@ -15,6 +15,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use support::daemon::slowdown;
 use support::{Daemon, FakeHa, deadline, wait_until};
 
 fn metric(daemon: &Daemon, name: &str) -> f64 {
@@ -58,7 +59,7 @@ fn a_stream_client_that_stops_reading_is_dropped_by_bytes_and_reset_at_once() {
     let pushed = start.elapsed();
     wait_until(
         "the stalled client to be dropped",
-        hass_edge::broadcast::MAX_BEHIND * 2,
+        deadline(),
         || match metric(&daemon, "hass_edge_sse_clients_dropped_total") {
             1.0 => Ok(()),
             n => Err(format!("{n} dropped")),
@@ -74,7 +75,7 @@ fn a_stream_client_that_stops_reading_is_dropped_by_bytes_and_reset_at_once() {
     // write timeout (a FIN would wait behind the unread data, so it could not be seen).
     let reset = wait_until(
         "the dropped client's connection to be reset",
-        Duration::from_secs(3),
+        Duration::from_secs(3) * slowdown(),
         || match stalled.take_error() {
             Ok(Some(e)) => Ok(e),
             other => Err(format!("{other:?}")),
