@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Kiosk load (issue 15): HA's own dashboard in a fresh Chromium, directly against Home Assistant and
+# through hass-edge (cold / warm asset directory, HA fast / slow). Prints a table; see BENCHMARKS.md
+# "Kiosk load (HA's frontend through hass-edge)".
+#
+#   bash tests/ha-peer/ha-peer.sh start 2024.3.3 /tmp/kiosk-ha 18165
+#   CARGO_TARGET_DIR=/tmp/target-kiosk cargo build --profile fast
+#   HA_PEER_DIR=/tmp/kiosk-ha nice -n 10 bash measure/kiosk/run.sh
+#
+# Optional: EDGE_BIN (default /tmp/target-kiosk/fast/hass-edge), RUNS (5), DELAY_MS (200, the
+# HA-slow relay's delay per answer), SCENARIOS (default "ha edge-cold edge-warm ha-slow
+# edge-slow-cold edge-slow-warm"), OUT_DIR (default /tmp/kiosk-out: kiosk.md, kiosk.json),
+# CHROMIUM (/usr/bin/chromium), EDGE_NOTE (a word on the binary, printed with the figures).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+die() { printf 'kiosk: FAIL: %s\n' "$*" >&2; exit 1; }
+
+[[ -n ${HA_PEER_DIR:-} ]] || die "HA_PEER_DIR is not set (the DIR of 'tests/ha-peer/ha-peer.sh start VERSION DIR PORT')"
+[[ -s $HA_PEER_DIR/url && -s $HA_PEER_DIR/token && -s $HA_PEER_DIR/version && -s $HA_PEER_DIR/venv ]] ||
+	die "$HA_PEER_DIR has no url/token/version/venv: is the HA peer started?"
+HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd)
+EDGE_BIN=${EDGE_BIN:-/tmp/target-kiosk/fast/hass-edge}
+[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+[[ -x $EDGE_BIN ]] || die "no hass-edge at $EDGE_BIN (CARGO_TARGET_DIR=/tmp/target-kiosk cargo build --profile fast, or set EDGE_BIN)"
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+[[ -x $CHROMIUM ]] || die "no Chromium at $CHROMIUM (Debian package chromium)"
+for tool in node npm python3 curl; do command -v "$tool" >/dev/null || die "$tool is not installed"; done
+OUT_DIR=${OUT_DIR:-/tmp/kiosk-out}
+mkdir -p "$OUT_DIR"
+HA_URL=$(cat "$HA_PEER_DIR/url")
+HA_PY=$(cat "$HA_PEER_DIR/venv")/bin/python
+curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
+	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
+
+# playwright-core 1.65.1 (no browser download: Debian's Chromium): tests/frontend's copy when it is
+# that version, otherwise our own (npm ci only when package.json/package-lock.json change)
+want=$(node -p "require('$HERE/package.json').devDependencies['playwright-core']")
+if [[ "$(node -p "require('$ROOT/tests/frontend/node_modules/playwright-core/package.json').version" 2>/dev/null)" == "$want" ]]; then
+	PW_REQUIRE_FROM=$ROOT/tests/frontend/package.json
+else
+	lock_sum=$(cat "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -d' ' -f1)
+	stamp=$HERE/node_modules/.hass-edge-installed
+	if [[ ! -f $HERE/node_modules/playwright-core/package.json || "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]]; then
+		(cd "$HERE" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in measure/kiosk failed"
+		echo "$lock_sum" >"$stamp"
+	fi
+	PW_REQUIRE_FROM=$HERE/package.json
+fi
+
+# HA: onboarding finished and the dashboard edge-test (tests/frontend's helper, directly against HA)
+"$HA_PY" "$ROOT/tests/frontend/ha_helper.py" setup --url "$HA_URL" --token-file "$HA_PEER_DIR/token" >/dev/null ||
+	die "could not prepare Home Assistant (tests/frontend/ha_helper.py setup)"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-kiosk.XXXXXX")
+NODE_PID=''
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if [[ -n $NODE_PID ]] && kill -0 "$NODE_PID" 2>/dev/null; then
+		kill -TERM "$NODE_PID" 2>/dev/null || true
+		wait "$NODE_PID" 2>/dev/null || true
+	fi
+	local pid # a Chromium that outlived its driver: ours have their profiles in WORK
+	for pid in $(pgrep -f -- "--user-data-dir=$WORK/profile-" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+	rm -rf "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+export HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY HA_VERSION="$(cat "$HA_PEER_DIR/version")" EDGE_BIN WORK OUT_DIR CHROMIUM PW_REQUIRE_FROM
+export XDG_CONFIG_HOME=$WORK/xdg # Chromium's crash-report database
+node "$HERE/measure.mjs" &
+NODE_PID=$!
+wait "$NODE_PID"
