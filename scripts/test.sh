@@ -70,8 +70,8 @@ browser() {
 clients() {
 	local version=$1 port=$2 dir="$WORK/ha-clients-$1"
 	bash tests/clients/install.sh || return 1
-	start_peer "$version" "$dir" "$port" || return 1
 	cargo build --quiet || return 1
+	start_peer "$version" "$dir" "$port" || return 1
 	HA_PEER_DIR=$dir OUT_DIR="$WORK/clients-$version" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
 		bash tests/clients/run.sh
 	local rc=$?
@@ -82,8 +82,8 @@ clients() {
 # HA's own frontend in Chromium through hass-edge (issue 15; tests/frontend).
 frontend() {
 	local dir="$WORK/ha-frontend"
-	start_peer 2024.3.3 "$dir" 18136 || return 1
 	cargo build --quiet || return 1
+	start_peer 2024.3.3 "$dir" 18136 || return 1
 	HA_PEER_DIR=$dir OUT_DIR="$WORK/frontend" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
 		bash tests/frontend/run.sh
 	local rc=$?

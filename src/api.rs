@@ -22,7 +22,7 @@ use crate::entity::{EntityState, valid_entity_id};
 use crate::http::{CHUNK, Exchange, Handler, Head, Pieces, Request, Response};
 use crate::hub::{Hub, Read, TokenCheck};
 use crate::mirror::Update;
-use crate::proxy::{Capture, Credentials, Plan, Proxy};
+use crate::proxy::{Capture, Credentials, Plan, Proxy, WsAuth};
 use crate::sse::EventStream;
 
 /// The routes, served by [`crate::http::serve`].
@@ -283,11 +283,19 @@ async fn forward(hub: &Hub, proxy: &Proxy, x: Exchange<'_>) -> std::io::Result<b
             ]
         })
         .unwrap_or_default();
+    let ws_auth = hub
+        .api_token()
+        .filter(|_| x.head.upgrade)
+        .map(|api_token| WsAuth {
+            api_token,
+            swap: config.http.allow_service_calls,
+        });
     let plan = Plan {
         credentials,
         forwarded_headers: config.http.x_forwarded_for,
         capture: capture.clone(),
         response_headers: cors,
+        ws_auth,
     };
     let outcome = proxy.forward(x, hub.upstream(), plan).await?;
     hub.count_http(

@@ -84,13 +84,18 @@ pub fn key(path: &str, accepts_gzip: bool) -> Option<String> {
         return None;
     }
     let name = rest.rsplit('/').next()?;
-    // A content hash: a dot-separated part of 8+ characters with letters and digits
-    // (`app.3a6b2c1f.js`, `10045.ghLCOdDCk9E.js`, `onboarding.0-2TaPtd8oU.js`).
-    let hashed = name.split('.').any(|part| {
-        part.len() >= 8
-            && part.bytes().any(|b| b.is_ascii_digit())
-            && part.bytes().any(|b| b.is_ascii_alphabetic())
-    });
+    // A content hash: a part between the name and the extension of 8+ characters with a
+    // digit or with both cases (`app.3a6b2c1f.js`, `10045.ghLCOdDCk9E.js`,
+    // `onboarding.0-2TaPtd8oU.js`, and base64url hashes without a digit such as
+    // `27311.XovrrMgb-ys.js`; not `core.frontend.js`).
+    let parts: Vec<&str> = name.split('.').collect();
+    let hashed = parts.len() >= 3
+        && parts[1..parts.len() - 1].iter().any(|part| {
+            part.len() >= 8
+                && (part.bytes().any(|b| b.is_ascii_digit())
+                    || (part.bytes().any(|b| b.is_ascii_uppercase())
+                        && part.bytes().any(|b| b.is_ascii_lowercase())))
+        });
     hashed.then(|| {
         format!(
             "{}-{}",
@@ -322,6 +327,14 @@ mod tests {
             Some("gz-frontend_latest~10045.ghLCOdDCk9E.js")
         );
         assert!(key("/frontend_latest/app.3a6b2c1f.js", false).is_some());
+        // base64url hashes may have no digit (found by measure/kiosk: 12 of the dashboard's
+        // chunks were forwarded on every warm load).
+        assert!(key("/frontend_latest/27311.XovrrMgb-ys.js", true).is_some());
+        assert!(key("/frontend_latest/core.frontend.js", true).is_none());
+        assert!(
+            key("/frontend_latest/3a6b2c1f4e.js", true).is_none(),
+            "no name part"
+        );
         assert!(
             key("/static/icons/favicon.ico", true).is_none(),
             "not hashed"

@@ -16,7 +16,7 @@ use smol::channel::{Receiver, Sender};
 use smol::lock::OnceCell;
 
 use crate::broadcast::{Broadcast, Selection, Subscription};
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, same_secret};
 use crate::entity::EntityState;
 use crate::events::{Feed, Receiver as EventReceiver, Types};
 use crate::filter::EntityFilter;
@@ -766,6 +766,12 @@ impl Hub {
         self.api_token.borrow().is_some()
     }
 
+    /// hass-edge's API token, for the forwarder to recognise it inside a WebSocket tunnel's
+    /// `auth` message ([`crate::proxy::WsAuth`]); never sent anywhere.
+    pub fn api_token(&self) -> Option<Secret> {
+        self.api_token.borrow().clone()
+    }
+
     /// Replaces the REST client (reload with new HA settings).
     pub fn set_rest(&self, rest: RestClient) {
         *self.rest.borrow_mut() = rest;
@@ -830,22 +836,5 @@ impl Hub {
     /// lives above the hub).
     pub fn set_forward_probe(&self, probe: Box<dyn Fn() -> ForwardStatus>) {
         *self.forward_probe.borrow_mut() = Some(probe);
-    }
-}
-
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_secret;
-
-    #[test]
-    fn secret_comparison() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"abcd"));
     }
 }

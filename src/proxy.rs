@@ -114,6 +114,30 @@ pub struct Plan {
     /// Headers added to HA's answer, replacing HA's own of the same names (CORS for an
     /// allowed origin).
     pub response_headers: Vec<(&'static str, String)>,
+    /// For a WebSocket tunnel: what to do when the client authenticates with hass-edge's
+    /// API token.
+    pub ws_auth: Option<WsAuth>,
+}
+
+/// A WebSocket tunnel's client may authenticate (HA's in-band `auth` message,
+/// `websocket_api/auth.py`) with hass-edge's API token. Passed on as it is, HA would refuse
+/// it and count a failed login against hass-edge's address (HA's `ip_ban_enabled` bans it
+/// after a few). So the token is swapped for hass-edge's HA token, or, in read-only mode,
+/// the client is answered `auth_invalid` by hass-edge and nothing reaches HA.
+#[derive(Clone)]
+pub struct WsAuth {
+    /// hass-edge's API token.
+    pub api_token: crate::config::Secret,
+    /// Swap it for hass-edge's HA token (`false`: refuse, read-only mode).
+    pub swap: bool,
+}
+
+impl std::fmt::Debug for WsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsAuth")
+            .field("swap", &self.swap)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a forward ended, for counting and for the store.
@@ -742,7 +766,8 @@ impl Proxy {
             }
         };
         if response.status == 101 && x.head.upgrade {
-            return self.tunnel(x, up, response).await;
+            let auth = plan.ws_auth.map(|a| (a, upstream.token.clone()));
+            return self.tunnel(x, up, response, auth).await;
         }
         let mut response = response;
         let writer = match (&asset_key, &self.assets, response.framing) {
@@ -768,8 +793,9 @@ impl Proxy {
     async fn tunnel(
         &self,
         mut x: Exchange<'_>,
-        mut up: Box<dyn Stream>,
+        up: Box<dyn Stream>,
         response: ResponseHead,
+        auth: Option<(WsAuth, crate::config::Secret)>,
     ) -> std::io::Result<Outcome> {
         let mut out = client_head(&response, None, false);
         out.extend_from_slice(b"\r\n");
@@ -778,15 +804,36 @@ impl Proxy {
             x.write(&response.rest).await?;
         }
         let early = x.take_buffered();
-        if !early.is_empty() {
-            up.write_all(&early).await?;
-            up.flush().await?;
-        }
         let shutdown = x.shutdown().clone();
         let client = x.stream().clone();
         let (mut up_read, mut up_write) = smol::io::split(up);
-        let (mut client_read, mut client_write) = (client.clone(), client);
-        let to_ha = pump(&mut client_read, &mut up_write);
+        let (mut client_read, mut client_write) = (client.clone(), client.clone());
+        let to_ha = async {
+            // The client's first frame is its `auth` message: looked at when hass-edge's API
+            // token may be in it, then passed on (perhaps rewritten) with what follows.
+            let first = match &auth {
+                Some((ws_auth, ha_token)) => match first_frame(&mut client_read, early).await {
+                    Some(frame) => match rewrite_auth(&frame, ws_auth, ha_token) {
+                        Auth::Pass => frame,
+                        Auth::Swapped(frame) => frame,
+                        Auth::Refuse => {
+                            let mut c = client.clone();
+                            let _ = c.write_all(&refusal_frames()).await;
+                            let _ = c.flush().await;
+                            return;
+                        }
+                    },
+                    None => return,
+                },
+                None => early,
+            };
+            if !first.is_empty()
+                && (up_write.write_all(&first).await.is_err() || up_write.flush().await.is_err())
+            {
+                return;
+            }
+            pump(&mut client_read, &mut up_write).await;
+        };
         let to_client = pump(&mut up_read, &mut client_write);
         to_ha
             .or(to_client)
@@ -801,6 +848,121 @@ impl Proxy {
             tunnel: true,
         })
     }
+}
+
+/// The most a client's first WebSocket frame may be for hass-edge to look into it (an
+/// `auth` message is ~300 bytes); a larger one is passed on as it is.
+const MAX_AUTH_FRAME: usize = 16 * 1024;
+
+/// Reads until `buf` (what the client already sent) holds the client's first complete
+/// frame (RFC 6455 §5.2), or [`MAX_AUTH_FRAME`] bytes; returns the bytes read, `None` when
+/// the client went away.
+async fn first_frame(client: &mut TcpStream, mut buf: Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        match frame_len(&buf) {
+            Some(_) => return Some(buf),
+            None if buf.len() >= MAX_AUTH_FRAME => return Some(buf),
+            None => {}
+        }
+        let mut chunk = [0u8; 4096];
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The length of the complete frame at the start of `buf`, if it is all there.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    let (&b1, rest) = buf.get(1).zip(buf.get(2..))?;
+    let (len, header) = match b1 & 0x7f {
+        126 => (
+            u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as u64,
+            4,
+        ),
+        127 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 10),
+        n => (u64::from(n), 2),
+    };
+    let header = header + if b1 & 0x80 != 0 { 4 } else { 0 };
+    let total = usize::try_from(len).ok()?.checked_add(header)?;
+    (buf.len() >= total).then_some(total)
+}
+
+enum Auth {
+    Pass,
+    Swapped(Vec<u8>),
+    Refuse,
+}
+
+/// Looks at the client's first frame: a masked, final text frame holding HA's `auth`
+/// message with hass-edge's API token is swapped or refused ([`WsAuth`]); anything else
+/// passes as it is.
+fn rewrite_auth(buf: &[u8], ws_auth: &WsAuth, ha_token: &crate::config::Secret) -> Auth {
+    let Some(total) = frame_len(buf) else {
+        return Auth::Pass;
+    };
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 != 0x81 || b1 & 0x80 == 0 {
+        return Auth::Pass;
+    }
+    let header = match b1 & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let mask: [u8; 4] = match buf[header..header + 4].try_into() {
+        Ok(m) => m,
+        Err(_) => return Auth::Pass,
+    };
+    let payload: Vec<u8> = buf[header + 4..total]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect();
+    let Ok(mut message) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+        return Auth::Pass;
+    };
+    let is_ours = message["type"] == "auth"
+        && message["access_token"].as_str().is_some_and(|t| {
+            crate::config::same_secret(t.as_bytes(), ws_auth.api_token.expose().as_bytes())
+        });
+    if !is_ours {
+        return Auth::Pass;
+    }
+    if !ws_auth.swap {
+        return Auth::Refuse;
+    }
+    message["access_token"] = serde_json::Value::String(ha_token.expose().to_owned());
+    let payload = message.to_string().into_bytes();
+    let mut frame = Vec::with_capacity(payload.len() + 14 + buf.len() - total);
+    frame.push(0x81);
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    // What the client sent after its first frame follows unchanged.
+    frame.extend_from_slice(&buf[total..]);
+    Auth::Swapped(frame)
+}
+
+/// HA's answer to a refused `auth` (`websocket_api/auth.py`), then a Close frame: sent by
+/// hass-edge itself, unmasked as a server's frames are.
+fn refusal_frames() -> Vec<u8> {
+    let text = br#"{"type":"auth_invalid","message":"hass-edge is read-only (http.allow_service_calls = false): its API token opens no WebSocket session"}"#;
+    let mut out = vec![0x81, 126];
+    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    out.extend_from_slice(text);
+    out.extend_from_slice(&[0x88, 0x02, 0x03, 0xe8]); // Close, 1000
+    out
 }
 
 /// Copies until EOF or an error, yielding between pieces so one busy tunnel cannot starve

@@ -417,3 +417,83 @@ fn local_routes_take_tokens_ha_accepts_asking_once() {
         assert!(!r.headers.iter().any(|(_, v)| v.contains(API_TOKEN)));
     }
 }
+
+/// A masked client text frame (RFC 6455 §5.3).
+fn client_frame(text: &str) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let payload = text.as_bytes();
+    let mut f = vec![0x81];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Opens a tunnel and authenticates with `token`; returns everything read from it until
+/// `until` shows up or 5 s pass.
+fn tunnel_auth(daemon: &Daemon, token: &str, until: &str) -> String {
+    let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    write!(
+        s,
+        "GET /api/websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut sent = false;
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end && !String::from_utf8_lossy(&got).contains(until) {
+        if !sent && String::from_utf8_lossy(&got).contains("auth_required") {
+            let auth = format!(r#"{{"type":"auth","access_token":"{token}"}}"#);
+            s.write_all(&client_frame(&auth)).unwrap();
+            sent = true;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Through a tunnel, hass-edge's API token in HA's `auth` message is swapped for its HA
+/// token (HA would refuse it and count a failed login against hass-edge's address); in
+/// read-only mode hass-edge answers `auth_invalid` itself and HA sees no attempt. An HA
+/// user's own token goes as it came.
+#[test]
+fn the_api_token_in_a_tunnel_never_reaches_ha() {
+    let dir = TempDir::new("proxy-ws-auth");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let before = fake.auth_attempts().len();
+    let text = tunnel_auth(&daemon, API_TOKEN, "auth_ok");
+    assert!(text.contains("auth_ok"), "{text}");
+    let attempts = fake.auth_attempts();
+    assert_eq!(attempts.len(), before + 1);
+    assert!(
+        attempts.last().unwrap().accepted,
+        "HA got hass-edge's HA token"
+    );
+    // Someone else's token: HA's verdict, unchanged.
+    let text = tunnel_auth(&daemon, "an-ha-user-token", "auth_invalid");
+    assert!(text.contains("auth_invalid"), "{text}");
+    assert!(!fake.auth_attempts().last().unwrap().accepted);
+
+    let dir = TempDir::new("proxy-ws-auth-ro");
+    let (fake, daemon) = live_with(with_api_token(&dir).set("http", "allow_service_calls", false));
+    let before = fake.auth_attempts().len();
+    let text = tunnel_auth(&daemon, API_TOKEN, "auth_invalid");
+    assert!(
+        text.contains("auth_invalid") && text.contains("read-only"),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.auth_attempts().len(), before, "HA saw no attempt");
+}
