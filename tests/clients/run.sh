@@ -168,12 +168,12 @@ rc=0
 "$PY" "$HERE/compare.py" "${ARGS[@]}" 2>&1 | tee "$WORK/out.txt" || rc=$?
 if [[ $TARGET == edge && -n ${CLIENTS_TOKEN_SECTIONS-api-sync,cli,errors,ws-token} ]]; then
 	# The REST clients again, now sending hass-edge's API token (a hass-edge with api_token_file):
-	# hass-edge forwards with its own HA token, so HA must answer as to the HA token. Not hass-cli's
-	# WebSocket commands: a WebSocket tunnel carries the client's own in-band auth unchanged (README,
-	# Credentials), so with hass-edge's API token HA answers auth_invalid, as ws-token checks.
+	# hass-edge forwards with its own HA token, so HA must answer as to the HA token; in a
+	# WebSocket tunnel hass-edge swaps the API token in HA's auth message for its HA token
+	# (README, Credentials), so hass-cli's WebSocket commands too, and ws-token checks it.
 	"$PY" "$HERE/compare.py" --ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" \
 		--target-url "http://127.0.0.1:$PORT_tok" --target-token-file "$WORK/api-token" --target-label "hass-edge (API token)" \
-		--sections "${CLIENTS_TOKEN_SECTIONS-api-sync,cli,errors,ws-token}" --name-prefix "api-token: " --no-cli-ws 2>&1 | tee -a "$WORK/out.txt" || rc=$?
+		--sections "${CLIENTS_TOKEN_SECTIONS-api-sync,cli,errors,ws-token}" --name-prefix "api-token: " 2>&1 | tee -a "$WORK/out.txt" || rc=$?
 fi
 [[ -z ${OUT_DIR:-} ]] || cp "$WORK/out.txt" "$OUT_DIR/clients-output.txt"
 if [[ $TARGET == edge ]]; then # the daemons must still be running (none crashed under the clients)
