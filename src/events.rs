@@ -40,6 +40,8 @@ pub struct Feed {
     clients: RefCell<Vec<Weak<Client>>>,
     /// Wakes the link when [`Feed::wanted`] may have changed.
     changed: Event,
+    /// Goes up with every change of the receivers (see [`Feed::generation`]).
+    generation: Cell<u64>,
     dropped_slow: Cell<u64>,
 }
 
@@ -67,6 +69,7 @@ impl Feed {
         });
         clients.push(Rc::downgrade(&client));
         drop(clients);
+        self.generation.set(self.generation.get() + 1);
         self.changed.notify(usize::MAX);
         Some(Receiver {
             client,
@@ -91,9 +94,15 @@ impl Feed {
         wanted
     }
 
-    /// Resolves when [`Feed::wanted`] may have changed.
+    /// Resolves when [`Feed::wanted`] may have changed. A waiter that is not always
+    /// listening compares [`Feed::generation`] too.
     pub fn listen(&self) -> event_listener::EventListener {
         self.changed.listen()
+    }
+
+    /// Goes up whenever a receiver comes or goes ([`Feed::wanted`] may have changed).
+    pub fn generation(&self) -> u64 {
+        self.generation.get()
     }
 
     /// Queues HA's event (`event_type`, its JSON as HA sent it) for every receiver that
@@ -166,6 +175,7 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         if let Some(feed) = self.feed.upgrade() {
             // The client's Weak goes dead with this Rc; the link re-reads `wanted`.
+            feed.generation.set(feed.generation.get() + 1);
             feed.changed.notify(usize::MAX);
         }
     }
@@ -179,13 +189,20 @@ mod tests {
     fn types_are_routed_and_wanted() {
         let feed = Rc::new(Feed::default());
         assert!(feed.wanted().is_empty());
+        let g0 = feed.generation();
         let mut doorbell = feed
             .subscribe(Some(HashSet::from(["doorbell".to_owned()])))
             .unwrap();
         assert_eq!(feed.wanted(), BTreeSet::from(["doorbell".to_owned()]));
+        assert!(
+            feed.generation() > g0,
+            "a watcher that was not listening sees the change"
+        );
         let all = feed.subscribe(None).unwrap();
         assert_eq!(feed.wanted(), BTreeSet::from(["*".to_owned()]));
+        let g1 = feed.generation();
         drop(all);
+        assert!(feed.generation() > g1);
         assert_eq!(feed.wanted(), BTreeSet::from(["doorbell".to_owned()]));
         feed.publish("state_changed", "{}");
         feed.publish("call_service", r#"{"event_type":"call_service"}"#);

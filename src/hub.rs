@@ -491,6 +491,11 @@ impl Hub {
         self.events.listen()
     }
 
+    /// Goes up whenever [`Hub::wanted_event_types`] may have changed.
+    pub fn event_types_generation(&self) -> u64 {
+        self.events.generation()
+    }
+
     /// Passes one of HA's events (from the link) to the stream clients that want it.
     pub fn publish_event(&self, event_type: &str, json: &str) {
         self.events.publish(event_type, json);

@@ -176,6 +176,9 @@ pub(super) async fn run(
     let mut out = Vec::new();
     // Kept until the session is live, then subscribed with the snapshot.
     session.set_event_types(&hub.wanted_event_types(), &mut out);
+    // The generation of the wanted set last given to the session: a change made while this
+    // task was not listening (it yields between frames) is seen by comparing, not lost.
+    let mut types_seen = hub.event_types_generation();
     let mut synced = false;
     let mut release = Release::default();
     let mut timer = Deadline::new(Instant::now());
@@ -191,7 +194,11 @@ pub(super) async fn run(
         // shutdown, commands or the session's timers (auth timeout, heartbeat) from being
         // seen. `or` polls in order and stops at the first ready future.
         let event_types = hub.listen_event_types();
+        let types_changed = hub.event_types_generation() != types_seen;
         let wake = async {
+            if types_changed {
+                return Wake::EventTypes;
+            }
             shutdown.wait().await;
             Wake::Shutdown
         }
@@ -233,7 +240,10 @@ pub(super) async fn run(
             Wake::Frame(Some(Err(e))) => return lost(format!("WebSocket error: {e}"), synced),
             Wake::Frame(None) => return lost("connection closed".into(), synced),
             Wake::Timer => session.poll_timers(now, &mut out),
-            Wake::EventTypes => session.set_event_types(&hub.wanted_event_types(), &mut out),
+            Wake::EventTypes => {
+                types_seen = hub.event_types_generation();
+                session.set_event_types(&hub.wanted_event_types(), &mut out);
+            }
             Wake::Command(Command::Resync) => {
                 log::info!("resync requested: taking a fresh snapshot");
                 session.resubscribe(hub.ha_filter(), &mut out);
