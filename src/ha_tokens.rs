@@ -20,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use lru::LruCache;
 
+use crate::bucket::Bucket;
+
 /// Most verdicts kept.
 pub const MAX_VERDICTS: usize = 256;
 /// Longest an accepted token is trusted without asking HA again.
@@ -47,8 +49,7 @@ pub enum Known {
 pub struct Verdicts {
     cache: LruCache<u64, (bool, Instant)>,
     key: RandomState,
-    budget: f64,
-    budget_at: Instant,
+    budget: Bucket,
 }
 
 impl Verdicts {
@@ -57,8 +58,7 @@ impl Verdicts {
         Verdicts {
             cache: LruCache::new(NonZeroUsize::new(MAX_VERDICTS).expect("non-zero")),
             key: RandomState::new(),
-            budget: CHECK_BURST,
-            budget_at: now,
+            budget: Bucket::full(CHECKS_PER_SECOND, CHECK_BURST, now),
         }
     }
 
@@ -87,16 +87,7 @@ impl Verdicts {
 
     /// Takes one check from the budget: `false` when HA has been asked enough for now.
     pub fn may_check(&mut self, now: Instant) -> bool {
-        let refill =
-            now.saturating_duration_since(self.budget_at).as_secs_f64() * CHECKS_PER_SECOND;
-        self.budget = (self.budget + refill).min(CHECK_BURST);
-        self.budget_at = now;
-        if self.budget >= 1.0 {
-            self.budget -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.budget.take(now)
     }
 
     /// Keeps HA's verdict on `token` (see the module docs for how long).

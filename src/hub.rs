@@ -16,6 +16,7 @@ use smol::channel::{Receiver, Sender};
 use smol::lock::OnceCell;
 
 use crate::broadcast::{Broadcast, Selection, Subscription};
+use crate::bucket::Bucket;
 use crate::config::{Config, Secret, same_secret};
 use crate::entity::EntityState;
 use crate::events::{Feed, Receiver as EventReceiver, Types};
@@ -138,37 +139,6 @@ pub enum Read {
     Limited,
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst` saved up.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    /// Tokens now (fractional).
-    tokens: f64,
-    /// When `tokens` was computed.
-    at: Instant,
-}
-
-impl Bucket {
-    fn full(now: Instant) -> Bucket {
-        Bucket {
-            tokens: REST_READ_BURST,
-            at: now,
-        }
-    }
-
-    /// Takes a token if there is one.
-    fn take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.at).as_secs_f64() * REST_READS_PER_SECOND;
-        self.tokens = (self.tokens + refill).min(REST_READ_BURST);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 type Fetch = Result<Option<EntityState>, RestError>;
 
 /// Receives the changes each update made to tracked entities (D-Bus `EntityChanged`).
@@ -276,7 +246,7 @@ impl Hub {
             inflight: RefCell::new(HashMap::new()),
             rest_down_until: Cell::new(None),
             rest_history: RefCell::new(VecDeque::new()),
-            rest_reads: Cell::new(Bucket::full(now)),
+            rest_reads: Cell::new(Bucket::full(REST_READS_PER_SECOND, REST_READ_BURST, now)),
             rest_reads_limited: Cell::new((0, None)),
             rest_requests: RefCell::new(BTreeMap::new()),
             http_requests: RefCell::new(BTreeMap::new()),

@@ -11,6 +11,7 @@ pub mod api;
 pub mod app;
 pub mod assets;
 pub mod broadcast;
+pub mod bucket;
 pub mod config;
 pub mod dbus;
 pub mod deadline;

@@ -12,7 +12,9 @@ const LAYERS: &[&[&str]] = &[
     // Leaf helpers that import nothing of the crate: reading a file without blocking on it.
     &["files"],
     // Primitives: the HA entity model, config, timers, shutdown, systemd glue.
-    &["entity", "config", "deadline", "shutdown", "notify", "tls"],
+    &[
+        "entity", "config", "deadline", "shutdown", "notify", "tls", "bucket",
+    ],
     // Log glue: knows the secrets (`config::Secret`) it must never print.
     &["logging"],
     // Pure protocol and rules.
