@@ -18,7 +18,14 @@ const LAYERS: &[&[&str]] = &[
     // Log glue: knows the secrets (`config::Secret`) it must never print.
     &["logging"],
     // Pure protocol and rules.
-    &["filter", "session", "persist", "ha_tokens"],
+    &[
+        "filter",
+        "session",
+        "persist",
+        "ha_tokens",
+        "compressed",
+        "dashboards",
+    ],
     &["store"],
     // The one "apply what HA sent" step.
     &["mirror"],
@@ -27,9 +34,9 @@ const LAYERS: &[&[&str]] = &[
     // Transports and clients; none imports another.
     &["http", "rest", "broadcast", "metrics", "assets", "events"],
     // Shared state, and the push-stream body.
-    &["hub", "sse"],
+    &["hub", "sse", "ws_api"],
     // Forwarding to HA: carries out what the routes decided.
-    &["proxy"],
+    &["proxy", "ws_server"],
     // What serves the hub to the world; none imports another.
     &["api", "dbus", "ha", "status_cli"],
     // Wiring and lifecycle.

@@ -1,0 +1,1 @@
+//! The per-dashboard entity allowlist (issue 16).

@@ -1,0 +1,1 @@
+//! The local WebSocket API session, sans I/O (issue 16).

@@ -1,0 +1,1 @@
+//! `/api/websocket`: the local WebSocket API's I/O (issue 16).
