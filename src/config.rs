@@ -44,6 +44,20 @@ pub const DEFAULT_FORWARD_BODY_BYTES: usize = 1024 * 1024;
 /// those to HA directly).
 pub const MAX_FORWARD_BODY_BYTES: usize = 64 * 1024 * 1024;
 
+/// Default of `http.max_websocket_clients`: concurrent local WebSocket API sessions (issue 16).
+pub const DEFAULT_MAX_WEBSOCKET_CLIENTS: usize = 64;
+/// Upper bound of `http.max_websocket_clients`.
+pub const MAX_WEBSOCKET_CLIENTS: usize = 1024;
+
+/// How `dashboards.url_paths` names HA's default dashboard, whose `url_path` is `null` in
+/// `lovelace/config` and `lovelace_updated` (HA `components/lovelace/const.py`), and which
+/// the frontend serves at `/lovelace`. No other dashboard can have this path: HA requires a
+/// hyphen in every other one (`lovelace/__init__.py` `_validate_url_slug`).
+pub const DEFAULT_DASHBOARD: &str = "lovelace";
+
+/// Most entries in each of `dashboards.url_paths`, `dashboards.always`, `dashboards.never`.
+pub const MAX_DASHBOARD_LIST: usize = 1024;
+
 /// Sections of the file; env overrides are split as `HASS_EDGE_<SECTION>_<KEY>`.
 const SECTIONS: &[&str] = &[
     "ha",
@@ -54,10 +68,18 @@ const SECTIONS: &[&str] = &[
     "http",
     "dbus",
     "log",
+    "dashboards",
 ];
 
 /// Keys whose value is a list; from the environment they are comma-separated.
-const LIST_KEYS: &[&str] = &["include_prefixes", "exclude_domains", "cors_origins"];
+const LIST_KEYS: &[&str] = &[
+    "include_prefixes",
+    "exclude_domains",
+    "cors_origins",
+    "url_paths",
+    "always",
+    "never",
+];
 
 /// A configuration error. The message always names the key or file it is about.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +131,7 @@ struct RawConfig {
     http: RawHttp,
     dbus: RawDbus,
     log: RawLog,
+    dashboards: RawDashboards,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +239,7 @@ struct RawHttp {
     x_forwarded_for: bool,
     max_forward_body_bytes: usize,
     asset_cache_mib: u64,
+    max_websocket_clients: usize,
 }
 
 impl Default for RawHttp {
@@ -229,8 +253,17 @@ impl Default for RawHttp {
             x_forwarded_for: false,
             max_forward_body_bytes: DEFAULT_FORWARD_BODY_BYTES,
             asset_cache_mib: 64,
+            max_websocket_clients: DEFAULT_MAX_WEBSOCKET_CLIENTS,
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDashboards {
+    url_paths: Vec<String>,
+    always: Vec<String>,
+    never: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -306,6 +339,8 @@ pub struct Config {
     pub dbus: DbusConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[dashboards]`: the per-dashboard entity allowlist of the local WebSocket API.
+    pub dashboards: DashboardsConfig,
 }
 
 /// `[ha]`.
@@ -401,6 +436,32 @@ pub struct HttpConfig {
     /// Budget of the frontend asset cache (`assets.rs`), MiB, in `assets/` beside
     /// `cache.state_file`; 0 turns it off.
     pub asset_cache_mib: u64,
+    /// Most concurrent local WebSocket API sessions (`/api/websocket`, issue 16); one more is
+    /// answered 503 before the upgrade. 1..=[`MAX_WEBSOCKET_CLIENTS`].
+    pub max_websocket_clients: usize,
+}
+
+/// `[dashboards]` (issue 16): which entities an unfiltered `get_states`/`subscribe_entities`
+/// of a local WebSocket client gets. The allowlist is the union of the entities the
+/// dashboards in `url_paths` use, plus `always`, minus `never` (`dashboards.rs` builds it).
+/// With `url_paths` empty there is no allowlist.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DashboardsConfig {
+    /// Lovelace dashboard url paths (`"dashboard-kiosk"`); [`DEFAULT_DASHBOARD`]
+    /// (`"lovelace"`) is HA's default dashboard (`url_path: null`). No duplicates.
+    pub url_paths: Vec<String>,
+    /// Entity ids or globs (`*` any run of characters, `?` one) always allowed, checked by
+    /// [`check_entity_pattern`].
+    pub always: Vec<String>,
+    /// Entity ids or globs never allowed; wins over the dashboards and `always`.
+    pub never: Vec<String>,
+}
+
+impl DashboardsConfig {
+    /// Whether an allowlist is configured (`url_paths` is not empty).
+    pub fn enabled(&self) -> bool {
+        !self.url_paths.is_empty()
+    }
 }
 
 /// `[log]`.
@@ -746,6 +807,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("{} is over 4096 (MiB)", raw.http.asset_cache_mib),
         ));
     }
+    let max_websocket_clients = raw.http.max_websocket_clients;
+    if !(1..=MAX_WEBSOCKET_CLIENTS).contains(&max_websocket_clients) {
+        return Err(invalid(
+            "http.max_websocket_clients",
+            format!("{max_websocket_clients} is outside 1..={MAX_WEBSOCKET_CLIENTS}"),
+        ));
+    }
+    let dashboards = validate_dashboards(raw.dashboards)?;
     let level = raw.log.level.to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
         return Err(invalid(
@@ -801,13 +870,104 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             x_forwarded_for: raw.http.x_forwarded_for,
             max_forward_body_bytes,
             asset_cache_mib: raw.http.asset_cache_mib,
+            max_websocket_clients,
         },
         dbus: DbusConfig {
             bus: raw.dbus.bus,
             entity_signals: raw.dbus.entity_signals,
         },
         log: LogConfig { level },
+        dashboards,
     })
+}
+
+/// Checks `[dashboards]`: url paths shaped as HA accepts them, patterns as
+/// [`check_entity_pattern`], bounded lists, and no `always`/`never` without dashboards.
+fn validate_dashboards(raw: RawDashboards) -> Result<DashboardsConfig, ConfigError> {
+    for (key, list) in [
+        ("dashboards.url_paths", &raw.url_paths),
+        ("dashboards.always", &raw.always),
+        ("dashboards.never", &raw.never),
+    ] {
+        if list.len() > MAX_DASHBOARD_LIST {
+            return Err(invalid(
+                key,
+                format!("{} entries, at most {MAX_DASHBOARD_LIST}", list.len()),
+            ));
+        }
+    }
+    for (i, path) in raw.url_paths.iter().enumerate() {
+        // HA's dashboard url paths are slugs with `-` as separator and at least one hyphen
+        // (`lovelace/__init__.py` `_validate_url_slug`); the default one has none.
+        let slug = !path.is_empty()
+            && path
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !(path == DEFAULT_DASHBOARD || slug && path.contains('-')) {
+            return Err(invalid(
+                "dashboards.url_paths",
+                format!(
+                    "entry {i} ({path:?}) is not a dashboard url path: \"{DEFAULT_DASHBOARD}\" for the default dashboard, else the path HA shows after the host, e.g. \"dashboard-kiosk\" (lower-case letters, digits and at least one -)"
+                ),
+            ));
+        }
+        if raw.url_paths[..i].contains(path) {
+            return Err(invalid(
+                "dashboards.url_paths",
+                format!("entry {i} ({path:?}) is listed twice"),
+            ));
+        }
+    }
+    for (key, list) in [
+        ("dashboards.always", &raw.always),
+        ("dashboards.never", &raw.never),
+    ] {
+        for (i, pattern) in list.iter().enumerate() {
+            check_entity_pattern(pattern)
+                .map_err(|why| invalid(key, format!("entry {i} ({pattern:?}) {why}")))?;
+        }
+        if !list.is_empty() && raw.url_paths.is_empty() {
+            return Err(invalid(
+                key,
+                "is set but dashboards.url_paths is empty: there is no allowlist to change",
+            ));
+        }
+    }
+    Ok(DashboardsConfig {
+        url_paths: raw.url_paths,
+        always: raw.always,
+        never: raw.never,
+    })
+}
+
+/// Whether `pattern` is an entity id or a glob of entity ids, as `dashboards.always` and
+/// `dashboards.never` take them: HA's entity id characters (lower-case ASCII letters,
+/// digits, `_`, `.`; see HA `core.py` `valid_entity_id`) plus the wildcards `*` (any run of
+/// characters, `.` included) and `?` (one character). Without a wildcard it must be a whole
+/// entity id, `<domain>.<object_id>`.
+///
+/// Errors: why it is not, as the end of a sentence ("is not …").
+pub fn check_entity_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(c) = pattern.chars().find(|&c| {
+        !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '*' | '?'))
+    }) {
+        return Err(format!(
+            "holds {c:?}: entity ids and globs use only lower-case letters, digits, _ and ., with * and ? as wildcards (e.g. \"sensor.kitchen_*\", \"*_battery\")"
+        ));
+    }
+    let wildcard = pattern.contains(['*', '?']);
+    let whole_id = pattern.split_once('.').is_some_and(|(domain, object_id)| {
+        !domain.is_empty() && !object_id.is_empty() && !object_id.contains('.')
+    });
+    if !wildcard && !whole_id {
+        return Err(
+            "is not an entity id (<domain>.<object_id>, e.g. \"light.kitchen\") and has no wildcard".into(),
+        );
+    }
+    Ok(())
 }
 
 /// Splits `ha.url` into the REST base and the WebSocket URL (`/api/websocket`, see HA's
@@ -1095,6 +1255,119 @@ mod tests {
             "a \"http://***@h\" and wss://***@y/z, ok://"
         );
         assert_eq!(strip_userinfo_in("no url"), "no url");
+    }
+
+    #[test]
+    fn websocket_client_cap_defaults_and_bounds() {
+        assert_eq!(parse("").unwrap().http.max_websocket_clients, 64);
+        let c = parse("[http]\nmax_websocket_clients = 1").unwrap();
+        assert_eq!(c.http.max_websocket_clients, 1);
+        for bad in ["0", "1025"] {
+            let e = parse(&format!("[http]\nmax_websocket_clients = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("http.max_websocket_clients"), "{e}");
+        }
+    }
+
+    #[test]
+    fn dashboards_absent_means_no_allowlist() {
+        let c = parse("").unwrap();
+        assert_eq!(c.dashboards, DashboardsConfig::default());
+        assert!(!c.dashboards.enabled());
+        assert!(!parse("[dashboards]\n").unwrap().dashboards.enabled());
+    }
+
+    #[test]
+    fn dashboards_section_is_read_and_printed_back() {
+        let c = parse(
+            "[dashboards]\nurl_paths = [\"lovelace\", \"dashboard-kiosk\"]\nalways = [\"sun.sun\", \"sensor.kitchen_*\"]\nnever = [\"*_battery\", \"sensor.?x\"]",
+        )
+        .unwrap();
+        assert!(c.dashboards.enabled());
+        assert_eq!(c.dashboards.url_paths, ["lovelace", "dashboard-kiosk"]);
+        assert_eq!(c.dashboards.always, ["sun.sun", "sensor.kitchen_*"]);
+        assert_eq!(c.dashboards.never, ["*_battery", "sensor.?x"]);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        // A reload compares whole configs: a changed list is a changed config.
+        let d = parse("[dashboards]\nurl_paths = [\"lovelace\", \"dashboard-kiosk\"]\nalways = [\"sun.sun\"]\nnever = [\"*_battery\", \"sensor.?x\"]").unwrap();
+        assert_ne!(c, d);
+        let e = parse_config(
+            "",
+            env(&[
+                ("HASS_EDGE_DASHBOARDS_URL_PATHS", "lovelace, dashboard-hall"),
+                ("HASS_EDGE_DASHBOARDS_NEVER", "light.*"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(e.dashboards.url_paths, ["lovelace", "dashboard-hall"]);
+        assert_eq!(e.dashboards.never, ["light.*"]);
+    }
+
+    #[test]
+    fn bad_dashboards_entries_name_the_key() {
+        for (text, key) in [
+            ("url_paths = [\"Kiosk\"]", "dashboards.url_paths"),
+            ("url_paths = [\"kiosk\"]", "dashboards.url_paths"),
+            ("url_paths = [\"/dashboard-kiosk\"]", "dashboards.url_paths"),
+            ("url_paths = [\"\"]", "dashboards.url_paths"),
+            (
+                "url_paths = [\"dash-a\", \"dash-a\"]",
+                "dashboards.url_paths",
+            ),
+            (
+                "url_paths = [\"lovelace\"]\nalways = [\"Light.x\"]",
+                "dashboards.always",
+            ),
+            (
+                "url_paths = [\"lovelace\"]\nalways = [\"light\"]",
+                "dashboards.always",
+            ),
+            (
+                "url_paths = [\"lovelace\"]\nnever = [\"sensor.[ab]\"]",
+                "dashboards.never",
+            ),
+            (
+                "url_paths = [\"lovelace\"]\nnever = [\"\"]",
+                "dashboards.never",
+            ),
+            (
+                "url_paths = [\"lovelace\"]\nnever = [\"a.b.c\"]",
+                "dashboards.never",
+            ),
+            ("always = [\"sun.sun\"]", "dashboards.always"),
+            ("never = [\"sun.sun\"]", "dashboards.never"),
+            ("url_path = [\"lovelace\"]", "url_path"),
+        ] {
+            let e = parse(&format!("[dashboards]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn entity_patterns() {
+        for good in [
+            "light.kitchen",
+            "sensor.kitchen_*",
+            "*_battery",
+            "*",
+            "sensor.t?",
+        ] {
+            assert_eq!(check_entity_pattern(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "light",
+            "light.",
+            ".x",
+            "a.b.c",
+            "light.Kitchen",
+            "light kitchen",
+        ] {
+            assert!(check_entity_pattern(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
