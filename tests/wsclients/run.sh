@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Real Home Assistant WebSocket clients (home-assistant-js-websocket on Node, hass-client on Python)
+# run one scripted session against HA directly and through hass-edge's /api/websocket at once, and
+# the results are compared (issue 16). See tests/wsclients/README.md.
+#
+#   HA_PEER_DIR=<dir of a running tests/ha-peer peer> bash tests/wsclients/run.sh
+#
+# Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root);
+# WSCLIENTS_TARGET=ha (the self-check: both connections go to HA, no hass-edge);
+# WSCLIENTS_CLIENTS (default "js py"); WSCLIENTS_MODES (default "ha-token api-token");
+# WSCLIENTS_KILL=0 (skip the HA SIGKILL step); WSCLIENTS_JS_DEFLATE=0 (the js client offers no
+# permessage-deflate; by default it does, as ws and browsers do); OUT_DIR (keeps the daemon's log and the output);
+# WSCLIENTS_VERBOSE=1 (print HA's answers).
+#
+# The SIGKILL step kills and restarts the peer in HA_PEER_DIR (same version, port and DIR) with
+# tests/ha-peer/ha-peer.sh. Prints one PASS/FAIL line per check and `N passed, M failed`; exit 0
+# only when every check passed.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PEER=$ROOT/tests/ha-peer/ha-peer.sh
+T0=$SECONDS
+
+say() { printf 'wsclients: %s\n' "$*" >&2; }
+die() { printf 'wsclients: FAIL: %s\n' "$*" >&2; exit 1; }
+
+# ---------- prerequisites ----------
+[[ -n ${HA_PEER_DIR:-} ]] || die "HA_PEER_DIR is not set (the DIR of 'tests/ha-peer/ha-peer.sh start VERSION DIR PORT')"
+[[ -s $HA_PEER_DIR/url && -s $HA_PEER_DIR/token && -s $HA_PEER_DIR/version ]] || die "$HA_PEER_DIR has no url/token/version: is the HA peer started?"
+HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd -P)
+TARGET=${WSCLIENTS_TARGET:-edge}
+[[ $TARGET == edge || $TARGET == ha ]] || die "WSCLIENTS_TARGET must be edge or ha, not $TARGET"
+if [[ $TARGET == edge ]]; then
+	EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
+	[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+	[[ -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
+fi
+for tool in node python3 curl; do
+	command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+HA_URL=$(cat "$HA_PEER_DIR/url")
+HA_PORT=${HA_URL##*:}
+HA_TOKEN=$(cat "$HA_PEER_DIR/token")
+HA_VERSION=$(cat "$HA_PEER_DIR/version")
+curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $HA_TOKEN" "$HA_URL/api/" ||
+	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
+# The sessions make a few refused logins (a bad token): a peer with --ip-ban would ban 127.0.0.1.
+if grep -qs 'ip_ban_enabled: true' "$HA_PEER_DIR/configuration.yaml"; then
+	die "$HA_PEER_DIR runs with ip_ban_enabled (--ip-ban); use a peer without it"
+fi
+CLIENTS=${WSCLIENTS_CLIENTS:-js py}
+MODES=${WSCLIENTS_MODES:-ha-token api-token}
+for c in $CLIENTS; do [[ $c == js || $c == py ]] || die "WSCLIENTS_CLIENTS: unknown client $c (js, py)"; done
+for m in $MODES; do [[ $m == ha-token || $m == api-token ]] || die "WSCLIENTS_MODES: unknown mode $m (ha-token, api-token)"; done
+
+# ---------- the clients (cached; instant when installed) ----------
+INSTALLED=$(bash "$HERE/install.sh") || die "tests/wsclients/install.sh failed"
+NODE_MODULES=$(sed -n 's/^node_modules=//p' <<<"$INSTALLED")
+VENV=$(sed -n 's/^venv=//p' <<<"$INSTALLED")
+PY=$VENV/bin/python
+
+# ---------- processes and their cleanup ----------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-wsclients.XXXXXX")
+if [[ -n ${OUT_DIR:-} ]]; then
+	mkdir -p "$OUT_DIR"
+	OUT_DIR=$(cd "$OUT_DIR" && pwd)
+fi
+LOGDIR=${OUT_DIR:-$WORK}
+EDGE_PID='' EDGE_LOG=$LOGDIR/wsclients-edge.log
+
+stop_pid() { # PID: TERM, then KILL after 5 s
+	local pid=$1 i
+	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < 50; i++)); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	stop_pid "$EDGE_PID"
+	if ((rc != 0)) && [[ -s $EDGE_LOG ]]; then
+		echo "--- hass-edge log (tail) ---" >&2
+		tail -n 15 "$EDGE_LOG" >&2
+	fi
+	# A SIGKILL step cut short leaves the peer down: bring it back as it was found.
+	bash "$PEER" status "$HA_PEER_DIR" >/dev/null 2>&1 ||
+		bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" >/dev/null 2>&1 || true
+	rm -rf "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# One hass-edge with an API token: a client sending hass-edge's API token is served by hass-edge
+# (issue 16, mode b); one sending an HA token is "any other token", HA's verdict (mode a).
+if [[ $TARGET == edge ]]; then
+	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
+	EDGE_PORT=$(free_port)
+	EDGE_URL=http://127.0.0.1:$EDGE_PORT
+	cat >"$WORK/config.toml" <<EOF
+[ha]
+url = "$HA_URL"
+token_file = "$HA_PEER_DIR/token"
+
+[http]
+listen = "127.0.0.1:$EDGE_PORT"
+api_token_file = "$WORK/api-token"
+
+# Mirror every entity: the sessions compare get_states and subscribe_entities with HA's whole list.
+[filter]
+enabled = false
+
+[cache]
+state_file = "$WORK/states.json"
+
+[dbus]
+bus = "none"
+EOF
+	(
+		# Our callers' knobs must not reach the daemon as config overrides.
+		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
+		unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
+		exec "$EDGE_BIN" --config "$WORK/config.toml"
+	) >"$EDGE_LOG" 2>&1 &
+	EDGE_PID=$!
+fi
+
+# wait_edge: /health 200 (live and synced with HA)
+wait_edge() {
+	local code i
+	for ((i = 0; ; i++)); do
+		kill -0 "$EDGE_PID" 2>/dev/null || die "hass-edge exited (log: $EDGE_LOG)"
+		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$EDGE_URL/health" || true)
+		[[ $code != 200 ]] || return 0
+		((i < 300)) || die "hass-edge: /health is not 200 after 30 s (last: $code)"
+		sleep 0.1
+	done
+}
+if [[ $TARGET == edge ]]; then
+	wait_edge
+	say "HA $HA_VERSION at $HA_URL; hass-edge $("$EDGE_BIN" --version 2>/dev/null | head -1) live on $EDGE_URL after $((SECONDS - T0)) s"
+else
+	say "self-check: both connections to HA $HA_VERSION at $HA_URL"
+	MODES=self
+fi
+
+OUT=$WORK/out.txt
+: >"$OUT"
+status_info() { # the websocket_api counters of hass-edge's /status (recorded, not asserted yet)
+	[[ $TARGET == edge ]] || return 0
+	"$PY" "$HERE/helper.py" status "$EDGE_URL" "$(cat "$WORK/api-token")" 2>&1 | sed "s/^INFO /INFO $1: /" | tee -a "$OUT" || true
+}
+rc=0
+for mode in $MODES; do
+	case $mode in
+		self) TGT_URL=$HA_URL TGT_TOKEN=$HA_TOKEN TGT_LABEL=HA-again ;;
+		ha-token) TGT_URL=$EDGE_URL TGT_TOKEN=$HA_TOKEN TGT_LABEL="hass-edge" ;;
+		api-token) TGT_URL=$EDGE_URL TGT_TOKEN=$(cat "$WORK/api-token") TGT_LABEL="hass-edge (API token)" ;;
+	esac
+	for client in $CLIENTS; do
+		# a fresh non-admin token each time: the SIGKILL step may lose HA's latest auth writes
+		NONADMIN_TOKEN=$("$PY" "$HERE/helper.py" nonadmin "$HA_URL" "$HA_TOKEN" 2>"$WORK/nonadmin.err") ||
+			{ NONADMIN_TOKEN=''; say "no non-admin token: $(tail -n 1 "$WORK/nonadmin.err")"; }
+		t=$SECONDS
+		export HA_URL HA_TOKEN TGT_URL TGT_TOKEN TGT_LABEL NONADMIN_TOKEN HA_PEER_DIR HA_VERSION HA_PORT
+		export PEER_SCRIPT=$PEER WSC_KILL=${WSCLIENTS_KILL:-1} WSC_VERBOSE=${WSCLIENTS_VERBOSE:-0}
+		export WSC_PREFIX="$client [$mode]: " WSC_NODE_MODULES=$NODE_MODULES WSC_JS_DEFLATE=${WSCLIENTS_JS_DEFLATE:-1}
+		if [[ $client == js ]]; then
+			node "$HERE/session.mjs" 2>&1 | tee -a "$OUT" || rc=$?
+		else
+			"$PY" "$HERE/session.py" 2>&1 | tee -a "$OUT" || rc=$?
+		fi
+		say "$client [$mode] done in $((SECONDS - t)) s"
+		status_info "$client [$mode]"
+		# after a SIGKILL step: HA is back and hass-edge resynced before the next session
+		bash "$PEER" wait-running "$HA_PEER_DIR" 60 >/dev/null 2>&1 || die "the HA peer is not RUNNING after $client [$mode]"
+		[[ $TARGET != edge ]] || wait_edge
+	done
+done
+
+if [[ $TARGET == edge ]]; then
+	"$PY" "$HERE/helper.py" origin "$EDGE_URL" 2>&1 | tee -a "$OUT" || true
+	if kill -0 "$EDGE_PID" 2>/dev/null; then
+		echo "PASS hass-edge still running after the sessions" | tee -a "$OUT"
+	else
+		echo "FAIL hass-edge still running after the sessions: it exited (log: $EDGE_LOG)" | tee -a "$OUT"
+	fi
+fi
+[[ -z ${OUT_DIR:-} ]] || cp "$OUT" "$OUT_DIR/wsclients-output.txt"
+passed=$(grep -c '^PASS ' "$OUT" || true)
+failed=$(grep -c '^FAIL ' "$OUT" || true)
+say "HA $HA_VERSION, target $TARGET: done in $((SECONDS - T0)) s"
+echo "$passed passed, $failed failed"
+((failed == 0 && passed > 0 && rc == 0))
