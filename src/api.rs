@@ -24,6 +24,7 @@ use crate::hub::{Hub, Read, TokenCheck};
 use crate::mirror::Update;
 use crate::proxy::{Capture, Credentials, Plan, Proxy, WsAuth};
 use crate::sse::EventStream;
+use crate::ws_server::WsApi;
 
 /// The routes, served by [`crate::http::serve`].
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub struct Api {
     hub: Rc<Hub>,
     /// Requests the routes do not answer go to HA through this.
     proxy: Rc<Proxy>,
+    /// `/api/websocket`.
+    ws: Rc<WsApi>,
 }
 
 impl Api {
@@ -51,11 +54,14 @@ impl Api {
                 )
             });
         let proxy = Rc::new(Proxy::new(assets));
-        let weak = Rc::downgrade(&proxy);
+        let ws = Rc::new(WsApi::new(hub.clone()));
+        let (weak, weak_ws) = (Rc::downgrade(&proxy), Rc::downgrade(&ws));
         hub.set_forward_probe(Box::new(move || {
-            weak.upgrade().map(|p| p.status()).unwrap_or_default()
+            let mut status = weak.upgrade().map(|p| p.status()).unwrap_or_default();
+            status.websocket_api = weak_ws.upgrade().map(|w| w.status()).unwrap_or_default();
+            status
         }));
-        Api { hub, proxy }
+        Api { hub, proxy, ws }
     }
 }
 
@@ -87,7 +93,7 @@ impl Handler for Api {
         &'a self,
         exchange: Exchange<'a>,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<bool>> + 'a>> {
-        Box::pin(forward(&self.hub, &self.proxy, exchange))
+        Box::pin(forward(&self.hub, &self.proxy, &self.ws, exchange))
     }
 
     fn refused(&self, status: u16) {
@@ -214,7 +220,7 @@ fn write_capture(method: &str, path: &str) -> Option<Capture> {
 /// credentials (the API token is never passed on). Read-only mode
 /// (`http.allow_service_calls = false`) forwards only `GET`/`HEAD`/`OPTIONS`, whoever asks
 /// (403), and HA's login flow (`/auth/*`), which changes nothing in the house.
-async fn forward(hub: &Hub, proxy: &Proxy, x: Exchange<'_>) -> std::io::Result<bool> {
+async fn forward(hub: &Hub, proxy: &Proxy, ws: &WsApi, x: Exchange<'_>) -> std::io::Result<bool> {
     let config = hub.config();
     let head = &x.head;
     let path = head.path().to_owned();
@@ -269,6 +275,11 @@ async fn forward(hub: &Hub, proxy: &Proxy, x: Exchange<'_>) -> std::io::Result<b
         x.respond(response, keep_alive).await?;
         hub.count_http("forward", status);
         return Ok(keep_alive);
+    }
+    // HA's WebSocket API is served here (issue 16).
+    if path == "/api/websocket" && x.head.upgrade && x.head.method == "GET" {
+        hub.count_http("/api/websocket", 101);
+        return ws.serve(x).await;
     }
     // An allowed cross-origin page reads HA's answer as it reads ours.
     let cors = x

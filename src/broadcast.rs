@@ -30,6 +30,9 @@ use crate::store::Change;
 
 /// Most concurrent clients; more are refused.
 pub const MAX_CLIENTS: usize = 64;
+/// Most concurrent WebSocket API sessions following the mirror ([`Broadcast::subscribe_session`]),
+/// counted apart from [`MAX_CLIENTS`]; `http.max_websocket_clients` admits at most this.
+pub const MAX_SESSIONS: usize = 1024;
 /// A client whose oldest undelivered change is older than this does not keep up and is
 /// disconnected. A reader on the same machine drains a 20,000-change resync in well under
 /// a second.
@@ -119,15 +122,36 @@ impl Selection {
 pub struct Event {
     /// The change.
     pub change: Change,
-    /// Its wire form, rendered by the first client that needs it.
-    rendered: OnceCell<Box<str>>,
+    /// Its wire forms, each rendered by the first client of its [`Render`] kind.
+    rendered: [OnceCell<Box<str>>; RENDER_KINDS],
 }
 
+/// The wire forms of a change, one per kind of client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Render {
+    /// `/api/stream`'s SSE message.
+    Sse = 0,
+    /// HA's `state_changed` event object (the WebSocket API's `subscribe_events`).
+    StateChanged = 1,
+    /// HA's compressed `subscribe_entities` event (`{"a"|"c"|"r": …}`).
+    Compressed = 2,
+}
+
+const RENDER_KINDS: usize = 3;
+
 impl Event {
-    /// The change rendered by `render`, once for all clients of one kind.
-    pub fn rendered(&self, render: impl FnOnce(&Change) -> String) -> &str {
-        self.rendered
-            .get_or_init(|| render(&self.change).into_boxed_str())
+    /// An event outside any batch, for unit tests of renderers.
+    #[cfg(test)]
+    pub fn for_tests(change: Change) -> Event {
+        Event {
+            change,
+            rendered: Default::default(),
+        }
+    }
+
+    /// The change rendered by `render`, once for all clients of the `kind`.
+    pub fn rendered(&self, kind: Render, render: impl FnOnce(&Change) -> String) -> &str {
+        self.rendered[kind as usize].get_or_init(|| render(&self.change).into_boxed_str())
     }
 }
 
@@ -184,6 +208,8 @@ struct Client {
     id: u64,
     /// What it wants.
     selection: Selection,
+    /// A WebSocket API session ([`MAX_SESSIONS`]) rather than a stream ([`MAX_CLIENTS`]).
+    session: bool,
     /// Batches not yet read, oldest first.
     queue: RefCell<VecDeque<Rc<Batch>>>,
     /// The sum of [`Batch::bytes`] over `queue`.
@@ -298,10 +324,20 @@ impl Subscription {
 }
 
 impl Broadcast {
-    /// Registers a client, or `None` when [`MAX_CLIENTS`] are connected.
+    /// Registers a stream client, or `None` when [`MAX_CLIENTS`] are connected.
     pub fn subscribe(&self, selection: Selection) -> Option<Subscription> {
+        self.register(selection, false)
+    }
+
+    /// Registers a WebSocket API session, or `None` when [`MAX_SESSIONS`] are connected.
+    pub fn subscribe_session(&self, selection: Selection) -> Option<Subscription> {
+        self.register(selection, true)
+    }
+
+    fn register(&self, selection: Selection, session: bool) -> Option<Subscription> {
         let mut clients = self.0.clients.borrow_mut();
-        if clients.len() >= MAX_CLIENTS {
+        let limit = if session { MAX_SESSIONS } else { MAX_CLIENTS };
+        if clients.iter().filter(|c| c.session == session).count() >= limit {
             return None;
         }
         let id = self.0.next_id.get();
@@ -309,6 +345,7 @@ impl Broadcast {
         let client = Rc::new(Client {
             id,
             selection,
+            session,
             queue: RefCell::new(VecDeque::new()),
             queued_bytes: Cell::new(0),
             closed: Cell::new(false),
@@ -336,7 +373,7 @@ impl Broadcast {
                 .map(|c| {
                     Rc::new(Event {
                         change: c.clone(),
-                        rendered: OnceCell::new(),
+                        rendered: Default::default(),
                     })
                 })
                 .collect(),
@@ -623,7 +660,7 @@ mod tests {
         assert!(Rc::ptr_eq(&ex, &ey));
         let calls = Cell::new(0);
         for e in [&ex, &ey] {
-            let text = e.rendered(|c| {
+            let text = e.rendered(Render::Sse, |c| {
                 calls.set(calls.get() + 1);
                 c.entity_id.clone()
             });

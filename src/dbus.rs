@@ -106,6 +106,14 @@ pub struct Props {
     pub version: String,
     /// States are served but not live (HA unreachable, or restored from disk at start).
     pub serving_stale: bool,
+    /// Local WebSocket API sessions open now.
+    pub websocket_sessions: u32,
+    /// WebSocket API commands forwarded to HA.
+    pub websocket_forwarded_commands: u64,
+    /// WebSocket API sessions dropped for falling behind.
+    pub websocket_slow_clients_dropped: u64,
+    /// WebSocket API tokens HA refused.
+    pub websocket_auth_failures: u64,
 }
 
 impl Props {
@@ -133,6 +141,11 @@ impl Props {
             start_time: epoch_micros(Some(status.started)),
             version: env!("CARGO_PKG_VERSION").into(),
             serving_stale: status.serving_stale(),
+            websocket_sessions: u32::try_from(status.forwarding.websocket_api.sessions_open)
+                .unwrap_or(u32::MAX),
+            websocket_forwarded_commands: status.forwarding.websocket_api.forwarded_commands,
+            websocket_slow_clients_dropped: status.forwarding.websocket_api.slow_clients_dropped,
+            websocket_auth_failures: status.forwarding.websocket_api.auth_failures,
         }
     }
 }
@@ -280,6 +293,26 @@ mod object {
         #[zbus(property)]
         fn serving_stale(&self) -> bool {
             self.props().serving_stale
+        }
+        /// Local WebSocket API sessions open now.
+        #[zbus(property)]
+        fn websocket_sessions(&self) -> u32 {
+            self.props().websocket_sessions
+        }
+        /// WebSocket API commands forwarded to HA.
+        #[zbus(property)]
+        fn websocket_forwarded_commands(&self) -> u64 {
+            self.props().websocket_forwarded_commands
+        }
+        /// WebSocket API sessions dropped for falling behind.
+        #[zbus(property)]
+        fn websocket_slow_clients_dropped(&self) -> u64 {
+            self.props().websocket_slow_clients_dropped
+        }
+        /// WebSocket API tokens HA refused.
+        #[zbus(property)]
+        fn websocket_auth_failures(&self) -> u64 {
+            self.props().websocket_auth_failures
         }
     }
 }
@@ -692,6 +725,7 @@ impl Service {
                     reconnect_attempts: now.reconnect_attempts,
                     subscriptions: now.subscriptions,
                     serving_stale: now.serving_stale,
+                    websocket_sessions: now.websocket_sessions,
                     ..self.announced.clone()
                 }
             };
@@ -880,6 +914,10 @@ async fn emit_changes(
         start_time => start_time_changed,
         version => version_changed,
         serving_stale => serving_stale_changed,
+        websocket_sessions => websocket_sessions_changed,
+        websocket_forwarded_commands => websocket_forwarded_commands_changed,
+        websocket_slow_clients_dropped => websocket_slow_clients_dropped_changed,
+        websocket_auth_failures => websocket_auth_failures_changed,
     );
     Ok(())
 }

@@ -150,6 +150,22 @@ impl Feed {
 }
 
 impl Receiver {
+    /// The next queued event without waiting: `Ok(None)` when none is queued, `Err(())`
+    /// once dropped for falling behind (events were lost).
+    #[allow(clippy::result_unit_err)]
+    pub fn try_recv(&mut self) -> Result<Option<Rc<str>>, ()> {
+        if self.client.closed.get() {
+            return Err(());
+        }
+        let text = self.client.queue.borrow_mut().pop_front();
+        if let Some(text) = &text {
+            self.client
+                .bytes
+                .set(self.client.bytes.get().saturating_sub(text.len()));
+        }
+        Ok(text)
+    }
+
     /// The next rendered event; `None` once dropped for falling behind.
     pub async fn recv(&mut self) -> Option<Rc<str>> {
         loop {

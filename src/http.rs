@@ -223,7 +223,7 @@ impl std::fmt::Debug for Exchange<'_> {
     }
 }
 
-impl Exchange<'_> {
+impl<'a> Exchange<'a> {
     /// Reads the next piece of the body into `out` (at most [`CHUNK`] bytes, appended):
     /// `Ok(0)` once the body is complete. The body must arrive within [`REQUEST_TIMEOUT`] of
     /// the head (`TimedOut`); EOF before it is complete is `UnexpectedEof`.
@@ -278,6 +278,13 @@ impl Exchange<'_> {
     /// Resolves when the daemon shuts down.
     pub fn shutdown(&self) -> &Shutdown {
         self.shutdown
+    }
+
+    /// The connection, the bytes already read past the head (see
+    /// [`Exchange::take_buffered`]) and the shutdown signal, for a handler that speaks
+    /// another protocol on the connection from now on (a WebSocket after its `101`).
+    pub fn into_parts(self) -> (&'a mut TcpStream, Vec<u8>, &'a Shutdown) {
+        (self.stream, std::mem::take(self.buffered), self.shutdown)
     }
 }
 

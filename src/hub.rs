@@ -388,6 +388,21 @@ impl Hub {
         loaded
     }
 
+    /// Whether the mirror follows `entity_id` (`filter`).
+    pub fn follows(&self, entity_id: &str) -> bool {
+        self.mirror.borrow().filter().tracks(entity_id)
+    }
+
+    /// The state of a followed entity ([`Hub::follows`]), if the mirror has it.
+    pub fn followed_state(&self, entity_id: &str) -> Option<Rc<EntityState>> {
+        let mirror = self.mirror.borrow();
+        if mirror.filter().tracks(entity_id) {
+            mirror.peek(entity_id)
+        } else {
+            None
+        }
+    }
+
     /// The tracked states, sorted by entity id, and whether they are live (else stale).
     pub fn tracked_states(&self) -> (Vec<Rc<EntityState>>, bool) {
         let mirror = self.mirror.borrow();
@@ -443,6 +458,12 @@ impl Hub {
     /// Registers a push client for `selection`, or `None` at the client cap.
     pub fn subscribe(&self, selection: Selection) -> Option<Subscription> {
         self.broadcast.subscribe(selection)
+    }
+
+    /// A WebSocket API session's queue of the mirror's changes (at most
+    /// [`crate::broadcast::MAX_SESSIONS`] at once; counted apart from the streams).
+    pub fn subscribe_session(&self) -> Option<Subscription> {
+        self.broadcast.subscribe_session(Selection::default())
     }
 
     /// A stream client's queue of HA's other events of `types` (see [`crate::events`]);

@@ -274,5 +274,48 @@ pub fn render(status: &Status) -> String {
         "Stream clients of Home Assistant's other events dropped for falling behind.",
         f.event_clients_dropped,
     );
+    let w = &f.websocket_api;
+    o.single(
+        "hass_edge_websocket_sessions",
+        "gauge",
+        "Local WebSocket API sessions open now.",
+        w.sessions_open,
+    );
+    o.single(
+        "hass_edge_websocket_sessions_total",
+        "counter",
+        "Local WebSocket API sessions since start.",
+        w.sessions_total,
+    );
+    o.single(
+        "hass_edge_websocket_forwarded_commands_total",
+        "counter",
+        "WebSocket API commands forwarded to Home Assistant.",
+        w.forwarded_commands,
+    );
+    o.single(
+        "hass_edge_websocket_links",
+        "gauge",
+        "WebSocket API sessions' own links to Home Assistant open now.",
+        w.links_open,
+    );
+    o.single(
+        "hass_edge_websocket_slow_clients_dropped_total",
+        "counter",
+        "WebSocket API sessions dropped for falling behind.",
+        w.slow_clients_dropped,
+    );
+    o.single(
+        "hass_edge_websocket_auth_failures_total",
+        "counter",
+        "WebSocket API tokens Home Assistant refused.",
+        w.auth_failures,
+    );
+    o.single(
+        "hass_edge_websocket_refused_total",
+        "counter",
+        "WebSocket API upgrades refused at http.max_websocket_clients.",
+        w.refused_full,
+    );
     o.0
 }

@@ -179,7 +179,8 @@ fn take_slot(gauge: &Cell<usize>, max: usize) -> Option<Slot<'_>> {
 }
 
 /// A byte stream to HA (plain TCP or TLS).
-trait Stream: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin {}
+/// A byte stream to HA: plain TCP or TLS.
+pub trait Stream: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin {}
 impl<T: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin> Stream for T {}
 
 /// HA's address, split from `ha.url`.
@@ -222,6 +223,24 @@ fn target(url: &str) -> Result<Target, String> {
         authority: authority.to_owned(),
         prefix: prefix.trim_end_matches('/').to_owned(),
     })
+}
+
+/// Opens a connection to HA (`upstream.url`, TLS for `https`) within [`CONNECT_TIMEOUT`],
+/// and gives the URL of HA's WebSocket API on it (`ws://host:port/prefix/api/websocket`,
+/// the scheme only for the handshake's request line and `Host`).
+///
+/// Errors: the URL, connect, TLS or the timeout, as text for the log.
+pub async fn connect_websocket(upstream: &Upstream) -> Result<(Box<dyn Stream>, String), String> {
+    let target = target(&upstream.url)?;
+    let stream = connect(upstream, &target).await?;
+    let scheme = if target.tls { "wss" } else { "ws" };
+    Ok((
+        stream,
+        format!(
+            "{scheme}://{}{}/api/websocket",
+            target.authority, target.prefix
+        ),
+    ))
 }
 
 /// Opens a connection to HA within [`CONNECT_TIMEOUT`].

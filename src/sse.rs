@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use smol::future::FutureExt;
 
-use crate::broadcast::Subscription;
+use crate::broadcast::{Render, Subscription};
 use crate::deadline::Deadline;
 use crate::entity::{Context, EntityState, Timestamp};
 use crate::events::Receiver as EventReceiver;
@@ -58,11 +58,26 @@ pub fn format_event(
     old_state: Option<&EntityState>,
     new_state: Option<&EntityState>,
 ) -> String {
+    format!(
+        "data: {}\n\n",
+        state_changed_json(entity_id, old_state, new_state)
+    )
+}
+
+/// HA's `state_changed` event object (`core.py` `Event.as_dict`, key order kept):
+/// `{"event_type":"state_changed","data":{"entity_id","old_state","new_state"},
+/// "origin":"LOCAL","time_fired","context"}`; the body of an SSE message and of a
+/// WebSocket API `subscribe_events` event.
+pub fn state_changed_json(
+    entity_id: &str,
+    old_state: Option<&EntityState>,
+    new_state: Option<&EntityState>,
+) -> String {
     let (time_fired, context) = match (new_state, old_state) {
         (Some(new), _) => (new.last_updated, Some(&new.context)),
         (None, old) => (Timestamp::now(), old.map(|o| &o.context)),
     };
-    let data = serde_json::to_string(&Envelope {
+    serde_json::to_string(&Envelope {
         event_type: "state_changed",
         data: Data {
             entity_id,
@@ -73,8 +88,7 @@ pub fn format_event(
         time_fired,
         context,
     })
-    .unwrap_or_default();
-    format!("data: {data}\n\n")
+    .unwrap_or_default()
 }
 
 /// [`format_event`] for a [`Change`].
@@ -173,10 +187,10 @@ impl Pieces for EventStream {
                 // Fell behind on HA's events: end the stream, as for state changes.
                 Wake::Other(None) => return false,
                 Wake::Event(Some(event)) => {
-                    buf.extend_from_slice(event.rendered(format_change).as_bytes());
+                    buf.extend_from_slice(event.rendered(Render::Sse, format_change).as_bytes());
                     // Batch whatever else is queued into one write.
                     while let Some(more) = self.subscription.try_recv() {
-                        buf.extend_from_slice(more.rendered(format_change).as_bytes());
+                        buf.extend_from_slice(more.rendered(Render::Sse, format_change).as_bytes());
                         if buf.len() > STREAM_PIECE {
                             break;
                         }

@@ -172,6 +172,27 @@ pub struct ForwardStatus {
     pub event_clients: usize,
     /// Such clients dropped for falling behind (total).
     pub event_clients_dropped: u64,
+    /// The local WebSocket API.
+    pub websocket_api: WsApiStatus,
+}
+
+/// The local WebSocket API (`ws_server.rs`, issue 16).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WsApiStatus {
+    /// Sessions open now.
+    pub sessions_open: usize,
+    /// Sessions since start.
+    pub sessions_total: u64,
+    /// Commands forwarded to HA (total).
+    pub forwarded_commands: u64,
+    /// Sessions' own links to HA open now.
+    pub links_open: usize,
+    /// Sessions dropped for falling behind (total).
+    pub slow_clients_dropped: u64,
+    /// Tokens HA refused (total).
+    pub auth_failures: u64,
+    /// Upgrades refused at `http.max_websocket_clients` (total).
+    pub refused_full: u64,
 }
 
 impl Status {
@@ -252,6 +273,15 @@ impl Status {
                 },
                 "event_clients": self.forwarding.event_clients,
                 "event_clients_dropped": self.forwarding.event_clients_dropped,
+            },
+            "websocket_api": {
+                "sessions_open": self.forwarding.websocket_api.sessions_open,
+                "sessions_total": self.forwarding.websocket_api.sessions_total,
+                "forwarded_commands": self.forwarding.websocket_api.forwarded_commands,
+                "links_open": self.forwarding.websocket_api.links_open,
+                "slow_clients_dropped": self.forwarding.websocket_api.slow_clients_dropped,
+                "auth_failures": self.forwarding.websocket_api.auth_failures,
+                "refused_full": self.forwarding.websocket_api.refused_full,
             },
             "warm_start": self.warm_start.map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
             "serving_stale": self.serving_stale(),

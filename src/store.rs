@@ -606,6 +606,7 @@ pub(crate) mod tests {
                 id: "c".into(),
                 ..Default::default()
             },
+            epoch: Default::default(),
         }
     }
 

@@ -1,1 +1,1125 @@
-//! `/api/websocket`: the local WebSocket API's I/O (issue 16).
+//! `/api/websocket`: the local WebSocket API's I/O (issue 16). One task per client runs a
+//! [`LocalSession`] (the protocol, sans I/O) over the upgraded connection, the mirror's
+//! changes ([`Hub::subscribe_session`]) and, when the client's commands need HA, a link of
+//! its own to HA's WebSocket API ([`UpLink`]).
+//!
+//! - **Upgrade** (RFC 6455 §4.2): a `GET` with `Upgrade: websocket`, `Sec-WebSocket-Key`
+//!   and version 13 gets `101` with `Sec-WebSocket-Accept`; else 400. Beyond
+//!   `http.max_websocket_clients` sessions: 503 before the upgrade. The `Origin` rule is the
+//!   routes' (`api.rs`, 403 before this).
+//! - **Auth**: HA's handshake; 10 s for the `auth` message (HA `AUTH_TIMEOUT`). hass-edge's
+//!   API token is a [`Mode::Edge`] session. Any other token is HA's to judge: hass-edge
+//!   opens a link to HA with it, and HA's verdict is the client's; the link then carries that
+//!   session's forwarded commands, under that user's permissions ([`Mode::User`]). In the
+//!   loopback-open mode (no API token), a token HA refuses, or any token while HA is away,
+//!   still gets an Edge session. With an API token set and HA away, a non-API token gets no
+//!   verdict: the connection closes and the client retries (an `auth_invalid` would make
+//!   HA's frontend forget its login).
+//! - **Forwarded commands** go on the session's link under ids of its own; HA's answers
+//!   come back under the client's. An Edge session opens its link (with hass-edge's HA
+//!   token) at its first forwarded command. When the link drops, the commands waiting for
+//!   an answer get `home_assistant_error`; open subscriptions are made again on the next
+//!   link without the client noticing (the new result is not passed on). While HA is away
+//!   a forwarded command is answered `home_assistant_error` at once.
+//! - **Cached answers**: `get_services` and the registry lists HA's frontend asks for at
+//!   every load ([`CACHED`]) are kept from HA's first answer until HA's matching
+//!   `*_updated` event (one subscription on the shared link) or a new link.
+//! - **Limits**: a message over [`MAX_MESSAGE_BYTES`] closes the connection; a client that
+//!   falls behind the mirror (`broadcast.rs`'s rule: 5 s, 1 MiB or 4,096 updates) or takes
+//!   longer than [`WRITE_TIMEOUT`] to take a frame is disconnected and counted, as HA
+//!   disconnects a client 4,096 messages behind (`websocket_api/const.py`
+//!   `MAX_PENDING_MSG`); nobody else waits for it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use serde_json::{Map, Value};
+use smol::Timer;
+use smol::future::FutureExt;
+use smol::io::{AsyncRead, AsyncWrite};
+use smol::stream::StreamExt;
+
+use crate::broadcast::Subscription;
+use crate::config::Secret;
+use crate::entity::EntityState;
+use crate::http::{Exchange, Response};
+use crate::hub::Hub;
+use crate::proxy::Stream;
+use crate::status::WsApiStatus;
+use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, Phase, View};
+
+/// Time for the client's `auth` message (HA `websocket_api/http.py`: 10 s).
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for HA to answer hass-edge's handshake and `auth` on a session's link.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client may take to accept one frame before it is disconnected as too slow.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait between attempts to make a session's link again while it holds
+/// subscriptions; the first wait is 1 s, doubling.
+pub const MAX_RELINK_DELAY: Duration = Duration::from_secs(30);
+/// Largest message accepted from HA on a session's link (a big registry list).
+const MAX_UPSTREAM_MESSAGE: usize = 32 * 1024 * 1024;
+/// Most answers a session's link waits for at once; beyond, a command is refused with
+/// `home_assistant_error` (nothing a client does grows hass-edge's memory without bound).
+pub const MAX_PENDING: usize = 1024;
+
+/// Argument-less commands whose answers are cached, and the HA events that end them.
+pub const CACHED: &[(&str, &[&str])] = &[
+    ("get_services", &["service_registered", "service_removed"]),
+    (
+        "config/entity_registry/list_for_display",
+        &["entity_registry_updated"],
+    ),
+    ("config/device_registry/list", &["device_registry_updated"]),
+    ("config/area_registry/list", &["area_registry_updated"]),
+    ("config/floor_registry/list", &["floor_registry_updated"]),
+    ("config/label_registry/list", &["label_registry_updated"]),
+];
+
+/// The local WebSocket API: its counters and shared caches. One per daemon.
+#[derive(Debug)]
+pub struct WsApi {
+    hub: Rc<Hub>,
+    counters: Counters,
+    cache: RefCell<HashMap<&'static str, Rc<str>>>,
+    /// HA's events that end cached answers, once something is cached; and the link's
+    /// `last_connected` when it was made (a new link ends every cached answer).
+    invalidations: RefCell<Option<(crate::events::Receiver, Option<std::time::SystemTime>)>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    open: Cell<usize>,
+    total: Cell<u64>,
+    forwarded: Cell<u64>,
+    links_open: Cell<usize>,
+    slow_dropped: Cell<u64>,
+    auth_failures: Cell<u64>,
+    refused_full: Cell<u64>,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    Client(String),
+    Slow(&'static str),
+    Shutdown,
+}
+
+impl WsApi {
+    /// The API over `hub`.
+    pub fn new(hub: Rc<Hub>) -> WsApi {
+        WsApi {
+            hub,
+            counters: Counters::default(),
+            cache: RefCell::new(HashMap::new()),
+            invalidations: RefCell::new(None),
+        }
+    }
+
+    /// The counters for `/status`, `/metrics` and D-Bus.
+    pub fn status(&self) -> WsApiStatus {
+        let c = &self.counters;
+        WsApiStatus {
+            sessions_open: c.open.get(),
+            sessions_total: c.total.get(),
+            forwarded_commands: c.forwarded.get(),
+            links_open: c.links_open.get(),
+            slow_clients_dropped: c.slow_dropped.get(),
+            auth_failures: c.auth_failures.get(),
+            refused_full: c.refused_full.get(),
+        }
+    }
+
+    /// Serves one `/api/websocket` upgrade request to its end. Resolves to `false`: the
+    /// connection is never reused for HTTP.
+    pub async fn serve(&self, mut x: Exchange<'_>) -> std::io::Result<bool> {
+        let key = websocket_key(&x.raw_head);
+        let Some(key) = key else {
+            let response = Response::error(
+                400,
+                "a WebSocket handshake needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+            );
+            x.respond(response, false).await?;
+            return Ok(false);
+        };
+        let max = self.hub.config().http.max_websocket_clients;
+        if self.counters.open.get() >= max {
+            self.counters
+                .refused_full
+                .set(self.counters.refused_full.get() + 1);
+            let response = Response::error(
+                503,
+                "too many WebSocket clients (http.max_websocket_clients)",
+            );
+            x.respond(response, false).await?;
+            return Ok(false);
+        }
+        let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nDate: {}\r\n\r\n",
+            crate::http::http_date()
+        );
+        x.write(head.as_bytes()).await?;
+        let (stream, early, shutdown) = x.into_parts();
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .max_message_size(Some(MAX_MESSAGE_BYTES))
+            .max_frame_size(Some(MAX_MESSAGE_BYTES))
+            .write_buffer_size(0)
+            .max_write_buffer_size(4 * 1024 * 1024);
+        let mut client = WebSocketStream::from_raw_socket(
+            Prefixed {
+                early,
+                at: 0,
+                inner: stream,
+            },
+            Role::Server,
+            Some(config),
+        )
+        .await;
+        let c = &self.counters;
+        c.open.set(c.open.get() + 1);
+        c.total.set(c.total.get() + 1);
+        self.hub.notify_changed();
+        let end = self.session(&mut client, shutdown).await;
+        match &end {
+            End::Slow(why) => {
+                c.slow_dropped.set(c.slow_dropped.get() + 1);
+                log::warn!("WebSocket client dropped: {why}");
+            }
+            End::Client(why) => log::debug!("WebSocket session ended: {why}"),
+            End::Shutdown => {}
+        }
+        if !matches!(end, End::Slow(_)) {
+            let close = async { client.close(None).await.is_ok() };
+            close
+                .or(async {
+                    Timer::after(Duration::from_secs(1)).await;
+                    false
+                })
+                .await;
+        }
+        c.open.set(c.open.get().saturating_sub(1));
+        self.hub.notify_changed();
+        Ok(false)
+    }
+
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut WebSocketStream<S>,
+        shutdown: &crate::shutdown::Shutdown,
+    ) -> End {
+        let mut session = LocalSession::new();
+        let version = self.ha_version();
+        if let Err(e) = send(client, LocalSession::auth_required(&version)).await {
+            return e;
+        }
+        // The auth phase.
+        let first = async { Some(client.next().await) }
+            .or(async {
+                Timer::after(AUTH_TIMEOUT).await;
+                None
+            })
+            .or(async {
+                shutdown.wait().await;
+                None
+            })
+            .await;
+        let text = match first {
+            Some(Some(Ok(Message::Text(text)))) => text,
+            None if shutdown.is_triggered() => return End::Shutdown,
+            None => return End::Client("no auth message within 10 s".into()),
+            Some(other) => return End::Client(format!("auth phase: {other:?}")),
+        };
+        let mut actions = Vec::new();
+        session.handle_text(&text, &self.view(), &mut actions);
+        let mut link: Option<UpLink> = None;
+        let mut token: Option<Secret> = None;
+        let mut pending = Vec::new();
+        for action in std::mem::take(&mut actions) {
+            match action {
+                Action::Authorize(presented) => match self.authorize(&presented).await {
+                    Verdict::Accept(mode, up) => {
+                        if mode == Mode::User {
+                            token = Some(Secret::new(presented));
+                        }
+                        if up.is_some() {
+                            let open = &self.counters.links_open;
+                            open.set(open.get() + 1);
+                        }
+                        link = up;
+                        session.authorized(mode, &self.ha_version(), &mut pending);
+                    }
+                    // No verdict from HA: no answer either.
+                    Verdict::Unknown => return End::Client("HA could not judge the token".into()),
+                    Verdict::Refuse => {
+                        self.counters
+                            .auth_failures
+                            .set(self.counters.auth_failures.get() + 1);
+                        session.refused(&mut pending);
+                    }
+                },
+                other => pending.push(other),
+            }
+        }
+        let mut state = Running {
+            counters: &self.counters,
+            link,
+            token,
+            relink_at: None,
+            relink_delay: Duration::from_secs(1),
+            subs: BTreeMap::new(),
+            routes: HashMap::new(),
+            next_id: 0,
+            changes: None,
+        };
+        let mut outgoing: Vec<String> = Vec::new();
+        if let Some(end) = self
+            .act(&mut session, &mut state, pending, &mut outgoing)
+            .await
+        {
+            let _ = flush(client, &session, &mut outgoing).await;
+            return end;
+        }
+        if let Err(e) = flush(client, &session, &mut outgoing).await {
+            return e;
+        }
+        loop {
+            if session.phase() == Phase::Closed {
+                return End::Client("closed".into());
+            }
+            let wake = self.wait(client, &mut state, shutdown).await;
+            match wake {
+                Wake::Shutdown => return End::Shutdown,
+                Wake::Client(None) => return End::Client("client went away".into()),
+                Wake::Client(Some(Err(e))) => return End::Client(format!("client: {e}")),
+                Wake::Client(Some(Ok(message))) => match message {
+                    Message::Text(text) => {
+                        let mut actions = Vec::new();
+                        session.handle_text(&text, &self.view(), &mut actions);
+                        if let Some(end) = self
+                            .act(&mut session, &mut state, actions, &mut outgoing)
+                            .await
+                        {
+                            let _ = flush(client, &session, &mut outgoing).await;
+                            return end;
+                        }
+                    }
+                    Message::Close(_) => return End::Client("client closed".into()),
+                    Message::Binary(_) => {
+                        return End::Client("binary messages are not supported".into());
+                    }
+                    _ => {}
+                },
+                Wake::Changes(None) => {
+                    return End::Slow("fell behind the mirror's changes");
+                }
+                Wake::Changes(Some(first)) => {
+                    let mut events = vec![first];
+                    if let Some(sub) = state.changes.as_mut() {
+                        while let Some(e) = sub.try_recv() {
+                            events.push(e);
+                        }
+                    }
+                    session.changes(&events, &self.view(), &mut outgoing);
+                }
+                Wake::Link(Some(Ok(Message::Text(text)))) => {
+                    self.from_link(&mut state, &text, &mut outgoing);
+                }
+                Wake::Link(Some(Ok(_))) => {}
+                Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
+                Wake::Relink => self.relink(&mut state, &mut outgoing).await,
+            }
+            // Follow the mirror from the turn the first local subscription was answered: its
+            // snapshot and the subscription are taken in the same turn, so nothing falls
+            // between them.
+            if session.has_local_subscriptions() && state.changes.is_none() {
+                state.changes = self.hub.subscribe_session();
+                if state.changes.is_none() {
+                    return End::Slow("no room for another session in the fan-out");
+                }
+            }
+            if let Err(e) = flush(client, &session, &mut outgoing).await {
+                return e;
+            }
+        }
+    }
+
+    /// Waits for the next thing to do.
+    async fn wait<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        client: &mut WebSocketStream<S>,
+        state: &mut Running<'_>,
+        shutdown: &crate::shutdown::Shutdown,
+    ) -> Wake {
+        let Running {
+            link,
+            relink_at,
+            changes,
+            ..
+        } = state;
+        let from_client = async { Wake::Client(client.next().await) };
+        let from_mirror = async {
+            match changes.as_mut() {
+                Some(sub) => Wake::Changes(sub.recv().await),
+                None => std::future::pending().await,
+            }
+        };
+        let from_link = async {
+            match link.as_mut() {
+                Some(l) => Wake::Link(l.ws.next().await),
+                None => std::future::pending().await,
+            }
+        };
+        let relink = async {
+            match relink_at {
+                Some(at) => {
+                    Timer::at(*at).await;
+                    Wake::Relink
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let stop = async {
+            shutdown.wait().await;
+            Wake::Shutdown
+        };
+        stop.or(from_client)
+            .or(from_link)
+            .or(from_mirror)
+            .or(relink)
+            .await
+    }
+
+    /// Carries out the session's actions; `Some` when the session must end.
+    async fn act(
+        &self,
+        session: &mut LocalSession,
+        state: &mut Running<'_>,
+        actions: Vec<Action>,
+        outgoing: &mut Vec<String>,
+    ) -> Option<End> {
+        for action in actions {
+            match action {
+                Action::Send(text) => outgoing.push(text),
+                Action::Close(why) => return Some(End::Client(why.into())),
+                // Only in the auth phase, handled there.
+                Action::Authorize(_) => {}
+                Action::Forward {
+                    client_id,
+                    command,
+                    subscription,
+                } => {
+                    let kind = command
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let cache = (command.len() == 1)
+                        .then(|| CACHED.iter().find(|(k, _)| *k == kind).map(|(k, _)| *k))
+                        .flatten();
+                    if cache.is_some() {
+                        self.watch_invalidations();
+                    }
+                    self.forward(
+                        session,
+                        state,
+                        client_id,
+                        command,
+                        subscription,
+                        cache,
+                        outgoing,
+                    )
+                    .await;
+                }
+                Action::Unsubscribe {
+                    client_id,
+                    subscription,
+                } => {
+                    let up = state.subs.get(&subscription).map(|s| s.upstream_id);
+                    match (up, state.link.as_mut()) {
+                        (Some(up_sub), Some(link)) => {
+                            state.subs.remove(&subscription);
+                            let mut command = Map::new();
+                            command.insert("type".into(), "unsubscribe_events".into());
+                            command.insert("subscription".into(), up_sub.into());
+                            state.next_id += 1;
+                            let id = state.next_id;
+                            state.routes.insert(
+                                id,
+                                Route {
+                                    client_id,
+                                    subscription: false,
+                                    cache: None,
+                                    again: false,
+                                },
+                            );
+                            if link.send(id, &command).await.is_err() {
+                                self.link_lost(state, outgoing);
+                            }
+                        }
+                        (Some(_), None) => {
+                            // HA is away: the subscription ends here; nothing to undo there.
+                            state.subs.remove(&subscription);
+                            outgoing.push(ws_api::result_raw(client_id, "null"));
+                        }
+                        (None, _) => outgoing.push(ws_api::error(
+                            client_id,
+                            "not_found",
+                            "Subscription not found.",
+                        )),
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        session: &LocalSession,
+        state: &mut Running<'_>,
+        client_id: u64,
+        command: Map<String, Value>,
+        subscription: bool,
+        cache: Option<&'static str>,
+        outgoing: &mut Vec<String>,
+    ) {
+        let away = |outgoing: &mut Vec<String>| {
+            outgoing.push(ws_api::error(
+                client_id,
+                "home_assistant_error",
+                "Home Assistant is not reachable from hass-edge",
+            ))
+        };
+        if state.routes.len() >= MAX_PENDING {
+            outgoing.push(ws_api::error(
+                client_id,
+                "home_assistant_error",
+                "too many commands waiting for Home Assistant",
+            ));
+            return;
+        }
+        if state.link.is_none() {
+            let edge = matches!(session.phase(), Phase::Ready(Mode::Edge));
+            if !edge || self.hub.link_state() != crate::status::LinkState::Live {
+                return away(outgoing);
+            }
+            let Some(upstream) = self.hub.upstream() else {
+                return away(outgoing);
+            };
+            match UpLink::open(&upstream, &upstream.token).await {
+                Ok(link) => {
+                    self.counters
+                        .links_open
+                        .set(self.counters.links_open.get() + 1);
+                    state.link = Some(link);
+                }
+                Err(e) => {
+                    log::warn!("WebSocket session: no link to HA: {e:?}");
+                    return away(outgoing);
+                }
+            }
+        }
+        let Some(link) = state.link.as_mut() else {
+            return away(outgoing);
+        };
+        state.next_id += 1;
+        let id = state.next_id;
+        self.counters
+            .forwarded
+            .set(self.counters.forwarded.get() + 1);
+        if link.send(id, &command).await.is_err() {
+            self.link_lost(state, outgoing);
+            return away(outgoing);
+        }
+        state.routes.insert(
+            id,
+            Route {
+                client_id,
+                subscription,
+                cache,
+                again: false,
+            },
+        );
+        if subscription {
+            state.subs.insert(
+                client_id,
+                Sub {
+                    upstream_id: id,
+                    command,
+                },
+            );
+        }
+    }
+
+    /// A message from the session's link: passed to the client under its id.
+    fn from_link(&self, state: &mut Running<'_>, text: &str, outgoing: &mut Vec<String>) {
+        let messages: Vec<&serde_json::value::RawValue> = if text.trim_start().starts_with('[') {
+            serde_json::from_str(text).unwrap_or_default()
+        } else {
+            serde_json::from_str(text)
+                .map(|m| vec![m])
+                .unwrap_or_default()
+        };
+        for raw in messages {
+            let Ok(head) = serde_json::from_str::<Head<'_>>(raw.get()) else {
+                continue;
+            };
+            let Some(route) = state.routes.get(&head.id) else {
+                continue;
+            };
+            let client_id = route.client_id;
+            let is_result = head.kind == "result";
+            if is_result {
+                let success = head.success.unwrap_or(false);
+                let again = route.again;
+                let keep = route.subscription && success;
+                let cache = route.cache;
+                if !keep {
+                    state.routes.remove(&head.id);
+                    if route_was_sub(&state.subs, client_id, head.id) {
+                        state.subs.remove(&client_id);
+                    }
+                } else if let Some(r) = state.routes.get_mut(&head.id) {
+                    r.again = false;
+                }
+                if again {
+                    if !success {
+                        log::warn!(
+                            "a forwarded subscription was not made again after HA came back"
+                        );
+                    }
+                    continue;
+                }
+                if let (Some(kind), true) = (cache, success) {
+                    if let Some(result) = head.result {
+                        self.store_cached(kind, result.get());
+                    }
+                }
+            }
+            outgoing.push(with_id(raw.get(), head.id, client_id));
+        }
+    }
+
+    /// The session's link dropped: waiting commands get `home_assistant_error`;
+    /// subscriptions wait for the next link.
+    fn link_lost(&self, state: &mut Running<'_>, outgoing: &mut Vec<String>) {
+        if state.link.take().is_some() {
+            self.counters
+                .links_open
+                .set(self.counters.links_open.get().saturating_sub(1));
+        }
+        let mut waiting: Vec<u64> = state
+            .routes
+            .iter()
+            .filter(|(_, r)| !r.subscription || r.again)
+            .map(|(_, r)| r.client_id)
+            .filter(|c| !state.subs.contains_key(c))
+            .collect();
+        waiting.sort_unstable();
+        for client_id in waiting {
+            outgoing.push(ws_api::error(
+                client_id,
+                "home_assistant_error",
+                "the connection to Home Assistant was lost",
+            ));
+        }
+        state.routes.clear();
+        if !state.subs.is_empty() {
+            state.relink_at = Some(Instant::now() + state.relink_delay);
+        }
+    }
+
+    /// Makes the link again and re-sends its subscriptions.
+    async fn relink(&self, state: &mut Running<'_>, outgoing: &mut Vec<String>) {
+        state.relink_at = None;
+        if state.subs.is_empty() {
+            return;
+        }
+        let token = match (&state.token, self.hub.upstream()) {
+            (Some(t), Some(_)) => t.clone(),
+            (None, Some(u)) => u.token.clone(),
+            (_, None) => return,
+        };
+        let Some(upstream) = self.hub.upstream() else {
+            return;
+        };
+        match UpLink::open(&upstream, &token).await {
+            Ok(mut link) => {
+                state.relink_delay = Duration::from_secs(1);
+                let subs: Vec<(u64, Map<String, Value>)> = state
+                    .subs
+                    .iter()
+                    .map(|(c, s)| (*c, s.command.clone()))
+                    .collect();
+                for (client_id, command) in subs {
+                    state.next_id += 1;
+                    let id = state.next_id;
+                    if link.send(id, &command).await.is_err() {
+                        break;
+                    }
+                    state.routes.insert(
+                        id,
+                        Route {
+                            client_id,
+                            subscription: true,
+                            cache: None,
+                            again: true,
+                        },
+                    );
+                    if let Some(s) = state.subs.get_mut(&client_id) {
+                        s.upstream_id = id;
+                    }
+                }
+                self.counters
+                    .links_open
+                    .set(self.counters.links_open.get() + 1);
+                state.link = Some(link);
+                log::info!("WebSocket session: link to HA made again; subscriptions renewed");
+            }
+            Err(LinkError::Refused(_)) => {
+                // The user's token is no longer good: its subscriptions end.
+                for (client_id, _) in std::mem::take(&mut state.subs) {
+                    outgoing.push(ws_api::error(
+                        client_id,
+                        "home_assistant_error",
+                        "Home Assistant refused the token on reconnect",
+                    ));
+                }
+            }
+            Err(LinkError::Unreachable(_)) => {
+                state.relink_delay = (state.relink_delay * 2).min(MAX_RELINK_DELAY);
+                state.relink_at = Some(Instant::now() + state.relink_delay);
+            }
+        }
+    }
+
+    /// Decides a presented token (see the module docs).
+    async fn authorize(&self, presented: &str) -> Verdict {
+        if self.hub.is_api_token(presented) {
+            return Verdict::Accept(Mode::Edge, None);
+        }
+        let open = !self.hub.has_api_token();
+        let Some(upstream) = self.hub.upstream() else {
+            return if open {
+                Verdict::Accept(Mode::Edge, None)
+            } else {
+                Verdict::Unknown
+            };
+        };
+        match UpLink::open(&upstream, &Secret::new(presented.to_owned())).await {
+            Ok(link) => Verdict::Accept(Mode::User, Some(link)),
+            Err(_) if open => Verdict::Accept(Mode::Edge, None),
+            Err(LinkError::Refused(message)) => {
+                log::info!("WebSocket session: HA refused the client's token: {message}");
+                Verdict::Refuse
+            }
+            Err(LinkError::Unreachable(e)) => {
+                log::warn!("WebSocket session: HA could not judge a token: {e}");
+                Verdict::Unknown
+            }
+        }
+    }
+
+    fn view(&self) -> SessionView<'_> {
+        SessionView { api: self }
+    }
+
+    fn ha_version(&self) -> String {
+        self.hub
+            .link()
+            .ha_version
+            .unwrap_or_else(|| "unknown".to_owned())
+    }
+
+    /// Starts following the events that end cached answers (once).
+    fn watch_invalidations(&self) {
+        let mut inv = self.invalidations.borrow_mut();
+        if inv.is_none() {
+            let types: HashSet<String> = CACHED
+                .iter()
+                .flat_map(|(_, events)| events.iter().map(|e| (*e).to_owned()))
+                .collect();
+            if let Some(receiver) = self.hub.subscribe_events(Some(types)) {
+                *inv = Some((receiver, self.hub.link().last_connected));
+            }
+        }
+    }
+
+    /// Applies the queued invalidations; whether cached answers may be used.
+    fn invalidate(&self) -> bool {
+        let mut inv = self.invalidations.borrow_mut();
+        let Some((receiver, connected)) = inv.as_mut() else {
+            self.cache.borrow_mut().clear();
+            return false;
+        };
+        let link = self.hub.link();
+        if link.last_connected != *connected || link.state != crate::status::LinkState::Live {
+            // A new link: events may have been missed.
+            *connected = link.last_connected;
+            self.cache.borrow_mut().clear();
+            if link.state != crate::status::LinkState::Live {
+                return false;
+            }
+        }
+        loop {
+            match receiver.try_recv() {
+                Ok(Some(text)) => {
+                    let event_type = event_type_of(&text);
+                    let mut cache = self.cache.borrow_mut();
+                    for (kind, events) in CACHED {
+                        if events.contains(&event_type.as_str()) {
+                            cache.remove(kind);
+                        }
+                    }
+                }
+                Ok(None) => return true,
+                Err(()) => {
+                    self.cache.borrow_mut().clear();
+                    *inv = None;
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn store_cached(&self, kind: &'static str, result: &str) {
+        if self.invalidate() {
+            self.cache.borrow_mut().insert(kind, Rc::from(result));
+        }
+    }
+}
+
+/// What hass-edge makes of a presented token.
+enum Verdict {
+    /// A session in this mode, with the link HA accepted a user's token on.
+    Accept(Mode, Option<UpLink>),
+    /// HA refused it: `auth_invalid`.
+    Refuse,
+    /// HA could not be asked: no answer at all.
+    Unknown,
+}
+
+fn route_was_sub(subs: &BTreeMap<u64, Sub>, client_id: u64, upstream_id: u64) -> bool {
+    subs.get(&client_id)
+        .is_some_and(|s| s.upstream_id == upstream_id)
+}
+
+/// `event_type` of an SSE-rendered event from [`crate::events`] (`data: {…}\n\n`).
+fn event_type_of(text: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct E {
+        event_type: String,
+    }
+    let json = text.trim().strip_prefix("data: ").unwrap_or(text);
+    serde_json::from_str::<E>(json)
+        .map(|e| e.event_type)
+        .unwrap_or_default()
+}
+
+/// The fields of HA's message a link routes by.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    id: u64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    success: Option<bool>,
+    #[serde(borrow)]
+    result: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `message` (HA's JSON text, id `from`) with the id `to`. HA writes `{"id":N,` first
+/// (`messages.py`); anything else is re-serialised.
+fn with_id(message: &str, from: u64, to: u64) -> String {
+    let prefix = format!(r#"{{"id":{from},"#);
+    if let Some(rest) = message.strip_prefix(&prefix) {
+        return format!(r#"{{"id":{to},{rest}"#);
+    }
+    match serde_json::from_str::<Map<String, Value>>(message) {
+        Ok(mut m) => {
+            m.insert("id".into(), to.into());
+            Value::Object(m).to_string()
+        }
+        Err(_) => message.to_owned(),
+    }
+}
+
+/// A forwarded command waiting for (or, for a subscription, past) its result.
+#[derive(Debug)]
+struct Route {
+    client_id: u64,
+    subscription: bool,
+    cache: Option<&'static str>,
+    /// Re-sent after a new link: its result is not passed on.
+    again: bool,
+}
+
+/// A forwarded subscription, kept to be made again on a new link.
+#[derive(Debug)]
+struct Sub {
+    upstream_id: u64,
+    command: Map<String, Value>,
+}
+
+/// A session's state beyond the protocol.
+struct Running<'a> {
+    counters: &'a Counters,
+    link: Option<UpLink>,
+    /// The user's token ([`Mode::User`]); `None` for hass-edge's.
+    token: Option<Secret>,
+    relink_at: Option<Instant>,
+    relink_delay: Duration,
+    /// Forwarded subscriptions by the client's id.
+    subs: BTreeMap<u64, Sub>,
+    /// Forwarded commands by the link's id.
+    routes: HashMap<u64, Route>,
+    next_id: u64,
+    changes: Option<Subscription>,
+}
+
+impl Drop for Running<'_> {
+    /// The session's link goes with it.
+    fn drop(&mut self) {
+        if self.link.is_some() {
+            let open = &self.counters.links_open;
+            open.set(open.get().saturating_sub(1));
+        }
+    }
+}
+
+enum Wake {
+    Client(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
+    Changes(Option<Rc<crate::broadcast::Event>>),
+    Link(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
+    Relink,
+    Shutdown,
+}
+
+/// What a session's answers come from.
+struct SessionView<'a> {
+    api: &'a WsApi,
+}
+
+impl View for SessionView<'_> {
+    fn ha_version(&self) -> String {
+        self.api.ha_version()
+    }
+    fn states(&self) -> Vec<Rc<EntityState>> {
+        self.api.hub.tracked_states().0
+    }
+    fn shows(&self, entity_id: &str) -> bool {
+        self.api.hub.follows(entity_id)
+    }
+    fn state(&self, entity_id: &str) -> Option<Rc<EntityState>> {
+        self.api.hub.followed_state(entity_id)
+    }
+    fn follows(&self, entity_id: &str) -> bool {
+        self.api.hub.follows(entity_id)
+    }
+    fn ha_config(&self) -> Option<Rc<str>> {
+        self.api.hub.ha_config()
+    }
+    fn cached(&self, command_type: &str) -> Option<Rc<str>> {
+        if !self.api.invalidate() {
+            return None;
+        }
+        self.api.cache.borrow().get(command_type).cloned()
+    }
+    fn read_only(&self) -> bool {
+        !self.api.hub.config().http.allow_service_calls
+    }
+}
+
+/// Why a link to HA could not be made.
+#[derive(Debug)]
+enum LinkError {
+    /// HA answered `auth_invalid`.
+    Refused(String),
+    /// No answer: connect, TLS, handshake or timeout.
+    Unreachable(String),
+}
+
+/// A session's own connection to HA's WebSocket API.
+struct UpLink {
+    ws: WebSocketStream<Box<dyn Stream>>,
+}
+
+impl UpLink {
+    /// Connects, and authenticates with `token` (HA's handshake), within [`LINK_TIMEOUT`].
+    async fn open(upstream: &crate::hub::Upstream, token: &Secret) -> Result<UpLink, LinkError> {
+        let open = async {
+            let (stream, url) = crate::proxy::connect_websocket(upstream)
+                .await
+                .map_err(LinkError::Unreachable)?;
+            let request = url
+                .into_client_request()
+                .map_err(|e| LinkError::Unreachable(e.to_string()))?;
+            let config = WebSocketConfig::default()
+                .read_buffer_size(4096)
+                .max_message_size(Some(MAX_UPSTREAM_MESSAGE))
+                .max_frame_size(Some(MAX_UPSTREAM_MESSAGE))
+                .write_buffer_size(0)
+                .max_write_buffer_size(1024 * 1024);
+            let (mut ws, _) =
+                async_tungstenite::client_async_with_config(request, stream, Some(config))
+                    .await
+                    .map_err(|e| LinkError::Unreachable(format!("handshake: {e}")))?;
+            let expect = |m: Option<Result<Message, _>>| match m {
+                Some(Ok(Message::Text(t))) => serde_json::from_str::<Value>(&t)
+                    .map_err(|e| LinkError::Unreachable(e.to_string())),
+                other => Err(LinkError::Unreachable(format!("{other:?}"))),
+            };
+            let required = expect(ws.next().await)?;
+            if required["type"] != "auth_required" {
+                return Err(LinkError::Unreachable("no auth_required".into()));
+            }
+            let auth = serde_json::json!({"type": "auth", "access_token": token.expose()});
+            ws.send(Message::text(auth.to_string()))
+                .await
+                .map_err(|e| LinkError::Unreachable(e.to_string()))?;
+            let verdict = expect(ws.next().await)?;
+            match verdict["type"].as_str() {
+                Some("auth_ok") => Ok(UpLink { ws }),
+                Some("auth_invalid") => Err(LinkError::Refused(
+                    verdict["message"].as_str().unwrap_or_default().to_owned(),
+                )),
+                _ => Err(LinkError::Unreachable("no verdict".into())),
+            }
+        };
+        open.or(async {
+            Timer::after(LINK_TIMEOUT).await;
+            Err(LinkError::Unreachable("HA did not answer in time".into()))
+        })
+        .await
+    }
+
+    async fn send(&mut self, id: u64, command: &Map<String, Value>) -> Result<(), ()> {
+        let mut message = Map::with_capacity(command.len() + 1);
+        message.insert("id".into(), id.into());
+        for (k, v) in command {
+            message.insert(k.clone(), v.clone());
+        }
+        self.ws
+            .send(Message::text(Value::Object(message).to_string()))
+            .await
+            .map_err(|_| ())
+    }
+}
+
+/// Writes the outgoing messages: one frame each, or one array frame when the client
+/// coalesces (HA `http.py` `_writer`).
+async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut WebSocketStream<S>,
+    session: &LocalSession,
+    outgoing: &mut Vec<String>,
+) -> Result<(), End> {
+    if outgoing.is_empty() {
+        return Ok(());
+    }
+    if session.coalesce() && outgoing.len() > 1 {
+        let mut frame =
+            String::with_capacity(outgoing.iter().map(|m| m.len() + 1).sum::<usize>() + 1);
+        frame.push('[');
+        for (i, m) in outgoing.drain(..).enumerate() {
+            if i > 0 {
+                frame.push(',');
+            }
+            frame.push_str(&m);
+        }
+        frame.push(']');
+        return send(client, frame).await;
+    }
+    for m in outgoing.drain(..) {
+        send(client, m).await?;
+    }
+    Ok(())
+}
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut WebSocketStream<S>,
+    text: String,
+) -> Result<(), End> {
+    let write = async {
+        client
+            .send(Message::text(text))
+            .await
+            .map_err(|e| End::Client(format!("write: {e}")))
+    };
+    write
+        .or(async {
+            Timer::after(WRITE_TIMEOUT).await;
+            Err(End::Slow("took no frame for 10 s"))
+        })
+        .await
+}
+
+/// `Sec-WebSocket-Key` of a version-13 handshake (RFC 6455 §4.2.1).
+fn websocket_key(raw_head: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(raw_head).ok()?;
+    let get = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    (get("Sec-WebSocket-Version")? == "13")
+        .then(|| get("Sec-WebSocket-Key").map(str::to_owned))
+        .flatten()
+        .filter(|k| !k.is_empty())
+}
+
+/// The client's connection with the bytes read past the head first.
+struct Prefixed<S> {
+    early: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.at < self.early.len() {
+            let n = buf.len().min(self.early.len() - self.at);
+            buf[..n].copy_from_slice(&self.early[self.at..self.at + n]);
+            self.at += n;
+            if self.at == self.early.len() {
+                self.early = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}

@@ -34,9 +34,11 @@ const LAYERS: &[&[&str]] = &[
     // Transports and clients; none imports another.
     &["http", "rest", "broadcast", "metrics", "assets", "events"],
     // Shared state, and the push-stream body.
-    &["hub", "sse", "ws_api"],
+    &["hub", "sse"],
     // Forwarding to HA: carries out what the routes decided.
-    &["proxy", "ws_server"],
+    &["proxy", "ws_api"],
+    // The local WebSocket API's I/O: sessions, their links to HA, the shared caches.
+    &["ws_server"],
     // What serves the hub to the world; none imports another.
     &["api", "dbus", "ha", "status_cli"],
     // Wiring and lifecycle.

@@ -73,6 +73,7 @@ fn generation(tag: char) -> (Vec<Rc<EntityState>>, SystemTime) {
                     parent_id: None,
                     user_id: None,
                 },
+                epoch: Default::default(),
             })
         })
         .collect();
