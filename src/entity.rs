@@ -178,6 +178,17 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
+/// HA's float `raw` if it still rounds to `t`, else `t` as Python's `datetime.timestamp()`
+/// gives it for a microsecond datetime: `timedelta.total_seconds()`, i.e. the integer
+/// microseconds divided by 10**6, correctly rounded — which is what one IEEE division of the
+/// exactly representable microseconds (< 2**53) by 1e6 gives.
+fn trusted(raw: Option<f64>, t: Timestamp) -> f64 {
+    match raw {
+        Some(f) if Timestamp::from_epoch_seconds(f) == Ok(t) => f,
+        _ => t.as_epoch_seconds(),
+    }
+}
+
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian.
 /// Howard Hinnant, "chrono-Compatible Low-Level Date Algorithms", `civil_from_days`.
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
@@ -320,7 +331,11 @@ impl From<Map<String, Value>> for Attributes {
 }
 
 /// One entity's state, as HA's REST API returns it.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+///
+/// Equality compares what HA's REST API shows (every field but [`EntityState::epoch`]): the
+/// same state seen once through `subscribe_entities` (with HA's floats) and once through REST
+/// (without) is one state, not a change.
+#[derive(Debug, Clone, Deserialize)]
 pub struct EntityState {
     /// `<domain>.<object_id>`.
     pub entity_id: String,
@@ -338,6 +353,52 @@ pub struct EntityState {
     pub last_updated: Timestamp,
     /// What caused the last update.
     pub context: Context,
+    /// HA's own float seconds for `last_changed`/`last_updated`, when they came from HA's
+    /// compressed format; used only to print `lc`/`lu` again exactly as HA does
+    /// (`crate::compressed`). Not part of the REST JSON, the state file or equality.
+    #[serde(skip)]
+    pub epoch: EpochSeconds,
+}
+
+/// The float epoch seconds HA printed as `lc`/`lu` (HA `core.py` `State.last_changed_timestamp`,
+/// `last_updated_timestamp`). HA ≥ 2024.4 keeps the raw `time.time()` float of the update
+/// (sub-microsecond, e.g. `1795349249.7111537`), while [`Timestamp`] keeps whole
+/// microseconds, so the float cannot be recomputed from it; `None` = unknown (a state from
+/// REST or the state file), and then `datetime.timestamp()` of the microsecond time is what HA
+/// would print (see [`EntityState::last_changed_epoch`]).
+///
+/// A float is only trusted while it still rounds to the [`Timestamp`] beside it, so code that
+/// sets `last_changed`/`last_updated` directly and leaves a float behind gets the microsecond
+/// rendering, never a stale time.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EpochSeconds {
+    /// `lc` as HA sent it.
+    pub last_changed: Option<f64>,
+    /// `lu` as HA sent it (or `lc`, when HA omitted `lu` because the two are equal).
+    pub last_updated: Option<f64>,
+}
+
+impl PartialEq for EntityState {
+    fn eq(&self, other: &EntityState) -> bool {
+        // Destructured so that a new field must be placed here on purpose.
+        let EntityState {
+            entity_id,
+            state,
+            attributes,
+            last_changed,
+            last_reported,
+            last_updated,
+            context,
+            epoch: _,
+        } = self;
+        *entity_id == other.entity_id
+            && *state == other.state
+            && *attributes == other.attributes
+            && *last_changed == other.last_changed
+            && *last_reported == other.last_reported
+            && *last_updated == other.last_updated
+            && *context == other.context
+    }
 }
 
 impl Serialize for EntityState {
@@ -361,6 +422,18 @@ impl EntityState {
     pub fn to_json(&self) -> String {
         // Serialising a map of strings and JSON values cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// `last_changed` as float epoch seconds, as HA prints it in `lc`: HA's own float when
+    /// known ([`EpochSeconds`]), else the float of the whole microseconds.
+    pub fn last_changed_epoch(&self) -> f64 {
+        trusted(self.epoch.last_changed, self.last_changed)
+    }
+
+    /// `last_updated` as float epoch seconds, as HA prints it in `lu` (see
+    /// [`EntityState::last_changed_epoch`]).
+    pub fn last_updated_epoch(&self) -> f64 {
+        trusted(self.epoch.last_updated, self.last_updated)
     }
 
     /// Builds the full state from a compressed one (`subscribe_entities` `a` entry).
@@ -387,6 +460,10 @@ impl EntityState {
             last_reported: with_last_reported.then_some(last_updated),
             last_updated,
             context: c.c.into_context(),
+            epoch: EpochSeconds {
+                last_changed: Some(c.lc),
+                last_updated: Some(c.lu.unwrap_or(c.lc)),
+            },
         })
     }
 
@@ -408,8 +485,21 @@ impl EntityState {
                 let t = Timestamp::from_epoch_seconds(lc)?;
                 self.last_changed = t;
                 self.last_updated = t;
+                self.epoch = EpochSeconds {
+                    last_changed: Some(lc),
+                    last_updated: Some(lc),
+                };
             } else if let Some(lu) = add.lu {
                 self.last_updated = Timestamp::from_epoch_seconds(lu)?;
+                // HA ≥ 2024.4 builds the new State with the old `last_changed` datetime, so
+                // from now on it prints `lc` as that datetime's `.timestamp()` (whole
+                // microseconds), not the raw float it sent before (HA `core.py`
+                // `State.__init__` caches the raw float only when last_changed ==
+                // last_updated). HA 2024.3 always printed the microsecond float.
+                self.epoch = EpochSeconds {
+                    last_changed: None,
+                    last_updated: Some(lu),
+                };
             }
             if self.last_reported.is_some() {
                 self.last_reported = Some(self.last_updated);
