@@ -7,7 +7,8 @@
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root);
 # WSCLIENTS_TARGET=ha (the self-check: both connections go to HA, no hass-edge);
-# WSCLIENTS_CLIENTS (default "js py"); WSCLIENTS_MODES (default "ha-token api-token");
+# WSCLIENTS_CLIENTS (default "js py"); WSCLIENTS_MODES (default "ha-token api-token"; also "open":
+# a loopback-open hass-edge and the HA token);
 # WSCLIENTS_KILL=0 (skip the HA SIGKILL step); WSCLIENTS_JS_DEFLATE=0 (the js client offers no
 # permessage-deflate; by default it does, as ws and browsers do); OUT_DIR (keeps the daemon's log and the output);
 # WSCLIENTS_VERBOSE=1 (print HA's answers).
@@ -52,7 +53,7 @@ fi
 CLIENTS=${WSCLIENTS_CLIENTS:-js py}
 MODES=${WSCLIENTS_MODES:-ha-token api-token}
 for c in $CLIENTS; do [[ $c == js || $c == py ]] || die "WSCLIENTS_CLIENTS: unknown client $c (js, py)"; done
-for m in $MODES; do [[ $m == ha-token || $m == api-token ]] || die "WSCLIENTS_MODES: unknown mode $m (ha-token, api-token)"; done
+for m in $MODES; do [[ $m == ha-token || $m == api-token || $m == open ]] || die "WSCLIENTS_MODES: unknown mode $m (ha-token, api-token, open)"; done
 
 # ---------- the clients (cached; instant when installed) ----------
 INSTALLED=$(bash "$HERE/install.sh") || die "tests/wsclients/install.sh failed"
@@ -67,7 +68,7 @@ if [[ -n ${OUT_DIR:-} ]]; then
 	OUT_DIR=$(cd "$OUT_DIR" && pwd)
 fi
 LOGDIR=${OUT_DIR:-$WORK}
-EDGE_PID='' EDGE_LOG=$LOGDIR/wsclients-edge.log
+declare -A EDGE_PID=() EDGE_URL=() # the hass-edge daemons by name (tok, open) and their base URLs
 
 stop_pid() { # PID: TERM, then KILL after 5 s
 	local pid=$1 i
@@ -83,11 +84,14 @@ stop_pid() { # PID: TERM, then KILL after 5 s
 cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM
-	stop_pid "$EDGE_PID"
-	if ((rc != 0)) && [[ -s $EDGE_LOG ]]; then
-		echo "--- hass-edge log (tail) ---" >&2
-		tail -n 15 "$EDGE_LOG" >&2
-	fi
+	local name
+	for name in "${!EDGE_PID[@]}"; do
+		stop_pid "${EDGE_PID[$name]}"
+		if ((rc != 0)) && [[ -s $LOGDIR/wsclients-edge-$name.log ]]; then
+			echo "--- hass-edge ($name) log (tail) ---" >&2
+			tail -n 15 "$LOGDIR/wsclients-edge-$name.log" >&2
+		fi
+	done
 	# A SIGKILL step cut short leaves the peer down: bring it back as it was found.
 	bash "$PEER" status "$HA_PEER_DIR" >/dev/null 2>&1 ||
 		bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" >/dev/null 2>&1 || true
@@ -101,27 +105,30 @@ free_port() {
 	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# One hass-edge with an API token: a client sending hass-edge's API token is served by hass-edge
-# (issue 16, mode b); one sending an HA token is "any other token", HA's verdict (mode a).
-if [[ $TARGET == edge ]]; then
-	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
-	EDGE_PORT=$(free_port)
-	EDGE_URL=http://127.0.0.1:$EDGE_PORT
-	cat >"$WORK/config.toml" <<EOF
+# hass-edge with an API token ("tok"): a client sending hass-edge's API token is served by
+# hass-edge (issue 16, mode api-token); one sending an HA token is "any other token", HA's verdict
+# (mode ha-token). Mode open: a loopback-open hass-edge ("open", no API token) and the HA token,
+# which issue 16 serves locally like the API token.
+start_edge() { # NAME EXTRA_HTTP_TOML
+	local name=$1 extra=$2 port dir=$WORK/$1
+	port=$(free_port)
+	mkdir -p "$dir"
+	EDGE_URL[$name]=http://127.0.0.1:$port
+	cat >"$dir/config.toml" <<EOF
 [ha]
 url = "$HA_URL"
 token_file = "$HA_PEER_DIR/token"
 
 [http]
-listen = "127.0.0.1:$EDGE_PORT"
-api_token_file = "$WORK/api-token"
+listen = "127.0.0.1:$port"
+$extra
 
 # Mirror every entity: the sessions compare get_states and subscribe_entities with HA's whole list.
 [filter]
 enabled = false
 
 [cache]
-state_file = "$WORK/states.json"
+state_file = "$dir/states.json"
 
 [dbus]
 bus = "none"
@@ -130,25 +137,27 @@ EOF
 		# Our callers' knobs must not reach the daemon as config overrides.
 		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
 		unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
-		exec "$EDGE_BIN" --config "$WORK/config.toml"
-	) >"$EDGE_LOG" 2>&1 &
-	EDGE_PID=$!
-fi
+		exec "$EDGE_BIN" --config "$dir/config.toml"
+	) >"$LOGDIR/wsclients-edge-$name.log" 2>&1 &
+	EDGE_PID[$name]=$!
+}
 
-# wait_edge: /health 200 (live and synced with HA)
-wait_edge() {
-	local code i
+wait_edge() { # NAME: /health 200 (live and synced with HA)
+	local name=$1 code i
 	for ((i = 0; ; i++)); do
-		kill -0 "$EDGE_PID" 2>/dev/null || die "hass-edge exited (log: $EDGE_LOG)"
-		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$EDGE_URL/health" || true)
+		kill -0 "${EDGE_PID[$name]}" 2>/dev/null || die "hass-edge ($name) exited (log: $LOGDIR/wsclients-edge-$name.log)"
+		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "${EDGE_URL[$name]}/health" || true)
 		[[ $code != 200 ]] || return 0
-		((i < 300)) || die "hass-edge: /health is not 200 after 30 s (last: $code)"
+		((i < 300)) || die "hass-edge ($name): /health is not 200 after 30 s (last: $code)"
 		sleep 0.1
 	done
 }
 if [[ $TARGET == edge ]]; then
-	wait_edge
-	say "HA $HA_VERSION at $HA_URL; hass-edge $("$EDGE_BIN" --version 2>/dev/null | head -1) live on $EDGE_URL after $((SECONDS - T0)) s"
+	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
+	start_edge tok "api_token_file = \"$WORK/api-token\""
+	[[ " $MODES " != *" open "* ]] || start_edge open ""
+	for name in "${!EDGE_PID[@]}"; do wait_edge "$name"; done
+	say "HA $HA_VERSION at $HA_URL; hass-edge $("$EDGE_BIN" --version 2>/dev/null | head -1) live on ${EDGE_URL[tok]}${EDGE_URL[open]:+ (loopback-open: ${EDGE_URL[open]:-})} after $((SECONDS - T0)) s"
 else
 	say "self-check: both connections to HA $HA_VERSION at $HA_URL"
 	MODES=self
@@ -156,16 +165,17 @@ fi
 
 OUT=$WORK/out.txt
 : >"$OUT"
-status_info() { # the websocket_api counters of hass-edge's /status (recorded, not asserted yet)
+status_info() { # LABEL NAME: the websocket_api counters of hass-edge's /status (recorded, not asserted yet)
 	[[ $TARGET == edge ]] || return 0
-	"$PY" "$HERE/helper.py" status "$EDGE_URL" "$(cat "$WORK/api-token")" 2>&1 | sed "s/^INFO /INFO $1: /" | tee -a "$OUT" || true
+	"$PY" "$HERE/helper.py" status "${EDGE_URL[$2]}" "$(cat "$WORK/api-token")" 2>&1 | sed "s/^INFO /INFO $1: /" | tee -a "$OUT" || true
 }
 rc=0
 for mode in $MODES; do
 	case $mode in
-		self) TGT_URL=$HA_URL TGT_TOKEN=$HA_TOKEN TGT_LABEL=HA-again ;;
-		ha-token) TGT_URL=$EDGE_URL TGT_TOKEN=$HA_TOKEN TGT_LABEL="hass-edge" ;;
-		api-token) TGT_URL=$EDGE_URL TGT_TOKEN=$(cat "$WORK/api-token") TGT_LABEL="hass-edge (API token)" ;;
+		self) edge='' TGT_URL=$HA_URL TGT_TOKEN=$HA_TOKEN TGT_LABEL=HA-again ;;
+		ha-token) edge=tok TGT_URL=${EDGE_URL[tok]} TGT_TOKEN=$HA_TOKEN TGT_LABEL="hass-edge" ;;
+		api-token) edge=tok TGT_URL=${EDGE_URL[tok]} TGT_TOKEN=$(cat "$WORK/api-token") TGT_LABEL="hass-edge (API token)" ;;
+		open) edge=open TGT_URL=${EDGE_URL[open]} TGT_TOKEN=$HA_TOKEN TGT_LABEL="hass-edge (loopback-open)" ;;
 	esac
 	for client in $CLIENTS; do
 		# a fresh non-admin token each time: the SIGKILL step may lose HA's latest auth writes
@@ -181,20 +191,22 @@ for mode in $MODES; do
 			"$PY" "$HERE/session.py" 2>&1 | tee -a "$OUT" || rc=$?
 		fi
 		say "$client [$mode] done in $((SECONDS - t)) s"
-		status_info "$client [$mode]"
+		status_info "$client [$mode]" "$edge"
 		# after a SIGKILL step: HA is back and hass-edge resynced before the next session
 		bash "$PEER" wait-running "$HA_PEER_DIR" 60 >/dev/null 2>&1 || die "the HA peer is not RUNNING after $client [$mode]"
-		[[ $TARGET != edge ]] || wait_edge
+		if [[ $TARGET == edge ]]; then for name in "${!EDGE_PID[@]}"; do wait_edge "$name"; done; fi
 	done
 done
 
 if [[ $TARGET == edge ]]; then
-	"$PY" "$HERE/helper.py" origin "$EDGE_URL" 2>&1 | tee -a "$OUT" || true
-	if kill -0 "$EDGE_PID" 2>/dev/null; then
-		echo "PASS hass-edge still running after the sessions" | tee -a "$OUT"
-	else
-		echo "FAIL hass-edge still running after the sessions: it exited (log: $EDGE_LOG)" | tee -a "$OUT"
-	fi
+	"$PY" "$HERE/helper.py" origin "${EDGE_URL[tok]}" 2>&1 | tee -a "$OUT" || true
+	for name in "${!EDGE_PID[@]}"; do
+		if kill -0 "${EDGE_PID[$name]}" 2>/dev/null; then
+			echo "PASS hass-edge ($name) still running after the sessions" | tee -a "$OUT"
+		else
+			echo "FAIL hass-edge ($name) still running after the sessions: it exited (log: $LOGDIR/wsclients-edge-$name.log)" | tee -a "$OUT"
+		fi
+	done
 fi
 [[ -z ${OUT_DIR:-} ]] || cp "$OUT" "$OUT_DIR/wsclients-output.txt"
 passed=$(grep -c '^PASS ' "$OUT" || true)
