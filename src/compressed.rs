@@ -195,41 +195,100 @@ pub fn write_epoch_seconds(out: &mut String, seconds: f64) {
         out.push_str("0.0");
         return;
     }
-    // Rust's `{:e}` gives the shortest round-trip digits (as ryu, which orjson uses); only
-    // the placement of the decimal point differs, and that follows ryu's `format64`.
+    let (mut digits, mut exp10) = shortest(seconds.abs());
+    // Rust and ryu (orjson) both give the shortest digits that read back as the float, and
+    // the closest of them; when two are equally close (the float lies exactly halfway, e.g.
+    // 1135032128451223.25), Rust rounds up and ryu to an even last digit (as Python's repr).
+    if digits % 2 == 1 {
+        for other in [digits - 1, digits + 1] {
+            if halfway(seconds.abs(), digits + other, exp10) == Some(true) {
+                digits = other;
+                while digits % 10 == 0 {
+                    digits /= 10;
+                    exp10 += 1;
+                }
+                break;
+            }
+        }
+    }
+    // Place the decimal point as ryu's `format64` does.
     let mut buf = StackBuf::default();
-    let _ = write!(buf, "{:e}", seconds.abs());
+    let _ = write!(buf, "{digits}");
     let text = buf.as_str();
-    let (mantissa, exp) = text.split_once('e').unwrap_or((text, "0"));
-    let exp: isize = exp.parse().unwrap_or(0);
-    let (lead, rest) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let digits_len = (lead.len() + rest.len()) as isize;
-    let point = exp + 1; // 10^(point-1) <= |f| < 10^point
-    let zeros = |out: &mut String, n: isize| (0..n).for_each(|_| out.push('0'));
-    if digits_len <= point && point <= 16 {
-        out.push_str(lead);
-        out.push_str(rest);
-        zeros(out, point - digits_len);
+    let len = text.len() as i32;
+    let point = len + exp10; // 10^(point-1) <= |f| < 10^point
+    let zeros = |out: &mut String, n: i32| (0..n).for_each(|_| out.push('0'));
+    if exp10 >= 0 && point <= 16 {
+        out.push_str(text);
+        zeros(out, exp10);
         out.push_str(".0");
     } else if 0 < point && point <= 16 {
-        let all = [lead, rest].concat();
-        let (int, frac) = all.split_at(point as usize);
+        let (int, frac) = text.split_at(point as usize);
         out.push_str(int);
         out.push('.');
         out.push_str(frac);
     } else if -5 < point && point <= 0 {
         out.push_str("0.");
         zeros(out, -point);
-        out.push_str(lead);
-        out.push_str(rest);
+        out.push_str(text);
     } else {
-        out.push_str(lead);
-        if !rest.is_empty() {
+        out.push_str(&text[..1]);
+        if len > 1 {
             out.push('.');
-            out.push_str(rest);
+            out.push_str(&text[1..]);
         }
-        let _ = write!(out, "e{exp}");
+        let _ = write!(out, "e{}", point - 1);
     }
+}
+
+/// The shortest round-trip decimal of a finite `f > 0` as `digits × 10^exp10` (no trailing
+/// zeros in `digits`), from Rust's `{:e}`.
+fn shortest(f: f64) -> (u64, i32) {
+    let mut buf = StackBuf::default();
+    let _ = write!(buf, "{f:e}");
+    let text = buf.as_str();
+    let (mantissa, exp) = text.split_once('e').unwrap_or((text, "0"));
+    let (lead, rest) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = lead
+        .bytes()
+        .chain(rest.bytes())
+        .fold(0u64, |d, b| d * 10 + u64::from(b - b'0'));
+    (digits, exp.parse::<i32>().unwrap_or(0) - rest.len() as i32)
+}
+
+/// Whether `f` (finite, > 0) is exactly `sum / 2 × 10^exp10`, i.e. halfway between two
+/// decimals whose digits add up to `sum`; `None` when the numbers outgrow `u128` (never for
+/// epoch seconds: about 2^75 at most).
+fn halfway(f: f64, sum: u64, exp10: i32) -> Option<bool> {
+    let bits = f.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let fraction = bits & ((1 << 52) - 1);
+    // f = m × 2^e.
+    let (m, e) = if biased == 0 {
+        (fraction, -1074)
+    } else {
+        (fraction | 1 << 52, biased - 1075)
+    };
+    // m × 2^e == sum × 2^(exp10 - 1) × 5^exp10; powers of 5 and 2 moved to the side where
+    // they are positive.
+    let five = 5u128.checked_pow(exp10.unsigned_abs())?;
+    let (mut left, mut right) = (u128::from(m), u128::from(sum));
+    if exp10 < 0 {
+        left = left.checked_mul(five)?;
+    } else {
+        right = right.checked_mul(five)?;
+    }
+    let shift = e - (exp10 - 1);
+    let shl = |v: u128, by: i32| -> Option<u128> {
+        let by = u32::try_from(by).ok()?;
+        (by < 128 && v.leading_zeros() >= by).then(|| v << by)
+    };
+    if shift >= 0 {
+        left = shl(left, shift)?;
+    } else {
+        right = shl(right, -shift)?;
+    }
+    Some(left == right)
 }
 
 /// A small buffer for one formatted float (no heap).
@@ -623,6 +682,12 @@ mod tests {
             ("-1.5432835417340557e88", -1.5432835417340557e88),
             ("253402300799.0", 253402300799.0),
             ("null", f64::NAN),
+            // Exactly halfway between two shortest candidates: the even last digit, as ryu
+            // and Python's repr (Rust's own `{}` would end in 3 and 3).
+            ("1795349249.0039062", 1795349249.0 + 1.0 / 256.0),
+            ("1796138575.3007812", 1796138575.0 + 77.0 / 256.0),
+            ("1795349249.0117188", 1795349249.0 + 3.0 / 256.0),
+            ("-1135032128451223.2", -1135032128451223.0 - 0.25),
         ] {
             assert_eq!(epoch(f), text, "{f:e}");
         }
