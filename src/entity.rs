@@ -813,6 +813,40 @@ mod tests {
     }
 
     #[test]
+    fn ha_floats_are_kept_for_lc_lu_but_not_compared_or_serialised() {
+        let mut s = kitchen();
+        assert_eq!(
+            s.last_changed_epoch(),
+            1795349248.2321684,
+            "HA's float, not µs"
+        );
+        let rest: EntityState = serde_json::from_str(&s.to_json()).unwrap();
+        assert_eq!(rest.epoch, EpochSeconds::default(), "not in the REST JSON");
+        assert_eq!(rest, s, "equality ignores the floats");
+        assert_eq!(
+            rest.last_changed_epoch(),
+            1795349248.232168,
+            "datetime.timestamp()"
+        );
+
+        // An `lu` diff: HA ≥ 2024.4 then prints lc from the old datetime (whole µs).
+        let d: StateDiff =
+            serde_json::from_value(json!({"+": {"lu": 1795349250.1226685}})).unwrap();
+        s.apply_diff(d).unwrap();
+        assert_eq!(s.last_updated_epoch(), 1795349250.1226685);
+        assert_eq!(s.last_changed_epoch(), 1795349248.232168);
+        // An `lc` diff sets both.
+        let d: StateDiff =
+            serde_json::from_value(json!({"+": {"lc": 1795349251.7111537}})).unwrap();
+        s.apply_diff(d).unwrap();
+        assert_eq!(s.last_changed_epoch(), 1795349251.7111537);
+        assert_eq!(s.last_updated_epoch(), 1795349251.7111537);
+        // A float that no longer matches its timestamp is dropped.
+        s.last_updated = Timestamp(5);
+        assert_eq!(s.last_updated_epoch(), 5e-6);
+    }
+
+    #[test]
     fn attributes_keep_ha_text_and_patch_in_place() {
         let mut a: Attributes = serde_json::from_str(r#"{"b":1,"a":"x","c":[1,2]}"#).unwrap();
         assert_eq!(
