@@ -5,7 +5,8 @@
 #
 #   scripts/test.sh            all stages
 #   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser
-#                              clients-2024.3.3 clients-2025.4.4 frontend aarch64 armhf
+#                              clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3
+#                              wsclients-2025.4.4 frontend aarch64 armhf
 #                              packaging bench reliability fuzz; and, outside the default
 #                              set, packaging-arm64 packaging-bullseye (slow, see packaging/)
 #
@@ -74,6 +75,20 @@ clients() {
 	start_peer "$version" "$dir" "$port" || return 1
 	HA_PEER_DIR=$dir OUT_DIR="$WORK/clients-$version" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
 		bash tests/clients/run.sh
+	local rc=$?
+	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
+	return $rc
+}
+
+# Real WebSocket clients (home-assistant-js-websocket, hass-client) against HA VERSION and through
+# hass-edge's /api/websocket at once, results compared (issue 16; tests/wsclients).
+wsclients() {
+	local version=$1 port=$2 dir="$WORK/ha-wsclients-$1"
+	bash tests/wsclients/install.sh >/dev/null || return 1
+	cargo build --quiet || return 1
+	start_peer "$version" "$dir" "$port" || return 1
+	HA_PEER_DIR=$dir OUT_DIR="$WORK/wsclients-$version" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
+		bash tests/wsclients/run.sh
 	local rc=$?
 	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
 	return $rc
@@ -157,7 +172,7 @@ fuzz() {
 }
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 frontend aarch64 armhf packaging bench reliability fuzz)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3 wsclients-2025.4.4 frontend aarch64 armhf packaging bench reliability fuzz)
 for s in "${STAGES[@]}"; do
 	case $s in
 		unit) stage unit unit ;;
@@ -167,6 +182,8 @@ for s in "${STAGES[@]}"; do
 		browser) stage browser browser ;;
 		clients-2024.3.3) stage "$s" clients 2024.3.3 18137 ;;
 		clients-2025.4.4) stage "$s" clients 2025.4.4 18138 ;;
+		wsclients-2024.3.3) stage "$s" wsclients 2024.3.3 18139 ;;
+		wsclients-2025.4.4) stage "$s" wsclients 2025.4.4 18140 ;;
 		frontend) stage frontend frontend ;;
 		aarch64) stage aarch64 aarch64 ;;
 		armhf) stage armhf armhf ;;

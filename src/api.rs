@@ -65,6 +65,14 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Keeps the dashboards' allowlist current until shutdown (see
+    /// [`WsApi::run_dashboards`]); spawned once by the app.
+    pub async fn run_dashboards(&self, shutdown: crate::shutdown::Shutdown) {
+        self.ws.run_dashboards(shutdown).await;
+    }
+}
+
 impl Handler for Api {
     fn handle<'a>(&'a self, request: &'a Request) -> Pin<Box<dyn Future<Output = Response> + 'a>> {
         Box::pin(async move {

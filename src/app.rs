@@ -161,9 +161,14 @@ async fn daemon(
     )
     .await;
 
+    let api = Rc::new(Api::new(hub.clone()));
+    let _dashboards_task = executor.spawn({
+        let (api, shutdown) = (api.clone(), shutdown.clone());
+        async move { api.run_dashboards(shutdown).await }
+    });
     let http_task = executor.spawn(http::serve(
         listener,
-        Rc::new(Api::new(hub.clone())),
+        api,
         executor.clone(),
         shutdown.clone(),
     ));
@@ -377,7 +382,7 @@ async fn reload(
         Err(e) => log::error!("reload rejected, the old config stays in force: {e}"),
         Ok((new, settings, api_token)) => {
             hub.set_api_token(api_token);
-            if new.http != hub.config().http {
+            if new.http.listen != hub.config().http.listen {
                 log::warn!("http.listen changed; it takes effect at the next restart");
             }
             logging::set_level(&new.log.level);

@@ -3,6 +3,8 @@
 //! Rule (issue #2 §3): exclude domains first; then, when `include_prefixes` is non-empty,
 //! keep only entity ids starting with one of them; `enabled = false` tracks everything.
 
+use std::collections::BTreeSet;
+
 use serde_json::{Value, json};
 
 use crate::config::FilterConfig;
@@ -16,6 +18,10 @@ pub struct EntityFilter {
     include_prefixes: Vec<String>,
     /// Domains (the part of an entity id before the first `.`) never tracked.
     exclude_domains: Vec<String>,
+    /// Entity ids tracked whatever the rules above say: the dashboards' allowlist (issue 16),
+    /// so a dashboard served through hass-edge is never blank for an entity `[filter]`
+    /// leaves out.
+    also: BTreeSet<String>,
 }
 
 impl EntityFilter {
@@ -25,7 +31,14 @@ impl EntityFilter {
             enabled: config.enabled,
             include_prefixes: config.include_prefixes.clone(),
             exclude_domains: config.exclude_domains.clone(),
+            also: BTreeSet::new(),
         }
+    }
+
+    /// This filter, also tracking the entity ids `also`.
+    pub fn with_also(mut self, also: BTreeSet<String>) -> EntityFilter {
+        self.also = also;
+        self
     }
 
     /// A filter that tracks everything.
@@ -34,12 +47,13 @@ impl EntityFilter {
             enabled: false,
             include_prefixes: Vec::new(),
             exclude_domains: Vec::new(),
+            also: BTreeSet::new(),
         }
     }
 
     /// Whether `entity_id` is tracked.
     pub fn tracks(&self, entity_id: &str) -> bool {
-        if !self.enabled {
+        if !self.enabled || self.also.contains(entity_id) {
             return true;
         }
         let domain = entity_id.split_once('.').map_or(entity_id, |(d, _)| d);
@@ -71,9 +85,15 @@ impl EntityFilter {
                 .iter()
                 .map(|p| format!("{p}*"))
                 .collect();
-            return Some(json!({"include": {"entity_globs": globs}}));
+            if self.also.is_empty() {
+                return Some(json!({"include": {"entity_globs": globs}}));
+            }
+            // HA's include-only case: an entity passes when it is listed or matches a glob.
+            return Some(json!({"include": {"entity_globs": globs, "entities": self.also}}));
         }
-        if self.exclude_domains.is_empty() {
+        // Exclude-only with extra entities has no simple HA form: everything comes, and
+        // `tracks` decides here.
+        if self.exclude_domains.is_empty() || !self.also.is_empty() {
             return None;
         }
         Some(json!({"exclude": {"domains": self.exclude_domains}}))

@@ -150,6 +150,8 @@ pub struct Hub {
     config: RefCell<Rc<Config>>,
     /// HA's state as mirrored here.
     mirror: RefCell<Mirror>,
+    /// Entity ids tracked whatever `[filter]` says ([`Hub::track_also`]).
+    also_tracked: RefCell<std::collections::BTreeSet<String>>,
     /// The link to HA.
     link: RefCell<Link>,
     /// The link's totals.
@@ -223,6 +225,7 @@ impl Hub {
                 EntityFilter::new(&config.filter),
                 now,
             )),
+            also_tracked: RefCell::default(),
             config: RefCell::new(config),
             link: RefCell::new(Link::default()),
             link_counters: Cell::new(LinkCounters::default()),
@@ -267,7 +270,9 @@ impl Hub {
     pub fn reconfigure(&self, new: Config) -> bool {
         let removed = {
             let mut mirror = self.mirror.borrow_mut();
-            let removed = mirror.set_filter(EntityFilter::new(&new.filter));
+            let filter =
+                EntityFilter::new(&new.filter).with_also(self.also_tracked.borrow().clone());
+            let removed = mirror.set_filter(filter);
             mirror.reconfigure(&new.cache);
             removed
         };
@@ -279,6 +284,27 @@ impl Hub {
         self.warn_evictions();
         self.changed.notify(usize::MAX);
         filter_changed
+    }
+
+    /// Tracks the entity ids `also` whatever `[filter]` says (the dashboards' allowlist,
+    /// issue 16). When that changes what is tracked, the link subscribes again for a fresh
+    /// snapshot (entities newly tracked are only in a snapshot).
+    pub async fn track_also(&self, also: std::collections::BTreeSet<String>) {
+        if *self.also_tracked.borrow() == also {
+            return;
+        }
+        *self.also_tracked.borrow_mut() = also.clone();
+        let config = self.config();
+        let filter = EntityFilter::new(&config.filter).with_also(also);
+        let removed = self.mirror.borrow_mut().set_filter(filter);
+        if let Some(changes) = removed {
+            self.announce(&changes);
+            self.changed.notify(usize::MAX);
+            // Without `[filter]` everything is tracked already.
+            if config.filter.enabled {
+                self.command(Command::Resubscribe).await;
+            }
+        }
     }
 
     /// The server-side filter for `subscribe_entities` (see [`EntityFilter::ha_filter`]).

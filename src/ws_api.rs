@@ -384,19 +384,35 @@ impl LocalSession {
                 self.local.insert(id, LocalSub::Entities(ids));
                 // The result first, then the snapshot (`_send_handle_entities_init_response`).
                 out.push(Action::Send(result_raw(id, "null")));
-                let mut event = format!(r#"{{"id":{id},"type":"event","event":{{"a":{{"#);
-                for (i, state) in states.iter().enumerate() {
-                    if i > 0 {
-                        event.push(',');
-                    }
-                    push_json_string(&mut event, &state.entity_id);
-                    event.push(':');
-                    crate::compressed::write_added(&mut event, state);
-                }
-                event.push_str("}}}");
+                let mut event = format!(r#"{{"id":{id},"type":"event","event":"#);
+                crate::compressed::write_initial(&mut event, states.iter().map(|s| &**s));
+                event.push('}');
                 Some(event)
             }
             _ => None,
+        }
+    }
+
+    /// What the unfiltered subscriptions show changed (the dashboards' allowlist was
+    /// recomputed): `added` appear as HA shows new entities (`a`), `removed` go as HA
+    /// shows removed ones (`r`), one event of each per unfiltered `subscribe_entities`.
+    pub fn reveal(&self, added: &[Rc<EntityState>], removed: &[String], out: &mut Vec<String>) {
+        for (id, sub) in &self.local {
+            if *sub != LocalSub::Entities(None) {
+                continue;
+            }
+            if !added.is_empty() {
+                let mut event = String::from(r#"{"type":"event","event":"#);
+                crate::compressed::write_initial(&mut event, added.iter().map(|s| &**s));
+                event.push_str(&format!(r#","id":{id}}}"#));
+                out.push(event);
+            }
+            if !removed.is_empty() {
+                let list = serde_json::to_string(removed).unwrap_or_default();
+                out.push(format!(
+                    r#"{{"type":"event","event":{{"r":{list}}},"id":{id}}}"#
+                ));
+            }
         }
     }
 
@@ -437,7 +453,9 @@ impl LocalSession {
                 if body.is_empty() {
                     continue;
                 }
-                out.push(format!(r#"{{"id":{id},"type":"event","event":{body}}}"#));
+                // HA puts the id last here (`messages.py` `cached_state_diff_message`,
+                // `cached_event_message`): the shared part is serialised once.
+                out.push(format!(r#"{{"type":"event","event":{body},"id":{id}}}"#));
             }
         }
     }
@@ -448,28 +466,14 @@ impl LocalSession {
 /// when nothing HA compresses differs (no event).
 fn compressed_event(change: &Change) -> String {
     let mut out = String::new();
-    match (&change.old_state, &change.new_state) {
-        (_, None) => {
-            out.push_str(r#"{"r":["#);
-            push_json_string(&mut out, &change.entity_id);
-            out.push_str("]}");
-        }
-        (None, Some(new)) => {
-            out.push_str(r#"{"a":{"#);
-            push_json_string(&mut out, &change.entity_id);
-            out.push(':');
-            crate::compressed::write_added(&mut out, new);
-            out.push_str("}}");
-        }
-        (Some(old), Some(new)) => {
-            out.push_str(r#"{"c":{"#);
-            push_json_string(&mut out, &change.entity_id);
-            out.push(':');
-            if !crate::compressed::write_diff(&mut out, old, new) {
-                return String::new();
-            }
-            out.push_str("}}");
-        }
+    let written = crate::compressed::write_event(
+        &mut out,
+        &change.entity_id,
+        change.old_state.as_deref(),
+        change.new_state.as_deref(),
+    );
+    if !written {
+        out.clear();
     }
     out
 }
@@ -498,11 +502,6 @@ fn entity_ids(v: &Value) -> Option<HashSet<String>> {
     list.iter()
         .all(|e| valid_entity_id(e))
         .then(|| list.into_iter().collect())
-}
-
-fn push_json_string(out: &mut String, s: &str) {
-    // Serialising a string cannot fail.
-    out.push_str(&serde_json::to_string(s).unwrap_or_default());
 }
 
 /// `auth_invalid` (`auth.py` `auth_invalid_message`).
@@ -786,7 +785,7 @@ mod tests {
         s.changes(&[Rc::new(Event::for_tests(gone))], &v, &mut msgs);
         assert_eq!(
             msgs,
-            vec![r#"{"id":3,"type":"event","event":{"r":["light.kitchen"]}}"#]
+            vec![r#"{"type":"event","event":{"r":["light.kitchen"]},"id":3}"#]
         );
     }
 

@@ -48,6 +48,7 @@ use smol::stream::StreamExt;
 
 use crate::broadcast::Subscription;
 use crate::config::Secret;
+use crate::dashboards::{Allowlist, DashboardEntities};
 use crate::entity::EntityState;
 use crate::http::{Exchange, Response};
 use crate::hub::Hub;
@@ -92,6 +93,12 @@ pub struct WsApi {
     /// HA's events that end cached answers, once something is cached; and the link's
     /// `last_connected` when it was made (a new link ends every cached answer).
     invalidations: RefCell<Option<(crate::events::Receiver, Option<std::time::SystemTime>)>>,
+    /// The dashboards' allowlist (`[dashboards]`), once computed.
+    allowlist: RefCell<Option<Rc<Allowlist>>>,
+    /// Goes up with every new allowlist; sessions compare it.
+    allowlist_generation: Cell<u64>,
+    /// Wakes sessions when the allowlist changes.
+    allowlist_changed: event_listener::Event,
 }
 
 #[derive(Debug, Default)]
@@ -121,7 +128,200 @@ impl WsApi {
             counters: Counters::default(),
             cache: RefCell::new(HashMap::new()),
             invalidations: RefCell::new(None),
+            allowlist: RefCell::new(None),
+            allowlist_generation: Cell::new(0),
+            allowlist_changed: event_listener::Event::new(),
         }
+    }
+
+    /// Keeps the dashboards' allowlist (`[dashboards]`, issue 16) current until shutdown:
+    /// fetches each dashboard's `lovelace/config` and HA's states on a link of its own (with
+    /// hass-edge's HA token) whenever the shared link connects, the section changes on
+    /// reload, or HA fires `lovelace_updated` for one of them; also every
+    /// [`DASHBOARDS_REFRESH`], for `auto-entities` filters over entities that came since. The
+    /// mirror also tracks every listed entity ([`Hub::track_also`]). A failed fetch keeps the
+    /// last list and is tried again after 30 s.
+    pub async fn run_dashboards(&self, shutdown: crate::shutdown::Shutdown) {
+        let mut updates: Option<crate::events::Receiver> = None;
+        let mut fetched_for: Option<(
+            Option<std::time::SystemTime>,
+            crate::config::DashboardsConfig,
+        )> = None;
+        let mut due = Instant::now();
+        let mut dashboards: BTreeMap<String, DashboardEntities> = BTreeMap::new();
+        loop {
+            if shutdown.is_triggered() {
+                return;
+            }
+            let changed = self.hub.listen_changed();
+            let config = self.hub.config();
+            let wanted = &config.dashboards;
+            let link = self.hub.link();
+            if !wanted.enabled() {
+                updates = None;
+                fetched_for = None;
+                dashboards.clear();
+                if self.allowlist.borrow().is_some() {
+                    self.set_allowlist(None);
+                    self.hub.track_also(Default::default()).await;
+                }
+            } else if link.state == crate::status::LinkState::Live {
+                if updates.is_none() {
+                    let types = HashSet::from(["lovelace_updated".to_owned()]);
+                    updates = self.hub.subscribe_events(Some(types));
+                }
+                let mut stale = fetched_for
+                    .as_ref()
+                    .is_none_or(|(at, cfg)| *at != link.last_connected || cfg != wanted)
+                    || Instant::now() >= due;
+                if let Some(receiver) = updates.as_mut() {
+                    loop {
+                        match receiver.try_recv() {
+                            Ok(Some(text)) => {
+                                let data = lovelace_event_data(&text);
+                                let url_path = crate::dashboards::updated_url_path(&data);
+                                stale |= wanted.url_paths.iter().any(|p| p == url_path);
+                            }
+                            Ok(None) => break,
+                            Err(()) => {
+                                updates = None;
+                                stale = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                if stale {
+                    match self.fetch_dashboards(wanted).await {
+                        Ok((fetched, known)) => {
+                            dashboards = fetched;
+                            let list = Allowlist::new(dashboards.values(), wanted);
+                            log::info!(
+                                "dashboards {}: {} entities listed{}",
+                                wanted.url_paths.join(", "),
+                                list.len(),
+                                if list.allows_everything() {
+                                    " (a generated dashboard shows every entity)"
+                                } else {
+                                    ""
+                                }
+                            );
+                            let _ = known;
+                            if self.allowlist.borrow().as_deref() != Some(&list) {
+                                let also = if list.allows_everything() {
+                                    Default::default()
+                                } else {
+                                    list.entity_ids().map(str::to_owned).collect()
+                                };
+                                self.set_allowlist(Some(Rc::new(list)));
+                                self.hub.track_also(also).await;
+                            }
+                            fetched_for = Some((link.last_connected, wanted.clone()));
+                            due = Instant::now() + DASHBOARDS_REFRESH;
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "could not read the dashboards from HA: {e}; trying again in 30 s"
+                            );
+                            due = Instant::now() + Duration::from_secs(30);
+                            fetched_for = Some((link.last_connected, wanted.clone()));
+                        }
+                    }
+                    continue;
+                }
+            }
+            // The refresh timer runs only while there is something to refresh.
+            let refresh = wanted.enabled() && link.state == crate::status::LinkState::Live;
+            let next_update = async {
+                match updates.as_mut() {
+                    Some(r) => {
+                        // Put back as "stale" on the next turn: peek by receiving.
+                        let text = r.recv().await;
+                        Some(text)
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let woke = async {
+                changed.await;
+                None
+            }
+            .or(next_update)
+            .or(async {
+                if refresh {
+                    Timer::at(due).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+                None
+            })
+            .or(async {
+                shutdown.wait().await;
+                None
+            })
+            .await;
+            // Never a busy turn: whatever woke us, let the others run first.
+            smol::future::yield_now().await;
+            if let Some(Some(text)) = woke {
+                let data = lovelace_event_data(&text);
+                let url_path = crate::dashboards::updated_url_path(&data);
+                if wanted.url_paths.iter().any(|p| p == url_path) {
+                    due = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Reads each dashboard's config and HA's states over a link of its own.
+    async fn fetch_dashboards(
+        &self,
+        wanted: &crate::config::DashboardsConfig,
+    ) -> Result<(BTreeMap<String, DashboardEntities>, usize), String> {
+        let upstream = self.hub.upstream().ok_or("no HA configured")?;
+        let mut link = UpLink::open(&upstream, &upstream.token)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        let states = link
+            .call(1, &serde_json::json!({"type": "get_states"}))
+            .await?;
+        let states: Vec<Rc<EntityState>> = match states.get("result") {
+            Some(list) => serde_json::from_value::<Vec<EntityState>>(list.clone())
+                .map_err(|e| format!("get_states: {e}"))?
+                .into_iter()
+                .map(Rc::new)
+                .collect(),
+            None => return Err("get_states failed".into()),
+        };
+        let known: HashSet<&str> = states.iter().map(|s| s.entity_id.as_str()).collect();
+        let mut out = BTreeMap::new();
+        for (i, url_path) in wanted.url_paths.iter().enumerate() {
+            let request = crate::dashboards::config_request(url_path);
+            let answer = link.call(2 + i as u64, &request).await?;
+            let entities = if answer["success"] == true {
+                crate::dashboards::entities_in(&answer["result"], &states, &|id| known.contains(id))
+            } else if answer["error"]["code"] == "config_not_found" {
+                DashboardEntities::Generated
+            } else {
+                return Err(format!(
+                    "lovelace/config {url_path}: {}",
+                    answer["error"]["message"].as_str().unwrap_or("failed")
+                ));
+            };
+            out.insert(url_path.clone(), entities);
+        }
+        Ok((out, known.len()))
+    }
+
+    fn set_allowlist(&self, list: Option<Rc<Allowlist>>) {
+        *self.allowlist.borrow_mut() = list;
+        self.allowlist_generation
+            .set(self.allowlist_generation.get() + 1);
+        self.allowlist_changed.notify(usize::MAX);
+    }
+
+    /// The allowlist now, if any.
+    pub fn allowlist(&self) -> Option<Rc<Allowlist>> {
+        self.allowlist.borrow().clone()
     }
 
     /// The counters for `/status`, `/metrics` and D-Bus.
@@ -255,7 +455,7 @@ impl WsApi {
                             let open = &self.counters.links_open;
                             open.set(open.get() + 1);
                         }
-                        link = up;
+                        link = up.map(|l| *l);
                         session.authorized(mode, &self.ha_version(), &mut pending);
                     }
                     // No verdict from HA: no answer either.
@@ -280,6 +480,7 @@ impl WsApi {
             routes: HashMap::new(),
             next_id: 0,
             changes: None,
+            allowlist: (self.allowlist_generation.get(), self.allowlist()),
         };
         let mut outgoing: Vec<String> = Vec::new();
         if let Some(end) = self
@@ -332,11 +533,30 @@ impl WsApi {
                     session.changes(&events, &self.view(), &mut outgoing);
                 }
                 Wake::Link(Some(Ok(Message::Text(text)))) => {
-                    self.from_link(&mut state, &text, &mut outgoing);
+                    self.link_message(&mut state, &text, &mut outgoing);
                 }
                 Wake::Link(Some(Ok(_))) => {}
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
                 Wake::Relink => self.relink(&mut state, &mut outgoing).await,
+                Wake::Allowlist => {
+                    let now = self.allowlist();
+                    let before = std::mem::replace(
+                        &mut state.allowlist,
+                        (self.allowlist_generation.get(), now.clone()),
+                    );
+                    let allows = |l: &Option<Rc<Allowlist>>, id: &str| {
+                        l.as_ref().is_none_or(|l| l.allows(id))
+                    };
+                    let (mut added, mut removed) = (Vec::new(), Vec::new());
+                    for s in self.hub.tracked_states().0 {
+                        match (allows(&before.1, &s.entity_id), allows(&now, &s.entity_id)) {
+                            (false, true) => added.push(s),
+                            (true, false) => removed.push(s.entity_id.clone()),
+                            _ => {}
+                        }
+                    }
+                    session.reveal(&added, &removed, &mut outgoing);
+                }
             }
             // Follow the mirror from the turn the first local subscription was answered: its
             // snapshot and the subscription are taken in the same turn, so nothing falls
@@ -360,6 +580,10 @@ impl WsApi {
         state: &mut Running<'_>,
         shutdown: &crate::shutdown::Shutdown,
     ) -> Wake {
+        let listener = self.allowlist_changed.listen();
+        if state.allowlist.0 != self.allowlist_generation.get() {
+            return Wake::Allowlist;
+        }
         let Running {
             link,
             relink_at,
@@ -392,10 +616,15 @@ impl WsApi {
             shutdown.wait().await;
             Wake::Shutdown
         };
+        let allowlist = async {
+            listener.await;
+            Wake::Allowlist
+        };
         stop.or(from_client)
             .or(from_link)
             .or(from_mirror)
             .or(relink)
+            .or(allowlist)
             .await
     }
 
@@ -563,7 +792,7 @@ impl WsApi {
     }
 
     /// A message from the session's link: passed to the client under its id.
-    fn from_link(&self, state: &mut Running<'_>, text: &str, outgoing: &mut Vec<String>) {
+    fn link_message(&self, state: &mut Running<'_>, text: &str, outgoing: &mut Vec<String>) {
         let messages: Vec<&serde_json::value::RawValue> = if text.trim_start().starts_with('[') {
             serde_json::from_str(text).unwrap_or_default()
         } else {
@@ -601,10 +830,8 @@ impl WsApi {
                     }
                     continue;
                 }
-                if let (Some(kind), true) = (cache, success) {
-                    if let Some(result) = head.result {
-                        self.store_cached(kind, result.get());
-                    }
+                if let (Some(kind), true, Some(result)) = (cache, success, head.result) {
+                    self.store_cached(kind, result.get());
                 }
             }
             outgoing.push(with_id(raw.get(), head.id, client_id));
@@ -718,7 +945,7 @@ impl WsApi {
             };
         };
         match UpLink::open(&upstream, &Secret::new(presented.to_owned())).await {
-            Ok(link) => Verdict::Accept(Mode::User, Some(link)),
+            Ok(link) => Verdict::Accept(Mode::User, Some(Box::new(link))),
             Err(_) if open => Verdict::Accept(Mode::Edge, None),
             Err(LinkError::Refused(message)) => {
                 log::info!("WebSocket session: HA refused the client's token: {message}");
@@ -803,7 +1030,7 @@ impl WsApi {
 /// What hass-edge makes of a presented token.
 enum Verdict {
     /// A session in this mode, with the link HA accepted a user's token on.
-    Accept(Mode, Option<UpLink>),
+    Accept(Mode, Option<Box<UpLink>>),
     /// HA refused it: `auth_invalid`.
     Refuse,
     /// HA could not be asked: no answer at all.
@@ -813,6 +1040,17 @@ enum Verdict {
 fn route_was_sub(subs: &BTreeMap<u64, Sub>, client_id: u64, upstream_id: u64) -> bool {
     subs.get(&client_id)
         .is_some_and(|s| s.upstream_id == upstream_id)
+}
+
+/// How often the dashboards' allowlist is computed again without a reason.
+pub const DASHBOARDS_REFRESH: Duration = Duration::from_secs(300);
+
+/// `data` of an SSE-rendered `lovelace_updated` event.
+fn lovelace_event_data(text: &str) -> Value {
+    let json = text.trim().strip_prefix("data: ").unwrap_or(text);
+    serde_json::from_str::<Value>(json)
+        .map(|mut e| e["data"].take())
+        .unwrap_or(Value::Null)
 }
 
 /// `event_type` of an SSE-rendered event from [`crate::events`] (`data: {…}\n\n`).
@@ -844,6 +1082,11 @@ fn with_id(message: &str, from: u64, to: u64) -> String {
     let prefix = format!(r#"{{"id":{from},"#);
     if let Some(rest) = message.strip_prefix(&prefix) {
         return format!(r#"{{"id":{to},{rest}"#);
+    }
+    // Events serialised once for every connection carry the id last.
+    let suffix = format!(r#","id":{from}}}"#);
+    if let Some(rest) = message.strip_suffix(&suffix) {
+        return format!(r#"{rest},"id":{to}}}"#);
     }
     match serde_json::from_str::<Map<String, Value>>(message) {
         Ok(mut m) => {
@@ -885,6 +1128,8 @@ struct Running<'a> {
     routes: HashMap<u64, Route>,
     next_id: u64,
     changes: Option<Subscription>,
+    /// The allowlist this session's unfiltered subscriptions last showed, and its generation.
+    allowlist: (u64, Option<Rc<Allowlist>>),
 }
 
 impl Drop for Running<'_> {
@@ -902,6 +1147,7 @@ enum Wake {
     Changes(Option<Rc<crate::broadcast::Event>>),
     Link(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
     Relink,
+    Allowlist,
     Shutdown,
 }
 
@@ -915,10 +1161,20 @@ impl View for SessionView<'_> {
         self.api.ha_version()
     }
     fn states(&self) -> Vec<Rc<EntityState>> {
-        self.api.hub.tracked_states().0
+        let mut states = self.api.hub.tracked_states().0;
+        if let Some(list) = self.api.allowlist() {
+            states.retain(|s| list.allows(&s.entity_id));
+        }
+        states
     }
     fn shows(&self, entity_id: &str) -> bool {
         self.api.hub.follows(entity_id)
+            && self
+                .api
+                .allowlist
+                .borrow()
+                .as_ref()
+                .is_none_or(|l| l.allows(entity_id))
     }
     fn state(&self, entity_id: &str) -> Option<Rc<EntityState>> {
         self.api.hub.followed_state(entity_id)
@@ -999,6 +1255,37 @@ impl UpLink {
         open.or(async {
             Timer::after(LINK_TIMEOUT).await;
             Err(LinkError::Unreachable("HA did not answer in time".into()))
+        })
+        .await
+    }
+
+    /// Sends `command` as `id` and waits for its result (other messages are skipped).
+    async fn call(&mut self, id: u64, command: &Value) -> Result<Value, String> {
+        let Some(fields) = command.as_object() else {
+            return Err("not a command".into());
+        };
+        self.send(id, fields)
+            .await
+            .map_err(|()| "the link to HA dropped".to_owned())?;
+        let wait = async {
+            loop {
+                match self.ws.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                            continue;
+                        };
+                        if message["id"] == id && message["type"] == "result" {
+                            return Ok(message);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    other => return Err(format!("the link to HA ended: {other:?}")),
+                }
+            }
+        };
+        wait.or(async {
+            Timer::after(LINK_TIMEOUT).await;
+            Err("HA did not answer in time".to_owned())
         })
         .await
     }
