@@ -119,6 +119,11 @@ pub fn write_diff(out: &mut String, old: &EntityState, new: &EntityState) -> boo
 ///   [`write_added`]);
 /// - both → `{"c":{"<entity_id>":<diff>}}` (see [`write_diff`]); nothing when the diff is
 ///   empty;
+/// - both, but `last_changed` moved and `last_updated` is not `last_changed` → `a`, as for a
+///   new entity. One HA event never does this (a new state sets both times), but a change the
+///   mirror learnt from a resync after a reconnect can merge several events, and HA's diff
+///   cannot carry it: its `lc` means "`last_updated` too" (`_state_diff`; the frontend's
+///   `entities.ts` reads it so), which would leave the subscriber an old `last_updated`;
 /// - neither → nothing.
 ///
 /// A list of changes (a `crate::store::Change` each) is one event per change, as HA sends
@@ -137,6 +142,11 @@ pub fn write_event(
             write_str(out, entity_id);
             out.push_str("]}");
             true
+        }
+        (Some(old), Some(new))
+            if old.last_changed != new.last_changed && new.last_updated != new.last_changed =>
+        {
+            write_event(out, entity_id, None, Some(new))
         }
         (None, Some(new)) => {
             out.push_str("{\"a\":{");
@@ -763,6 +773,25 @@ mod tests {
             diff(&c, &d).unwrap(),
             r#"{"+":{"s":"off","lc":3.0,"c":"c3","a":{"q":"é\"x"}}}"#
         );
+    }
+
+    #[test]
+    fn a_merged_change_that_a_diff_cannot_carry_is_sent_whole() {
+        // Before HA restarted: on since 1.5. After the resync: on since 10 (state set), then
+        // an attribute changed at 12 — two HA events merged in one change.
+        let old = state(r#"{"s":"off","a":{"b":1},"c":"c1","lc":1.5}"#);
+        let new = state(r#"{"s":"on","a":{"b":2},"c":"c2","lc":10.0,"lu":12.0}"#);
+        let mut out = String::new();
+        assert!(write_event(&mut out, "light.x", Some(&old), Some(&new)));
+        assert_eq!(
+            out, r#"{"a":{"light.x":{"s":"on","a":{"b":2},"c":"c2","lc":10.0,"lu":12.0}}}"#,
+            "a `c` with `lc` would leave the subscriber last_updated = 10"
+        );
+        // One HA event (both times move together) stays a diff.
+        let one = state(r#"{"s":"on","a":{"b":1},"c":"c2","lc":10.0}"#);
+        out.clear();
+        assert!(write_event(&mut out, "light.x", Some(&old), Some(&one)));
+        assert!(out.starts_with(r#"{"c":"#), "{out}");
     }
 
     #[test]
