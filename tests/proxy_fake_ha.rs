@@ -296,10 +296,10 @@ fn a_large_answer_streams_through_without_being_held() {
     assert_eq!(daemon.health().unwrap().0, 200);
 }
 
-/// A WebSocket handshake on `/api/websocket` becomes a tunnel to HA: HA's own
-/// `auth_required` arrives through it.
+/// A WebSocket handshake on `/api/websocket` is served by hass-edge (issue 16): its own
+/// `101` and `auth_required` with HA's version, and no connection to HA for it.
 #[test]
-fn websocket_handshakes_are_tunnelled() {
+fn websocket_handshakes_are_served_by_hass_edge() {
     let (fake, daemon) = live_with(DaemonOptions::default());
     let sessions = fake.sessions().len();
     let mut s = std::net::TcpStream::connect(daemon.addr).unwrap();
@@ -325,17 +325,20 @@ fn websocket_handshakes_are_tunnelled() {
         text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
         "HA's accept key: {text}"
     );
-    assert!(text.contains("auth_required"), "HA's first frame: {text}");
+    assert!(text.contains("auth_required"), "the first frame: {text}");
+    assert!(text.contains(r#""ha_version":""#), "HA's version: {text}");
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         fake.sessions().len(),
-        sessions + 1,
-        "a session of its own at HA"
+        sessions,
+        "no connection to HA for it"
     );
     let status = daemon.get("/status").json();
-    assert_eq!(status["forwarding"]["tunnels_open"], 1, "{status}");
+    assert_eq!(status["websocket_api"]["sessions_open"], 1, "{status}");
+    assert_eq!(status["forwarding"]["tunnels_open"], 0, "{status}");
     let metrics = daemon.get("/metrics").text();
     assert!(
-        metrics.contains("\nhass_edge_tunnels_open 1\n"),
+        metrics.contains("\nhass_edge_websocket_sessions 1\n"),
         "{metrics}"
     );
     // A foreign page cannot open one.
@@ -464,36 +467,43 @@ fn tunnel_auth(daemon: &Daemon, token: &str, until: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-/// Through a tunnel, hass-edge's API token in HA's `auth` message is swapped for its HA
-/// token (HA would refuse it and count a failed login against hass-edge's address); in
-/// read-only mode hass-edge answers `auth_invalid` itself and HA sees no attempt. An HA
-/// user's own token goes as it came.
+/// hass-edge's API token in the WebSocket API's `auth` message is hass-edge's to accept: HA
+/// never sees it (HA would refuse it and count a failed login against hass-edge's address).
+/// An HA user's own token is HA's to judge, on a link of the session's own, and HA's
+/// `auth_invalid` is the client's. In read-only mode the API token still gets a session
+/// (reads from the mirror), but nothing is forwarded with it.
 #[test]
-fn the_api_token_in_a_tunnel_never_reaches_ha() {
+fn the_api_token_never_reaches_ha() {
     let dir = TempDir::new("proxy-ws-auth");
     let (fake, daemon) = live_with(with_api_token(&dir));
     let before = fake.auth_attempts().len();
     let text = tunnel_auth(&daemon, API_TOKEN, "auth_ok");
     assert!(text.contains("auth_ok"), "{text}");
-    let attempts = fake.auth_attempts();
-    assert_eq!(attempts.len(), before + 1);
-    assert!(
-        attempts.last().unwrap().accepted,
-        "HA got hass-edge's HA token"
-    );
-    // Someone else's token: HA's verdict, unchanged.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fake.auth_attempts().len(), before, "HA saw no attempt");
+    // Someone else's token: HA's verdict.
     let text = tunnel_auth(&daemon, "an-ha-user-token", "auth_invalid");
     assert!(text.contains("auth_invalid"), "{text}");
-    assert!(!fake.auth_attempts().last().unwrap().accepted);
+    let attempts = fake.auth_attempts();
+    assert_eq!(attempts.len(), before + 1);
+    assert!(!attempts.last().unwrap().accepted);
+    let status = send(
+        &daemon,
+        "GET",
+        "/status",
+        &[&format!("Authorization: Bearer {API_TOKEN}")],
+    )
+    .json();
+    assert_eq!(status["websocket_api"]["auth_failures"], 1, "{status}");
+    for r in fake.rest_requests() {
+        assert!(!r.headers.iter().any(|(_, v)| v.contains(API_TOKEN)));
+    }
 
     let dir = TempDir::new("proxy-ws-auth-ro");
     let (fake, daemon) = live_with(with_api_token(&dir).set("http", "allow_service_calls", false));
     let before = fake.auth_attempts().len();
-    let text = tunnel_auth(&daemon, API_TOKEN, "auth_invalid");
-    assert!(
-        text.contains("auth_invalid") && text.contains("read-only"),
-        "{text}"
-    );
+    let text = tunnel_auth(&daemon, API_TOKEN, "auth_ok");
+    assert!(text.contains("auth_ok"), "{text}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(fake.auth_attempts().len(), before, "HA saw no attempt");
 }
