@@ -19,8 +19,11 @@
 //!   come back under the client's. An Edge session opens its link (with hass-edge's HA
 //!   token) at its first forwarded command. When the link drops, the commands waiting for
 //!   an answer get `home_assistant_error`; open subscriptions are made again on the next
-//!   link without the client noticing (the new result is not passed on). While HA is away
-//!   a forwarded command is answered `home_assistant_error` at once.
+//!   link without the client noticing (the new result is not passed on); without any, the
+//!   link is made again at the next forwarded command. While HA is away a forwarded command
+//!   is answered `home_assistant_error` at once. When HA refuses a user's token on a new
+//!   link (HA's frontend tokens last 30 minutes; an established link outlives them), the
+//!   session ends, so the client connects again with a fresh token.
 //! - **Cached answers**: `get_services` and the registry lists HA's frontend asks for at
 //!   every load ([`CACHED`]) are kept from HA's first answer until HA's matching
 //!   `*_updated` event (one subscription on the shared link) or a new link.
@@ -480,6 +483,7 @@ impl WsApi {
             routes: HashMap::new(),
             next_id: 0,
             changes: None,
+            end: None,
             allowlist: (self.allowlist_generation.get(), self.allowlist()),
         };
         let mut outgoing: Vec<String> = Vec::new();
@@ -537,7 +541,7 @@ impl WsApi {
                 }
                 Wake::Link(Some(Ok(_))) => {}
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
-                Wake::Relink => self.relink(&mut state, &mut outgoing).await,
+                Wake::Relink => self.relink(&mut state).await,
                 Wake::Allowlist => {
                     let now = self.allowlist();
                     let before = std::mem::replace(
@@ -569,6 +573,9 @@ impl WsApi {
             }
             if let Err(e) = flush(client, &session, &mut outgoing).await {
                 return e;
+            }
+            if let Some(end) = state.end.take() {
+                return end;
             }
         }
     }
@@ -739,22 +746,37 @@ impl WsApi {
             return;
         }
         if state.link.is_none() {
-            let edge = matches!(session.phase(), Phase::Ready(Mode::Edge));
-            if !edge || self.hub.link_state() != crate::status::LinkState::Live {
+            // An Edge session's first forward, or any session's first after HA came back:
+            // a link with the session's token (the user's, or hass-edge's HA token).
+            if self.hub.link_state() != crate::status::LinkState::Live {
                 return away(outgoing);
             }
             let Some(upstream) = self.hub.upstream() else {
                 return away(outgoing);
             };
-            match UpLink::open(&upstream, &upstream.token).await {
+            let user = matches!(session.phase(), Phase::Ready(Mode::User));
+            let token = match (&state.token, user) {
+                (Some(token), true) => token.clone(),
+                _ => upstream.token.clone(),
+            };
+            match UpLink::open(&upstream, &token).await {
                 Ok(link) => {
                     self.counters
                         .links_open
                         .set(self.counters.links_open.get() + 1);
                     state.link = Some(link);
                 }
-                Err(e) => {
-                    log::warn!("WebSocket session: no link to HA: {e:?}");
+                Err(LinkError::Refused(message)) => {
+                    // The user's token expired (HA's frontend tokens last 30 min): end the
+                    // session, so the client connects again with a fresh token.
+                    log::info!(
+                        "WebSocket session: HA no longer takes the session's token ({message}); closing it"
+                    );
+                    state.end = Some(End::Client("HA refused the session's token".into()));
+                    return away(outgoing);
+                }
+                Err(LinkError::Unreachable(e)) => {
+                    log::warn!("WebSocket session: no link to HA: {e}");
                     return away(outgoing);
                 }
             }
@@ -868,7 +890,7 @@ impl WsApi {
     }
 
     /// Makes the link again and re-sends its subscriptions.
-    async fn relink(&self, state: &mut Running<'_>, outgoing: &mut Vec<String>) {
+    async fn relink(&self, state: &mut Running<'_>) {
         state.relink_at = None;
         if state.subs.is_empty() {
             return;
@@ -914,15 +936,13 @@ impl WsApi {
                 state.link = Some(link);
                 log::info!("WebSocket session: link to HA made again; subscriptions renewed");
             }
-            Err(LinkError::Refused(_)) => {
-                // The user's token is no longer good: its subscriptions end.
-                for (client_id, _) in std::mem::take(&mut state.subs) {
-                    outgoing.push(ws_api::error(
-                        client_id,
-                        "home_assistant_error",
-                        "Home Assistant refused the token on reconnect",
-                    ));
-                }
+            Err(LinkError::Refused(message)) => {
+                // The user's token expired: end the session, so the client connects again
+                // with a fresh token and makes its subscriptions again.
+                log::info!(
+                    "WebSocket session: HA no longer takes the session's token ({message}); closing it"
+                );
+                state.end = Some(End::Client("HA refused the session's token".into()));
             }
             Err(LinkError::Unreachable(_)) => {
                 state.relink_delay = (state.relink_delay * 2).min(MAX_RELINK_DELAY);
@@ -1128,6 +1148,8 @@ struct Running<'a> {
     routes: HashMap<u64, Route>,
     next_id: u64,
     changes: Option<Subscription>,
+    /// Set when the session must end after this turn's messages are written.
+    end: Option<End>,
     /// The allowlist this session's unfiltered subscriptions last showed, and its generation.
     allowlist: (u64, Option<Rc<Allowlist>>),
 }
