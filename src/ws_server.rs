@@ -10,9 +10,10 @@
 //! - **Auth**: HA's handshake; 10 s for the `auth` message (HA `AUTH_TIMEOUT`). hass-edge's
 //!   API token is a [`Mode::Edge`] session. Any other token is HA's to judge: hass-edge
 //!   opens a link to HA with it, and HA's verdict is the client's; the link then carries that
-//!   session's forwarded commands, under that user's permissions ([`Mode::User`]). In the
-//!   loopback-open mode (no API token), a token HA refuses, or any token while HA is away,
-//!   still gets an Edge session. With an API token set and HA away, a non-API token gets no
+//!   session's forwarded commands, under that user's permissions ([`Mode::User`]). A token
+//!   HA refuses is refused, in every mode, as HA would (a client checking its credentials
+//!   must learn they are wrong). In the loopback-open mode (no API token), any token while
+//!   HA is away gets an Edge session. With an API token set and HA away, a non-API token gets no
 //!   verdict: the connection closes and the client retries (an `auth_invalid` would make
 //!   HA's frontend forget its login).
 //! - **Forwarded commands** go on the session's link under ids of its own; HA's answers
@@ -966,7 +967,7 @@ impl WsApi {
         };
         match UpLink::open(&upstream, &Secret::new(presented.to_owned())).await {
             Ok(link) => Verdict::Accept(Mode::User, Some(Box::new(link))),
-            Err(_) if open => Verdict::Accept(Mode::Edge, None),
+            Err(LinkError::Unreachable(_)) if open => Verdict::Accept(Mode::Edge, None),
             Err(LinkError::Refused(message)) => {
                 log::info!("WebSocket session: HA refused the client's token: {message}");
                 Verdict::Refuse
