@@ -8,9 +8,11 @@
 //!   `http.max_websocket_clients` sessions: 503 before the upgrade. The `Origin` rule is the
 //!   routes' (`api.rs`, 403 before this).
 //! - **Auth**: HA's handshake; 10 s for the `auth` message (HA `AUTH_TIMEOUT`). hass-edge's
-//!   API token is a [`Mode::Edge`] session. Any other token is HA's to judge: hass-edge
-//!   opens a link to HA with it, and HA's verdict is the client's; the link then carries that
-//!   session's forwarded commands, under that user's permissions ([`Mode::User`]). A token
+//!   API token is a [`Mode::Edge`] session. Any other token is HA's to judge, and HA's
+//!   verdict is the client's: the one the local routes keep (`Hub::ha_accepts`, one REST
+//!   check per token until it expires), or, when that cannot be had (rate-limited), a link
+//!   to HA authenticated with it. The session's link carries its forwarded commands, under
+//!   that user's permissions ([`Mode::User`]); it is opened at the first one. A token
 //!   HA refuses is refused, in every mode, as HA would (a client checking its credentials
 //!   must learn they are wrong). In the loopback-open mode (no API token), any token while
 //!   HA is away gets an Edge session. With an API token set and HA away, a non-API token gets no
@@ -958,6 +960,14 @@ impl WsApi {
             return Verdict::Accept(Mode::Edge, None);
         }
         let open = !self.hub.has_api_token();
+        // HA's verdict as the local routes keep it (`ha_tokens.rs`): one REST check per token,
+        // kept until the token expires, so a fleet of panels reconnecting at once costs HA one
+        // check, and the session's link waits for its first forwarded command.
+        match self.hub.ha_accepts(presented).await {
+            crate::hub::TokenCheck::Accepted => return Verdict::Accept(Mode::User, None),
+            crate::hub::TokenCheck::Refused => return Verdict::Refuse,
+            crate::hub::TokenCheck::Limited | crate::hub::TokenCheck::Unreachable => {}
+        }
         let Some(upstream) = self.hub.upstream() else {
             return if open {
                 Verdict::Accept(Mode::Edge, None)
