@@ -4,7 +4,7 @@
 #   HA_PEER_DIR=<dir of a running tests/ha-peer peer> OUT_DIR=<dir> bash tests/frontend/run.sh
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root),
-# SCENARIOS (default "password api-token trusted no-xff"; also read-only, see test.mjs), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
+# SCENARIOS (default "password api-token dashboard trusted no-xff"; also read-only, see test.mjs), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
 # CHROMIUM (default /usr/bin/chromium), FRONTEND_TARGET=ha (a control run of the browser steps
 # directly against HA, without hass-edge: the password scenario only).
 # The trusted and no-xff scenarios need the peer started with `ha-peer.sh start ... --trusted-proxy`;
@@ -46,13 +46,13 @@ HA_PY=$(cat "$HA_PEER_DIR/venv")/bin/python
 [[ -x $HA_PY ]] || die "the peer's Python $HA_PY is missing"
 curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
 	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
-SCENARIOS=${SCENARIOS:-password api-token trusted no-xff}
+SCENARIOS=${SCENARIOS:-password api-token dashboard trusted no-xff}
 for s in $SCENARIOS; do
-	[[ $s == password || $s == api-token || $s == trusted || $s == no-xff || $s == read-only ]] ||
-		die "unknown scenario $s (password, api-token, trusted, no-xff, read-only)"
+	[[ $s == password || $s == api-token || $s == dashboard || $s == trusted || $s == no-xff || $s == read-only ]] ||
+		die "unknown scenario $s (password, api-token, dashboard, trusted, no-xff, read-only)"
 done
 if [[ $TARGET == ha && $SCENARIOS != password ]]; then
-	say "FRONTEND_TARGET=ha: api-token, trusted, no-xff and read-only need hass-edge between the browser and HA; running the password scenario only"
+	say "FRONTEND_TARGET=ha: api-token, dashboard, trusted, no-xff and read-only need hass-edge between the browser and HA; running the password scenario only"
 	SCENARIOS=password
 fi
 
@@ -120,8 +120,9 @@ s.bind((a, 0))
 print(s.getsockname()[1])' "$1"
 }
 
-# start_edge SCENARIO ADDRESS XFF [token|read-only]: hass-edge on ADDRESS:<free port>, [http]
-# x_forwarded_for = XFF, and an api_token_file or allow_service_calls = false; sets EDGE_PID,
+# start_edge SCENARIO ADDRESS XFF [token|read-only|dashboards]: hass-edge on ADDRESS:<free port>,
+# [http] x_forwarded_for = XFF, and an api_token_file, allow_service_calls = false or
+# [dashboards] url_paths = ["lovelace"] (HA's default dashboard's allowlist); sets EDGE_PID,
 # BASE, EDGE_LOG, EDGE_API_TOKEN_FILE
 start_edge() {
 	local scenario=$1 addr=$2 xff=$3 token=${4:-} port code i hostport
@@ -155,6 +156,8 @@ EOF
 		sed -i "/^x_forwarded_for = /a api_token_file = \"$EDGE_API_TOKEN_FILE\"" "$WORK/$scenario.toml"
 	elif [[ $token == read-only ]]; then
 		sed -i "/^x_forwarded_for = /a allow_service_calls = false" "$WORK/$scenario.toml"
+	elif [[ $token == dashboards ]]; then
+		printf '\n[dashboards]\nurl_paths = ["lovelace"]\n' >>"$WORK/$scenario.toml"
 	fi
 	(
 		# Our callers' knobs must not reach the daemon as config overrides.
@@ -170,7 +173,7 @@ EOF
 		((i < 300)) || die "hass-edge's /health on $BASE is not 200 after 30 s (last: $code)"
 		sleep 0.1
 	done
-	say "hass-edge live on $BASE (x_forwarded_for = $xff${EDGE_API_TOKEN_FILE:+, api_token_file}$([[ $token == read-only ]] && echo ', allow_service_calls = false'); HA $HA_VERSION at $HA_URL)"
+	say "hass-edge live on $BASE (x_forwarded_for = $xff${EDGE_API_TOKEN_FILE:+, api_token_file}$([[ $token == read-only ]] && echo ', allow_service_calls = false')$([[ $token == dashboards ]] && echo ', [dashboards] url_paths = ["lovelace"]'); HA $HA_VERSION at $HA_URL)"
 }
 
 # run_browser SCENARIO: test.mjs against $BASE; 0 = pass
@@ -186,6 +189,8 @@ run_browser() {
 		# scenarios of this run: empty for the first, filled by the first browser for the others
 		export ASSETS=$([[ $TARGET == ha ]] && echo '' || { [[ -d $WORK/assets && -n $(ls -A "$WORK/assets" 2>/dev/null) ]] && echo warm || echo cold; })
 		export PEER_SCRIPT=$PEER HA_PEER_DIR HA_RESTART=$([[ $scenario == password && ${HA_RESTART:-1} == 1 ]] && echo 1 || echo 0)
+		# dashboard: the default dashboard's entities, and how to start the peer again after stopping it
+		export DASH_ENTITIES HA_VERSION HA_PORT PEER_START_ARGS=$(peer_trusts_proxy && echo --trusted-proxy || true)
 		# Chromium's crash-report database goes under XDG_CONFIG_HOME: keep it in WORK too.
 		export XDG_CONFIG_HOME=$WORK/xdg
 		exec node test.mjs
@@ -226,6 +231,12 @@ DASHBOARD=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["dashboa
 VIEW=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["view_path"])' "$setup")
 say "HA $HA_VERSION ready: dashboard /$DASHBOARD/$VIEW ($setup)"
 
+# dashboard: HA's default dashboard (`lovelace`) gets an entities card of these before hass-edge
+# starts (hass-edge's allowlist is read at start); test.mjs adds an entity card of
+# input_select.house_mode later, through HA
+DASH_ENTITIES=input_boolean.kitchen,light.kitchen,input_boolean.garage_open,sensor.living_temperature
+lovelace() { "$HA_PY" "$HERE/ha_helper.py" lovelace "$@" --url "$HA_URL" --token-file "$HA_PEER_DIR/token"; }
+
 # ---------- the scenarios ----------
 passed=0 failed=0 failures=()
 for scenario in $SCENARIOS; do
@@ -251,6 +262,10 @@ for scenario in $SCENARIOS; do
 		start_edge "$scenario" 127.0.0.1 false token
 	elif [[ $scenario == read-only ]]; then
 		start_edge "$scenario" 127.0.0.1 false read-only
+	elif [[ $scenario == dashboard ]]; then
+		saved=$(lovelace --entities "$DASH_ENTITIES") || die "could not save HA's default dashboard (ha_helper.py lovelace)"
+		say "[dashboard] HA's default dashboard saved: $saved"
+		start_edge "$scenario" 127.0.0.1 false dashboards
 	else
 		start_edge "$scenario" 127.0.0.1 false
 	fi
@@ -270,6 +285,13 @@ for scenario in $SCENARIOS; do
 	fi
 	stop_pid "$EDGE_PID"
 	EDGE_PID='' EDGE_LOG=''
+	if [[ $scenario == dashboard ]]; then
+		# HA's default dashboard as it was (generated by HA); the peer may have been restarted
+		# (test.mjs stops and starts the peer; a failure in between may have left it stopped)
+		{ bash "$PEER" status "$HA_PEER_DIR" || bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" $(peer_trusts_proxy && echo --trusted-proxy); } \
+			>>"$OUT_DIR/frontend-peer.log" 2>&1 && lovelace --delete >/dev/null ||
+			{ say "could not remove HA's default dashboard config again"; failed=$((failed + 1)); }
+	fi
 done
 restore_peer || failed=$((failed + 1))
 

@@ -11,6 +11,12 @@
 //                          end on HA's password form (HA sees hass-edge's 127.0.0.1), and nothing more
 //                api-token: password, with hass-edge's http.api_token_file set (a kiosk on a LAN
 //                          address must have one): the frontend sends no hass-edge token, only HA's own
+//                dashboard: password, with hass-edge's [dashboards] url_paths = ["lovelace"] (HA's default
+//                          dashboard, saved by run.sh with the entities DASH_ENTITIES): the entity data
+//                          the page receives holds only those, compared with the same page loaded from
+//                          HA directly; an edit of the dashboard in HA reveals a new entity without a
+//                          reload; HA stopped and started under the open page; a non-admin user gets
+//                          HA's unauthorized; a WebSocket from a foreign origin is refused; /status
 //                read-only: password, with http.allow_service_calls = false: the login works (HA's
 //                          /auth/* flow), the dashboard shows, but neither the switch (a WebSocket
 //                          call_service) nor a REST write from the page may change HA. Not in the
@@ -25,10 +31,12 @@
 //   DIRECT       1 = BASE is HA itself (a control run of this script, not a test of hass-edge):
 //                the "nothing went to HA directly" check is skipped
 //   DASHBOARD, VIEW   the dashboard made by `ha_helper.py setup` (edge-test, 0)
+//   DASH_ENTITIES     dashboard: the entities card's entity ids (comma-separated)
+//   HA_VERSION, HA_PORT, PEER_START_ARGS   dashboard: to start the stopped peer again (ha-peer.sh start)
 //   OUT_DIR, PROFILE_DIR, CHROMIUM
 import { execFile } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
-import { request as httpRequest } from 'node:http';
+import { createServer, request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -55,15 +63,15 @@ const CHROMIUM = env('CHROMIUM', '/usr/bin/chromium');
 const USER = 'edge';                     // tests/ha-peer/peer.py ONBOARD_USER
 const PASSWORD = 'edge-tester-password';
 const STEP_TIMEOUT = 20_000;             // any one wait
-const RUN_TIMEOUT = 150_000;             // the whole scenario
+const RUN_TIMEOUT = process.env.SCENARIO === 'dashboard' ? 240_000 : 150_000; // the whole scenario
 const FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--disable-quic'];
-if (!['password', 'api-token', 'trusted', 'no-xff', 'read-only'].includes(SCENARIO)) {
-  console.error(`frontend: FAIL: SCENARIO must be password, api-token, trusted, no-xff or read-only, not ${SCENARIO}`);
+if (!['password', 'api-token', 'dashboard', 'trusted', 'no-xff', 'read-only'].includes(SCENARIO)) {
+  console.error(`frontend: FAIL: SCENARIO must be password, api-token, dashboard, trusted, no-xff or read-only, not ${SCENARIO}`);
   process.exit(2);
 }
 const tag = `frontend[${SCENARIO}]`;
-const PASSWORD_LOGIN = ['password', 'api-token', 'read-only'].includes(SCENARIO);
+const PASSWORD_LOGIN = ['password', 'api-token', 'dashboard', 'read-only'].includes(SCENARIO);
 const EDGE_API_TOKEN = process.env.EDGE_API_TOKEN_FILE ? readFileSync(process.env.EDGE_API_TOKEN_FILE, 'utf8').trim() : '';
 const t0 = Date.now();
 const log = (msg) => console.log(`${tag}: ${msg} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
@@ -116,6 +124,7 @@ async function edgeCounts() {
   return {
     forwarded: sum(/^hass_edge_http_requests_total\{route="forward",/),
     tunnels: sum(/^hass_edge_http_requests_total\{route="tunnel",status="101"\}/),
+    sessions: sum(/^hass_edge_websocket_sessions_total /), // hass-edge's own /api/websocket (issue 16)
   };
 }
 function helper(...args) {
@@ -226,14 +235,23 @@ function watchPage(p) {
     pageErrors.push({ t: Date.now() - t0, line });
   });
   p.on('websocket', (ws) => {
-    const s = { t: Date.now() - t0, url: ws.url(), received: 0, sent: 0, closed: false, error: null, firstIn: [], types: new Map(), errors: [] };
+    // entity data: the entity ids in it and its bytes (see entityIdsOf); added: subscribe_entities'
+    // `a` events (time, ids)
+    const s = { t: Date.now() - t0, url: ws.url(), page: p, received: 0, sent: 0, closed: false, error: null, firstIn: [], types: new Map(), errors: [],
+      bytes: 0, entityBytes: 0, entityIds: new Set(), added: [] };
     sockets.push(s);
     const messages = (payload) => { try { return [JSON.parse(String(payload))].flat(); } catch { return []; } };
     ws.on('framereceived', (f) => {
       s.received += 1;
+      s.bytes += Buffer.byteLength(String(f.payload));
       if (s.firstIn.length < 3) s.firstIn.push(String(f.payload).slice(0, 120));
       for (const m of messages(f.payload)) {
         if (m && m.type === 'result' && m.success === false) s.errors.push(`${s.types.get(m.id) ?? `id ${m.id}`}: ${m.error?.code}`);
+        const ids = entityIdsOf(m, s.types);
+        if (!ids) continue;
+        s.entityBytes += Buffer.byteLength(JSON.stringify(m));
+        for (const id of ids) s.entityIds.add(id);
+        if (m.event?.a) s.added.push({ t: Date.now() - t0, ids: Object.keys(m.event.a) });
       }
     });
     ws.on('framesent', (f) => {
@@ -243,6 +261,17 @@ function watchPage(p) {
     ws.on('close', () => { s.closed = true; });
     ws.on('socketerror', (err) => { s.error = String(err); });
   });
+}
+// The entity ids of a message that carries entity data, as HA's frontend gets it: a
+// subscribe_entities event (HA websocket_api/messages.py: `a` added, `c` changed, `r` removed), a
+// state_changed event, or a get_states result (TYPES: the client's id -> command type); else null.
+function entityIdsOf(m, types) {
+  if (!m || typeof m !== 'object') return null;
+  const e = m.event;
+  if (m.type === 'event' && e && (e.a || e.c || e.r)) return [...Object.keys(e.a ?? {}), ...Object.keys(e.c ?? {}), ...(e.r ?? [])];
+  if (m.type === 'event' && e?.event_type === 'state_changed') return [e.data?.entity_id];
+  if (m.type === 'result' && types.get(m.id) === 'get_states' && Array.isArray(m.result)) return m.result.map((x) => x.entity_id);
+  return null;
 }
 const fmtReq = (e) => `${String(e.t).padStart(6)} ms ${e.method.padEnd(4)} ${e.status ?? '…'}${e.xcache ? ` X-Cache:${e.xcache}` : ''}${e.failure ? ` FAILED ${e.failure}` : ''} ${e.type} ${e.url}`;
 function dumpNetwork() {
@@ -405,6 +434,7 @@ async function main() {
   check(logins[0].auth_provider_type === wanted, `HA's refresh token of this login has auth_provider_type ${logins[0].auth_provider_type}, expected ${wanted}`);
   check(logins[0].last_used_ip === wantIp, `HA saw this login from ${logins[0].last_used_ip}, expected ${wantIp}`);
   log(`logged in: HA's ${logins[0].auth_provider_type} provider (offered: ${providers ? providers.join(', ') : 'answer gone with the navigation'}; ${flows.length} login-flow request(s)), HA saw the client at ${logins[0].last_used_ip}`);
+  if (SCENARIO === 'dashboard') return dashboard(since);
 
   // 2. The dashboard, reached as a person would: its entry in the sidebar.
   const link = page.locator(`ha-sidebar a[href="/${DASHBOARD}"]`);
@@ -522,10 +552,31 @@ async function main() {
     });
     restartWindow = { from: tRestart - t0, to: Date.now() - t0 };
     log(`HA restarted (homeassistant.restart) and RUNNING again after ${Date.now() - tRestart} ms`);
-    check(live.closed, `the frontend's WebSocket through hass-edge is still open after HA restarted (hass-edge did not close the tunnel when HA went away): ${JSON.stringify({ url: live.url, closed: live.closed, received: live.received })}`);
-    await until(`the frontend reconnected through ${BASE} (a new WebSocket with auth_ok)`,
-      () => sockets.slice(socketsBefore).some((x) => x.url === `${baseUrl.protocol === 'https:' ? 'wss' : 'ws'}://${baseUrl.host}/api/websocket` && x.received >= 3 && !x.closed), 30_000);
-    log(`the frontend reconnected through ${BASE} ${Date.now() - tRestart} ms after the restart began (${sockets.length - socketsBefore} new WebSocket(s))`);
+    if (DIRECT) {
+      // HA itself closes the frontend's WebSocket when it stops; the frontend reconnects
+      check(live.closed, `the frontend's WebSocket to HA is still open after HA restarted: ${JSON.stringify({ url: live.url, closed: live.closed, received: live.received })}`);
+      await until(`the frontend reconnected to ${BASE} (a new WebSocket with auth_ok)`,
+        () => sockets.slice(socketsBefore).some((x) => x.url === `${baseUrl.protocol === 'https:' ? 'wss' : 'ws'}://${baseUrl.host}/api/websocket` && x.received >= 3 && !x.closed), 30_000);
+      log(`the frontend reconnected to ${BASE} ${Date.now() - tRestart} ms after the restart began (${sockets.length - socketsBefore} new WebSocket(s))`);
+    } else {
+      // hass-edge serves /api/websocket itself (issue 16): the page's session outlives HA's
+      // restart (its subscriptions are served from the mirror; its own link to HA is made again)
+      check(!live.closed && sockets.length === socketsBefore, `the frontend's WebSocket to hass-edge closed while HA restarted (issue 16: local sessions stay open): ${JSON.stringify({ url: live.url, closed: live.closed, received: live.received, opened_since: sockets.length - socketsBefore })}`);
+      log('the frontend\'s WebSocket to hass-edge stayed open across HA\'s restart');
+      // The page never saw HA go: a command it sends before hass-edge is connected to HA again
+      // (its back-off: up to 2^n s after HA is back) is answered home_assistant_error at once
+      // (issue 16: "Forwarded commands made while HA is down get an immediate
+      // home_assistant_error"). So: hass-edge live again (/health 200) and the page's session's
+      // own link to HA made again (/status websocket_api.links_open ≥ 1) before the click.
+      const auth = EDGE_API_TOKEN ? { Authorization: `Bearer ${EDGE_API_TOKEN}` } : {};
+      await until('hass-edge is connected to HA again (/health 200) and the page\'s session has its link to HA again (/status websocket_api.links_open ≥ 1)', async () => {
+        if ((await raw('GET', `${BASE}/health`)).status !== 200) return false;
+        const st = JSON.parse((await raw('GET', `${BASE}/status`, auth)).body);
+        return ((st.websocket_api ?? st.forwarding?.websocket_api)?.links_open ?? 0) >= 1;
+      }, 30_000);
+      log(`hass-edge and the page's session are connected to HA again ${Date.now() - tRestart} ms after the restart began (HA was RUNNING after ${restartWindow.to - restartWindow.from} ms)`);
+      restartWindow.to = Date.now() - t0; // what the page asked until now may have met HA away
+    }
     const afterRestart = await truth(); // input_boolean.kitchen has initial: false
     await until(`the dashboard shows HA's states after the restart (${JSON.stringify(afterRestart)})`, () => matches(afterRestart), 30_000);
     const clicked = await toggle(afterRestart, 'toggle after HA restarted');
@@ -577,10 +628,11 @@ async function main() {
     // spare some requests, so forwards are at least 1 per answered document, not equal). A
     // tunnel is counted when it ends: close the browser first, then every tunnel must end.
     const docs = web.filter((e) => e.type === 'document' && typeof e.status === 'number').length;
-    const openTunnels = (await edgeCounts()).tunnels - counts0.tunnels;
     await cleanup();
-    const counts = await until(`hass-edge counted ${opened.length} ended WebSocket tunnel(s) after the browser closed`,
-      async () => { const c = await edgeCounts(); return c.tunnels - counts0.tunnels === opened.length ? c : false; }, 10_000);
+    // issue 16: every one was a session of hass-edge's own WebSocket API, none a tunnel to HA
+    const counts = await edgeCounts();
+    check(counts.sessions - counts0.sessions === opened.length && counts.tunnels === counts0.tunnels,
+      `the browser opened ${opened.length} WebSocket(s) to ${wsUrl}; hass-edge counted ${counts.sessions - counts0.sessions} session(s) of its own WebSocket API and ${counts.tunnels - counts0.tunnels} tunnel(s) to HA (expected ${opened.length} and 0)`);
     const fwd = counts.forwarded - counts0.forwarded;
     check(fwd >= docs && fwd >= 1, `hass-edge counted ${fwd} forwarded request(s), the browser loaded ${docs} document(s) through it`);
     // The asset cache, as the browser got it
@@ -609,18 +661,298 @@ async function main() {
         `${h.url} from hass-edge's asset cache (${h.body.length} bytes as the browser decoded them) differs from HA's own (HTTP ${direct.status}, ${direct.body.length} bytes)`);
     }
     assetNote = `; assets: ${hits.length} of ${assets.length} from hass-edge's disk cache (X-Cache: hit)${compare.length ? `, ${compare.length} of them byte-equal to HA's (${afterAbort.length ? `${new Set(afterAbort.map((h) => h.url)).size} first asked for by a request the browser aborted` : 'none written from an aborted request'})` : ''}`;
-    counted = `; hass-edge counted ${fwd} forwards and ${opened.length} tunnels (${openTunnels} of them while the browser was open: a tunnel is counted when it ends)`;
+    counted = `; hass-edge counted ${fwd} forwards and ${opened.length} WebSocket API session(s) of its own (no tunnel)`;
   }
   const refused = [...new Set(sockets.flatMap((s) => s.errors))];
   if (refused.length) log(`WebSocket commands of the frontend that HA refused (also without hass-edge: the peer has no default_config): ${refused.join(', ')}`);
   const inRestart = restartWindow ? `; while HA restarted: ${web.filter((e) => duringRestart(e.t)).map((e) => e.status ?? e.failure).join(',') || 'no'} HTTP, ${tunnels.filter((x) => duringRestart(x.t)).map((x) => (x.received ? 'open' : x.error ?? 'failed')).join(',') || 'no'} WebSocket attempts` : '';
-  log(`network: ${web.length} HTTP requests and ${sockets.length} WebSocket(s), all to ${baseUrl.host}${DIRECT ? ' (HA itself)' : `, none to HA's port ${haUrl.port}`}; ${tunnels.map((s) => s.received).join('+')} WebSocket frames from HA; no HTTP error${aborted ? `; ${aborted} aborted by navigation` : ''}${counted}${assetNote}${inRestart} (list: ${netFile})`);
+  log(`network: ${web.length} HTTP requests and ${sockets.length} WebSocket(s), all to ${baseUrl.host}${DIRECT ? ' (HA itself)' : `, none to HA's port ${haUrl.port}`}; ${tunnels.map((s) => s.received).join('+')} WebSocket frames received; no HTTP error${aborted ? `; ${aborted} aborted by navigation` : ''}${counted}${assetNote}${inRestart} (list: ${netFile})`);
+}
+
+// ---------- the dashboard scenario (issue 16: hass-edge's own /api/websocket, trimmed per dashboard) ----------
+const NONADMIN = { user: 'frontend-nonadmin', password: 'frontend-nonadmin-password-1', name: 'Frontend non-admin' }; // ha_helper.py NONADMIN_NAME
+const ADDED = 'input_select.house_mode'; // the entity card the edit adds (not in DASH_ENTITIES)
+// The text of the dashboard's cards (entities card rows, entity cards), through their shadow
+// roots, with each switch as [switch on|off]: what a person sees of the states.
+const cardsText = (p) => p.evaluate(() => {
+  const cards = [];
+  const find = (root) => {
+    for (const el of root.querySelectorAll('*')) {
+      if (el.localName === 'hui-entities-card' || el.localName === 'hui-entity-card') cards.push(el);
+      if (el.shadowRoot) find(el.shadowRoot);
+    }
+  };
+  find(document);
+  const text = (node) => {
+    const out = [];
+    const walk = (n) => {
+      for (const c of n.childNodes) {
+        if (c.nodeType === Node.TEXT_NODE) {
+          const t = c.textContent.trim();
+          if (t && !['STYLE', 'SCRIPT'].includes(c.parentNode?.nodeName)) out.push(t);
+        } else if (c.nodeType === Node.ELEMENT_NODE) {
+          if (c.getAttribute('role') === 'switch') out.push(`[switch ${c.getAttribute('aria-checked') === 'true' ? 'on' : 'off'}]`);
+          if (c.shadowRoot) walk(c.shadowRoot);
+          walk(c);
+        }
+      }
+    };
+    walk(node.shadowRoot ?? node);
+    return out.join(' ');
+  };
+  return cards.map((c) => `${c.localName}: ${text(c)}`).join(' || ');
+});
+// A WebSocket to URL opened by the page P's own script (so with P's Origin): its first message,
+// or how it ended. Closed again at once.
+const probeSocket = (p, url) => p.evaluate((u) => new Promise((resolve) => {
+  const events = [];
+  const ws = new WebSocket(u);
+  const done = () => resolve(events);
+  ws.onopen = () => events.push('open');
+  ws.onmessage = (e) => { events.push(`message ${String(e.data).slice(0, 100)}`); ws.close(); done(); };
+  ws.onerror = () => events.push('error');
+  ws.onclose = (e) => { events.push(`close ${e.code}`); done(); };
+  setTimeout(() => { events.push('no answer in 10 s'); done(); }, 10_000);
+}), url);
+async function edgeStatus() {
+  const r = await raw('GET', `${BASE}/status`);
+  check(r.status === 200, `hass-edge GET /status: HTTP ${r.status} ${r.body.slice(0, 200)}`);
+  const st = JSON.parse(r.body);
+  const w = st.websocket_api ?? st.forwarding?.websocket_api;
+  check(w && typeof w === 'object', `hass-edge's /status has no websocket_api object: ${r.body.slice(0, 600)}`);
+  return { w, tunnelsOpen: st.forwarding?.tunnels_open };
+}
+// HA's login page in P (user and password), until the frontend shows its sidebar
+async function logIn(p, user, password) {
+  await until(`HA's login page at ${new URL(p.url()).origin} shows the username field`, () => p.locator('input[name="username"]').isVisible());
+  await p.locator('input[name="username"]').fill(user, { timeout: STEP_TIMEOUT });
+  await p.locator('input[name="password"]').fill(password, { timeout: STEP_TIMEOUT });
+  await p.getByRole('button', { name: /log in/i }).click({ timeout: STEP_TIMEOUT });
+  await until(`the frontend at ${new URL(p.url()).origin} is logged in as ${user} and shows its sidebar`,
+    async () => !new URL(p.url()).pathname.startsWith('/auth/') && (await p.locator('ha-sidebar').count()) > 0);
+}
+const peer = (...args) => new Promise((resolve, reject) => {
+  execFile('bash', [env('PEER_SCRIPT'), ...args], { timeout: 150_000 }, (err, _out, stderr) => {
+    if (err) reject(new TestFailure(`ha-peer.sh ${args[0]} failed: ${(stderr || err.message).trim().split('\n').slice(-5).join(' | ')}`));
+    else resolve();
+  });
+});
+const haUp = () => raw('GET', `${HA_URL}/api/`, { Authorization: `Bearer ${HA_TOKEN}` }).then((r) => r.status === 200, () => false);
+
+async function dashboard(since) {
+  const allow = env('DASH_ENTITIES').split(',');
+  const wsUrl = `ws://${baseUrl.host}/api/websocket`;
+  const nameOf = {};
+  for (const id of [...allow, ADDED]) nameOf[id] = (await haState(id)).attributes.friendly_name;
+  const toggles = allow.filter((id) => /^(input_boolean|light|switch)\./.test(id));
+  const sensors = allow.filter((id) => id.startsWith('sensor.'));
+  // the dashboard as HA reports it: each toggle's state, each sensor's state in the card's text
+  const shows = async (p) => {
+    const out = {};
+    for (const id of toggles) {
+      const c = await rowSwitch(nameOf[id]).getAttribute('aria-checked', { timeout: 2000 }).catch(() => null);
+      out[id] = c === 'true' ? 'on' : c === 'false' ? 'off' : `aria-checked=${c}`;
+    }
+    const text = await cardsText(p);
+    for (const id of sensors) out[id] = text.includes(nameOf[id]) && text.includes((await haState(id)).state) ? 'shown' : 'missing';
+    return out;
+  };
+  const truth = async () => {
+    const out = {};
+    for (const id of toggles) out[id] = (await haState(id)).state;
+    for (const id of sensors) out[id] = 'shown';
+    return out;
+  };
+  const matches = async (want) => { const s = await shows(page); return JSON.stringify(s) === JSON.stringify(want) ? s : false; };
+  const edgeSocket = () => sockets.filter((s) => s.url === wsUrl && s.page === page && s.received >= 1).pop();
+
+  // D1. After the login the frontend is on the default dashboard, /lovelace/0, made of DASH_ENTITIES.
+  await until('the page is on HA\'s default dashboard /lovelace/0', () => new URL(page.url()).pathname === '/lovelace/0');
+  const start = await truth();
+  await until(`the default dashboard shows HA's states ${JSON.stringify(start)}`, () => matches(start));
+  await sleep(1000); // anything more the page gets at load has arrived
+  const live = edgeSocket();
+  check(live && !live.closed, `the page has no open WebSocket to ${wsUrl}: ${JSON.stringify(sockets.map((s) => ({ url: s.url, received: s.received, closed: s.closed })))}`);
+  const haAll = JSON.parse((await raw('GET', `${HA_URL}/api/states`, { Authorization: `Bearer ${HA_TOKEN}` })).body).map((x) => x.entity_id);
+  const got = [...live.entityIds].sort();
+  check(JSON.stringify(got) === JSON.stringify([...allow].sort()),
+    `the entity data the page received through hass-edge (get_states, subscribe_entities a/c/r, state_changed) holds ${JSON.stringify(got)}; the dashboard's allowlist is ${JSON.stringify([...allow].sort())} (HA has ${haAll.length} entities)`);
+  const edgeLoad = { ids: got.length, entityBytes: live.entityBytes, bytes: live.bytes, frames: live.received };
+  log(`the default dashboard shows ${JSON.stringify(await shows(page))}; the page received entity data of ${got.length} entities (the allowlist; HA has ${haAll.length}): ${edgeLoad.entityBytes} bytes of entity data in ${edgeLoad.bytes} bytes of ${edgeLoad.frames} frames`);
+
+  // D2. /status while the page is open: its WebSocket is a session of hass-edge's own API with a
+  //     link of its own to HA (the user's token), not a tunnel.
+  {
+    const { w, tunnelsOpen } = await edgeStatus();
+    check(w.sessions_total > 0 && w.sessions_open >= 1 && w.links_open >= 1 && (tunnelsOpen === undefined || tunnelsOpen === 0),
+      `hass-edge's /status while the page is open: websocket_api ${JSON.stringify(w)}, forwarding.tunnels_open ${tunnelsOpen} (expected sessions_total > 0, sessions_open ≥ 1, links_open ≥ 1, no tunnel)`);
+    log(`/status while the page is open: websocket_api ${JSON.stringify(w)}, tunnels_open ${tunnelsOpen}`);
+  }
+
+  // D3. The same page loaded from HA directly (a second tab, logged in on HA's origin): HA sends it every entity.
+  const direct = await context.newPage();
+  let directLoad;
+  try {
+    await direct.goto(`${HA_URL}/`, { waitUntil: 'commit', timeout: STEP_TIMEOUT });
+    await logIn(direct, USER, PASSWORD);
+    await until('the direct page is on /lovelace/0 and shows the entities card',
+      async () => { const text = await cardsText(direct); return new URL(direct.url()).pathname === '/lovelace/0' && allow.every((id) => text.includes(nameOf[id])); });
+    await sleep(1000);
+    const ds = sockets.filter((s) => s.page === direct && s.url === `ws://${haUrl.host}/api/websocket` && s.received >= 1).pop();
+    check(ds, `the page loaded from HA has no WebSocket to HA: ${JSON.stringify(sockets.map((s) => s.url))}`);
+    directLoad = { ids: ds.entityIds.size, entityBytes: ds.entityBytes, bytes: ds.bytes, frames: ds.received };
+  } finally {
+    await direct.close().catch(() => {});
+  }
+  check(directLoad.ids >= haAll.length - 2 && directLoad.ids > edgeLoad.ids && directLoad.entityBytes > edgeLoad.entityBytes,
+    `the same dashboard loaded from HA directly: entity data of ${directLoad.ids} entities, ${directLoad.entityBytes} bytes; through hass-edge ${edgeLoad.ids} entities, ${edgeLoad.entityBytes} bytes`);
+  log(`entity data at load: through hass-edge ${edgeLoad.entityBytes} bytes (${edgeLoad.ids} entities; all frames ${edgeLoad.bytes} bytes in ${edgeLoad.frames}), from HA directly ${directLoad.entityBytes} bytes (${directLoad.ids} entities; all frames ${directLoad.bytes} bytes in ${directLoad.frames}): ${(directLoad.entityBytes / Math.max(1, edgeLoad.entityBytes)).toFixed(1)}× less`);
+  await page.bringToFront();
+
+  // D4. A toggle reaches HA and comes back; the state changes it causes outside the allowlist
+  //     (binary_sensor.kitchen_occupied follows input_boolean.kitchen) do not reach the page.
+  const flip = (s) => (s === 'on' ? 'off' : 'on');
+  const kitchen = toggles[0];
+  const tClick = Date.now();
+  await rowSwitch(nameOf[kitchen]).click({ timeout: STEP_TIMEOUT });
+  await until(`HA reports ${kitchen} = ${flip(start[kitchen])} after the click`, async () => (await haState(kitchen)).state === flip(start[kitchen]));
+  const toggled = await truth();
+  await until(`the page shows ${JSON.stringify(toggled)} after the click`, () => matches(toggled));
+  log(`toggle: clicked ${nameOf[kitchen]} → HA and the page have ${JSON.stringify(toggled)} after ${Date.now() - tClick} ms`);
+  await sleep(1000);
+  const extra = [...live.entityIds].filter((id) => !allow.includes(id));
+  check(extra.length === 0, `after the toggle the page received entity data of ${JSON.stringify(extra)}, outside the allowlist`);
+
+  // D5. An admin command works for the admin (the control of D9).
+  const sendWs = (p, msg) => p.evaluate(async (m) => {
+    try {
+      const r = await document.querySelector('home-assistant').hass.connection.sendMessagePromise(m);
+      return { ok: true, n: Array.isArray(r) ? r.length : null };
+    } catch (e) {
+      return { ok: false, code: e?.code, message: e?.message };
+    }
+  }, msg);
+  const adminList = await sendWs(page, { type: 'config/auth/list' });
+  check(adminList.ok && adminList.n >= 1, `config/auth/list from the admin's page through hass-edge: ${JSON.stringify(adminList)}`);
+
+  // D6. The dashboard edited in HA (directly, admin token): an entity card of ADDED. The frontend
+  //     is told (lovelace_updated, its own subscription through hass-edge) and offers "Refresh",
+  //     which reads the config again over the same WebSocket; hass-edge recomputes the allowlist
+  //     and sends ADDED as an `a` event into the open subscription.
+  check(!live.entityIds.has(ADDED), `${ADDED} reached the page before the edit`);
+  const docs = () => requests.filter((e) => e.type === 'document').length;
+  const docsBefore = docs();
+  const tEdit = Date.now() - t0;
+  const wantAdded = (await haState(ADDED)).state.toLowerCase();
+  await helper('lovelace', '--entities', allow.join(','), '--entity-card', ADDED);
+  let refreshed = false;
+  await until(`the page shows the new entity card of ${ADDED} with HA's state "${wantAdded}" (without a reload)`, async () => {
+    const btn = page.locator('ha-toast').getByRole('button', { name: /refresh/i });
+    if ((await btn.count()) > 0 && await btn.first().isVisible()) {
+      await btn.first().click({ timeout: 2000 }).catch(() => {});
+      refreshed = true;
+    }
+    const v = page.locator('hui-entity-card .info .value');
+    if ((await v.count()) !== 1) return false;
+    return (await v.textContent({ timeout: 2000 })).trim().toLowerCase() === wantAdded;
+  }, 30_000);
+  const addedEvent = live.added.find((a) => a.t >= tEdit && a.ids.includes(ADDED));
+  check(addedEvent, `${ADDED} came to the page without an \`a\` event in its subscribe_entities after the edit (a events since: ${JSON.stringify(live.added.filter((a) => a.t >= tEdit))})`);
+  check(docs() === docsBefore && !live.closed && edgeSocket() === live,
+    `the edit needed a page load or a new WebSocket (${docs() - docsBefore} document(s), WebSocket ${live.closed ? 'closed' : 'open'})`);
+  log(`edited in HA: the page shows ${ADDED} = "${wantAdded}" ${Date.now() - t0 - tEdit} ms after the save (${refreshed ? 'after the frontend\'s own "Refresh"' : 'at once'}); it came as an \`a\` event ${addedEvent.t - tEdit} ms after the save, same WebSocket, no page load`);
+
+  // D7. HA stopped and started under the open page: the cards keep their states while HA is away,
+  //     the page's WebSocket to hass-edge stays open, and a change made in HA afterwards shows.
+  const before = await cardsText(page);
+  check(!/unavailable|not available/i.test(before), `the cards before HA stops: ${before}`);
+  const tStop = Date.now();
+  await peer('stop', env('HA_PEER_DIR'));
+  let samples = [];
+  try {
+    check(!(await haUp()), 'HA still answers after ha-peer.sh stop');
+    for (let i = 0; i < 10; i++) {
+      samples.push(await cardsText(page));
+      await sleep(300);
+    }
+  } finally {
+    await peer('start', env('HA_VERSION'), env('HA_PEER_DIR'), env('HA_PORT'), ...(process.env.PEER_START_ARGS ? process.env.PEER_START_ARGS.split(' ') : []));
+  }
+  const tStarted = Date.now();
+  const changed = samples.filter((x) => x !== before);
+  check(changed.length === 0, `while HA was down the cards changed: before "${before}", then ${JSON.stringify([...new Set(changed)]).slice(0, 800)}`);
+  check(!live.closed, 'the page\'s WebSocket to hass-edge closed while HA was down (issue 16: local subscriptions stay open)');
+  log(`HA stopped for ${tStarted - tStop} ms (${samples.length} looks at the cards while it was down: unchanged, "${before.slice(0, 160)}…"), started again`);
+  const afterStart = await truth(); // input_boolean.* have initial: in HA's config
+  await until(`the page shows HA's states after HA's start (${JSON.stringify(afterStart)})`, () => matches(afterStart), 45_000);
+  const other = toggles.find((id) => id.startsWith('input_boolean.') && id !== kitchen) ?? kitchen;
+  const r = await raw('POST', `${HA_URL}/api/services/input_boolean/toggle`, { Authorization: `Bearer ${HA_TOKEN}`, 'Content-Type': 'application/json' }, JSON.stringify({ entity_id: other }));
+  check(r.status === 200, `HA POST /api/services/input_boolean/toggle: HTTP ${r.status}`);
+  const changedInHa = await truth();
+  await until(`the page shows HA's own change ${JSON.stringify(changedInHa)} after HA's start`, () => matches(changedInHa), 30_000);
+  check(!live.closed && edgeSocket() === live, 'the change after HA\'s start came over a new WebSocket: the page\'s session did not survive HA\'s stop');
+  log(`after HA's start the page shows its states (${Date.now() - tStarted} ms) and HA's own change of ${other}, over the same WebSocket`);
+
+  // D8. A page from another origin opens a WebSocket to hass-edge: refused before the upgrade (403);
+  //     the same script from hass-edge's own origin gets auth_required.
+  const own = await probeSocket(page, wsUrl);
+  check(own[0] === 'open' && /"type":"auth_required"/.test(own[1] ?? ''), `a WebSocket opened by the page on hass-edge's own origin: ${JSON.stringify(own)}`);
+  const server = createServer((_req, res) => { res.writeHead(200, { 'Content-Type': 'text/html' }); res.end('<!doctype html><title>foreign</title><p>a page of another origin'); });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const foreignOrigin = `http://127.0.0.1:${server.address().port}`;
+  const foreign = await context.newPage();
+  const foreignConsole = [];
+  foreign.on('console', (m) => foreignConsole.push(m.text()));
+  let refused;
+  try {
+    await foreign.goto(`${foreignOrigin}/`, { timeout: STEP_TIMEOUT });
+    refused = await probeSocket(foreign, wsUrl);
+    await sleep(300);
+  } finally {
+    await foreign.close().catch(() => {});
+    server.close();
+  }
+  check(!refused.includes('open') && !refused.some((e) => e.startsWith('message')) && refused.some((e) => e.startsWith('close')),
+    `a WebSocket to ${wsUrl} from a page of ${foreignOrigin}: ${JSON.stringify(refused)} (expected refused, no auth_required)`);
+  const said403 = foreignConsole.find((l) => /403/.test(l));
+  check(said403, `Chromium did not report the foreign page's WebSocket refused with 403: ${JSON.stringify(foreignConsole)}`);
+  log(`a WebSocket from ${foreignOrigin}: ${refused.join(', ')} (Chromium: "${said403}"); from hass-edge's own origin: ${own[0]}, auth_required`);
+
+  // D9. A non-admin user logged in through hass-edge: HA's unauthorized on an admin command (the
+  //     session's link to HA carries that user's token).
+  await helper('nonadmin', '--username', NONADMIN.user, '--password', NONADMIN.password);
+  try {
+    await page.evaluate(() => localStorage.clear()); // log out: the stored login goes
+    await page.goto(`${BASE}/`, { waitUntil: 'commit', timeout: STEP_TIMEOUT });
+    await logIn(page, NONADMIN.user, NONADMIN.password);
+    const who = await until('the frontend knows its user', () => page.evaluate(() => {
+      const h = document.querySelector('home-assistant')?.hass;
+      return h?.user && { name: h.user.name, is_admin: h.user.is_admin, socket: h.connection?.socket?.url };
+    }));
+    check(who.name === NONADMIN.name && who.is_admin === false && who.socket === wsUrl, `the frontend's user and socket: ${JSON.stringify(who)}`);
+    const denied = await sendWs(page, { type: 'config/auth/list' });
+    check(!denied.ok && denied.code === 'unauthorized', `config/auth/list from the non-admin's page through hass-edge: ${JSON.stringify(denied)} (expected HA's unauthorized)`);
+    const s = edgeSocket();
+    check(s && s !== live && s.errors.includes('config/auth/list: unauthorized'), `the non-admin's WebSocket received no unauthorized result for config/auth/list: ${JSON.stringify(s && s.errors)}`);
+    const { w } = await edgeStatus();
+    check(w.links_open >= 1, `/status while the non-admin's page is open: ${JSON.stringify(w)}`);
+    log(`non-admin ${NONADMIN.user} (${who.name}, is_admin ${who.is_admin}) through ${who.socket}: config/auth/list → ${denied.code} ("${denied.message}"), as the admin got a list of ${adminList.n} users`);
+  } finally {
+    await helper('nonadmin', '--delete').catch((e) => console.error(`${tag}: could not delete the non-admin user: ${e.message}`));
+  }
+  dumpNetwork();
 }
 
 async function forgetLogin() {
   // This run's login must not stay in HA (each run would add a refresh token to the user).
   try {
     await helper('tokens', '--client-id', CLIENT_ID, '--since', new Date(t0 - 2000).toISOString(), '--delete');
+    // dashboard: the login of the page loaded from HA directly, and the non-admin user (a failure
+    // may have come before its own removal)
+    if (SCENARIO === 'dashboard') {
+      await helper('tokens', '--client-id', `${HA_URL}/`, '--since', new Date(t0 - 2000).toISOString(), '--delete');
+      await helper('nonadmin', '--delete');
+    }
   } catch (e) {
     console.error(`${tag}: could not remove this run's refresh tokens: ${e.message}`);
   }
