@@ -368,6 +368,9 @@ impl WsApi {
             x.respond(response, false).await?;
             return Ok(false);
         }
+        // Counted from here, before anything is awaited, so that upgrades arriving together
+        // cannot pass the limit; uncounted however the session ends (also when dropped).
+        let _open = OpenSession::new(self);
         let accept = async_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let head = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nDate: {}\r\n\r\n",
@@ -392,9 +395,6 @@ impl WsApi {
         )
         .await;
         let c = &self.counters;
-        c.open.set(c.open.get() + 1);
-        c.total.set(c.total.get() + 1);
-        self.hub.notify_changed();
         let end = self.session(&mut client, shutdown).await;
         match &end {
             End::Slow(why) => {
@@ -413,8 +413,6 @@ impl WsApi {
                 })
                 .await;
         }
-        c.open.set(c.open.get().saturating_sub(1));
-        self.hub.notify_changed();
         Ok(false)
     }
 
@@ -1055,6 +1053,27 @@ impl WsApi {
         if self.invalidate() {
             self.cache.borrow_mut().insert(kind, Rc::from(result));
         }
+    }
+}
+
+/// One open session in the counters, for as long as it lives.
+struct OpenSession<'a>(&'a WsApi);
+
+impl<'a> OpenSession<'a> {
+    fn new(api: &'a WsApi) -> OpenSession<'a> {
+        let c = &api.counters;
+        c.open.set(c.open.get() + 1);
+        c.total.set(c.total.get() + 1);
+        api.hub.notify_changed();
+        OpenSession(api)
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        let c = &self.0.counters;
+        c.open.set(c.open.get().saturating_sub(1));
+        self.0.hub.notify_changed();
     }
 }
 
