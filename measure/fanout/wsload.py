@@ -281,6 +281,7 @@ class Fleet:
             "errors": errors,
             "t_start": t0,
             "t_last": max((c.t_done for c in ok), default=0.0),
+            "t_all": [c.t_done for c in ok] if self.mode == "states" else [],
         }
 
     def reset(self) -> dict:
