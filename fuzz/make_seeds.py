@@ -13,6 +13,10 @@ quotes, `..`, `/`, 10 KB), each also as the id inside an HA frame for ha_frame.
 sse_selection: `?entity_id=` lists, then ids to match, one per line.
 state_file: a first byte picking the kind of path (0 regular, 1 symlink to it, 2 FIFO,
 3 symlink to a FIFO, 4 socket, 5 directory, 6 device), then a state file's bytes.
+ws_session: a flags byte (ASCII: "@" hass-edge's token, "A" a user's, "B"/"C" the same
+read-only, "D" refused, "H" no get_config yet, "P" a frame before the verdict), then client
+frames one per line, the first the auth message; a line "!…" is a batch of mirror changes
+(JSON triples, or one canned change per byte).
 
 Deterministic; re-run after the fixtures change. tests/fuzz_regressions.rs replays them.
 """
@@ -256,11 +260,95 @@ def state_files():
     return len(files)
 
 
+def ws_sessions():
+    def j(v):
+        return json.dumps(v, separators=(",", ":"))
+    auth = j({"type": "auth", "access_token": "abcdefghijklmnop"})
+    state = {"state": "on", "attributes": {"friendly_name": "Kitchen", "brightness": 255},
+             "last_changed": "2026-11-22T12:07:28+00:00", "last_updated": "2026-11-22T12:07:28.000001+00:00",
+             "context": {"id": "01C1", "parent_id": None, "user_id": None}}
+    dimmed = dict(state, state="off", attributes={"friendly_name": "Kitchen"},
+                  last_updated="2026-11-22T12:07:40.250000+00:00", context={"id": "01C9", "parent_id": "01P", "user_id": "u"})
+    changes = "!" + j([["light.kitchen", state, dimmed, [1795349249.5, 1795349260.25]],
+                       ["switch.new", None, dimmed], ["light.kitchen", state, None],
+                       ["sensor.noisy_2", state, dimmed], ["light.kitchen", state, state],
+                       ['light.q"uote', None, dict(state, attributes={"x\n": "\u2028"})]])
+    sessions = {
+        "edge-local": ["@", auth,
+                       j({"id": 1, "type": "supported_features", "features": {"coalesce_messages": 1}}),
+                       j({"id": 2, "type": "get_states"}), j({"id": 3, "type": "get_config"}),
+                       j({"id": 4, "type": "ping"}), j({"id": 5, "type": "subscribe_entities"}),
+                       "!\x00\x01\x02\x03\x41\x82\xc0",
+                       j({"id": 6, "type": "subscribe_events", "event_type": "state_changed"}),
+                       j({"id": 7, "type": "subscribe_entities", "entity_ids": ["switch.fan", "light.kitchen"]}),
+                       j({"id": 8, "type": "subscribe_entities", "entity_ids": "Light.Kitchen, switch.fan"}),
+                       changes,
+                       j({"id": 9, "type": "unsubscribe_events", "subscription": 6}),
+                       j({"id": 10, "type": "unsubscribe_events", "subscription": 5}), changes,
+                       j({"id": 11, "type": "get_services"}), j({"id": 12, "type": "config/area_registry/list"})],
+        "user-forward": ["A", auth,
+                         j({"id": 1, "type": "call_service", "domain": "light", "service": "toggle",
+                            "service_data": {"entity_id": "light.kitchen"}}),
+                         j({"id": 2, "type": "render_template", "template": "{{ 1 }}"}),
+                         j({"id": 3, "type": "subscribe_events", "event_type": "lovelace_updated"}),
+                         j({"id": 4, "type": "subscribe_events"}),
+                         j({"id": 5, "type": "unsubscribe_events", "subscription": 3}),
+                         j({"id": 6, "type": "subscribe_entities", "entity_ids": ["camera.door"]}),
+                         j({"id": 7, "type": "subscribe_entities", "include": {"domains": ["light"]}}),
+                         j({"id": 8, "type": "get_states", "extra": 1}),
+                         j({"id": 9, "type": "config/entity_registry/list_for_display"}),
+                         j({"id": 10, "type": "unsubscribe_events", "subscription": 999})],
+        "read-only-edge": ["B", auth,
+                           j({"id": 1, "type": "call_service", "domain": "light", "service": "toggle"}),
+                           j({"id": 2, "type": "unsubscribe_events", "subscription": 1}),
+                           j({"id": 3, "type": "ping"}), j({"id": 4, "type": "get_services"})],
+        "read-only-user": ["C", auth,
+                           j({"id": 1, "type": "call_service", "domain": "light", "service": "toggle"})],
+        "ids-and-formats": ["@", auth, j({"id": 5, "type": "ping"}), j({"id": 5, "type": "ping"}),
+                            j({"id": 4, "type": "ping"}), j({"id": 0, "type": "ping"}), j({"id": "7", "type": "ping"}),
+                            '{"id":7.5,"type":"ping"}', '{"id":-1,"type":"ping"}', '{"id":1e2,"type":"ping"}',
+                            j({"id": 7}), j({"id": 8, "type": ""}), j({"type": "ping"}), "[1]", "[]", "null", "5", '"x"',
+                            j([{"id": 9, "type": "ping"}, {"id": 9, "type": "ping"}, {"id": 10, "type": "get_states"},
+                               [{"id": 11}], {"id": 18446744073709551615, "type": "ping"}]),
+                            j({"id": 12, "type": "ping"})],
+        "bad-auth": ["@", j({"type": "auth", "api_password": "x"}), j({"id": 1, "type": "ping"})],
+        "auth-extra-key": ["@", j({"type": "auth", "access_token": "t", "id": 1})],
+        "auth-not-json": ["@", "{", j({"id": 1, "type": "ping"})],
+        "refused": ["D", auth, j({"id": 1, "type": "ping"})],
+        "early-frame": ["P", auth, j({"id": 2, "type": "ping"})],
+        "no-config": ["H", auth, j({"id": 1, "type": "get_config"}), j({"id": 2, "type": "get_config", "x": 1})],
+        "invalid-json-closes": ["@", auth, j({"id": 1, "type": "subscribe_entities"}), "{\"id\":2,", "!\x00",
+                                j({"id": 3, "type": "ping"})],
+        "features-odd": ["@", auth, j({"id": 1, "type": "supported_features", "features": {"coalesce_messages": "1"}}),
+                         j({"id": 2, "type": "supported_features", "features": []}),
+                         j({"id": 3, "type": "supported_features"}),
+                         j({"id": 4, "type": "supported_features", "features": {"coalesce_messages": 1.5, "x": -1}})],
+        "subscribe-ids-odd": ["@", auth, j({"id": 1, "type": "subscribe_entities", "entity_ids": []}),
+                              j({"id": 2, "type": "subscribe_entities", "entity_ids": ""}),
+                              j({"id": 3, "type": "subscribe_entities", "entity_ids": ["light..x"]}),
+                              j({"id": 4, "type": "subscribe_entities", "entity_ids": [1]}),
+                              j({"id": 5, "type": "subscribe_entities", "entity_ids": ["light.nope"]}),
+                              j({"id": 6, "type": "subscribe_events", "event_type": "state_changed", "x": 1}),
+                              "!\x00\x40\x80\xc0\x03", changes,
+                              j({"id": 7, "type": "unsubscribe_events", "subscription": 1}),
+                              j({"id": 8, "type": "unsubscribe_events", "subscription": 1}), changes],
+    }
+    for name, lines in sessions.items():
+        flags, frames = lines[0], lines[1:]
+        # "\xNN" in a changes line stands for that byte.
+        data = flags.encode() + b"\n".join(
+            f.encode("latin-1").decode("unicode_escape").encode("latin-1") if f.startswith("!") and not f.startswith("![")
+            else f.encode() for f in frames)
+        write("ws_session", name, data)
+    return len(sessions)
+
+
 def main():
-    for t in ["ha_frame", "http_request", "config", "entity_id", "sse_selection", "state_file"]:
+    for t in ["ha_frame", "http_request", "config", "entity_id", "sse_selection", "state_file", "ws_session"]:
         shutil.rmtree(SEEDS / t, ignore_errors=True)
     counts = {"ha_frame": ha_frames(), "http_request": http_requests(), "config": configs(),
-              "entity_id": entity_ids(), "sse_selection": selections(), "state_file": state_files()}
+              "entity_id": entity_ids(), "sse_selection": selections(), "state_file": state_files(),
+              "ws_session": ws_sessions()}
     for t, n in counts.items():
         print(f"{t}: {n} seeds in {SEEDS / t}")
 

@@ -7,7 +7,7 @@
 #
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
 # Environment: FUZZ_TARGETS (default "http_request ha_frame config entity_id sse_selection
-#              state_file"),
+#              state_file ws_session"),
 #              FUZZ_ARGS (extra libFuzzer flags, e.g. "-jobs=2 -workers=2").
 # Seeds: fuzz/seeds/<target>/ (tracked; fuzz/make_seeds.py writes them); what the fuzzer
 # learns goes to fuzz/corpus/<target>/ (git-ignored) and is reused by later runs.
@@ -17,11 +17,11 @@ SECS=${1:-60}
 [[ $SECS =~ ^[0-9]+$ ]] || { echo "usage: $0 [SECONDS]" >&2; exit 2; }
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cd "$HERE"
-TARGETS=${FUZZ_TARGETS:-http_request ha_frame config entity_id sse_selection state_file}
+TARGETS=${FUZZ_TARGETS:-http_request ha_frame config entity_id sse_selection state_file ws_session}
 LOGS=$HERE/logs
 mkdir -p "$LOGS"
 
-if [[ ! -d seeds/ha_frame || ! -d seeds/state_file ]]; then
+if [[ ! -d seeds/ha_frame || ! -d seeds/state_file || ! -d seeds/ws_session ]]; then
 	python3 make_seeds.py
 fi
 
@@ -33,7 +33,7 @@ if ! cargo +nightly fuzz build >"$LOGS/build.log" 2>&1; then
 fi
 
 declare -A max_len=([http_request]=12000 [ha_frame]=32768 [config]=4096 [entity_id]=12000
-	[sse_selection]=8192 [state_file]=65536)
+	[sse_selection]=8192 [state_file]=65536 [ws_session]=16384)
 rows=()
 failed=0
 for t in $TARGETS; do

@@ -156,3 +156,8 @@ fn state_file_inputs_do_not_panic() {
     let saved = hass_edge::persist::decode(&good[1..]).expect("the good seed decodes");
     assert_eq!(saved.states.len(), 1);
 }
+
+#[test]
+fn ws_session_inputs_keep_has_rules() {
+    check("ws_session", drive::ws_session, Vec::new(), 10);
+}

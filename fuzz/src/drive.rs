@@ -25,6 +25,9 @@
 //!   `persist::load` / `files::read_regular` on the bytes as a regular file, through a
 //!   symbolic link, and on a FIFO, a socket, a directory and a device, none of which may be
 //!   read, waited on or moved.
+//! - [`ws_session`] (issue 16): `hass_edge::ws_api::LocalSession`, the local WebSocket API's
+//!   session, driven through auth and then any client frames and mirror changes against a
+//!   small fake `View`, with HA's message shapes and id rules checked on everything it does.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -34,7 +37,7 @@ use hass_edge::filter::EntityFilter;
 use hass_edge::mirror::{Mirror, Update};
 use hass_edge::session::{Output, Phase, Session};
 use hass_edge::store::Change;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 // ------------------------------------------------------------------------ http_request
 
@@ -679,5 +682,438 @@ pub fn state_file(data: &[u8]) {
         4 => special("sock", FileKind::Socket),
         5 => special("dir", FileKind::Directory),
         _ => special("link-to-null", FileKind::CharDevice),
+    }
+}
+
+// ------------------------------------------------------------------------ ws_session
+
+/// The states the fake [`FuzzView`] holds (HA's REST shape), and the canned changes a
+/// `!` line picks from by byte.
+const WS_STATES: [&str; 4] = [
+    r#"{"entity_id":"light.kitchen","state":"on","attributes":{"friendly_name":"Kitchen","brightness":255},"last_changed":"2026-11-22T12:07:28+00:00","last_reported":"2026-11-22T12:07:29.500000+00:00","last_updated":"2026-11-22T12:07:28.000001+00:00","context":{"id":"01C1","parent_id":null,"user_id":null}}"#,
+    r#"{"entity_id":"switch.fan","state":"off","attributes":{},"last_changed":"2026-11-22T12:07:28+00:00","last_updated":"2026-11-22T12:07:28+00:00","context":{"id":"01C2","parent_id":"01P","user_id":"u1"}}"#,
+    r#"{"entity_id":"sensor.noisy_1","state":"21.5","attributes":{"unit_of_measurement":"°C","x":[1,{"y":null}]},"last_changed":"2026-11-22T12:07:28+00:00","last_updated":"2026-11-22T12:07:30+00:00","context":{"id":"01C3","parent_id":null,"user_id":null}}"#,
+    r#"{"entity_id":"input_boolean.quote\"d","state":"on\n\u0000","attributes":{"a\"b":"\u2028"},"last_changed":"1970-01-01T00:00:00+00:00","last_updated":"9999-12-31T23:59:59.999999+00:00","context":{"id":"","parent_id":null,"user_id":null}}"#,
+];
+
+/// A small mirror as one client may see it: `sensor.noisy*` is outside the dashboards'
+/// allowlist (`shows`), `camera.*` is not followed (subscriptions to it are forwarded);
+/// `get_services` and the area registry are cached.
+struct FuzzView {
+    states: Vec<std::rc::Rc<hass_edge::entity::EntityState>>,
+    read_only: bool,
+    has_config: bool,
+}
+
+impl hass_edge::ws_api::View for FuzzView {
+    fn ha_version(&self) -> String {
+        "2025.4.4".into()
+    }
+    fn states(&self) -> Vec<std::rc::Rc<hass_edge::entity::EntityState>> {
+        self.states
+            .iter()
+            .filter(|s| self.shows(&s.entity_id))
+            .cloned()
+            .collect()
+    }
+    fn shows(&self, entity_id: &str) -> bool {
+        !entity_id.starts_with("sensor.noisy") && self.follows(entity_id)
+    }
+    fn state(&self, entity_id: &str) -> Option<std::rc::Rc<hass_edge::entity::EntityState>> {
+        self.states
+            .iter()
+            .find(|s| s.entity_id == entity_id)
+            .cloned()
+    }
+    fn follows(&self, entity_id: &str) -> bool {
+        !entity_id.starts_with("camera.")
+    }
+    fn ha_config(&self) -> Option<std::rc::Rc<str>> {
+        self.has_config
+            .then(|| std::rc::Rc::from(r#"{"version":"2025.4.4","components":["light"]}"#))
+    }
+    fn cached(&self, command_type: &str) -> Option<std::rc::Rc<str>> {
+        match command_type {
+            "get_services" => Some(std::rc::Rc::from(r#"{"light":{"turn_on":{}}}"#)),
+            "config/area_registry/list" => Some(std::rc::Rc::from("[]")),
+            _ => None,
+        }
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+fn ws_state(json: &str) -> Option<std::rc::Rc<hass_edge::entity::EntityState>> {
+    serde_json::from_str(json).ok().map(std::rc::Rc::new)
+}
+
+/// The changes of a `!` line: the rest as JSON `[[entity_id, old|null, new|null,
+/// [lc, lu]?], …]` with states in HA's REST shape (and HA's floats for the new one), or,
+/// when it is not that, one canned change per byte.
+fn ws_changes(rest: &[u8]) -> Vec<Change> {
+    if let Ok(Value::Array(list)) = serde_json::from_slice::<Value>(rest) {
+        let mut changes = Vec::new();
+        for item in list.iter().take(64) {
+            let Some(item) = item.as_array() else {
+                continue;
+            };
+            let Some(entity_id) = item.first().and_then(Value::as_str) else {
+                continue;
+            };
+            let state = |v: Option<&Value>| -> Option<hass_edge::entity::EntityState> {
+                let mut v = v?.clone();
+                if let Value::Object(m) = &mut v {
+                    m.insert("entity_id".into(), entity_id.into());
+                }
+                serde_json::from_value(v).ok()
+            };
+            let old = state(item.get(1));
+            let mut new = state(item.get(2));
+            if let (Some(new), Some(Value::Array(epoch))) = (new.as_mut(), item.get(3)) {
+                new.epoch.last_changed = epoch.first().and_then(Value::as_f64);
+                new.epoch.last_updated = epoch.get(1).and_then(Value::as_f64);
+            }
+            changes.push(Change {
+                entity_id: entity_id.to_owned(),
+                old_state: old.map(std::rc::Rc::new),
+                new_state: new.map(std::rc::Rc::new),
+            });
+        }
+        return changes;
+    }
+    let states: Vec<_> = WS_STATES.iter().filter_map(|s| ws_state(s)).collect();
+    rest.iter()
+        .take(64)
+        .map(|&b| {
+            let s = &states[usize::from(b) % states.len()];
+            let mut changed = (**s).clone();
+            changed.state = format!("{}{}", s.state, b);
+            if b & 0x40 != 0 {
+                changed.attributes = serde_json::from_str(r#"{"friendly_name":"Renamed","new":1}"#)
+                    .expect("attributes parse");
+            }
+            changed.last_updated = hass_edge::entity::Timestamp(s.last_updated.0 + 1_000_001);
+            let (old, new) = match b >> 6 {
+                0 => (Some(s.clone()), Some(std::rc::Rc::new(changed))),
+                1 => (None, Some(s.clone())),
+                2 => (Some(s.clone()), None),
+                _ => (Some(s.clone()), Some(s.clone())),
+            };
+            Change {
+                entity_id: s.entity_id.clone(),
+                old_state: old,
+                new_state: new,
+            }
+        })
+        .collect()
+}
+
+/// What the fuzzer's model expects of one session: the subscriptions answered locally, and
+/// the last id the session gave the I/O side to forward or unsubscribe.
+#[derive(Default)]
+struct WsModel {
+    /// Ids of the client's subscriptions answered from the mirror, still open.
+    local: std::collections::BTreeSet<u64>,
+    /// The last `client_id` of a `Forward` or `Unsubscribe`.
+    last_forwarded: u64,
+    /// A `Close` was produced.
+    closed: bool,
+}
+
+/// Checks one message sent to the client: JSON, one of HA's message types, and an id as HA
+/// gives it. `frame_ids`: the ids of the messages in the frame being answered (`None`
+/// outside a frame: the auth verdict, the mirror's changes).
+fn ws_check_sent(text: &str, frame_ids: Option<&[u64]>) -> Value {
+    let v: Value = serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("message to the client is not JSON ({e}): {text:?}"));
+    let kind = v["type"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no type: {text}"));
+    match kind {
+        "auth_ok" | "auth_invalid" | "auth_required" => {
+            assert!(v.get("id").is_none(), "{text}");
+            return v;
+        }
+        "result" | "pong" | "event" => {}
+        other => panic!("message type {other:?} is not one HA sends: {text}"),
+    }
+    let invalid_format = kind == "result"
+        && v["success"] == false
+        && v["error"]["code"] == "invalid_format"
+        && v["error"]["message"] == "Message incorrectly formatted.";
+    if kind == "result" {
+        assert!(v["success"].is_boolean(), "result without success: {text}");
+        if v["success"] == false {
+            assert!(
+                v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+                "error without code and message: {text}"
+            );
+        }
+    }
+    if invalid_format {
+        // HA echoes whatever `id` the message had (`connection.py`), or 0 for a non-object.
+        return v;
+    }
+    let id = v["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{kind} without an integer id: {text}"));
+    assert!(id > 0, "id 0 outside invalid_format: {text}");
+    if let Some(ids) = frame_ids {
+        assert!(
+            ids.contains(&id),
+            "answer for id {id}, which the frame did not carry: {text}"
+        );
+    }
+    v
+}
+
+/// The object messages of a frame by id (the first of each id: a later one is `id_reuse`).
+fn ws_frame_messages(text: &str) -> Vec<(u64, Map<String, Value>)> {
+    let mut out: Vec<(u64, Map<String, Value>)> = Vec::new();
+    let mut add = |v: Value| {
+        if let Value::Object(m) = v
+            && let Some(id) = m.get("id").and_then(Value::as_u64)
+            && !out.iter().any(|(i, _)| *i == id)
+        {
+            out.push((id, m));
+        }
+    };
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Array(list)) => list.into_iter().for_each(&mut add),
+        Ok(v) => add(v),
+        Err(_) => {}
+    }
+    out
+}
+
+/// The bytes as a local WebSocket API session (`hass_edge::ws_api::LocalSession`, issue 16)
+/// against a small fake mirror. Layout: the first byte holds flags (bit 0: the token is an HA
+/// user's, [`Mode::User`](hass_edge::ws_api::Mode), else hass-edge's own; bit 1: read-only;
+/// bit 2: the token is refused; bit 3: no `get_config` yet; bit 4: a frame arrives before the
+/// verdict); then `\n`-separated text frames, the first in the auth phase. A line starting
+/// with `!` is not a frame but a batch of mirror changes ([`ws_changes`]) handed to
+/// `changes()`. Lines that are not UTF-8 are dropped (tungstenite refuses such text frames).
+///
+/// Checks: no panic; every message to the client is JSON of one of HA's types, with an
+/// integer id the frame carried (or HA's `invalid_format` shape with the id it was given);
+/// the ids forwarded or unsubscribed strictly increase; nothing is forwarded with
+/// hass-edge's token in read-only mode; forwarded commands carry a type and no id; change
+/// events go only to open local subscriptions; after `Close` nothing more comes.
+pub fn ws_session(data: &[u8]) {
+    use hass_edge::ws_api::{Action, LocalSession, Mode, Phase};
+    let Some((&flags, rest)) = data.split_first() else {
+        return;
+    };
+    let mode = if flags & 1 != 0 {
+        Mode::User
+    } else {
+        Mode::Edge
+    };
+    let view = FuzzView {
+        states: WS_STATES.iter().filter_map(|s| ws_state(s)).collect(),
+        read_only: flags & 2 != 0,
+        has_config: flags & 8 == 0,
+    };
+    assert_eq!(
+        view.states.len(),
+        WS_STATES.len(),
+        "the canned states parse"
+    );
+    ws_check_sent(&LocalSession::auth_required("2025.4.4"), None);
+    let mut session = LocalSession::new();
+    let mut model = WsModel::default();
+    let broadcast = hass_edge::broadcast::Broadcast::default();
+    let mut feed = broadcast
+        .subscribe_session(hass_edge::broadcast::Selection::default())
+        .expect("one session fits");
+    for line in rest.split(|&b| b == b'\n') {
+        if let Some(changes) = line.strip_prefix(b"!") {
+            // Events made the way the daemon makes them: published, then read from the
+            // session's subscription.
+            broadcast.publish(&ws_changes(changes), Instant::now());
+            let mut events = Vec::new();
+            while let Some(e) = feed.try_recv() {
+                events.push(e);
+            }
+            let mut msgs = Vec::new();
+            session.changes(&events, &view, &mut msgs);
+            if model.closed {
+                // The I/O side has stopped reading the mirror for this session by then.
+                continue;
+            }
+            assert_eq!(
+                session.has_local_subscriptions(),
+                !model.local.is_empty(),
+                "has_local_subscriptions disagrees with the subscriptions answered: {:?}",
+                model.local
+            );
+            for m in &msgs {
+                let v = ws_check_sent(m, None);
+                assert_eq!(v["type"], "event", "{m}");
+                let id = v["id"].as_u64().unwrap_or_default();
+                assert!(
+                    model.local.contains(&id),
+                    "change event for {id}, not an open local subscription ({:?}): {m}",
+                    model.local
+                );
+            }
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(line) else {
+            continue;
+        };
+        let phase_before = session.phase();
+        let mut out = Vec::new();
+        session.handle_text(text, &view, &mut out);
+        if model.closed {
+            assert!(
+                out.is_empty(),
+                "after Close, frame {text:?} produced {out:?}"
+            );
+            assert_eq!(session.phase(), Phase::Closed);
+            continue;
+        }
+        let messages = ws_frame_messages(text);
+        let ids: Vec<u64> = messages.iter().map(|(id, _)| *id).collect();
+        let mut authorize = None;
+        if let Some(i) = out.iter().position(|a| matches!(a, Action::Close(_))) {
+            assert_eq!(i, out.len() - 1, "actions after Close: {out:?}");
+            assert_eq!(session.phase(), Phase::Closed);
+        }
+        if phase_before == Phase::Authorizing {
+            assert!(out.is_empty(), "answered before the verdict: {out:?}");
+        }
+        for action in &out {
+            match action {
+                Action::Send(t) => {
+                    let v = ws_check_sent(t, Some(&ids));
+                    if phase_before == Phase::AwaitAuth {
+                        assert_eq!(v["type"], "auth_invalid", "{t}");
+                        continue;
+                    }
+                    assert!(v["type"] != "auth_ok" && v["type"] != "auth_invalid", "{t}");
+                    // A subscription answered here opens; an unsubscribe answered here
+                    // ends one.
+                    if v["type"] == "result" && v["success"] == true {
+                        let id = v["id"].as_u64().unwrap_or_default();
+                        let m = &messages
+                            .iter()
+                            .find(|(i, _)| *i == id)
+                            .expect("id checked")
+                            .1;
+                        match m.get("type").and_then(Value::as_str) {
+                            Some("subscribe_entities" | "subscribe_events") => {
+                                model.local.insert(id);
+                            }
+                            Some("unsubscribe_events") => {
+                                let sub = m.get("subscription").and_then(Value::as_u64);
+                                assert!(
+                                    sub.is_some_and(|s| model.local.remove(&s)),
+                                    "unsubscribe {id} answered here, of no local subscription: {t}"
+                                );
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Action::Authorize(token) => {
+                    assert_eq!(
+                        phase_before,
+                        Phase::AwaitAuth,
+                        "Authorize after the auth phase"
+                    );
+                    assert_eq!(session.phase(), Phase::Authorizing);
+                    authorize = Some(token.clone());
+                }
+                Action::Forward {
+                    client_id,
+                    command,
+                    subscription,
+                } => {
+                    assert!(
+                        matches!(phase_before, Phase::Ready(_)),
+                        "forwarded in {phase_before:?}"
+                    );
+                    assert!(
+                        !(mode == Mode::Edge && view.read_only),
+                        "forwarded with hass-edge's token in read-only mode: {command:?}"
+                    );
+                    assert!(
+                        *client_id > model.last_forwarded,
+                        "forwarded id {client_id} after {}: the link would map ids out of order",
+                        model.last_forwarded
+                    );
+                    model.last_forwarded = *client_id;
+                    assert!(
+                        ids.contains(client_id),
+                        "forwarded id {client_id} not in the frame"
+                    );
+                    assert!(
+                        !command.contains_key("id"),
+                        "forwarded with its id: {command:?}"
+                    );
+                    let kind = command.get("type").and_then(Value::as_str);
+                    assert!(kind.is_some_and(|k| !k.is_empty()), "no type: {command:?}");
+                    assert_eq!(
+                        *subscription,
+                        hass_edge::ws_api::opens_subscription(kind.unwrap_or_default())
+                    );
+                }
+                Action::Unsubscribe {
+                    client_id,
+                    subscription,
+                } => {
+                    assert!(
+                        !(mode == Mode::Edge && view.read_only),
+                        "unsubscribe forwarded with hass-edge's token in read-only mode"
+                    );
+                    assert!(
+                        *client_id > model.last_forwarded,
+                        "unsubscribe id {client_id} after {}",
+                        model.last_forwarded
+                    );
+                    model.last_forwarded = *client_id;
+                    assert!(ids.contains(client_id));
+                    assert!(
+                        !model.local.contains(subscription),
+                        "unsubscribe of local subscription {subscription} sent to HA"
+                    );
+                }
+                Action::Close(_) => model.closed = true,
+            }
+        }
+        if phase_before == Phase::AwaitAuth && !model.closed {
+            assert!(
+                authorize.is_some(),
+                "the auth phase ended without a verdict asked: {out:?}"
+            );
+            // Optionally a frame that arrives before the verdict: HA reads nothing then.
+            if flags & 16 != 0 {
+                let mut early = Vec::new();
+                session.handle_text(r#"{"id":1,"type":"ping"}"#, &view, &mut early);
+                assert!(early.is_empty(), "answered before the verdict: {early:?}");
+            }
+            let mut out = Vec::new();
+            if flags & 4 != 0 {
+                session.refused(&mut out);
+                assert_eq!(out.len(), 2, "{out:?}");
+                assert!(
+                    matches!(&out[0], Action::Send(t) if ws_check_sent(t, None)["type"] == "auth_invalid")
+                );
+                assert!(matches!(out[1], Action::Close(_)));
+                model.closed = true;
+            } else {
+                session.authorized(mode, "2025.4.4", &mut out);
+                assert!(
+                    matches!(&out[..], [Action::Send(t)] if ws_check_sent(t, None)["type"] == "auth_ok"),
+                    "{out:?}"
+                );
+                assert_eq!(session.phase(), Phase::Ready(mode));
+            }
+        }
+        if model.closed {
+            assert_eq!(session.phase(), Phase::Closed);
+        }
     }
 }
