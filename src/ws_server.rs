@@ -748,10 +748,9 @@ impl WsApi {
         }
         if state.link.is_none() {
             // An Edge session's first forward, or any session's first after HA came back:
-            // a link with the session's token (the user's, or hass-edge's HA token).
-            if self.hub.link_state() != crate::status::LinkState::Live {
-                return away(outgoing);
-            }
+            // a link with the session's token (the user's, or hass-edge's HA token). Tried
+            // even while the shared link waits out its back-off: HA may be back already, and
+            // while it is down its refused port answers at once.
             let Some(upstream) = self.hub.upstream() else {
                 return away(outgoing);
             };
