@@ -102,6 +102,9 @@ pub struct AuthAttempt {
     pub at: Instant,
     /// Whether the token was right.
     pub accepted: bool,
+    /// Which of the accepted tokens it was: 0 for [`TOKEN`], n for the n-th of
+    /// [`FakeHa::accept_token`]; `None` when refused.
+    pub token_index: Option<usize>,
 }
 
 /// One REST request.
@@ -236,6 +239,13 @@ struct State {
     transcript: VecDeque<String>,
     started: Instant,
     context_counter: u64,
+    /// Every message received after `auth_ok`: (session number, message).
+    commands: Vec<(usize, Value)>,
+    /// Tokens accepted besides `token` (an HA user's, [`FakeHa::accept_token`]).
+    other_tokens: Vec<String>,
+    /// Command types whose next arrival drops its connection unanswered
+    /// ([`FakeHa::drop_on_next`]).
+    drop_next: Vec<String>,
 }
 
 impl State {
@@ -254,6 +264,17 @@ impl State {
             line.push('…');
         }
         self.transcript.push_back(format!("{t:8.3}s {line}"));
+    }
+
+    /// 0 for `token`, n for the n-th other token accepted; `None` for any other.
+    fn token_index(&self, token: &str) -> Option<usize> {
+        if token == self.token {
+            return Some(0);
+        }
+        self.other_tokens
+            .iter()
+            .position(|t| t == token)
+            .map(|i| i + 1)
     }
 
     fn protocol_error(&mut self, conn: usize, what: String) {
@@ -390,6 +411,9 @@ impl FakeHa {
             transcript: VecDeque::new(),
             started: Instant::now(),
             context_counter: 0,
+            commands: Vec::new(),
+            other_tokens: Vec::new(),
+            drop_next: Vec::new(),
         }));
         let (stop, stop_rx) = smol::channel::bounded::<()>(1);
         let thread_shared = shared.clone();
@@ -700,6 +724,32 @@ impl FakeHa {
         }
     }
 
+    /// Accepts `token` too (WebSocket auth and REST), as HA accepts each user's token;
+    /// returns its index in [`AuthAttempt::token_index`].
+    pub fn accept_token(&self, token: &str) -> usize {
+        let mut st = self.state();
+        st.note("another token accepted".into());
+        st.other_tokens.push(token.to_owned());
+        st.other_tokens.len()
+    }
+
+    /// The next command of type `kind` (on any session) is not answered: its connection is
+    /// dropped without a Close frame right after it arrives (HA dying mid-command). Once.
+    pub fn drop_on_next(&self, kind: &str) {
+        let mut st = self.state();
+        st.note(format!("fault: drop the connection at the next {kind:?}"));
+        st.drop_next.push(kind.to_owned());
+    }
+
+    /// Sends the text `frame` on session `number` (1-based, see [`SessionInfo::number`]).
+    /// Returns whether the session was open.
+    pub fn send_to(&self, number: usize, frame: String) -> bool {
+        let mut st = self.state();
+        st.note(format!("#{number} -> {frame}"));
+        let conn = st.conns.get(number.wrapping_sub(1));
+        conn.is_some_and(|c| c.info.ended.is_none() && c.tx.try_send(Command::Frame(frame)).is_ok())
+    }
+
     /// Delays every REST answer by `delay`.
     pub fn set_rest_delay(&self, delay: Duration) {
         self.state().rest_delay = delay;
@@ -719,6 +769,11 @@ impl FakeHa {
             .iter()
             .filter(|c| c.info.subscription.is_some())
             .count()
+    }
+
+    /// Every message received after `auth_ok`, with its session number, in arrival order.
+    pub fn commands(&self) -> Vec<(usize, Value)> {
+        self.state().commands.clone()
     }
 
     /// Every `auth` message so far.
@@ -958,7 +1013,9 @@ async fn rest_request(
         .and_then(|n| n.parse::<usize>().ok());
     let (status, content_type, body) = {
         let mut st = lock(shared);
-        let authorized = authorization == Some(format!("Bearer {}", st.token).as_str());
+        let authorized = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|t| st.token_index(t).is_some());
         let (status, content_type, body) = if let Some(n) = big.filter(|_| authorized) {
             (200, "application/octet-stream", format!("{n}"))
         } else if !authorized {
@@ -1009,6 +1066,8 @@ async fn rest_request(
 /// What one client message makes the session do.
 enum Reply {
     Send(String),
+    /// Drop the TCP connection without a Close frame ([`FakeHa::drop_on_next`]).
+    Drop,
     /// Send a Close frame with this code (then wait for the client to go).
     Close(u16),
 }
@@ -1126,6 +1185,7 @@ async fn session_loop(
                                 return SessionEnd::ClientGone(format!("send failed: {e}"));
                             }
                         }
+                        Reply::Drop => return SessionEnd::DroppedByFake,
                         Reply::Close(code) => {
                             let _ = ws
                                 .close(Some(CloseFrame {
@@ -1225,13 +1285,17 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
     if !proto.authenticated {
         // HA `websocket_api/auth.py`: the first message must be `auth`.
         let token = msg["access_token"].as_str();
-        let accepted = kind == "auth" && token == Some(st.token.as_str());
+        let token_index = token
+            .and_then(|t| st.token_index(t))
+            .filter(|_| kind == "auth");
+        let accepted = token_index.is_some();
         if kind != "auth" {
             st.protocol_error(n, format!("first message is not auth: {text}"));
         }
         st.auth_attempts.push(AuthAttempt {
             at: Instant::now(),
             accepted,
+            token_index,
         });
         if accepted {
             proto.authenticated = true;
@@ -1244,6 +1308,13 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
             st.note(format!("#{n} -> Close 1000"));
             out.push(Reply::Close(1000));
         }
+        return out;
+    }
+    st.commands.push((n, msg.clone()));
+    if let Some(i) = st.drop_next.iter().position(|k| k == kind) {
+        st.drop_next.remove(i);
+        st.note(format!("#{n} dropped at {kind:?}, unanswered"));
+        out.push(Reply::Drop);
         return out;
     }
     let Some(id) = msg["id"].as_u64() else {

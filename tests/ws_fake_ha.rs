@@ -1,0 +1,648 @@
+//! The local WebSocket API (`/api/websocket`, issue 16) against the daemon binary and the
+//! fake HA, for what a real HA cannot produce on demand: 64 + 1 clients, an oversized
+//! message, a client that never reads, id reuse and malformed messages, HA dropping the
+//! link in the middle of a forwarded command, a foreign `Origin`, and HA's verdict on a
+//! token that is not hass-edge's. The real clients (home-assistant-js-websocket,
+//! hass-client, HA's frontend) are in `tests/wsclients` and `tests/frontend`.
+//!
+//! The client here is tungstenite's blocking one over a `std::net::TcpStream` with a read
+//! timeout, so a test that waits for something that never comes fails instead of hanging.
+
+mod support;
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::tungstenite::client::IntoClientRequest;
+use async_tungstenite::tungstenite::http::HeaderValue;
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
+use async_tungstenite::tungstenite::{self, Message, WebSocket};
+use serde_json::{Value, json};
+
+use support::daemon::{DaemonOptions, TempDir};
+use support::http_client::Response;
+use support::{Daemon, FakeHa, deadline, wait_until};
+
+/// hass-edge's API token in the tests that configure one.
+const API_TOKEN: &str = "kiosk-ws-token-0123456789abcdef";
+
+/// HA's `auth_invalid` text for a refused token (`auth.py`).
+const INVALID_TOKEN: &str = "Invalid access token or password";
+
+/// A WebSocket API client: one connection, HA's messages one at a time (a coalesced frame,
+/// a JSON array, is split).
+struct Client {
+    ws: WebSocket<TcpStream>,
+    /// Messages of a coalesced frame not yet returned.
+    queued: std::collections::VecDeque<Value>,
+}
+
+/// How a wait for a message ended without one.
+#[derive(Debug)]
+enum Gone {
+    /// Nothing within the time given.
+    Timeout,
+    /// The server closed the connection (a Close frame, EOF or a reset); how, for failure
+    /// messages.
+    Closed(#[allow(dead_code)] String),
+}
+
+impl Client {
+    /// Opens `/api/websocket` with `headers` (`Name: value`); `Err` with the HTTP status when
+    /// the upgrade is refused.
+    fn open(daemon: &Daemon, headers: &[&str]) -> Result<Client, u16> {
+        let stream = TcpStream::connect(daemon.addr).expect("connect to the daemon");
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client::open_on(stream, daemon, headers)
+    }
+
+    fn open_on(stream: TcpStream, daemon: &Daemon, headers: &[&str]) -> Result<Client, u16> {
+        let mut request = format!("ws://{}/api/websocket", daemon.addr)
+            .into_client_request()
+            .unwrap();
+        for h in headers {
+            let (name, value) = h.split_once(':').expect("Name: value");
+            let name: tungstenite::http::HeaderName = name.trim().parse().unwrap();
+            request
+                .headers_mut()
+                .insert(name, HeaderValue::from_str(value.trim()).unwrap());
+        }
+        // Big answers (`get_states`) are fine; what the daemon accepts is not this side's limit.
+        let config = WebSocketConfig::default().max_message_size(Some(64 << 20));
+        match tungstenite::client::client_with_config(request, stream, Some(config)) {
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                queued: Default::default(),
+            }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                Err(r.status().as_u16())
+            }
+            Err(e) => panic!("WebSocket handshake with the daemon: {e}"),
+        }
+    }
+
+    /// Opens a session and authenticates with `token`; returns the client and the verdict
+    /// message (`auth_ok` or `auth_invalid`).
+    fn auth(daemon: &Daemon, token: &str) -> (Client, Value) {
+        let mut c = Client::open(daemon, &[]).expect("the upgrade is accepted");
+        let required = c.recv();
+        assert_eq!(required["type"], "auth_required", "{required}");
+        c.send(json!({"type": "auth", "access_token": token}));
+        let verdict = c.recv();
+        (c, verdict)
+    }
+
+    /// A session that got `auth_ok` with `token`.
+    fn authed(daemon: &Daemon, token: &str) -> Client {
+        let (c, verdict) = Client::auth(daemon, token);
+        assert_eq!(verdict["type"], "auth_ok", "{verdict}");
+        c
+    }
+
+    fn send(&mut self, message: Value) {
+        self.send_text(message.to_string());
+    }
+
+    fn send_text(&mut self, text: String) {
+        self.ws
+            .send(Message::text(text))
+            .unwrap_or_else(|e| panic!("send to the daemon: {e}"));
+    }
+
+    /// The next message within `timeout`.
+    fn next(&mut self, timeout: Duration) -> Result<Value, Gone> {
+        if let Some(v) = self.queued.pop_front() {
+            return Ok(v);
+        }
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Gone::Timeout);
+            }
+            self.ws.get_mut().set_read_timeout(Some(left)).unwrap();
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    let v: Value = serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("not JSON from the daemon ({e}): {text}"));
+                    match v {
+                        Value::Array(list) => {
+                            self.queued.extend(list);
+                            if let Some(v) = self.queued.pop_front() {
+                                return Ok(v);
+                            }
+                        }
+                        v => return Ok(v),
+                    }
+                }
+                Ok(Message::Close(frame)) => return Err(Gone::Closed(format!("Close {frame:?}"))),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(Gone::Closed(e.to_string())),
+            }
+        }
+    }
+
+    /// The next message; fails after [`deadline`].
+    fn recv(&mut self) -> Value {
+        self.next(deadline())
+            .unwrap_or_else(|e| panic!("no message from the daemon: {e:?}"))
+    }
+
+    /// Reads until a message with `id` (and, for subscriptions, `type`) comes; returns it.
+    fn recv_id(&mut self, id: u64, kind: &str) -> Value {
+        loop {
+            let m = self.recv();
+            if m["id"] == id && m["type"] == kind {
+                return m;
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection; fails if it is still open after
+    /// [`deadline`]. Returns the messages read before.
+    fn closed(&mut self) -> Vec<Value> {
+        let end = Instant::now() + deadline();
+        let mut seen = Vec::new();
+        loop {
+            match self.next(end.saturating_duration_since(Instant::now())) {
+                Ok(m) => seen.push(m),
+                Err(Gone::Closed(_)) => return seen,
+                Err(Gone::Timeout) => panic!("the connection is still open; read {seen:?}"),
+            }
+        }
+    }
+
+    /// A ping answered: the session is alive (events of its subscriptions are skipped).
+    fn ping(&mut self, id: u64) {
+        self.send(json!({"id": id, "type": "ping"}));
+        let answer = loop {
+            let m = self.recv();
+            if m["id"] == id && m["type"] != "event" {
+                break m;
+            }
+        };
+        assert_eq!(answer, json!({"id": id, "type": "pong"}));
+    }
+}
+
+fn with_api_token(dir: &TempDir) -> DaemonOptions {
+    let path = dir.write("api-token", &format!("{API_TOKEN}\n"));
+    DaemonOptions::default().set("http", "api_token_file", format!("\"{}\"", path.display()))
+}
+
+fn live_with(options: DaemonOptions) -> (FakeHa, Daemon) {
+    let fake = FakeHa::start("2025.4.4");
+    let daemon = Daemon::start_with(&fake, options);
+    daemon.wait_live();
+    (fake, daemon)
+}
+
+/// `GET path` with hass-edge's API token.
+fn get_authorized(daemon: &Daemon, path: &str) -> Response {
+    let mut c = daemon.connect();
+    c.request(
+        "GET",
+        path,
+        &[
+            &format!("Authorization: Bearer {API_TOKEN}"),
+            "Connection: close",
+        ],
+    )
+    .unwrap()
+}
+
+/// `/status`'s `websocket_api` section.
+fn ws_status(daemon: &Daemon) -> Value {
+    let r = get_authorized(daemon, "/status");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["websocket_api"].clone()
+}
+
+/// A WebSocket upgrade request, raw, with `extra` header lines; the response.
+fn upgrade_raw(daemon: &Daemon, extra: &[&str]) -> Response {
+    let mut headers = vec![
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ];
+    headers.extend_from_slice(extra);
+    daemon
+        .connect()
+        .request("GET", "/api/websocket", &headers)
+        .unwrap()
+}
+
+/// The limit on sessions, at a small `http.max_websocket_clients` and at the default (64):
+/// one more is answered 503 before any upgrade and counted; once a session leaves, a new
+/// client is admitted.
+#[test]
+fn one_client_beyond_the_limit_gets_503_before_the_upgrade() {
+    for max in [Some(4), None] {
+        let dir = TempDir::new("ws-limit");
+        let mut options = with_api_token(&dir);
+        if let Some(max) = max {
+            options = options.set("http", "max_websocket_clients", max);
+        }
+        let (_fake, daemon) = live_with(options);
+        let max = max.unwrap_or(64);
+        let mut clients: Vec<Client> = (0..max)
+            .map(|_| Client::authed(&daemon, API_TOKEN))
+            .collect();
+        assert_eq!(ws_status(&daemon)["sessions_open"], max, "max {max}");
+        let r = upgrade_raw(&daemon, &[]);
+        assert_eq!(r.status, 503, "client {} of {max}: {}", max + 1, r.text());
+        assert!(r.header("Sec-WebSocket-Accept").is_none(), "{r:?}");
+        let status = ws_status(&daemon);
+        assert_eq!(status["refused_full"], 1, "{status}");
+        // The others are unaffected.
+        clients[0].ping(1);
+        clients[max - 1].ping(1);
+        // One leaves: room for one more.
+        let mut leaving = clients.pop().unwrap();
+        leaving.ws.close(None).unwrap();
+        let _ = leaving.closed();
+        wait_until("the session to end", deadline(), || {
+            let open = ws_status(&daemon)["sessions_open"].clone();
+            if open == max - 1 {
+                Ok(())
+            } else {
+                Err(format!("{open} open"))
+            }
+        });
+        let mut again = Client::authed(&daemon, API_TOKEN);
+        again.ping(1);
+        assert_eq!(upgrade_raw(&daemon, &[]).status, 503, "full again");
+        assert_eq!(ws_status(&daemon)["refused_full"], 2);
+        assert_eq!(daemon.health().unwrap().0, 200);
+    }
+}
+
+/// A message of exactly 1 MiB is read (HA's answer comes); one byte more closes the
+/// connection, and the daemon and its other sessions go on.
+#[test]
+fn a_message_over_one_mib_closes_the_connection() {
+    let dir = TempDir::new("ws-big");
+    let (_fake, daemon) = live_with(with_api_token(&dir));
+    let mut other = Client::authed(&daemon, API_TOKEN);
+    other.send(json!({"id": 1, "type": "subscribe_entities"}));
+    assert_eq!(other.recv_id(1, "result")["success"], true);
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    // JSON allows trailing whitespace: a ping padded to the size wanted.
+    let padded = |id: u64, size: usize| {
+        let mut text = json!({"id": id, "type": "ping"}).to_string();
+        text.push_str(&" ".repeat(size - text.len()));
+        text
+    };
+    c.send_text(padded(1, 1024 * 1024));
+    assert_eq!(c.recv(), json!({"id": 1, "type": "pong"}), "1 MiB is taken");
+    c.send_text(padded(2, 1024 * 1024 + 1));
+    let before_close = c.closed();
+    assert!(
+        !before_close.iter().any(|m| m["id"] == 2),
+        "the oversized message was answered: {before_close:?}"
+    );
+    assert_eq!(daemon.health().unwrap().0, 200);
+    other.ping(2);
+    let mut fresh = Client::authed(&daemon, API_TOKEN);
+    fresh.ping(1);
+}
+
+/// A client that subscribes and then never reads, while the mirror changes fast, is
+/// disconnected and counted; a client that reads gets every change, in order, and `/health`
+/// answers throughout.
+#[test]
+fn a_client_that_never_reads_is_dropped_and_the_others_get_every_change() {
+    let dir = TempDir::new("ws-slow");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    fake.push_change(fake.new_entity("sensor.flood", "0", json!({"friendly_name": "Flood"})));
+    let mut reader = Client::authed(&daemon, API_TOKEN);
+    reader.send(json!({"id": 1, "type": "subscribe_entities", "entity_ids": ["sensor.flood"]}));
+    assert_eq!(reader.recv_id(1, "result")["success"], true);
+    let snapshot = reader.recv_id(1, "event");
+    assert_eq!(
+        snapshot["event"]["a"]["sensor.flood"]["s"], "0",
+        "{snapshot}"
+    );
+    // The stuck client: a small receive buffer, so the daemon's writes block soon.
+    let stream = TcpStream::connect(daemon.addr).unwrap();
+    rustix::net::sockopt::set_socket_recv_buffer_size(&stream, 4096).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut stuck = Client::open_on(stream, &daemon, &[]).expect("upgrade");
+    assert_eq!(stuck.recv()["type"], "auth_required");
+    stuck.send(json!({"type": "auth", "access_token": API_TOKEN}));
+    assert_eq!(stuck.recv()["type"], "auth_ok");
+    stuck.send(json!({"id": 1, "type": "subscribe_entities"}));
+    assert_eq!(stuck.recv_id(1, "result")["success"], true);
+    // From here `stuck` reads nothing.
+
+    const CHANGES: usize = 4000;
+    let padding = "x".repeat(2048);
+    let reading = std::thread::spawn(move || {
+        let mut states = Vec::new();
+        while states.len() < CHANGES {
+            match reader.next(deadline()) {
+                Ok(m) if m["id"] == 1 && m["type"] == "event" => {
+                    if let Some(s) = m["event"]["c"]["sensor.flood"]["+"]["s"].as_str() {
+                        states.push(s.parse::<usize>().unwrap());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("the reading client after {} changes: {e:?}", states.len()),
+            }
+        }
+        (reader, states)
+    });
+    let mut slowest_health = Duration::ZERO;
+    for i in 1..=CHANGES {
+        let new = fake.next_state("sensor.flood", |s| {
+            s["state"] = i.to_string().into();
+            s["attributes"]["padding"] = format!("{i}{padding}").into();
+        });
+        fake.push_change(new);
+        if i % 200 == 0 {
+            let start = Instant::now();
+            assert_eq!(daemon.health().unwrap().0, 200);
+            slowest_health = slowest_health.max(start.elapsed());
+        }
+    }
+    let (mut reader, states) = reading.join().expect("the reading client");
+    assert_eq!(
+        states,
+        (1..=CHANGES).collect::<Vec<_>>(),
+        "every change, once, in order"
+    );
+    // Dropped once its writes block for the write timeout (10 s), or it falls behind.
+    let status = wait_until("the stuck client to be dropped", deadline(), || {
+        let s = ws_status(&daemon);
+        if s["slow_clients_dropped"] == 1 && s["sessions_open"] == 1 {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    eprintln!("slowest /health during the flood: {slowest_health:?}; {status}");
+    // A liveness bound, not a timing goal: nothing waited for the stuck client.
+    assert!(
+        slowest_health < Duration::from_secs(2) * support::daemon::slowdown(),
+        "/health took {slowest_health:?} during the flood"
+    );
+    reader.ping(2);
+    drop(stuck);
+}
+
+/// HA's id rules and error shapes (`websocket_api/connection.py`), through the socket: an id
+/// that does not increase is `id_reuse`, a message without a proper id or type is
+/// `invalid_format` (echoing the id it had), and the session goes on; a frame that is not
+/// JSON ends it.
+#[test]
+fn id_reuse_and_malformed_messages_get_has_errors() {
+    let dir = TempDir::new("ws-ids");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let commands = fake.commands().len();
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    c.ping(5);
+    let reuse = |id: u64| {
+        json!({"id": id, "type": "result", "success": false,
+               "error": {"code": "id_reuse", "message": "Identifier values have to increase."}})
+    };
+    let invalid = |id: Value| {
+        json!({"id": id, "type": "result", "success": false,
+               "error": {"code": "invalid_format", "message": "Message incorrectly formatted."}})
+    };
+    c.send(json!({"id": 5, "type": "ping"}));
+    assert_eq!(c.recv(), reuse(5));
+    c.send(json!({"id": 3, "type": "get_states"}));
+    assert_eq!(c.recv(), reuse(3));
+    c.send(json!({"id": "6", "type": "ping"}));
+    assert_eq!(c.recv(), invalid(json!("6")));
+    c.send(json!({"id": 6}));
+    assert_eq!(c.recv(), invalid(json!(6)));
+    c.send(json!({"type": "ping"}));
+    assert_eq!(c.recv(), invalid(Value::Null));
+    c.send(json!([1]));
+    assert_eq!(c.recv(), invalid(json!(0)));
+    // None of it went to HA.
+    assert_eq!(fake.commands().len(), commands, "{:?}", fake.commands());
+    c.ping(6);
+    c.send_text("{\"id\":7,".into());
+    let seen = c.closed();
+    assert!(
+        seen.is_empty(),
+        "answered a frame that is not JSON: {seen:?}"
+    );
+    assert_eq!(daemon.health().unwrap().0, 200);
+}
+
+/// HA drops the session's link while a forwarded command waits for its answer: the client
+/// gets `home_assistant_error` for it at once; its forwarded subscription is made again on
+/// the next link, its result swallowed, and HA's events on it reach the client under the
+/// client's id. `kind` is the command HA dies on.
+fn upstream_drop_mid_forward(kind: &str, command: Value) {
+    let dir = TempDir::new("ws-drop");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    c.send(json!({"id": 1, "type": "subscribe_events", "event_type": "lovelace_updated"}));
+    let result = c.recv();
+    assert_eq!(
+        result,
+        json!({"id": 1, "type": "result", "success": true, "result": null}),
+        "HA's result under the client's id"
+    );
+    let subscribed_on = |fake: &FakeHa| -> Vec<(usize, u64)> {
+        fake.commands()
+            .iter()
+            .filter(|(_, m)| {
+                m["type"] == "subscribe_events" && m["event_type"] == "lovelace_updated"
+            })
+            .map(|(n, m)| (*n, m["id"].as_u64().unwrap()))
+            .collect()
+    };
+    let first = subscribed_on(&fake);
+    assert_eq!(first.len(), 1, "one link, one subscription: {first:?}");
+    let (link, _) = first[0];
+    // HA dies on the next command.
+    fake.drop_on_next(kind);
+    let mut command = command;
+    command["id"] = 2.into();
+    c.send(command);
+    // At once: the drop is seen as it happens (not after a heartbeat or a timeout).
+    let prompt = Duration::from_secs(5) * support::daemon::slowdown();
+    let answer = c
+        .next(prompt)
+        .unwrap_or_else(|e| panic!("no answer to the command HA died on within {prompt:?}: {e:?}"));
+    assert_eq!(answer["id"], 2, "{answer}");
+    assert_eq!(answer["success"], false, "{answer}");
+    assert_eq!(answer["error"]["code"], "home_assistant_error", "{answer}");
+    // The subscription is made again on a new link; the client sees no second result.
+    let (relink, upstream_id) = wait_until("the subscription made again", deadline(), || {
+        let subs = subscribed_on(&fake);
+        match subs.get(1) {
+            Some(&s) => Ok(s),
+            None => Err(format!("{subs:?}")),
+        }
+    });
+    assert_ne!(relink, link, "made on a new link");
+    assert!(
+        !fake
+            .commands()
+            .iter()
+            .any(|(n, m)| *n == relink && m["type"] == kind),
+        "the command HA died on was sent again: {:?}",
+        fake.commands()
+    );
+    match c.next(Duration::from_millis(500)) {
+        Err(Gone::Timeout) => {}
+        other => panic!("the client noticed the new link: {other:?}"),
+    }
+    // HA's event on the new subscription reaches the client under its id.
+    let event = json!({"event_type": "lovelace_updated", "data": {"url_path": null, "mode": "storage"},
+                       "origin": "LOCAL", "time_fired": "2026-11-22T12:07:28.000000+00:00",
+                       "context": {"id": "01JCTX", "parent_id": null, "user_id": null}});
+    assert!(fake.send_to(
+        relink,
+        json!({"id": upstream_id, "type": "event", "event": event}).to_string()
+    ));
+    let got = c.recv();
+    assert_eq!(got, json!({"id": 1, "type": "event", "event": event}));
+    c.ping(3);
+}
+
+/// An unknown command (forwarded, no subscription) when HA drops.
+#[test]
+fn upstream_drop_mid_forward_answers_the_waiting_command() {
+    upstream_drop_mid_forward(
+        "fake/never_answered",
+        json!({"type": "fake/never_answered", "x": 1}),
+    );
+}
+
+/// `render_template` (forwarded, opens a subscription) when HA drops before its result.
+/// Fails at 1233078 (reported): `link_lost` answers only routes that are not subscriptions,
+/// so the client gets nothing for id 2, the command is sent again on the next link, and
+/// HA's result to it is swallowed as a renewal's.
+#[test]
+#[ignore = "hass-edge bug: a forwarded subscription waiting for its result when the link drops is never answered (ws_server link_lost)"]
+fn upstream_drop_mid_forward_answers_a_waiting_subscription() {
+    upstream_drop_mid_forward(
+        "render_template",
+        json!({"type": "render_template", "template": "{{ states('light.kitchen') }}"}),
+    );
+}
+
+/// The `Origin` rule: a foreign page is refused 403 before the upgrade; a listed origin
+/// and hass-edge's own are upgraded.
+#[test]
+fn a_foreign_origin_is_refused_before_the_upgrade() {
+    let (_fake, daemon) = live_with(DaemonOptions::default().set(
+        "http",
+        "cors_origins",
+        r#"["http://kiosk.local:8080"]"#,
+    ));
+    let r = upgrade_raw(&daemon, &["Origin: http://evil.example"]);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.header("Sec-WebSocket-Accept").is_none(), "{r:?}");
+    assert!(matches!(
+        Client::open(&daemon, &["Origin: http://evil.example"]),
+        Err(403)
+    ));
+    let own = format!("Origin: http://{}", daemon.addr);
+    for origin in ["Origin: http://kiosk.local:8080", own.as_str()] {
+        let mut c =
+            Client::open(&daemon, &[origin]).unwrap_or_else(|status| panic!("{origin}: {status}"));
+        assert_eq!(c.recv()["type"], "auth_required", "{origin}");
+    }
+    let status = daemon.get("/status").json();
+    assert_eq!(status["websocket_api"]["sessions_total"], 2, "{status}");
+}
+
+/// With an API token: the API token gets `auth_ok` without asking HA anything; any other
+/// token is HA's to judge (its verdict as the local routes keep it, one `GET /api/` with
+/// that token), and HA's refusal is the client's `auth_invalid` (counted); a token HA
+/// accepts gets `auth_ok`, and the session's forwarded commands go on a link of its own,
+/// authenticated with that token.
+#[test]
+fn tokens_are_judged_by_hass_edge_or_by_ha() {
+    let dir = TempDir::new("ws-auth");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let asked = |fake: &FakeHa| {
+        fake.rest_requests()
+            .iter()
+            .filter(|r| r.path == "/api/")
+            .map(|r| (r.authorized, r.status))
+            .collect::<Vec<_>>()
+    };
+    let sessions = fake.sessions().len();
+    let attempts = fake.auth_attempts().len();
+    let mut ours = Client::authed(&daemon, API_TOKEN);
+    ours.ping(1);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        fake.sessions().len(),
+        sessions,
+        "no WebSocket to HA for the API token"
+    );
+    assert_eq!(fake.auth_attempts().len(), attempts);
+    assert_eq!(asked(&fake), vec![], "HA was not asked about the API token");
+
+    let (mut refused, verdict) = Client::auth(&daemon, "not-a-token-ha-knows");
+    assert_eq!(
+        verdict,
+        json!({"type": "auth_invalid", "message": INVALID_TOKEN})
+    );
+    let _ = refused.closed();
+    assert_eq!(
+        asked(&fake),
+        vec![(false, 401)],
+        "HA judged the other token"
+    );
+    assert_eq!(ws_status(&daemon)["auth_failures"], 1);
+    // The API token never reached HA, in any form.
+    for r in fake.rest_requests() {
+        assert!(
+            !r.headers.iter().any(|(_, v)| v.contains(API_TOKEN)),
+            "{r:?}"
+        );
+    }
+
+    // A token HA accepts (a user's, not hass-edge's): HA's verdict; the session's commands
+    // go on a link of its own, authenticated with that token.
+    let user_token = "ha-user-token.9c1d-access-token";
+    let index = fake.accept_token(user_token);
+    let mut user = Client::authed(&daemon, user_token);
+    assert_eq!(asked(&fake), vec![(false, 401), (true, 200)]);
+    user.send(json!({"id": 1, "type": "fake/forwarded"}));
+    let answer = user.recv();
+    assert_eq!(
+        answer["error"]["code"], "unknown_command",
+        "HA's answer: {answer}"
+    );
+    let all = fake.sessions();
+    assert_eq!(all.len(), sessions + 1, "one link, for the user's session");
+    let link = all.last().unwrap();
+    assert!(link.authenticated);
+    let last = fake.auth_attempts().last().unwrap().clone();
+    assert_eq!(
+        last.token_index,
+        Some(index),
+        "the link used the user's token"
+    );
+    assert!(
+        fake.commands()
+            .iter()
+            .any(|(n, m)| *n == link.number && m["type"] == "fake/forwarded"),
+        "{:?}",
+        fake.commands()
+    );
+    assert_eq!(ws_status(&daemon)["auth_failures"], 1);
+}
