@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+pub mod allowlist;
 pub mod api;
 pub mod app;
 pub mod assets;
@@ -39,5 +40,6 @@ pub mod status;
 pub mod status_cli;
 pub mod store;
 pub mod tls;
+pub mod uplink;
 pub mod ws_api;
 pub mod ws_server;

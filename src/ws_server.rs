@@ -44,35 +44,32 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::Message;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use async_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 use serde_json::{Map, Value};
 use smol::Timer;
 use smol::future::FutureExt;
 use smol::io::{AsyncRead, AsyncWrite};
 use smol::stream::StreamExt;
 
+use crate::allowlist::Dashboards;
 use crate::broadcast::Subscription;
 use crate::config::Secret;
-use crate::dashboards::{Allowlist, DashboardEntities};
+use crate::dashboards::Allowlist;
 use crate::entity::EntityState;
 use crate::http::{Exchange, Response};
 use crate::hub::Hub;
-use crate::proxy::Stream;
 use crate::status::WsApiStatus;
+use crate::uplink::{LinkError, UpLink};
 use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, Phase, View};
 
 /// Time for the client's `auth` message (HA `websocket_api/http.py`: 10 s).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time for HA to answer hass-edge's handshake and `auth` on a session's link.
-pub const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client may take to accept one frame before it is disconnected as too slow.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between attempts to make a session's link again while it holds
 /// subscriptions; the first wait is 1 s, doubling.
 pub const MAX_RELINK_DELAY: Duration = Duration::from_secs(30);
-/// Largest message accepted from HA on a session's link (a big registry list).
-const MAX_UPSTREAM_MESSAGE: usize = 32 * 1024 * 1024;
 /// Most answers a session's link waits for at once; beyond, a command is refused with
 /// `home_assistant_error` (nothing a client does grows hass-edge's memory without bound).
 pub const MAX_PENDING: usize = 1024;
@@ -99,12 +96,8 @@ pub struct WsApi {
     /// HA's events that end cached answers, once something is cached; and the link's
     /// `last_connected` when it was made (a new link ends every cached answer).
     invalidations: RefCell<Option<(crate::events::Receiver, Option<std::time::SystemTime>)>>,
-    /// The dashboards' allowlist (`[dashboards]`), once computed.
-    allowlist: RefCell<Option<Rc<Allowlist>>>,
-    /// Goes up with every new allowlist; sessions compare it.
-    allowlist_generation: Cell<u64>,
-    /// Wakes sessions when the allowlist changes.
-    allowlist_changed: event_listener::Event,
+    /// The dashboards' allowlist (`[dashboards]`), kept current by [`WsApi::run_dashboards`].
+    dashboards: Dashboards,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +120,12 @@ enum End {
 }
 
 impl WsApi {
+    /// Keeps the dashboards' allowlist current until shutdown (see
+    /// [`Dashboards::run`]); spawned once by the app.
+    pub async fn run_dashboards(&self, shutdown: crate::shutdown::Shutdown) {
+        self.dashboards.run(&self.hub, shutdown).await;
+    }
+
     /// The API over `hub`.
     pub fn new(hub: Rc<Hub>) -> WsApi {
         WsApi {
@@ -134,200 +133,8 @@ impl WsApi {
             counters: Counters::default(),
             cache: RefCell::new(HashMap::new()),
             invalidations: RefCell::new(None),
-            allowlist: RefCell::new(None),
-            allowlist_generation: Cell::new(0),
-            allowlist_changed: event_listener::Event::new(),
+            dashboards: Dashboards::default(),
         }
-    }
-
-    /// Keeps the dashboards' allowlist (`[dashboards]`, issue 16) current until shutdown:
-    /// fetches each dashboard's `lovelace/config` and HA's states on a link of its own (with
-    /// hass-edge's HA token) whenever the shared link connects, the section changes on
-    /// reload, or HA fires `lovelace_updated` for one of them; also every
-    /// [`DASHBOARDS_REFRESH`], for `auto-entities` filters over entities that came since. The
-    /// mirror also tracks every listed entity ([`Hub::track_also`]). A failed fetch keeps the
-    /// last list and is tried again after 30 s.
-    pub async fn run_dashboards(&self, shutdown: crate::shutdown::Shutdown) {
-        let mut updates: Option<crate::events::Receiver> = None;
-        let mut fetched_for: Option<(
-            Option<std::time::SystemTime>,
-            crate::config::DashboardsConfig,
-        )> = None;
-        let mut due = Instant::now();
-        let mut dashboards: BTreeMap<String, DashboardEntities> = BTreeMap::new();
-        loop {
-            if shutdown.is_triggered() {
-                return;
-            }
-            let changed = self.hub.listen_changed();
-            let config = self.hub.config();
-            let wanted = &config.dashboards;
-            let link = self.hub.link();
-            if !wanted.enabled() {
-                updates = None;
-                fetched_for = None;
-                dashboards.clear();
-                if self.allowlist.borrow().is_some() {
-                    self.set_allowlist(None);
-                    self.hub.track_also(Default::default()).await;
-                }
-            } else if link.state == crate::status::LinkState::Live {
-                if updates.is_none() {
-                    let types = HashSet::from(["lovelace_updated".to_owned()]);
-                    updates = self.hub.subscribe_events(Some(types));
-                }
-                let mut stale = fetched_for
-                    .as_ref()
-                    .is_none_or(|(at, cfg)| *at != link.last_connected || cfg != wanted)
-                    || Instant::now() >= due;
-                if let Some(receiver) = updates.as_mut() {
-                    loop {
-                        match receiver.try_recv() {
-                            Ok(Some(text)) => {
-                                let data = lovelace_event_data(&text);
-                                let url_path = crate::dashboards::updated_url_path(&data);
-                                stale |= wanted.url_paths.iter().any(|p| p == url_path);
-                            }
-                            Ok(None) => break,
-                            Err(()) => {
-                                updates = None;
-                                stale = true;
-                                break;
-                            }
-                        }
-                    }
-                }
-                if stale {
-                    match self.fetch_dashboards(wanted).await {
-                        Ok((fetched, known)) => {
-                            dashboards = fetched;
-                            let list = Allowlist::new(dashboards.values(), wanted);
-                            log::info!(
-                                "dashboards {}: {} entities listed{}",
-                                wanted.url_paths.join(", "),
-                                list.len(),
-                                if list.allows_everything() {
-                                    " (a generated dashboard shows every entity)"
-                                } else {
-                                    ""
-                                }
-                            );
-                            let _ = known;
-                            if self.allowlist.borrow().as_deref() != Some(&list) {
-                                let also = if list.allows_everything() {
-                                    Default::default()
-                                } else {
-                                    list.entity_ids().map(str::to_owned).collect()
-                                };
-                                self.set_allowlist(Some(Rc::new(list)));
-                                self.hub.track_also(also).await;
-                            }
-                            fetched_for = Some((link.last_connected, wanted.clone()));
-                            due = Instant::now() + DASHBOARDS_REFRESH;
-                        }
-                        Err(e) => {
-                            log::warn!(
-                                "could not read the dashboards from HA: {e}; trying again in 30 s"
-                            );
-                            due = Instant::now() + Duration::from_secs(30);
-                            fetched_for = Some((link.last_connected, wanted.clone()));
-                        }
-                    }
-                    continue;
-                }
-            }
-            // The refresh timer runs only while there is something to refresh.
-            let refresh = wanted.enabled() && link.state == crate::status::LinkState::Live;
-            let next_update = async {
-                match updates.as_mut() {
-                    Some(r) => {
-                        // Put back as "stale" on the next turn: peek by receiving.
-                        let text = r.recv().await;
-                        Some(text)
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            let woke = async {
-                changed.await;
-                None
-            }
-            .or(next_update)
-            .or(async {
-                if refresh {
-                    Timer::at(due).await;
-                } else {
-                    std::future::pending::<()>().await;
-                }
-                None
-            })
-            .or(async {
-                shutdown.wait().await;
-                None
-            })
-            .await;
-            // Never a busy turn: whatever woke us, let the others run first.
-            smol::future::yield_now().await;
-            if let Some(Some(text)) = woke {
-                let data = lovelace_event_data(&text);
-                let url_path = crate::dashboards::updated_url_path(&data);
-                if wanted.url_paths.iter().any(|p| p == url_path) {
-                    due = Instant::now();
-                }
-            }
-        }
-    }
-
-    /// Reads each dashboard's config and HA's states over a link of its own.
-    async fn fetch_dashboards(
-        &self,
-        wanted: &crate::config::DashboardsConfig,
-    ) -> Result<(BTreeMap<String, DashboardEntities>, usize), String> {
-        let upstream = self.hub.upstream().ok_or("no HA configured")?;
-        let mut link = UpLink::open(&upstream, &upstream.token)
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        let states = link
-            .call(1, &serde_json::json!({"type": "get_states"}))
-            .await?;
-        let states: Vec<Rc<EntityState>> = match states.get("result") {
-            Some(list) => serde_json::from_value::<Vec<EntityState>>(list.clone())
-                .map_err(|e| format!("get_states: {e}"))?
-                .into_iter()
-                .map(Rc::new)
-                .collect(),
-            None => return Err("get_states failed".into()),
-        };
-        let known: HashSet<&str> = states.iter().map(|s| s.entity_id.as_str()).collect();
-        let mut out = BTreeMap::new();
-        for (i, url_path) in wanted.url_paths.iter().enumerate() {
-            let request = crate::dashboards::config_request(url_path);
-            let answer = link.call(2 + i as u64, &request).await?;
-            let entities = if answer["success"] == true {
-                crate::dashboards::entities_in(&answer["result"], &states, &|id| known.contains(id))
-            } else if answer["error"]["code"] == "config_not_found" {
-                DashboardEntities::Generated
-            } else {
-                return Err(format!(
-                    "lovelace/config {url_path}: {}",
-                    answer["error"]["message"].as_str().unwrap_or("failed")
-                ));
-            };
-            out.insert(url_path.clone(), entities);
-        }
-        Ok((out, known.len()))
-    }
-
-    fn set_allowlist(&self, list: Option<Rc<Allowlist>>) {
-        *self.allowlist.borrow_mut() = list;
-        self.allowlist_generation
-            .set(self.allowlist_generation.get() + 1);
-        self.allowlist_changed.notify(usize::MAX);
-    }
-
-    /// The allowlist now, if any.
-    pub fn allowlist(&self) -> Option<Rc<Allowlist>> {
-        self.allowlist.borrow().clone()
     }
 
     /// The counters for `/status`, `/metrics` and D-Bus.
@@ -485,7 +292,7 @@ impl WsApi {
             next_id: 0,
             changes: None,
             end: None,
-            allowlist: (self.allowlist_generation.get(), self.allowlist()),
+            allowlist: (self.dashboards.generation(), self.dashboards.current()),
         };
         let mut outgoing: Vec<String> = Vec::new();
         if let Some(end) = self
@@ -544,10 +351,10 @@ impl WsApi {
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
                 Wake::Relink => self.relink(&mut state).await,
                 Wake::Allowlist => {
-                    let now = self.allowlist();
+                    let now = self.dashboards.current();
                     let before = std::mem::replace(
                         &mut state.allowlist,
-                        (self.allowlist_generation.get(), now.clone()),
+                        (self.dashboards.generation(), now.clone()),
                     );
                     let allows = |l: &Option<Rc<Allowlist>>, id: &str| {
                         l.as_ref().is_none_or(|l| l.allows(id))
@@ -588,8 +395,8 @@ impl WsApi {
         state: &mut Running<'_>,
         shutdown: &crate::shutdown::Shutdown,
     ) -> Wake {
-        let listener = self.allowlist_changed.listen();
-        if state.allowlist.0 != self.allowlist_generation.get() {
+        let listener = self.dashboards.listen();
+        if state.allowlist.0 != self.dashboards.generation() {
             return Wake::Allowlist;
         }
         let Running {
@@ -607,7 +414,7 @@ impl WsApi {
         };
         let from_link = async {
             match link.as_mut() {
-                Some(l) => Wake::Link(l.ws.next().await),
+                Some(l) => Wake::Link(l.recv().await),
                 None => std::future::pending().await,
             }
         };
@@ -1091,17 +898,6 @@ fn route_was_sub(subs: &BTreeMap<u64, Sub>, client_id: u64, upstream_id: u64) ->
         .is_some_and(|s| s.upstream_id == upstream_id)
 }
 
-/// How often the dashboards' allowlist is computed again without a reason.
-pub const DASHBOARDS_REFRESH: Duration = Duration::from_secs(300);
-
-/// `data` of an SSE-rendered `lovelace_updated` event.
-fn lovelace_event_data(text: &str) -> Value {
-    let json = text.trim().strip_prefix("data: ").unwrap_or(text);
-    serde_json::from_str::<Value>(json)
-        .map(|mut e| e["data"].take())
-        .unwrap_or(Value::Null)
-}
-
 /// `event_type` of an SSE-rendered event from [`crate::events`] (`data: {…}\n\n`).
 fn event_type_of(text: &str) -> String {
     #[derive(serde::Deserialize)]
@@ -1213,19 +1009,13 @@ impl View for SessionView<'_> {
     }
     fn states(&self) -> Vec<Rc<EntityState>> {
         let mut states = self.api.hub.tracked_states().0;
-        if let Some(list) = self.api.allowlist() {
+        if let Some(list) = self.api.dashboards.current() {
             states.retain(|s| list.allows(&s.entity_id));
         }
         states
     }
     fn shows(&self, entity_id: &str) -> bool {
-        self.api.hub.follows(entity_id)
-            && self
-                .api
-                .allowlist
-                .borrow()
-                .as_ref()
-                .is_none_or(|l| l.allows(entity_id))
+        self.api.hub.follows(entity_id) && self.api.dashboards.allows(entity_id)
     }
     fn state(&self, entity_id: &str) -> Option<Rc<EntityState>> {
         self.api.hub.followed_state(entity_id)
@@ -1244,113 +1034,6 @@ impl View for SessionView<'_> {
     }
     fn read_only(&self) -> bool {
         !self.api.hub.config().http.allow_service_calls
-    }
-}
-
-/// Why a link to HA could not be made.
-#[derive(Debug)]
-enum LinkError {
-    /// HA answered `auth_invalid`.
-    Refused(String),
-    /// No answer: connect, TLS, handshake or timeout.
-    Unreachable(String),
-}
-
-/// A session's own connection to HA's WebSocket API.
-struct UpLink {
-    ws: WebSocketStream<Box<dyn Stream>>,
-}
-
-impl UpLink {
-    /// Connects, and authenticates with `token` (HA's handshake), within [`LINK_TIMEOUT`].
-    async fn open(upstream: &crate::hub::Upstream, token: &Secret) -> Result<UpLink, LinkError> {
-        let open = async {
-            let (stream, url) = crate::proxy::connect_websocket(upstream)
-                .await
-                .map_err(LinkError::Unreachable)?;
-            let request = url
-                .into_client_request()
-                .map_err(|e| LinkError::Unreachable(e.to_string()))?;
-            let config = WebSocketConfig::default()
-                .read_buffer_size(4096)
-                .max_message_size(Some(MAX_UPSTREAM_MESSAGE))
-                .max_frame_size(Some(MAX_UPSTREAM_MESSAGE))
-                .write_buffer_size(0)
-                .max_write_buffer_size(1024 * 1024);
-            let (mut ws, _) =
-                async_tungstenite::client_async_with_config(request, stream, Some(config))
-                    .await
-                    .map_err(|e| LinkError::Unreachable(format!("handshake: {e}")))?;
-            let expect = |m: Option<Result<Message, _>>| match m {
-                Some(Ok(Message::Text(t))) => serde_json::from_str::<Value>(&t)
-                    .map_err(|e| LinkError::Unreachable(e.to_string())),
-                other => Err(LinkError::Unreachable(format!("{other:?}"))),
-            };
-            let required = expect(ws.next().await)?;
-            if required["type"] != "auth_required" {
-                return Err(LinkError::Unreachable("no auth_required".into()));
-            }
-            let auth = serde_json::json!({"type": "auth", "access_token": token.expose()});
-            ws.send(Message::text(auth.to_string()))
-                .await
-                .map_err(|e| LinkError::Unreachable(e.to_string()))?;
-            let verdict = expect(ws.next().await)?;
-            match verdict["type"].as_str() {
-                Some("auth_ok") => Ok(UpLink { ws }),
-                Some("auth_invalid") => Err(LinkError::Refused(
-                    verdict["message"].as_str().unwrap_or_default().to_owned(),
-                )),
-                _ => Err(LinkError::Unreachable("no verdict".into())),
-            }
-        };
-        open.or(async {
-            Timer::after(LINK_TIMEOUT).await;
-            Err(LinkError::Unreachable("HA did not answer in time".into()))
-        })
-        .await
-    }
-
-    /// Sends `command` as `id` and waits for its result (other messages are skipped).
-    async fn call(&mut self, id: u64, command: &Value) -> Result<Value, String> {
-        let Some(fields) = command.as_object() else {
-            return Err("not a command".into());
-        };
-        self.send(id, fields)
-            .await
-            .map_err(|()| "the link to HA dropped".to_owned())?;
-        let wait = async {
-            loop {
-                match self.ws.next().await {
-                    Some(Ok(Message::Text(text))) => {
-                        let Ok(message) = serde_json::from_str::<Value>(&text) else {
-                            continue;
-                        };
-                        if message["id"] == id && message["type"] == "result" {
-                            return Ok(message);
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    other => return Err(format!("the link to HA ended: {other:?}")),
-                }
-            }
-        };
-        wait.or(async {
-            Timer::after(LINK_TIMEOUT).await;
-            Err("HA did not answer in time".to_owned())
-        })
-        .await
-    }
-
-    async fn send(&mut self, id: u64, command: &Map<String, Value>) -> Result<(), ()> {
-        let mut message = Map::with_capacity(command.len() + 1);
-        message.insert("id".into(), id.into());
-        for (k, v) in command {
-            message.insert(k.clone(), v.clone());
-        }
-        self.ws
-            .send(Message::text(Value::Object(message).to_string()))
-            .await
-            .map_err(|_| ())
     }
 }
 

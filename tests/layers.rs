@@ -37,6 +37,10 @@ const LAYERS: &[&[&str]] = &[
     &["hub", "sse"],
     // Forwarding to HA: carries out what the routes decided.
     &["proxy", "ws_api"],
+    // A connection to HA's WebSocket API with a given token.
+    &["uplink"],
+    // The dashboards' allowlist kept current.
+    &["allowlist"],
     // The local WebSocket API's I/O: sessions, their links to HA, the shared caches.
     &["ws_server"],
     // What serves the hub to the world; none imports another.
