@@ -615,6 +615,7 @@ impl WsApi {
                 Sub {
                     upstream_id: id,
                     command,
+                    answered: false,
                 },
             );
         }
@@ -648,8 +649,13 @@ impl WsApi {
                     if route_was_sub(&state.subs, client_id, head.id) {
                         state.subs.remove(&client_id);
                     }
-                } else if let Some(r) = state.routes.get_mut(&head.id) {
-                    r.again = false;
+                } else {
+                    if let Some(r) = state.routes.get_mut(&head.id) {
+                        r.again = false;
+                    }
+                    if let Some(s) = state.subs.get_mut(&client_id) {
+                        s.answered = true;
+                    }
                 }
                 if again {
                     if !success {
@@ -675,15 +681,18 @@ impl WsApi {
                 .links_open
                 .set(self.counters.links_open.get().saturating_sub(1));
         }
+        // Every command the client still waits on HA's result for: plain ones, and
+        // subscriptions not yet answered (those end here; answered ones are made again).
         let mut waiting: Vec<u64> = state
             .routes
-            .iter()
-            .filter(|(_, r)| !r.subscription || r.again)
-            .map(|(_, r)| r.client_id)
-            .filter(|c| !state.subs.contains_key(c))
+            .values()
+            .filter(|r| !r.again)
+            .map(|r| r.client_id)
+            .filter(|c| state.subs.get(c).is_none_or(|s| !s.answered))
             .collect();
         waiting.sort_unstable();
         for client_id in waiting {
+            state.subs.remove(&client_id);
             outgoing.push(ws_api::error(
                 client_id,
                 "home_assistant_error",
@@ -957,6 +966,8 @@ struct Route {
 struct Sub {
     upstream_id: u64,
     command: Map<String, Value>,
+    /// The client has HA's result to it (a renewal's is not passed on).
+    answered: bool,
 }
 
 /// A session's state beyond the protocol.

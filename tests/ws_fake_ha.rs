@@ -528,11 +528,9 @@ fn upstream_drop_mid_forward_answers_the_waiting_command() {
 }
 
 /// `render_template` (forwarded, opens a subscription) when HA drops before its result.
-/// Fails at 1233078 (reported): `link_lost` answers only routes that are not subscriptions,
-/// so the client gets nothing for id 2, the command is sent again on the next link, and
-/// HA's result to it is swallowed as a renewal's.
+/// (Failed at 1233078: the client got nothing for it, and HA's result on the next link was
+/// swallowed as a renewal's.)
 #[test]
-#[ignore = "hass-edge bug: a forwarded subscription waiting for its result when the link drops is never answered (ws_server link_lost)"]
 fn upstream_drop_mid_forward_answers_a_waiting_subscription() {
     upstream_drop_mid_forward(
         "render_template",
