@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# Kiosk load (issue 15): HA's own dashboard in a fresh Chromium, directly against Home Assistant and
-# through hass-edge (cold / warm asset directory, HA fast / slow). Prints a table; see BENCHMARKS.md
-# "Kiosk load (HA's frontend through hass-edge)".
+# Kiosk load: HA's own dashboard in a fresh Chromium, directly against Home Assistant and through
+# hass-edge. Prints a table; see BENCHMARKS.md "Kiosk load (HA's frontend through hass-edge)".
 #
 #   bash tests/ha-peer/ha-peer.sh start 2024.3.3 /tmp/kiosk-ha 18165
 #   CARGO_TARGET_DIR=/tmp/target-kiosk cargo build --profile fast
-#   HA_PEER_DIR=/tmp/kiosk-ha nice -n 10 bash measure/kiosk/run.sh
+#   HA_PEER_DIR=/tmp/kiosk-ha nice -n 10 bash measure/kiosk/run.sh            # issue 15: assets (measure.mjs)
+#   HA_PEER_DIR=/tmp/kiosk-ha nice -n 10 bash measure/kiosk/run.sh entities   # issue 16: entity data (entities.mjs)
 #
-# Optional: EDGE_BIN (default /tmp/target-kiosk/fast/hass-edge), RUNS (5), DELAY_MS (200, the
-# HA-slow relay's delay per answer), SCENARIOS (default "ha edge-cold edge-warm ha-slow
-# edge-slow-cold edge-slow-warm"), OUT_DIR (default /tmp/kiosk-out: kiosk.md, kiosk.json),
-# CHROMIUM (/usr/bin/chromium), EDGE_NOTE (a word on the binary, printed with the figures).
+# Optional: EDGE_BIN (default /tmp/target-kiosk/fast/hass-edge), DELAY_MS (200, the HA-slow relay's
+# delay per answer), OUT_DIR (default /tmp/kiosk-out), CHROMIUM (/usr/bin/chromium), EDGE_NOTE (a
+# word on the binary, printed with the figures).
+# measure.mjs: RUNS (5), SCENARIOS (default "ha edge-cold edge-warm ha-slow edge-slow-cold
+# edge-slow-warm"); kiosk.md, kiosk.json.
+# entities.mjs: RUNS (3), ENTITY_COUNTS ("1000 5000"), TARGETS ("ha edge edge-dash", each also
+# NAME-slow), KEEP_ENTITIES=1 (leave the sensors and the default dashboard in HA);
+# kiosk-entities.md, kiosk-entities.json. It sets HA's default dashboard (`lovelace`) and
+# sensor.kiosk_bench_* in the peer, and removes them at the end.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+MODE=${1:-assets}
+case $MODE in assets) SCRIPT=measure.mjs ;; entities) SCRIPT=entities.mjs ;; *) printf 'kiosk: unknown mode %s (assets, entities)\n' "$MODE" >&2; exit 2 ;; esac
 die() { printf 'kiosk: FAIL: %s\n' "$*" >&2; exit 1; }
 
 [[ -n ${HA_PEER_DIR:-} ]] || die "HA_PEER_DIR is not set (the DIR of 'tests/ha-peer/ha-peer.sh start VERSION DIR PORT')"
@@ -72,6 +79,6 @@ trap 'exit 130' INT TERM
 
 export HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY HA_VERSION="$(cat "$HA_PEER_DIR/version")" EDGE_BIN WORK OUT_DIR CHROMIUM PW_REQUIRE_FROM
 export XDG_CONFIG_HOME=$WORK/xdg # Chromium's crash-report database
-node "$HERE/measure.mjs" &
+node "$HERE/$SCRIPT" &
 NODE_PID=$!
 wait "$NODE_PID"
