@@ -16,7 +16,8 @@ state_file: a first byte picking the kind of path (0 regular, 1 symlink to it, 2
 ws_session: a flags byte (ASCII: "@" hass-edge's token, "A" a user's, "B"/"C" the same
 read-only, "D" refused, "H" no get_config yet, "P" a frame before the verdict), then client
 frames one per line, the first the auth message; a line "!…" is a batch of mirror changes
-(JSON triples, or one canned change per byte).
+(JSON triples, or one canned change per byte); a line "~…" changes the dashboards'
+allowlist (per byte a canned state added, or with the high bit removed).
 
 Deterministic; re-run after the fixtures change. tests/fuzz_regressions.rs replays them.
 """
@@ -332,12 +333,18 @@ def ws_sessions():
                               "!\x00\x40\x80\xc0\x03", changes,
                               j({"id": 7, "type": "unsubscribe_events", "subscription": 1}),
                               j({"id": 8, "type": "unsubscribe_events", "subscription": 1}), changes],
+        "allowlist-change": ["@", auth, j({"id": 1, "type": "subscribe_entities"}),
+                             j({"id": 2, "type": "subscribe_entities", "entity_ids": []}),
+                             j({"id": 3, "type": "subscribe_entities", "entity_ids": ["switch.fan"]}),
+                             j({"id": 4, "type": "subscribe_events", "event_type": "state_changed"}),
+                             "~\x00\x01\x83", "~\x82", "~\x03\x03",
+                             j({"id": 5, "type": "unsubscribe_events", "subscription": 1}), "~\x00\x81"],
     }
     for name, lines in sessions.items():
         flags, frames = lines[0], lines[1:]
-        # "\xNN" in a changes line stands for that byte.
+        # "\xNN" in a changes or allowlist line stands for that byte.
         data = flags.encode() + b"\n".join(
-            f.encode("latin-1").decode("unicode_escape").encode("latin-1") if f.startswith("!") and not f.startswith("![")
+            f.encode("latin-1").decode("unicode_escape").encode("latin-1") if (f.startswith("!") and not f.startswith("![")) or f.startswith("~")
             else f.encode() for f in frames)
         write("ws_session", name, data)
     return len(sessions)

@@ -29,6 +29,7 @@
 //!   session, driven through auth and then any client frames and mirror changes against a
 //!   small fake `View`, with HA's message shapes and id rules checked on everything it does.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -813,8 +814,9 @@ fn ws_changes(rest: &[u8]) -> Vec<Change> {
 /// the last id the session gave the I/O side to forward or unsubscribe.
 #[derive(Default)]
 struct WsModel {
-    /// Ids of the client's subscriptions answered from the mirror, still open.
-    local: std::collections::BTreeSet<u64>,
+    /// Ids of the client's subscriptions answered from the mirror, still open, and whether
+    /// each is an unfiltered `subscribe_entities` (the ones the allowlist applies to).
+    local: BTreeMap<u64, bool>,
     /// The last `client_id` of a `Forward` or `Unsubscribe`.
     last_forwarded: u64,
     /// A `Close` was produced.
@@ -893,13 +895,16 @@ fn ws_frame_messages(text: &str) -> Vec<(u64, Map<String, Value>)> {
 /// bit 2: the token is refused; bit 3: no `get_config` yet; bit 4: a frame arrives before the
 /// verdict); then `\n`-separated text frames, the first in the auth phase. A line starting
 /// with `!` is not a frame but a batch of mirror changes ([`ws_changes`]) handed to
-/// `changes()`. Lines that are not UTF-8 are dropped (tungstenite refuses such text frames).
+/// `changes()`; one starting with `~` is a change of the dashboards' allowlist handed to
+/// `reveal()` (per byte: a canned state added, or with the high bit its id removed). Lines that are not UTF-8 are dropped (tungstenite refuses such text frames).
 ///
 /// Checks: no panic; every message to the client is JSON of one of HA's types, with an
 /// integer id the frame carried (or HA's `invalid_format` shape with the id it was given);
 /// the ids forwarded or unsubscribed strictly increase; nothing is forwarded with
 /// hass-edge's token in read-only mode; forwarded commands carry a type and no id; change
-/// events go only to open local subscriptions; after `Close` nothing more comes.
+/// events go only to open local subscriptions, an allowlist change only to unfiltered
+/// `subscribe_entities` ones (one `a` and one `r` event each); after `Close` nothing more
+/// comes.
 pub fn ws_session(data: &[u8]) {
     use hass_edge::ws_api::{Action, LocalSession, Mode, Phase};
     let Some((&flags, rest)) = data.split_first() else {
@@ -953,10 +958,61 @@ pub fn ws_session(data: &[u8]) {
                 assert_eq!(v["type"], "event", "{m}");
                 let id = v["id"].as_u64().unwrap_or_default();
                 assert!(
-                    model.local.contains(&id),
+                    model.local.contains_key(&id),
                     "change event for {id}, not an open local subscription ({:?}): {m}",
                     model.local
                 );
+            }
+            continue;
+        }
+        if let Some(picks) = line.strip_prefix(b"~") {
+            let (mut added, mut removed) = (Vec::new(), Vec::new());
+            for &b in picks.iter().take(16) {
+                let s = &view.states[usize::from(b & 0x7f) % view.states.len()];
+                if b & 0x80 == 0 {
+                    added.push(s.clone());
+                } else {
+                    removed.push(s.entity_id.clone());
+                }
+            }
+            let mut msgs = Vec::new();
+            session.reveal(&added, &removed, &mut msgs);
+            if model.closed {
+                continue;
+            }
+            let unfiltered = model.local.values().filter(|u| **u).count();
+            let want =
+                unfiltered * (usize::from(!added.is_empty()) + usize::from(!removed.is_empty()));
+            assert_eq!(msgs.len(), want, "{msgs:?} for {:?}", model.local);
+            for m in &msgs {
+                let v = ws_check_sent(m, None);
+                assert_eq!(v["type"], "event", "{m}");
+                let id = v["id"].as_u64().unwrap_or_default();
+                assert_eq!(
+                    model.local.get(&id),
+                    Some(&true),
+                    "allowlist change for {id}, not an unfiltered subscribe_entities: {m}"
+                );
+                let event = v["event"].as_object().expect("an event object");
+                if let Some(a) = event.get("a") {
+                    assert_eq!(
+                        a.as_object().map(|a| a.len()),
+                        Some(
+                            added
+                                .iter()
+                                .map(|s| &s.entity_id)
+                                .collect::<std::collections::HashSet<_>>()
+                                .len()
+                        ),
+                        "{m}"
+                    );
+                } else {
+                    assert_eq!(
+                        event["r"].as_array().map(Vec::len),
+                        Some(removed.len()),
+                        "{m}"
+                    );
+                }
             }
             continue;
         }
@@ -1003,13 +1059,20 @@ pub fn ws_session(data: &[u8]) {
                             .expect("id checked")
                             .1;
                         match m.get("type").and_then(Value::as_str) {
-                            Some("subscribe_entities" | "subscribe_events") => {
-                                model.local.insert(id);
+                            Some("subscribe_entities") => {
+                                // HA: an empty list is no selection.
+                                let unfiltered = m
+                                    .get("entity_ids")
+                                    .is_none_or(|e| e.as_array().is_some_and(Vec::is_empty));
+                                model.local.insert(id, unfiltered);
+                            }
+                            Some("subscribe_events") => {
+                                model.local.insert(id, false);
                             }
                             Some("unsubscribe_events") => {
                                 let sub = m.get("subscription").and_then(Value::as_u64);
                                 assert!(
-                                    sub.is_some_and(|s| model.local.remove(&s)),
+                                    sub.is_some_and(|s| model.local.remove(&s).is_some()),
                                     "unsubscribe {id} answered here, of no local subscription: {t}"
                                 );
                             }
@@ -1076,7 +1139,7 @@ pub fn ws_session(data: &[u8]) {
                     model.last_forwarded = *client_id;
                     assert!(ids.contains(client_id));
                     assert!(
-                        !model.local.contains(subscription),
+                        !model.local.contains_key(subscription),
                         "unsubscribe of local subscription {subscription} sent to HA"
                     );
                 }
