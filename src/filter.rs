@@ -113,6 +113,29 @@ mod tests {
     }
 
     #[test]
+    fn dashboards_entities_are_tracked_whatever_the_rules_say() {
+        let also = BTreeSet::from(["sensor.outdoor".to_owned()]);
+        let f = filter(true, &["light."], &[]).with_also(also.clone());
+        assert!(f.tracks("sensor.outdoor"));
+        assert!(f.tracks("light.kitchen"));
+        assert!(!f.tracks("sensor.indoor"));
+        assert_eq!(
+            f.ha_filter(),
+            Some(json!({"include": {"entity_globs": ["light.*"], "entities": ["sensor.outdoor"]}}))
+        );
+        // Exclude-only has no HA form with extra entities: everything comes, `tracks` decides.
+        let f = filter(true, &[], &["sensor"]).with_also(also);
+        assert!(f.tracks("sensor.outdoor"));
+        assert!(!f.tracks("sensor.indoor"));
+        assert_eq!(f.ha_filter(), None);
+        assert_ne!(
+            f,
+            filter(true, &[], &["sensor"]),
+            "a new list is a new filter"
+        );
+    }
+
+    #[test]
     fn default_excludes_noisy_domains() {
         let f = filter(true, &[], &["media_player", "camera", "automation"]);
         assert!(f.tracks("light.kitchen"));
