@@ -5,7 +5,7 @@
 #
 #   bash tests/ha-peer/ha-peer.sh start 2025.4.4 /tmp/h14-ha 18195
 #   CARGO_TARGET_DIR=/work/target-h14 cargo build --release
-#   HA_PEER_DIR=/tmp/h14-ha EDGE_BIN=/work/target-h14/release/hass-edge bash measure/fanout/run.sh
+#   HA_PEER_DIR=/tmp/h14-ha EDGE_BIN=/work/target-h14/release/hass-edge RENICE=-10 bash measure/fanout/run.sh
 #   DURATION=3 RATES=200 CLIENTS="1 50" STORM_RUNS=1 ... bash measure/fanout/run.sh   # a smoke
 #
 # Knobs (environment): README.md.
