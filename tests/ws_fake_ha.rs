@@ -324,6 +324,21 @@ fn a_client_that_never_reads_is_dropped_and_the_others_get_every_change() {
     let dir = TempDir::new("ws-slow");
     let (fake, daemon) = live_with(with_api_token(&dir));
     fake.push_change(fake.new_entity("sensor.flood", "0", json!({"friendly_name": "Flood"})));
+    // In the mirror (the tracked list, not a read-through to HA) before the snapshot is taken.
+    wait_until("the mirror to hold sensor.flood", deadline(), || {
+        let states = get_authorized(&daemon, "/api/states").json();
+        let ids: Vec<&str> = states
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["entity_id"].as_str())
+            .collect();
+        if ids.contains(&"sensor.flood") {
+            Ok(())
+        } else {
+            Err(format!("{} states", ids.len()))
+        }
+    });
     let mut reader = Client::authed(&daemon, API_TOKEN);
     reader.send(json!({"id": 1, "type": "subscribe_entities", "entity_ids": ["sensor.flood"]}));
     assert_eq!(reader.recv_id(1, "result")["success"], true);
