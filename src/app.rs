@@ -95,6 +95,9 @@ fn ha_clients(config: &Config) -> Result<(LinkSettings, RestClient, Upstream), A
     Ok((settings, rest, upstream))
 }
 
+/// Pending connections the kernel queues for the HTTP listener (listen(2) backlog).
+pub const LISTEN_BACKLOG: i32 = 1024;
+
 /// Runs the daemon until SIGTERM/SIGINT. Blocks the calling thread.
 ///
 /// Errors: see [`AppError`]; config and TLS problems are found before anything starts.
@@ -105,6 +108,12 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), AppError> {
             addr: config.http.listen,
             source,
         })?;
+    // std listens with a backlog of 128; a fleet of panels reconnecting after a power cut
+    // (200 WebSocket clients at once, measure/fanout) overflowed it, and each dropped SYN
+    // costs its client a 1 s retransmit. The kernel caps it at net.core.somaxconn (4096).
+    if let Err(e) = rustix::net::listen(&listener, LISTEN_BACKLOG) {
+        log::warn!("could not raise the listen backlog to {LISTEN_BACKLOG}: {e}");
+    }
     let listener = smol::net::TcpListener::try_from(listener).map_err(|source| AppError::Bind {
         addr: config.http.listen,
         source,

@@ -44,8 +44,10 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::Message;
+use async_tungstenite::tungstenite::protocol::frame::Frame;
+use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::tungstenite::{Bytes, Message};
 use serde_json::{Map, Value};
 use smol::Timer;
 use smol::future::FutureExt;
@@ -56,6 +58,7 @@ use crate::allowlist::Dashboards;
 use crate::broadcast::Subscription;
 use crate::config::Secret;
 use crate::dashboards::Allowlist;
+use crate::deadline::Deadline;
 use crate::entity::EntityState;
 use crate::http::{Exchange, Response};
 use crate::hub::Hub;
@@ -65,6 +68,9 @@ use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, Phase, 
 
 /// Time for the client's `auth` message (HA `websocket_api/http.py`: 10 s).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest piece of a message in one frame (see [`send`]): what an idle session keeps
+/// of tungstenite's write buffer.
+pub const FRAME_PIECE: usize = 8 * 1024;
 /// Time a client may take to accept one frame before it is disconnected as too slow.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between attempts to make a session's link again while it holds
@@ -230,7 +236,8 @@ impl WsApi {
     ) -> End {
         let mut session = LocalSession::new();
         let version = self.ha_version();
-        if let Err(e) = send(client, LocalSession::auth_required(&version)).await {
+        let mut deadline = Deadline::new(Instant::now());
+        if let Err(e) = send(client, &mut deadline, LocalSession::auth_required(&version)).await {
             return e;
         }
         // The auth phase.
@@ -299,10 +306,10 @@ impl WsApi {
             .act(&mut session, &mut state, pending, &mut outgoing)
             .await
         {
-            let _ = flush(client, &session, &mut outgoing).await;
+            let _ = flush(client, &mut deadline, &session, &mut outgoing).await;
             return end;
         }
-        if let Err(e) = flush(client, &session, &mut outgoing).await {
+        if let Err(e) = flush(client, &mut deadline, &session, &mut outgoing).await {
             return e;
         }
         loop {
@@ -322,7 +329,7 @@ impl WsApi {
                             .act(&mut session, &mut state, actions, &mut outgoing)
                             .await
                         {
-                            let _ = flush(client, &session, &mut outgoing).await;
+                            let _ = flush(client, &mut deadline, &session, &mut outgoing).await;
                             return end;
                         }
                     }
@@ -379,7 +386,7 @@ impl WsApi {
                     return End::Slow("no room for another session in the fan-out");
                 }
             }
-            if let Err(e) = flush(client, &session, &mut outgoing).await {
+            if let Err(e) = flush(client, &mut deadline, &session, &mut outgoing).await {
                 return e;
             }
             if let Some(end) = state.end.take() {
@@ -1052,6 +1059,7 @@ impl View for SessionView<'_> {
 /// coalesces (HA `http.py` `_writer`).
 async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut WebSocketStream<S>,
+    deadline: &mut Deadline,
     session: &LocalSession,
     outgoing: &mut Vec<String>,
 ) -> Result<(), End> {
@@ -1069,27 +1077,48 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
             frame.push_str(&m);
         }
         frame.push(']');
-        return send(client, frame).await;
+        return send(client, deadline, frame).await;
     }
     for m in outgoing.drain(..) {
-        send(client, m).await?;
+        send(client, deadline, m).await?;
     }
     Ok(())
 }
 
+/// Writes one message within [`WRITE_TIMEOUT`] (the session's one [`Deadline`], not a timer
+/// per write). A message longer than [`FRAME_PIECE`] goes as a text frame and continuation
+/// frames of at most that size (RFC 6455 §5.4): tungstenite keeps its write buffer at the
+/// size of the largest frame it ever wrote, so one 250 KB snapshot would otherwise stay
+/// allocated for the life of an idle session.
 async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut WebSocketStream<S>,
+    deadline: &mut Deadline,
     text: String,
 ) -> Result<(), End> {
+    deadline.set(Instant::now() + WRITE_TIMEOUT);
     let write = async {
-        client
-            .send(Message::text(text))
-            .await
-            .map_err(|e| End::Client(format!("write: {e}")))
+        let failed = |e: async_tungstenite::tungstenite::Error| End::Client(format!("write: {e}"));
+        if text.len() <= FRAME_PIECE {
+            return client.send(Message::text(text)).await.map_err(failed);
+        }
+        let bytes = Bytes::from(text);
+        let mut at = 0;
+        while at < bytes.len() {
+            let end = (at + FRAME_PIECE).min(bytes.len());
+            let opcode = if at == 0 {
+                OpCode::Data(Data::Text)
+            } else {
+                OpCode::Data(Data::Continue)
+            };
+            let frame = Frame::message(bytes.slice(at..end), opcode, end == bytes.len());
+            client.send(Message::Frame(frame)).await.map_err(failed)?;
+            at = end;
+        }
+        Ok(())
     };
     write
         .or(async {
-            Timer::after(WRITE_TIMEOUT).await;
+            deadline.elapsed().await;
             Err(End::Slow("took no frame for 10 s"))
         })
         .await
