@@ -237,7 +237,14 @@ impl WsApi {
         let mut session = LocalSession::new();
         let version = self.ha_version();
         let mut deadline = Deadline::new(Instant::now());
-        if let Err(e) = send(client, &mut deadline, LocalSession::auth_required(&version)).await {
+        if let Err(e) = send(
+            client,
+            &mut deadline,
+            LocalSession::auth_required(&version),
+            None,
+        )
+        .await
+        {
             return e;
         }
         // The auth phase.
@@ -306,10 +313,25 @@ impl WsApi {
             .act(&mut session, &mut state, pending, &mut outgoing)
             .await
         {
-            let _ = flush(client, &mut deadline, &session, &mut outgoing).await;
+            let _ = flush(
+                client,
+                &mut deadline,
+                &session,
+                &mut outgoing,
+                state.changes.as_ref(),
+            )
+            .await;
             return end;
         }
-        if let Err(e) = flush(client, &mut deadline, &session, &mut outgoing).await {
+        if let Err(e) = flush(
+            client,
+            &mut deadline,
+            &session,
+            &mut outgoing,
+            state.changes.as_ref(),
+        )
+        .await
+        {
             return e;
         }
         loop {
@@ -329,7 +351,14 @@ impl WsApi {
                             .act(&mut session, &mut state, actions, &mut outgoing)
                             .await
                         {
-                            let _ = flush(client, &mut deadline, &session, &mut outgoing).await;
+                            let _ = flush(
+                                client,
+                                &mut deadline,
+                                &session,
+                                &mut outgoing,
+                                state.changes.as_ref(),
+                            )
+                            .await;
                             return end;
                         }
                     }
@@ -386,7 +415,15 @@ impl WsApi {
                     return End::Slow("no room for another session in the fan-out");
                 }
             }
-            if let Err(e) = flush(client, &mut deadline, &session, &mut outgoing).await {
+            if let Err(e) = flush(
+                client,
+                &mut deadline,
+                &session,
+                &mut outgoing,
+                state.changes.as_ref(),
+            )
+            .await
+            {
                 return e;
             }
             if let Some(end) = state.end.take() {
@@ -1062,6 +1099,7 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     deadline: &mut Deadline,
     session: &LocalSession,
     outgoing: &mut Vec<String>,
+    changes: Option<&Subscription>,
 ) -> Result<(), End> {
     if outgoing.is_empty() {
         return Ok(());
@@ -1077,16 +1115,17 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
             frame.push_str(&m);
         }
         frame.push(']');
-        return send(client, deadline, frame).await;
+        return send(client, deadline, frame, changes).await;
     }
     for m in outgoing.drain(..) {
-        send(client, deadline, m).await?;
+        send(client, deadline, m, changes).await?;
     }
     Ok(())
 }
 
 /// Writes one message within [`WRITE_TIMEOUT`] (the session's one [`Deadline`], not a timer
-/// per write). A message longer than [`FRAME_PIECE`] goes as a text frame and continuation
+/// per write), or until the fan-out drops the session for falling behind (`changes`): a
+/// client that stopped reading is let go then, not 10 s later. A message longer than [`FRAME_PIECE`] goes as a text frame and continuation
 /// frames of at most that size (RFC 6455 §5.4): tungstenite keeps its write buffer at the
 /// size of the largest frame it ever wrote, so one 250 KB snapshot would otherwise stay
 /// allocated for the life of an idle session.
@@ -1094,6 +1133,7 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut WebSocketStream<S>,
     deadline: &mut Deadline,
     text: String,
+    changes: Option<&Subscription>,
 ) -> Result<(), End> {
     deadline.set(Instant::now() + WRITE_TIMEOUT);
     let write = async {
@@ -1120,6 +1160,13 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
         .or(async {
             deadline.elapsed().await;
             Err(End::Slow("took no frame for 10 s"))
+        })
+        .or(async {
+            match changes {
+                Some(c) => c.closed().await,
+                None => std::future::pending().await,
+            }
+            Err(End::Slow("fell behind the mirror's changes"))
         })
         .await
 }
