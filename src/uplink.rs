@@ -87,11 +87,14 @@ impl UpLink {
                 _ => Err(LinkError::Unreachable("no verdict".into())),
             }
         };
-        open.or(async {
-            Timer::after(LINK_TIMEOUT).await;
-            Err(LinkError::Unreachable("HA did not answer in time".into()))
-        })
-        .await
+        // Boxed: the handshake's state (TLS, HTTP upgrade) is large, and inline it would make
+        // every idle session that might open a link that much bigger.
+        Box::pin(open)
+            .or(async {
+                Timer::after(LINK_TIMEOUT).await;
+                Err(LinkError::Unreachable("HA did not answer in time".into()))
+            })
+            .await
     }
 
     /// Sends `command` as `id` and waits for its result (other messages are skipped).

@@ -68,9 +68,12 @@ use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, Phase, 
 
 /// Time for the client's `auth` message (HA `websocket_api/http.py`: 10 s).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest time between two frames of the mirror's changes to a client that takes
+/// coalesced frames: a steady stream of changes goes in one frame per tick, not one each.
+pub const TICK: Duration = Duration::from_millis(10);
 /// Largest piece of a message in one frame (see [`send`]): what an idle session keeps
 /// of tungstenite's write buffer.
-pub const FRAME_PIECE: usize = 8 * 1024;
+pub const FRAME_PIECE: usize = 4 * 1024;
 /// Time a client may take to accept one frame before it is disconnected as too slow.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between attempts to make a session's link again while it holds
@@ -199,7 +202,8 @@ impl WsApi {
             .max_write_buffer_size(4 * 1024 * 1024);
         let mut client = WebSocketStream::from_raw_socket(
             Prefixed {
-                early,
+                // Usually empty, but with the HTTP reader's capacity: not kept for the session.
+                early: if early.is_empty() { Vec::new() } else { early },
                 at: 0,
                 inner: stream,
             },
@@ -271,7 +275,7 @@ impl WsApi {
         let mut pending = Vec::new();
         for action in std::mem::take(&mut actions) {
             match action {
-                Action::Authorize(presented) => match self.authorize(&presented).await {
+                Action::Authorize(presented) => match Box::pin(self.authorize(&presented)).await {
                     Verdict::Accept(mode, up) => {
                         if mode == Mode::User {
                             token = Some(Secret::new(presented));
@@ -306,6 +310,8 @@ impl WsApi {
             next_id: 0,
             changes: None,
             end: None,
+            last_flush: Instant::now(),
+            tick_at: None,
             allowlist: (self.dashboards.generation(), self.dashboards.current()),
         };
         let mut outgoing: Vec<String> = Vec::new();
@@ -339,7 +345,10 @@ impl WsApi {
                 return End::Client("closed".into());
             }
             let wake = self.wait(client, &mut state, shutdown).await;
+            // Whether only the mirror's changes woke us (their frame may wait for the tick).
+            let changes_only = matches!(wake, Wake::Changes(Some(_)) | Wake::Tick);
             match wake {
+                Wake::Tick => state.tick_at = None,
                 Wake::Shutdown => return End::Shutdown,
                 Wake::Client(None) => return End::Client("client went away".into()),
                 Wake::Client(Some(Err(e))) => return End::Client(format!("client: {e}")),
@@ -385,7 +394,7 @@ impl WsApi {
                 }
                 Wake::Link(Some(Ok(_))) => {}
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
-                Wake::Relink => self.relink(&mut state).await,
+                Wake::Relink => Box::pin(self.relink(&mut state)).await,
                 Wake::Allowlist => {
                     let now = self.dashboards.current();
                     let before = std::mem::replace(
@@ -414,6 +423,22 @@ impl WsApi {
                 if state.changes.is_none() {
                     return End::Slow("no room for another session in the fan-out");
                 }
+            }
+            // A client that takes coalesced frames gets the mirror's changes at most once per
+            // [`TICK`]: under a steady stream of changes, several go in one frame, one write
+            // and one wake-up, instead of one each (HA's frontend and home-assistant-js-websocket
+            // announce `coalesce_messages`). Anything else goes at once, with what waited.
+            let now = Instant::now();
+            if changes_only && session.coalesce() && !outgoing.is_empty() {
+                let due = state.last_flush + TICK;
+                if now < due {
+                    state.tick_at.get_or_insert(due);
+                    continue;
+                }
+            }
+            if !outgoing.is_empty() {
+                state.tick_at = None;
+                state.last_flush = now;
             }
             if let Err(e) = flush(
                 client,
@@ -447,8 +472,18 @@ impl WsApi {
             link,
             relink_at,
             changes,
+            tick_at,
             ..
         } = state;
+        let tick = async {
+            match tick_at {
+                Some(at) => {
+                    Timer::at(*at).await;
+                    Wake::Tick
+                }
+                None => std::future::pending().await,
+            }
+        };
         let from_client = async { Wake::Client(client.next().await) };
         let from_mirror = async {
             match changes.as_mut() {
@@ -480,6 +515,7 @@ impl WsApi {
             Wake::Allowlist
         };
         stop.or(from_client)
+            .or(tick)
             .or(from_link)
             .or(from_mirror)
             .or(relink)
@@ -517,7 +553,9 @@ impl WsApi {
                     if cache.is_some() {
                         self.watch_invalidations();
                     }
-                    self.forward(
+                    // Boxed: opening a link is rare, and its state would make every session
+                    // future bigger.
+                    Box::pin(self.forward(
                         session,
                         state,
                         client_id,
@@ -525,7 +563,7 @@ impl WsApi {
                         subscription,
                         cache,
                         outgoing,
-                    )
+                    ))
                     .await;
                 }
                 Action::Unsubscribe {
@@ -1030,6 +1068,10 @@ struct Running<'a> {
     changes: Option<Subscription>,
     /// Set when the session must end after this turn's messages are written.
     end: Option<End>,
+    /// When messages were last written.
+    last_flush: Instant,
+    /// When the changes waiting for the tick go out.
+    tick_at: Option<Instant>,
     /// The allowlist this session's unfiltered subscriptions last showed, and its generation.
     allowlist: (u64, Option<Rc<Allowlist>>),
 }
@@ -1050,6 +1092,7 @@ enum Wake {
     Link(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
     Relink,
     Allowlist,
+    Tick,
     Shutdown,
 }
 
