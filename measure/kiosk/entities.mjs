@@ -8,6 +8,7 @@
 //
 //   ENTITY_COUNTS  "1000 5000"   RUNS  3 (cold + warm pairs per target and count)
 //   TARGETS        "ha edge edge-dash"; each also as NAME-slow (through relay.py: +DELAY_MS per answer)
+//   CPU_THROTTLE   1 (none); N: each page's CPU N times slower (a kiosk's JavaScript)
 //
 // One pair: a FRESH Chromium profile (tokens from HA's login flow put into localStorage.hassTokens
 // before the page's scripts run) and, for hass-edge, a freshly started hass-edge with an empty
@@ -38,6 +39,9 @@ const DASHBOARD = '/lovelace/0';        // entities.py dashboard: HA's default d
 const KITCHEN = 'Kitchen';              // input_boolean.kitchen's friendly name, a row of the last card
 const SENSOR_CARDS = 19;                // entities.py: entity cards of sensor.kiosk_bench_50 … _950
 const RUN_TIMEOUT = 60_000;
+// CPU_THROTTLE: Chromium's CPU throttling (CDP Emulation.setCPUThrottlingRate) on each page, a
+// slower kiosk's JavaScript (e.g. 4 = four times slower); 1 = none
+const CPU_THROTTLE = Number(env('CPU_THROTTLE', '1'));
 const ENTITIES_PY = new URL('./entities.py', import.meta.url).pathname;
 
 const KIND = {
@@ -133,6 +137,7 @@ async function load(context, base, tag) {
     cdp.on('Network.requestServedFromCache', (e) => { const r = reqs.get(e.requestId); if (r) r.cached = true; });
     cdp.on('Network.loadingFinished', (e) => { const r = reqs.get(e.requestId); if (r) r.bytes = e.encodedDataLength; });
     await cdp.send('Network.enable');
+    if (CPU_THROTTLE > 1) await cdp.send('Emulation.setCPUThrottlingRate', { rate: CPU_THROTTLE });
     const ws = watchSockets(page);
     const want = (await haState('input_boolean.kitchen')).state === 'on' ? 'true' : 'false';
 
@@ -284,7 +289,7 @@ async function main() {
     `Run: ${started.toISOString().slice(0, 16).replace('T', ' ')} UTC, ${RUNS} cold + warm pairs per target and entity count (round robin), each pair in a fresh Chromium profile.`,
     '',
     `Machine: ${cpus()[0]?.model ?? '?'}, ${cpus().length} cores; load average ${load0} at the start, ${load1} at the end. `
-      + `Home Assistant ${HA_VERSION} (tests/ha-peer), Chromium ${browserVersion} (headless, Debian), hass-edge ${env('EDGE_BIN')}${process.env.EDGE_NOTE ? ` (${process.env.EDGE_NOTE})` : ''}.`,
+      + `Home Assistant ${HA_VERSION} (tests/ha-peer), Chromium ${browserVersion} (headless, Debian${CPU_THROTTLE > 1 ? `, CPU throttled ${CPU_THROTTLE}×` : ''}), hass-edge ${env('EDGE_BIN')}${process.env.EDGE_NOTE ? ` (${process.env.EDGE_NOTE})` : ''}.`,
     '',
     ...rows,
     '',
@@ -293,7 +298,7 @@ async function main() {
   ].join('\n');
   console.log(`\n${md}\n`);
   writeFileSync(join(OUT_DIR, 'kiosk-entities.md'), `${md}\n`);
-  writeFileSync(join(OUT_DIR, 'kiosk-entities.json'), JSON.stringify({ started, load0, load1, haVersion: HA_VERSION, browserVersion, delayMs: DELAY_MS, runs: RUNS, results }, null, 1));
+  writeFileSync(join(OUT_DIR, 'kiosk-entities.json'), JSON.stringify({ started, load0, load1, haVersion: HA_VERSION, browserVersion, delayMs: DELAY_MS, cpuThrottle: CPU_THROTTLE, runs: RUNS, results }, null, 1));
   say(`figures in ${join(OUT_DIR, 'kiosk-entities.md')} and kiosk-entities.json`);
 }
 

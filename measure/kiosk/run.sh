@@ -13,7 +13,8 @@
 # measure.mjs: RUNS (5), SCENARIOS (default "ha edge-cold edge-warm ha-slow edge-slow-cold
 # edge-slow-warm"); kiosk.md, kiosk.json.
 # entities.mjs: RUNS (3), ENTITY_COUNTS ("1000 5000"), TARGETS ("ha edge edge-dash", each also
-# NAME-slow), KEEP_ENTITIES=1 (leave the sensors and the default dashboard in HA);
+# NAME-slow), CPU_THROTTLE (1; N = each page's CPU N times slower), KEEP_ENTITIES=1 (leave the
+# sensors and the default dashboard in HA);
 # kiosk-entities.md, kiosk-entities.json. It sets HA's default dashboard (`lovelace`) and
 # sensor.kiosk_bench_* in the peer, and removes them at the end.
 set -euo pipefail
