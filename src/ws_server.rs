@@ -310,15 +310,15 @@ impl WsApi {
             next_id: 0,
             changes: None,
             end: None,
+            opening: None,
+            queued: Vec::new(),
+            renew_on_open: false,
             last_flush: Instant::now(),
             tick_at: None,
             allowlist: (self.dashboards.generation(), self.dashboards.current()),
         };
         let mut outgoing: Vec<String> = Vec::new();
-        if let Some(end) = self
-            .act(&mut session, &mut state, pending, &mut outgoing)
-            .await
-        {
+        if let Some(end) = self.act(&mut state, pending, &mut outgoing).await {
             let _ = flush(
                 client,
                 &mut deadline,
@@ -356,10 +356,7 @@ impl WsApi {
                     Message::Text(text) => {
                         let mut actions = Vec::new();
                         session.handle_text(&text, &self.view(), &mut actions);
-                        if let Some(end) = self
-                            .act(&mut session, &mut state, actions, &mut outgoing)
-                            .await
-                        {
+                        if let Some(end) = self.act(&mut state, actions, &mut outgoing).await {
                             let _ = flush(
                                 client,
                                 &mut deadline,
@@ -394,7 +391,10 @@ impl WsApi {
                 }
                 Wake::Link(Some(Ok(_))) => {}
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
-                Wake::Relink => Box::pin(self.relink(&mut state)).await,
+                Wake::Relink => self.relink(&mut state),
+                Wake::Opened(result) => {
+                    Box::pin(self.opened(&mut state, result, &mut outgoing)).await;
+                }
                 Wake::Allowlist => {
                     let now = self.dashboards.current();
                     let before = std::mem::replace(
@@ -473,8 +473,15 @@ impl WsApi {
             relink_at,
             changes,
             tick_at,
+            opening,
             ..
         } = state;
+        let opened = async {
+            match opening.as_mut() {
+                Some(o) => Wake::Opened(o.await),
+                None => std::future::pending().await,
+            }
+        };
         let tick = async {
             match tick_at {
                 Some(at) => {
@@ -515,6 +522,7 @@ impl WsApi {
             Wake::Allowlist
         };
         stop.or(from_client)
+            .or(opened)
             .or(tick)
             .or(from_link)
             .or(from_mirror)
@@ -526,7 +534,6 @@ impl WsApi {
     /// Carries out the session's actions; `Some` when the session must end.
     async fn act(
         &self,
-        session: &mut LocalSession,
         state: &mut Running<'_>,
         actions: Vec<Action>,
         outgoing: &mut Vec<String>,
@@ -556,7 +563,6 @@ impl WsApi {
                     // Boxed: opening a link is rare, and its state would make every session
                     // future bigger.
                     Box::pin(self.forward(
-                        session,
                         state,
                         client_id,
                         command,
@@ -612,7 +618,6 @@ impl WsApi {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        session: &LocalSession,
         state: &mut Running<'_>,
         client_id: u64,
         command: Map<String, Value>,
@@ -627,7 +632,7 @@ impl WsApi {
                 "Home Assistant is not reachable from hass-edge",
             ))
         };
-        if state.routes.len() >= MAX_PENDING {
+        if state.routes.len() + state.queued.len() >= MAX_PENDING {
             outgoing.push(ws_api::error(
                 client_id,
                 "home_assistant_error",
@@ -637,38 +642,18 @@ impl WsApi {
         }
         if state.link.is_none() {
             // An Edge session's first forward, or any session's first after HA came back:
-            // a link with the session's token (the user's, or hass-edge's HA token). Tried
-            // even while the shared link waits out its back-off: HA may be back already, and
-            // while it is down its refused port answers at once.
-            let Some(upstream) = self.hub.upstream() else {
+            // the link is opened beside the session (its local answers do not wait for HA's
+            // handshake), and the command goes when it is up.
+            if state.opening.is_none() && !self.start_opening(state) {
                 return away(outgoing);
-            };
-            let user = matches!(session.phase(), Phase::Ready(Mode::User));
-            let token = match (&state.token, user) {
-                (Some(token), true) => token.clone(),
-                _ => upstream.token.clone(),
-            };
-            match UpLink::open(&upstream, &token).await {
-                Ok(link) => {
-                    self.counters
-                        .links_open
-                        .set(self.counters.links_open.get() + 1);
-                    state.link = Some(link);
-                }
-                Err(LinkError::Refused(message)) => {
-                    // The user's token expired (HA's frontend tokens last 30 min): end the
-                    // session, so the client connects again with a fresh token.
-                    log::info!(
-                        "WebSocket session: HA no longer takes the session's token ({message}); closing it"
-                    );
-                    state.end = Some(End::Client("HA refused the session's token".into()));
-                    return away(outgoing);
-                }
-                Err(LinkError::Unreachable(e)) => {
-                    log::warn!("WebSocket session: no link to HA: {e}");
-                    return away(outgoing);
-                }
             }
+            state.queued.push(Queued {
+                client_id,
+                command,
+                subscription,
+                cache,
+            });
+            return;
         }
         let Some(link) = state.link.as_mut() else {
             return away(outgoing);
@@ -787,65 +772,117 @@ impl WsApi {
         }
     }
 
-    /// Makes the link again and re-sends its subscriptions.
-    async fn relink(&self, state: &mut Running<'_>) {
+    /// Makes the link again (beside the session), to re-send its subscriptions.
+    fn relink(&self, state: &mut Running<'_>) {
         state.relink_at = None;
         if state.subs.is_empty() {
             return;
         }
-        let token = match (&state.token, self.hub.upstream()) {
-            (Some(t), Some(_)) => t.clone(),
-            (None, Some(u)) => u.token.clone(),
-            (_, None) => return,
-        };
+        state.renew_on_open = true;
+        if state.opening.is_none() && !self.start_opening(state) {
+            state.renew_on_open = false;
+        }
+    }
+
+    /// Starts opening the session's link with its token (the user's, or hass-edge's HA
+    /// token); `false` when no HA is configured. Tried even while the shared link waits out
+    /// its back-off: HA may be back already, and while it is down its refused port answers
+    /// at once.
+    fn start_opening(&self, state: &mut Running<'_>) -> bool {
         let Some(upstream) = self.hub.upstream() else {
-            return;
+            return false;
         };
-        match UpLink::open(&upstream, &token).await {
+        let token = state
+            .token
+            .clone()
+            .unwrap_or_else(|| upstream.token.clone());
+        state.opening = Some(Box::pin(async move {
+            UpLink::open(&upstream, &token).await.map(Box::new)
+        }));
+        true
+    }
+
+    /// The session's link is open, or could not be made: the commands that waited for it go,
+    /// or get `home_assistant_error`; a renewal re-sends the subscriptions first.
+    async fn opened(
+        &self,
+        state: &mut Running<'_>,
+        result: Result<Box<UpLink>, LinkError>,
+        outgoing: &mut Vec<String>,
+    ) {
+        state.opening = None;
+        let queued = std::mem::take(&mut state.queued);
+        let renew = std::mem::take(&mut state.renew_on_open);
+        match result {
             Ok(mut link) => {
-                state.relink_delay = Duration::from_secs(1);
-                let subs: Vec<(u64, Map<String, Value>)> = state
-                    .subs
-                    .iter()
-                    .map(|(c, s)| (*c, s.command.clone()))
-                    .collect();
-                for (client_id, command) in subs {
-                    state.next_id += 1;
-                    let id = state.next_id;
-                    if link.send(id, &command).await.is_err() {
-                        break;
+                if renew {
+                    state.relink_delay = Duration::from_secs(1);
+                    let subs: Vec<(u64, Map<String, Value>)> = state
+                        .subs
+                        .iter()
+                        .map(|(c, s)| (*c, s.command.clone()))
+                        .collect();
+                    for (client_id, command) in subs {
+                        state.next_id += 1;
+                        let id = state.next_id;
+                        if link.send(id, &command).await.is_err() {
+                            break;
+                        }
+                        state.routes.insert(
+                            id,
+                            Route {
+                                client_id,
+                                subscription: true,
+                                cache: None,
+                                again: true,
+                            },
+                        );
+                        if let Some(s) = state.subs.get_mut(&client_id) {
+                            s.upstream_id = id;
+                        }
                     }
-                    state.routes.insert(
-                        id,
-                        Route {
-                            client_id,
-                            subscription: true,
-                            cache: None,
-                            again: true,
-                        },
-                    );
-                    if let Some(s) = state.subs.get_mut(&client_id) {
-                        s.upstream_id = id;
-                    }
+                    log::info!("WebSocket session: link to HA made again; subscriptions renewed");
                 }
                 self.counters
                     .links_open
                     .set(self.counters.links_open.get() + 1);
-                state.link = Some(link);
-                log::info!("WebSocket session: link to HA made again; subscriptions renewed");
+                state.link = Some(*link);
+                for q in queued {
+                    self.forward(
+                        state,
+                        q.client_id,
+                        q.command,
+                        q.subscription,
+                        q.cache,
+                        outgoing,
+                    )
+                    .await;
+                }
+                return;
             }
             Err(LinkError::Refused(message)) => {
-                // The user's token expired: end the session, so the client connects again
-                // with a fresh token and makes its subscriptions again.
+                // The user's token expired (HA's frontend tokens last 30 min; an open link
+                // outlives them): end the session, so the client connects again with a
+                // fresh token and makes its subscriptions again.
                 log::info!(
                     "WebSocket session: HA no longer takes the session's token ({message}); closing it"
                 );
                 state.end = Some(End::Client("HA refused the session's token".into()));
             }
-            Err(LinkError::Unreachable(_)) => {
-                state.relink_delay = (state.relink_delay * 2).min(MAX_RELINK_DELAY);
-                state.relink_at = Some(Instant::now() + state.relink_delay);
+            Err(LinkError::Unreachable(e)) => {
+                log::warn!("WebSocket session: no link to HA: {e}");
+                if renew {
+                    state.relink_delay = (state.relink_delay * 2).min(MAX_RELINK_DELAY);
+                    state.relink_at = Some(Instant::now() + state.relink_delay);
+                }
             }
+        }
+        for q in queued {
+            outgoing.push(ws_api::error(
+                q.client_id,
+                "home_assistant_error",
+                "Home Assistant is not reachable from hass-edge",
+            ));
         }
     }
 
@@ -1043,6 +1080,18 @@ struct Route {
     again: bool,
 }
 
+/// A session's link being opened ([`UpLink::open`]).
+type Opening = Pin<Box<dyn Future<Output = Result<Box<UpLink>, LinkError>>>>;
+
+/// A forwarded command waiting for the session's link.
+#[derive(Debug)]
+struct Queued {
+    client_id: u64,
+    command: Map<String, Value>,
+    subscription: bool,
+    cache: Option<&'static str>,
+}
+
 /// A forwarded subscription, kept to be made again on a new link.
 #[derive(Debug)]
 struct Sub {
@@ -1068,6 +1117,12 @@ struct Running<'a> {
     changes: Option<Subscription>,
     /// Set when the session must end after this turn's messages are written.
     end: Option<End>,
+    /// The session's link being opened.
+    opening: Option<Opening>,
+    /// Forwarded commands waiting for the link being opened.
+    queued: Vec<Queued>,
+    /// The link being opened is a renewal: its subscriptions are sent again first.
+    renew_on_open: bool,
     /// When messages were last written.
     last_flush: Instant,
     /// When the changes waiting for the tick go out.
@@ -1091,6 +1146,7 @@ enum Wake {
     Changes(Option<Rc<crate::broadcast::Event>>),
     Link(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
     Relink,
+    Opened(Result<Box<UpLink>, LinkError>),
     Allowlist,
     Tick,
     Shutdown,
