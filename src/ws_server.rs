@@ -318,17 +318,7 @@ impl WsApi {
             allowlist: (self.dashboards.generation(), self.dashboards.current()),
         };
         let mut outgoing: Vec<String> = Vec::new();
-        if let Some(end) = self.act(&mut state, pending, &mut outgoing).await {
-            let _ = flush(
-                client,
-                &mut deadline,
-                &session,
-                &mut outgoing,
-                state.changes.as_ref(),
-            )
-            .await;
-            return end;
-        }
+        self.act(&mut state, pending, &mut outgoing).await;
         if let Err(e) = flush(
             client,
             &mut deadline,
@@ -339,6 +329,9 @@ impl WsApi {
         .await
         {
             return e;
+        }
+        if let Some(end) = state.end.take() {
+            return end;
         }
         loop {
             if session.phase() == Phase::Closed {
@@ -356,17 +349,7 @@ impl WsApi {
                     Message::Text(text) => {
                         let mut actions = Vec::new();
                         session.handle_text(&text, &self.view(), &mut actions);
-                        if let Some(end) = self.act(&mut state, actions, &mut outgoing).await {
-                            let _ = flush(
-                                client,
-                                &mut deadline,
-                                &session,
-                                &mut outgoing,
-                                state.changes.as_ref(),
-                            )
-                            .await;
-                            return end;
-                        }
+                        self.act(&mut state, actions, &mut outgoing).await;
                     }
                     Message::Close(_) => return End::Client("client closed".into()),
                     Message::Binary(_) => {
@@ -531,17 +514,16 @@ impl WsApi {
             .await
     }
 
-    /// Carries out the session's actions; `Some` when the session must end.
-    async fn act(
-        &self,
-        state: &mut Running<'_>,
-        actions: Vec<Action>,
-        outgoing: &mut Vec<String>,
-    ) -> Option<End> {
+    /// Carries out the session's actions; [`Action::Close`] sets `state.end` (the session
+    /// ends once what came before it is written).
+    async fn act(&self, state: &mut Running<'_>, actions: Vec<Action>, outgoing: &mut Vec<String>) {
         for action in actions {
             match action {
                 Action::Send(text) => outgoing.push(text),
-                Action::Close(why) => return Some(End::Client(why.into())),
+                Action::Close(why) => {
+                    state.end = Some(End::Client(why.into()));
+                    return;
+                }
                 // Only in the auth phase, handled there.
                 Action::Authorize(_) => {}
                 Action::Forward {
@@ -612,7 +594,6 @@ impl WsApi {
                 }
             }
         }
-        None
     }
 
     #[allow(clippy::too_many_arguments)]
