@@ -287,7 +287,9 @@ async fn forward(hub: &Hub, proxy: &Proxy, ws: &WsApi, x: Exchange<'_>) -> std::
     // HA's WebSocket API is served here (issue 16).
     if path == "/api/websocket" && x.head.upgrade && x.head.method == "GET" {
         hub.count_http("/api/websocket", 101);
-        return ws.serve(x).await;
+        // Boxed, as the forward below: each path's state is allocated only when taken, so a
+        // WebSocket session does not carry the forwarder's buffers, nor a forward the session's.
+        return Box::pin(ws.serve(x)).await;
     }
     // An allowed cross-origin page reads HA's answer as it reads ours.
     let cors = x
@@ -316,7 +318,7 @@ async fn forward(hub: &Hub, proxy: &Proxy, ws: &WsApi, x: Exchange<'_>) -> std::
         response_headers: cors,
         ws_auth,
     };
-    let outcome = proxy.forward(x, hub.upstream(), plan).await?;
+    let outcome = Box::pin(proxy.forward(x, hub.upstream(), plan)).await?;
     hub.count_http(
         if outcome.tunnel { "tunnel" } else { "forward" },
         outcome.status,

@@ -624,7 +624,12 @@ async fn fill(
     idle: bool,
     shutdown: &Shutdown,
 ) -> std::io::Result<Option<usize>> {
-    let mut chunk = [0u8; 4096];
+    // Read into the buffer itself, not a stack array: an array would be part of every
+    // connection task's state for the task's whole life, also while a WebSocket session or a
+    // forward runs on the connection.
+    let start = buf.len();
+    buf.resize(start + 4096, 0);
+    let read_into = &mut buf[start..];
     let n = async {
         if idle {
             // Between keep-alive requests the socket is almost always empty: wait for the
@@ -633,7 +638,7 @@ async fn fill(
             let source: std::sync::Arc<smol::Async<std::net::TcpStream>> = stream.clone().into();
             source.readable().await?;
         }
-        stream.read(&mut chunk).await.map(Some)
+        stream.read(read_into).await.map(Some)
     }
     .or(async {
         deadline.elapsed().await;
@@ -648,11 +653,9 @@ async fn fill(
             std::future::pending().await
         }
     })
-    .await?;
-    if let Some(n) = n {
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    Ok(n)
+    .await;
+    buf.truncate(start + n.as_ref().ok().copied().flatten().unwrap_or(0));
+    n
 }
 
 /// Reads one request from `buf` + `stream`. `deadline` is the connection's: idle, it is

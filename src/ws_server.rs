@@ -194,8 +194,9 @@ impl WsApi {
         );
         x.write(head.as_bytes()).await?;
         let (stream, early, shutdown) = x.into_parts();
+        // Clients send small commands: a 2 KiB read buffer is what an idle session keeps.
         let config = WebSocketConfig::default()
-            .read_buffer_size(4096)
+            .read_buffer_size(2048)
             .max_message_size(Some(MAX_MESSAGE_BYTES))
             .max_frame_size(Some(MAX_MESSAGE_BYTES))
             .write_buffer_size(0)
