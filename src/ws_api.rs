@@ -97,8 +97,6 @@ pub enum Action {
 
 /// What the session answers from: the mirror as this client may see it.
 pub trait View {
-    /// HA's version, for `auth_required`/`auth_ok`.
-    fn ha_version(&self) -> String;
     /// The states an unfiltered `get_states`/`subscribe_entities` gets: the dashboards'
     /// allowlist when one is configured, else the whole (filtered) mirror.
     fn states(&self) -> Vec<Rc<EntityState>>;
@@ -542,9 +540,6 @@ mod tests {
     }
 
     impl View for Fake {
-        fn ha_version(&self) -> String {
-            "2025.4.4".into()
-        }
         fn states(&self) -> Vec<Rc<EntityState>> {
             self.states.clone()
         }

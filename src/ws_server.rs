@@ -64,7 +64,7 @@ use crate::http::{Exchange, Response};
 use crate::hub::Hub;
 use crate::status::WsApiStatus;
 use crate::uplink::{LinkError, UpLink};
-use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, Phase, View};
+use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, View};
 
 /// Time for the client's `auth` message (HA `websocket_api/http.py`: 10 s).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -319,29 +319,18 @@ impl WsApi {
             allowlist: (self.dashboards.generation(), self.dashboards.current()),
         };
         let mut outgoing: Vec<String> = Vec::new();
-        self.act(&mut state, pending, &mut outgoing).await;
-        if let Err(e) = flush(
-            client,
-            &mut deadline,
-            &session,
-            &mut outgoing,
-            state.changes.as_ref(),
-        )
-        .await
-        {
-            return e;
-        }
-        if let Some(end) = state.end.take() {
-            return end;
-        }
+        // The auth phase's answer is the first turn's work; every session that ends (a
+        // refused token, a malformed message) ends through `state.end` after its last words.
+        let mut first = Some(pending);
         loop {
-            if session.phase() == Phase::Closed {
-                return End::Client("closed".into());
-            }
-            let wake = self.wait(client, &mut state, shutdown).await;
+            let wake = match first.take() {
+                Some(actions) => Wake::Auth(actions),
+                None => self.wait(client, &mut state, shutdown).await,
+            };
             // Whether only the mirror's changes woke us (their frame may wait for the tick).
             let changes_only = matches!(wake, Wake::Changes(Some(_)) | Wake::Tick);
             match wake {
+                Wake::Auth(actions) => self.act(&mut state, actions, &mut outgoing).await,
                 Wake::Tick => state.tick_at = None,
                 Wake::Shutdown => return End::Shutdown,
                 Wake::Client(None) => return End::Client("client went away".into()),
@@ -1124,6 +1113,8 @@ impl Drop for Running<'_> {
 }
 
 enum Wake {
+    /// The auth phase's actions (the first turn).
+    Auth(Vec<Action>),
     Client(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
     Changes(Option<Rc<crate::broadcast::Event>>),
     Link(Option<Result<Message, async_tungstenite::tungstenite::Error>>),
@@ -1140,9 +1131,6 @@ struct SessionView<'a> {
 }
 
 impl View for SessionView<'_> {
-    fn ha_version(&self) -> String {
-        self.api.ha_version()
-    }
     fn states(&self) -> Vec<Rc<EntityState>> {
         let mut states = self.api.hub.tracked_states().0;
         if let Some(list) = self.api.dashboards.current() {

@@ -707,9 +707,6 @@ struct FuzzView {
 }
 
 impl hass_edge::ws_api::View for FuzzView {
-    fn ha_version(&self) -> String {
-        "2025.4.4".into()
-    }
     fn states(&self) -> Vec<std::rc::Rc<hass_edge::entity::EntityState>> {
         self.states
             .iter()
