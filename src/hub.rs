@@ -186,6 +186,8 @@ pub struct Hub {
     ha_config: RefCell<Option<Rc<str>>>,
     /// HA's verdicts on tokens presented to the local routes.
     ha_tokens: RefCell<Verdicts>,
+    /// Token checks under way, and the event each one's end notifies ([`Hub::ha_accepts`]).
+    token_checks: (Cell<usize>, event_listener::Event),
     /// HA's other events, for stream clients that want them.
     events: Rc<Feed>,
     /// Reads the forwarder's gauges (see [`Hub::set_forward_probe`]).
@@ -244,6 +246,7 @@ impl Hub {
             upstream: RefCell::new(None),
             ha_config: RefCell::new(None),
             ha_tokens: RefCell::new(Verdicts::new(now)),
+            token_checks: (Cell::new(0), event_listener::Event::new()),
             events: Rc::new(Feed::default()),
             forward_probe: RefCell::new(None),
             inflight: RefCell::new(HashMap::new()),
@@ -754,16 +757,40 @@ impl Hub {
 
     /// Whether HA accepts `token` (an HA user's or a long-lived token presented to a local
     /// route): from the kept verdicts, else by asking HA once ([`crate::ha_tokens`]).
+    ///
+    /// While a check is under way, a token not yet known waits for it once before asking HA
+    /// itself: a fleet of panels that reconnect at once with one token costs one check, not
+    /// as many as the rate limit lets through.
     pub async fn ha_accepts(&self, token: &str) -> TokenCheck {
-        let now = Instant::now();
-        match self.ha_tokens.borrow_mut().lookup(token, now) {
-            Known::Accepted => return TokenCheck::Accepted,
-            Known::Refused => return TokenCheck::Refused,
-            Known::Unknown => {}
+        let mut waited = false;
+        loop {
+            match self.ha_tokens.borrow_mut().lookup(token, Instant::now()) {
+                Known::Accepted => return TokenCheck::Accepted,
+                Known::Refused => return TokenCheck::Refused,
+                Known::Unknown => {}
+            }
+            if waited || self.token_checks.0.get() == 0 {
+                break;
+            }
+            let ended = self.token_checks.1.listen();
+            if self.token_checks.0.get() > 0 {
+                ended.await;
+            }
+            waited = true;
         }
-        if !self.ha_tokens.borrow_mut().may_check(now) {
+        if !self.ha_tokens.borrow_mut().may_check(Instant::now()) {
             return TokenCheck::Limited;
         }
+        /// Counts a check under way; its end (or cancellation) wakes the tokens waiting.
+        struct Checking<'a>(&'a (Cell<usize>, event_listener::Event));
+        impl Drop for Checking<'_> {
+            fn drop(&mut self) {
+                self.0.0.set(self.0.0.get() - 1);
+                self.0.1.notify(usize::MAX);
+            }
+        }
+        self.token_checks.0.set(self.token_checks.0.get() + 1);
+        let _checking = Checking(&self.token_checks);
         let rest = self.rest().with_token(Secret::new(token));
         match smol::unblock(move || rest.token_accepted()).await {
             Ok(accepted) => {
