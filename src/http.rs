@@ -431,7 +431,7 @@ async fn connection(
                 Parsed::Closed => return Ok(()),
                 Parsed::Reject(response) => {
                     handler.refused(response.status);
-                    write_response(&mut stream, response, false, false, None).await?;
+                    Box::pin(write_response(&mut stream, response, false, false, None)).await?;
                     return Ok(());
                 }
             };
@@ -440,7 +440,16 @@ async fn connection(
         let response = handler.handle(&request).await;
         let close_delimited = matches!(&response.body, Body::Pieces(p) if p.length().is_none());
         let keep_alive = keep_alive && !close_delimited && !shutdown.is_triggered();
-        write_response(&mut stream, response, head, keep_alive, Some(shutdown)).await?;
+        // Boxed: inline, the writer's state (1.3 KB) would be part of every connection task for
+        // its whole life, also while a WebSocket session runs on it (`-Zprint-type-sizes`).
+        Box::pin(write_response(
+            &mut stream,
+            response,
+            head,
+            keep_alive,
+            Some(shutdown),
+        ))
+        .await?;
         if !keep_alive {
             return Ok(());
         }
