@@ -66,10 +66,10 @@ impl Api {
 }
 
 impl Api {
-    /// Keeps the dashboards' allowlist current until shutdown (see
-    /// [`WsApi::run_dashboards`]); spawned once by the app.
-    pub async fn run_dashboards(&self, shutdown: crate::shutdown::Shutdown) {
-        self.ws.run_dashboards(shutdown).await;
+    /// The WebSocket API's background work until shutdown (see [`WsApi::run`]); spawned once
+    /// by the app.
+    pub async fn run_websocket(&self, shutdown: crate::shutdown::Shutdown) {
+        self.ws.run(shutdown).await;
     }
 }
 

@@ -171,9 +171,9 @@ async fn daemon(
     .await;
 
     let api = Rc::new(Api::new(hub.clone()));
-    let _dashboards_task = executor.spawn({
+    let _websocket_task = executor.spawn({
         let (api, shutdown) = (api.clone(), shutdown.clone());
-        async move { api.run_dashboards(shutdown).await }
+        async move { api.run_websocket(shutdown).await }
     });
     let http_task = executor.spawn(http::serve(
         listener,

@@ -49,6 +49,12 @@ pub const DEFAULT_MAX_WEBSOCKET_CLIENTS: usize = 64;
 /// Upper bound of `http.max_websocket_clients`.
 pub const MAX_WEBSOCKET_CLIENTS: usize = 1024;
 
+/// Default of `http.websocket_coalesce_ms`: how long the mirror's changes may wait to share
+/// one frame to a client that announced `coalesce_messages`.
+pub const DEFAULT_WEBSOCKET_COALESCE_MS: u64 = 10;
+/// Upper bound of `http.websocket_coalesce_ms`.
+pub const MAX_WEBSOCKET_COALESCE_MS: u64 = 1000;
+
 /// How `dashboards.url_paths` names HA's default dashboard, whose `url_path` is `null` in
 /// `lovelace/config` and `lovelace_updated` (HA `components/lovelace/const.py`), and which
 /// the frontend serves at `/lovelace`. No other dashboard can have this path: HA requires a
@@ -240,6 +246,7 @@ struct RawHttp {
     max_forward_body_bytes: usize,
     asset_cache_mib: u64,
     max_websocket_clients: usize,
+    websocket_coalesce_ms: u64,
 }
 
 impl Default for RawHttp {
@@ -254,6 +261,7 @@ impl Default for RawHttp {
             max_forward_body_bytes: DEFAULT_FORWARD_BODY_BYTES,
             asset_cache_mib: 64,
             max_websocket_clients: DEFAULT_MAX_WEBSOCKET_CLIENTS,
+            websocket_coalesce_ms: DEFAULT_WEBSOCKET_COALESCE_MS,
         }
     }
 }
@@ -439,6 +447,12 @@ pub struct HttpConfig {
     /// Most concurrent local WebSocket API sessions (`/api/websocket`, issue 16); one more is
     /// answered 503 before the upgrade. 1..=[`MAX_WEBSOCKET_CLIENTS`].
     pub max_websocket_clients: usize,
+    /// How long the mirror's changes may wait to share one frame to a local WebSocket client
+    /// that announced `coalesce_messages` (HA's frontend does): after a session was written
+    /// changes, it reads the mirror again at the next multiple of this (`ws_server.rs`). Zero:
+    /// every change goes as it comes. 0..=[`MAX_WEBSOCKET_COALESCE_MS`] ms.
+    #[serde(rename = "websocket_coalesce_ms", serialize_with = "as_millis")]
+    pub websocket_coalesce: Duration,
 }
 
 /// `[dashboards]` (issue 16): which entities an unfiltered `get_states`/`subscribe_entities`
@@ -473,6 +487,10 @@ pub struct LogConfig {
 
 fn as_seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_secs())
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Config {
@@ -814,6 +832,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             format!("{max_websocket_clients} is outside 1..={MAX_WEBSOCKET_CLIENTS}"),
         ));
     }
+    if raw.http.websocket_coalesce_ms > MAX_WEBSOCKET_COALESCE_MS {
+        return Err(invalid(
+            "http.websocket_coalesce_ms",
+            format!(
+                "{} is over {MAX_WEBSOCKET_COALESCE_MS} (ms)",
+                raw.http.websocket_coalesce_ms
+            ),
+        ));
+    }
     let dashboards = validate_dashboards(raw.dashboards)?;
     let level = raw.log.level.to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
@@ -871,6 +898,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_forward_body_bytes,
             asset_cache_mib: raw.http.asset_cache_mib,
             max_websocket_clients,
+            websocket_coalesce: Duration::from_millis(raw.http.websocket_coalesce_ms),
         },
         dbus: DbusConfig {
             bus: raw.dbus.bus,
@@ -1267,6 +1295,23 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("http.max_websocket_clients"), "{e}");
+        }
+    }
+
+    #[test]
+    fn websocket_coalescing_defaults_to_10_ms_and_is_bounded() {
+        let ms = |c: Config| c.http.websocket_coalesce.as_millis();
+        assert_eq!(ms(parse("").unwrap()), 10);
+        assert_eq!(ms(parse("[http]\nwebsocket_coalesce_ms = 0").unwrap()), 0);
+        assert_eq!(
+            ms(parse("[http]\nwebsocket_coalesce_ms = 1000").unwrap()),
+            1000
+        );
+        for bad in ["1001", "-1", "\"10\""] {
+            let e = parse(&format!("[http]\nwebsocket_coalesce_ms = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("websocket_coalesce_ms"), "{e}");
         }
     }
 

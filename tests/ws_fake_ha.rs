@@ -659,3 +659,111 @@ fn tokens_are_judged_by_hass_edge_or_by_ha() {
     );
     assert_eq!(ws_status(&daemon)["auth_failures"], 1);
 }
+
+/// `http.websocket_coalesce_ms` for a client that announced `coalesce_messages` (as HA's
+/// frontend does): a change after a quiet spell comes at once, in a frame of its own; the
+/// changes that follow it within the tick come together, in one array frame (HA's coalesced
+/// shape), in order. A client that did not announce it gets one frame per change.
+#[test]
+fn a_coalescing_client_gets_the_changes_of_a_tick_in_one_frame() {
+    let dir = TempDir::new("ws-tick");
+    // The longest tick: the 5 quick changes below cannot straddle more than one tick edge.
+    let options = with_api_token(&dir).set("http", "websocket_coalesce_ms", 1000);
+    let (fake, daemon) = live_with(options);
+    fake.push_change(fake.new_entity("sensor.tick", "0", json!({})));
+    wait_until("the mirror to hold sensor.tick", deadline(), || {
+        let r = get_authorized(&daemon, "/api/states/sensor.tick");
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(r.status.to_string())
+        }
+    });
+    let subscribe = |coalesce: bool| {
+        let mut c = Client::authed(&daemon, API_TOKEN);
+        if coalesce {
+            c.send(json!({"id": 1, "type": "supported_features", "features": {"coalesce_messages": 1}}));
+            assert_eq!(c.recv_id(1, "result")["success"], true);
+        }
+        c.send(json!({"id": 2, "type": "subscribe_entities", "entity_ids": ["sensor.tick"]}));
+        assert_eq!(c.recv_id(2, "result")["success"], true);
+        assert_eq!(c.recv_id(2, "event")["event"]["a"]["sensor.tick"]["s"], "0");
+        c
+    };
+    let mut coalescing = subscribe(true);
+    let mut plain = subscribe(false);
+    // The frames a client reads until it has seen state `last`: for each, its states.
+    let frames_until = |c: &mut Client, last: &str| -> Vec<Vec<String>> {
+        let end = Instant::now() + deadline();
+        let mut frames = Vec::new();
+        loop {
+            assert!(Instant::now() < end, "no state {last} in {frames:?}");
+            let text = match c.ws.read() {
+                Ok(Message::Text(text)) => text,
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => panic!("read: {e}"),
+            };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let messages = match v {
+                Value::Array(list) => list,
+                one => vec![one],
+            };
+            let states: Vec<String> = messages
+                .iter()
+                .map(|m| {
+                    assert_eq!((&m["id"], &m["type"]), (&json!(2), &json!("event")), "{m}");
+                    // A diff, or whole again (`a`) if the link was made again meanwhile.
+                    let e = &m["event"];
+                    e["c"]["sensor.tick"]["+"]["s"]
+                        .as_str()
+                        .or(e["a"]["sensor.tick"]["s"].as_str())
+                        .unwrap_or_else(|| panic!("a state of sensor.tick: {m}"))
+                        .to_owned()
+                })
+                .collect();
+            let done = states.iter().any(|s| s == last);
+            frames.push(states);
+            if done {
+                return frames;
+            }
+        }
+    };
+    let set = |i: u32| {
+        let new = fake.next_state("sensor.tick", |s| s["state"] = i.to_string().into());
+        fake.push_change(new);
+    };
+    set(1);
+    assert_eq!(
+        frames_until(&mut coalescing, "1"),
+        [["1"]],
+        "the first change at once"
+    );
+    for i in 2..=6 {
+        set(i);
+    }
+    let frames = frames_until(&mut coalescing, "6");
+    let states: Vec<String> = frames.concat();
+    assert_eq!(
+        states,
+        ["2", "3", "4", "5", "6"],
+        "every change once, in order"
+    );
+    assert!(
+        frames.len() <= 2 && frames.iter().any(|f| f.len() >= 2),
+        "the changes of a tick share a frame: {frames:?}"
+    );
+    let plain_frames = frames_until(&mut plain, "6");
+    assert!(
+        plain_frames.iter().all(|f| f.len() == 1),
+        "one frame per change without coalesce_messages: {plain_frames:?}"
+    );
+    assert_eq!(plain_frames.concat(), ["1", "2", "3", "4", "5", "6"]);
+}

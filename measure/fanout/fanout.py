@@ -52,6 +52,8 @@ SAMPLE_MS = float(os.environ.get("SAMPLE_MS", "50"))
 PROBE_EVERY = int(os.environ.get("PROBE_EVERY", "10"))
 BATCH_MS = float(os.environ.get("BATCH_MS", "20"))
 COALESCE = os.environ.get("COALESCE", "1") != "0"
+# hass-edge's `http.websocket_coalesce_ms` (empty: its default, 10).
+EDGE_COALESCE_MS = os.environ.get("EDGE_COALESCE_MS", "")
 IDLE_SESSIONS = int(os.environ.get("IDLE_SESSIONS", "200"))
 STORM_CLIENTS = int(os.environ.get("STORM_CLIENTS", "200"))
 STORM_RUNS = int(os.environ.get("STORM_RUNS", "3"))
@@ -183,6 +185,8 @@ class Bench:
         self.stop_edge()
         settings = {"http": {"max_websocket_clients": 1024}, "log": {"level": "warn"},
                     "filter": {"exclude_domains": []}}
+        if EDGE_COALESCE_MS:
+            settings["http"]["websocket_coalesce_ms"] = int(EDGE_COALESCE_MS)
         if target == "edge-token":
             tf = self.work / "api_token"
             tf.write_text(API_TOKEN)
@@ -403,7 +407,8 @@ def report(results: dict, meta: dict) -> str:
              f"{'; measured processes at niceness ' + meta['renice'] if meta.get('renice') else ''}. Home Assistant {meta['ha_version']} "
              f"(tests/ha-peer), {ENTITIES} REST-made entities `sensor.bench_*` changed round robin; "
              f"{DURATION:g} s per window (+{DRAIN:g} s drain); clients {'with' if COALESCE else 'without'} "
-             f"`coalesce_messages`; {WORKERS} client processes, every {PROBE_EVERY}th client a latency probe, "
+             f"`coalesce_messages`; hass-edge's `http.websocket_coalesce_ms` "
+             f"{EDGE_COALESCE_MS or 'default (10)'}; {WORKERS} client processes, every {PROBE_EVERY}th client a latency probe, "
              f"the others reading every {BATCH_MS:g} ms.", ""]
     fo = results["fanout"]
     if fo:
