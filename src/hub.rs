@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use event_listener::{Event, EventListener};
+use smol::Timer;
 use smol::channel::{Receiver, Sender};
+use smol::future::FutureExt;
 use smol::lock::OnceCell;
 
 use crate::broadcast::{Broadcast, Selection, Subscription};
@@ -42,8 +44,10 @@ const REST_READ_BURST: f64 = 50.0;
 /// How often at most the "reads limited" warning is logged.
 const LIMITED_WARNING_PERIOD: Duration = Duration::from_secs(60);
 
-/// Commands queued to the link before senders wait.
-const COMMAND_QUEUE: usize = 8;
+/// Commands queued to the link before senders wait (or, for [`Hub::caught_up`], give up).
+const COMMAND_QUEUE: usize = 64;
+/// Longest [`Hub::caught_up`] waits for the link's `pong`.
+pub const CAUGHT_UP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A request to the link task.
 #[derive(Debug, Clone)]
@@ -54,6 +58,10 @@ pub enum Command {
     Resubscribe,
     /// URL, token or CA changed (config reload): reconnect with the new settings.
     Reconnect(Box<LinkSettings>),
+    /// Say (by closing or sending on the channel) once the link has handed out everything
+    /// HA sent before now ([`crate::session::Session::barrier`]); the channel is dropped
+    /// unanswered when the link is not authenticated or goes down first.
+    Barrier(smol::channel::Sender<()>),
 }
 
 /// What a connection to HA needs that may change on reload.
@@ -369,6 +377,30 @@ impl Hub {
     /// Queues a command for the link (waits while [`COMMAND_QUEUE`] are pending).
     pub async fn command(&self, command: Command) {
         let _ = self.commands.0.send(command).await;
+    }
+
+    /// Resolves once the mirror holds everything HA sent on its link before this call: a
+    /// `ping` on the link, whose `pong` HA queues after what it queued before (HA answers a
+    /// connection's messages in order). A service call's state changes are sent to HA's
+    /// subscribers while the call runs and its result after, so once a result has arrived
+    /// (on another connection), this makes the mirror hold the call's effects — what the
+    /// REST write path gets from HA's answer. At once when the link is not live or the
+    /// command queue is full; at most [`CAUGHT_UP_TIMEOUT`].
+    pub async fn caught_up(&self) {
+        if self.link.borrow().state != LinkState::Live {
+            return;
+        }
+        let (said, heard) = smol::channel::bounded(1);
+        if self.commands.0.try_send(Command::Barrier(said)).is_err() {
+            return;
+        }
+        async {
+            let _ = heard.recv().await;
+        }
+        .or(async {
+            Timer::after(CAUGHT_UP_TIMEOUT).await;
+        })
+        .await;
     }
 
     /// Asks the link for a fresh snapshot (D-Bus `Resync()`); dropped when one is queued.

@@ -24,6 +24,8 @@ use crate::entity::{CompressedState, DecodeError, EntityState, StateDiff, Timest
 /// How long HA may take to send `auth_required` and answer `auth` (HA itself allows 10 s
 /// for the client's `auth`, `websocket_api/const.py` `AUTH_TIMEOUT`).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most [`Session::barrier`] pings outstanding at once.
+pub const MAX_BARRIERS: usize = 64;
 
 /// First HA release whose `subscribe_entities` accepts `include`/`exclude` (2024.9.0).
 const FILTER_SINCE: (u32, u32) = (2024, 9);
@@ -102,6 +104,9 @@ pub enum Output {
         /// HA's message.
         message: String,
     },
+    /// The `pong` of a [`Session::barrier`]: everything HA sent on this link before it has
+    /// been handed out (HA answers a connection's messages in order).
+    Barrier(u64),
     /// The connection must be dropped and re-established.
     Disconnect(&'static str),
 }
@@ -182,6 +187,8 @@ pub struct Session {
     last_reported: Option<Vec<(String, Timestamp, Timestamp)>>,
     /// Outstanding ping id and when it was sent.
     ping: Option<(u64, Instant)>,
+    /// Ids of the outstanding [`Session::barrier`] pings, at most [`MAX_BARRIERS`].
+    barriers: Vec<u64>,
     /// When to send the next ping.
     next_ping: Instant,
     /// When the connection was made (auth deadline).
@@ -312,6 +319,7 @@ impl Session {
             snapshot_pending: false,
             last_reported: None,
             ping: None,
+            barriers: Vec::new(),
             next_ping: now + heartbeat_interval,
             connected_at: now,
             extra_events: std::collections::BTreeMap::new(),
@@ -426,6 +434,11 @@ impl Session {
                 });
             }
             "pong" if self.ping.is_some_and(|(id, _)| Some(id) == msg.id) => self.ping = None,
+            "pong" if msg.id.is_some_and(|id| self.barriers.contains(&id)) => {
+                let id = msg.id.unwrap_or_default();
+                self.barriers.retain(|b| *b != id);
+                out.push(Output::Barrier(id));
+            }
             "result" => self.handle_result(msg, out)?,
             "event" => self.handle_event(msg, out)?,
             // Anything else (e.g. an `auth_required` out of order) carries nothing we use.
@@ -639,6 +652,24 @@ impl Session {
             );
             self.ids.config_copy = self.command(json!({"type": "get_config"}), out);
         }
+    }
+
+    /// Sends a `ping` whose `pong` ([`Output::Barrier`] with the id returned) comes after
+    /// everything HA queued on this link before it read the ping: e.g. the state changes of
+    /// a service call whose result another connection has just received (HA sends a
+    /// service's state changes to subscribers while the call runs, its result after).
+    /// `None` when the session is not authenticated or [`MAX_BARRIERS`] are outstanding.
+    pub fn barrier(&mut self, out: &mut Vec<Output>) -> Option<u64> {
+        let authenticated = matches!(
+            self.phase,
+            Phase::AwaitRunning | Phase::Syncing | Phase::Live
+        );
+        if !authenticated || self.barriers.len() >= MAX_BARRIERS {
+            return None;
+        }
+        let id = self.command(json!({"type": "ping"}), out);
+        self.barriers.push(id);
+        Some(id)
     }
 
     /// Holds upstream `subscribe_events` for exactly `wanted` (`"*"`: all types), for the
@@ -1198,6 +1229,39 @@ mod tests {
         out.clear();
         s.poll_timers(t + HB * 2 + HB_TIMEOUT, &mut out);
         assert!(matches!(&out[..], [Output::Disconnect(_)]));
+    }
+
+    #[test]
+    fn a_barrier_is_a_ping_whose_pong_comes_after_what_ha_sent_before() {
+        let t = Instant::now();
+        let mut s = session(t, None);
+        let mut out = Vec::new();
+        assert_eq!(s.barrier(&mut out), None, "not authenticated yet");
+        to_syncing(&mut s, "2025.4.4", t);
+        let id = s.barrier(&mut out).expect("a barrier once authenticated");
+        assert_eq!(sent(&out), [json!({"type": "ping", "id": id})]);
+        // What HA sent before the pong is handed out before the barrier.
+        let out = feed(
+            &mut s,
+            &format!(
+                r#"[{{"id":7,"type":"event","event":{{"c":{{}}}}}},{{"id":{id},"type":"pong"}}]"#
+            ),
+            t,
+        );
+        assert!(
+            matches!(out.last(), Some(Output::Barrier(b)) if *b == id),
+            "{out:?}"
+        );
+        // Once only; a pong for an unknown id is nothing.
+        let again = feed(&mut s, &format!(r#"{{"id":{id},"type":"pong"}}"#), t);
+        assert!(again.is_empty(), "{again:?}");
+        let mut out = Vec::new();
+        let ids: Vec<_> = (0..MAX_BARRIERS + 1).map(|_| s.barrier(&mut out)).collect();
+        assert!(ids[..MAX_BARRIERS].iter().all(Option::is_some));
+        assert_eq!(
+            ids[MAX_BARRIERS], None,
+            "at most {MAX_BARRIERS} outstanding"
+        );
     }
 
     #[test]

@@ -408,7 +408,19 @@ impl WsApi {
                     session.changes(&events, &self.view(), &mut outgoing);
                 }
                 Wake::Link(Some(Ok(Message::Text(text)))) => {
-                    self.link_message(&mut state, &text, &mut outgoing);
+                    let mut answers = Vec::new();
+                    if self.link_message(&mut state, &text, &mut answers) {
+                        // A service call's result: HA sent the call's state changes before
+                        // it, so a client subscribed on this connection had them first. Here
+                        // they come by the mirror's link: the result waits until the mirror
+                        // holds them (at most `hub::CAUGHT_UP_TIMEOUT`), and they go first,
+                        // as from HA; a `get_states` after the result reads them too.
+                        self.hub.caught_up().await;
+                        state.tick_wait = false;
+                        let events = drain(&mut state, None);
+                        session.changes(&events, &self.view(), &mut outgoing);
+                    }
+                    outgoing.append(&mut answers);
                 }
                 Wake::Link(Some(Ok(_))) => {}
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
@@ -609,6 +621,7 @@ impl WsApi {
                                     subscription: false,
                                     cache: None,
                                     again: false,
+                                    service_call: false,
                                 },
                             );
                             if link.send(id, &command).await.is_err() {
@@ -690,6 +703,7 @@ impl WsApi {
                 subscription,
                 cache,
                 again: false,
+                service_call: command.get("type").and_then(Value::as_str) == Some("call_service"),
             },
         );
         if subscription {
@@ -705,7 +719,15 @@ impl WsApi {
     }
 
     /// A message from the session's link: passed to the client under its id.
-    fn link_message(&self, state: &mut Running<'_>, text: &str, outgoing: &mut Vec<String>) {
+    /// Passes HA's messages on the session's link to the client, under the client's ids;
+    /// `true` when one is the successful result of a `call_service`.
+    fn link_message(
+        &self,
+        state: &mut Running<'_>,
+        text: &str,
+        outgoing: &mut Vec<String>,
+    ) -> bool {
+        let mut service_called = false;
         let messages: Vec<&serde_json::value::RawValue> = if text.trim_start().starts_with('[') {
             serde_json::from_str(text).unwrap_or_default()
         } else {
@@ -724,6 +746,7 @@ impl WsApi {
             let is_result = head.kind == "result";
             if is_result {
                 let success = head.success.unwrap_or(false);
+                service_called |= route.service_call && success;
                 let again = route.again;
                 let keep = route.subscription && success;
                 let cache = route.cache;
@@ -754,6 +777,7 @@ impl WsApi {
             }
             outgoing.push(with_id(raw.get(), head.id, client_id));
         }
+        service_called
     }
 
     /// The session's link dropped: waiting commands get `home_assistant_error`;
@@ -851,6 +875,7 @@ impl WsApi {
                                 subscription: true,
                                 cache: None,
                                 again: true,
+                                service_call: false,
                             },
                         );
                         if let Some(s) = state.subs.get_mut(&client_id) {
@@ -1108,6 +1133,8 @@ struct Route {
     cache: Option<&'static str>,
     /// Re-sent after a new link: its result is not passed on.
     again: bool,
+    /// A `call_service`: its result waits for the mirror to hold the call's effects.
+    service_call: bool,
 }
 
 /// A session's link being opened ([`UpLink::open`]).

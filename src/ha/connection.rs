@@ -184,6 +184,9 @@ pub(super) async fn run(
     let mut timer = Deadline::new(Instant::now());
     // As last reported to the hub.
     let mut subscriptions = 0;
+    // Outstanding [`Command::Barrier`]s: the ping's id and whom to tell. Dropped with the
+    // connection, which answers them too.
+    let mut barriers: Vec<(u64, smol::channel::Sender<()>)> = Vec::new();
     loop {
         timer.set(
             session
@@ -249,6 +252,12 @@ pub(super) async fn run(
                 session.resubscribe(hub.ha_filter(), &mut out);
             }
             Wake::Command(Command::Resubscribe) => session.resubscribe(hub.ha_filter(), &mut out),
+            Wake::Command(Command::Barrier(said)) => {
+                // Unauthenticated or too many outstanding: `said` is dropped, unanswered.
+                if let Some(id) = session.barrier(&mut out) {
+                    barriers.push((id, said));
+                }
+            }
             Wake::Command(Command::Reconnect(new)) => {
                 let _ = ws.close(None).await;
                 return End::Reconnect(new);
@@ -323,6 +332,12 @@ pub(super) async fn run(
                     });
                 }
                 Output::Config(config) => hub.set_ha_config(config),
+                Output::Barrier(id) => barriers.retain(|(b, said)| {
+                    if *b == id {
+                        let _ = said.try_send(());
+                    }
+                    *b != id
+                }),
                 Output::Event { event_type, json } => hub.publish_event(&event_type, &json),
                 Output::ServicesChanged(kind) => {
                     hub.count_link(|c| c.service_events += 1);

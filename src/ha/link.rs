@@ -146,7 +146,16 @@ async fn pause(
         Timer::after(delay).await;
         Wake::Timer
     }
-    .or(async { commands.recv().await.map_or(Wake::Timer, Wake::Command) })
+    .or(async {
+        loop {
+            match commands.recv().await {
+                // No link to pass: dropping the channel answers it (it waits no more).
+                Ok(Command::Barrier(_)) => continue,
+                Ok(command) => return Wake::Command(command),
+                Err(_) => return Wake::Timer,
+            }
+        }
+    })
     .or(async {
         shutdown.wait().await;
         Wake::Shutdown
