@@ -11,7 +11,7 @@
 #                              set, packaging-arm64 packaging-bullseye (slow, see packaging/)
 #
 # The last three are short smokes of the measuring suites (issue #6): the benchmarks
-# (measure/bench.sh --smoke), the reliability suite (measure/reliability.sh --short) and 20 s of
+# (measure/bench.sh --smoke), the reliability suite (measure/reliability.sh --short) and 12 s of
 # each fuzz target; their reports go to $TEST_WORK_DIR, the committed figures stay.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -168,7 +168,7 @@ reliability() {
 
 fuzz() {
 	# A crash, hang or OOM of any target fails the stage; the input is left in fuzz/artifacts/.
-	bash fuzz/run.sh 20
+	bash fuzz/run.sh 12
 }
 
 STAGES=("$@")
