@@ -374,22 +374,16 @@ impl WsApi {
             match wake {
                 Wake::Auth(actions) => self.act(&mut state, actions, &mut outgoing).await,
                 Wake::Tick => {
-                    state.tick_wait = false;
-                    let events = drain(&mut state, None);
-                    with_changes = !events.is_empty();
-                    session.changes(&events, &self.view(), &mut outgoing);
+                    with_changes = self.take_changes(&mut state, &session, None, &mut outgoing);
                 }
                 Wake::Shutdown => return End::Shutdown,
                 Wake::Client(None) => return End::Client("client went away".into()),
                 Wake::Client(Some(Err(e))) => return End::Client(format!("client: {e}")),
                 Wake::Client(Some(Ok(message))) => match message {
                     Message::Text(text) => {
-                        // Changes that waited for the tick go first: they came before the
-                        // command, whose answer (a snapshot) may already hold them.
-                        if std::mem::take(&mut state.tick_wait) {
-                            let events = drain(&mut state, None);
-                            session.changes(&events, &self.view(), &mut outgoing);
-                        }
+                        // Changes that came before the command go first (also those waiting
+                        // for the tick): its answer (a snapshot) may already hold them.
+                        self.take_changes(&mut state, &session, None, &mut outgoing);
                         let mut actions = Vec::new();
                         session.handle_text(&text, &self.view(), &mut actions);
                         self.act(&mut state, actions, &mut outgoing).await;
@@ -404,8 +398,7 @@ impl WsApi {
                     return End::Slow("fell behind the mirror's changes");
                 }
                 Wake::Changes(Some(first)) => {
-                    let events = drain(&mut state, Some(first));
-                    session.changes(&events, &self.view(), &mut outgoing);
+                    self.take_changes(&mut state, &session, Some(first), &mut outgoing);
                 }
                 Wake::Link(Some(Ok(Message::Text(text)))) => {
                     let mut answers = Vec::new();
@@ -416,9 +409,7 @@ impl WsApi {
                         // holds them (at most `hub::CAUGHT_UP_TIMEOUT`), and they go first,
                         // as from HA; a `get_states` after the result reads them too.
                         self.hub.caught_up().await;
-                        state.tick_wait = false;
-                        let events = drain(&mut state, None);
-                        session.changes(&events, &self.view(), &mut outgoing);
+                        self.take_changes(&mut state, &session, None, &mut outgoing);
                     }
                     outgoing.append(&mut answers);
                 }
@@ -429,10 +420,7 @@ impl WsApi {
                     Box::pin(self.opened(&mut state, result, &mut outgoing)).await;
                 }
                 Wake::Allowlist => {
-                    if std::mem::take(&mut state.tick_wait) {
-                        let events = drain(&mut state, None);
-                        session.changes(&events, &self.view(), &mut outgoing);
-                    }
+                    self.take_changes(&mut state, &session, None, &mut outgoing);
                     let now = self.dashboards.current();
                     let before = std::mem::replace(
                         &mut state.allowlist,
@@ -484,6 +472,27 @@ impl WsApi {
                 return end;
             }
         }
+    }
+
+    /// Renders for the client `first` and the mirror's changes waiting in the session's
+    /// subscription, oldest first, also those held for the tick (the wait ends); whether
+    /// there were any.
+    fn take_changes(
+        &self,
+        state: &mut Running<'_>,
+        session: &LocalSession,
+        first: Option<Rc<crate::broadcast::Event>>,
+        outgoing: &mut Vec<String>,
+    ) -> bool {
+        state.tick_wait = false;
+        let mut events: Vec<_> = first.into_iter().collect();
+        if let Some(sub) = state.changes.as_mut() {
+            while let Some(e) = sub.try_recv() {
+                events.push(e);
+            }
+        }
+        session.changes(&events, &self.view(), outgoing);
+        !events.is_empty()
     }
 
     /// Waits for the next thing to do.
@@ -1060,20 +1069,6 @@ enum Verdict {
     Refuse,
     /// HA could not be asked: no answer at all.
     Unknown,
-}
-
-/// `first` and the mirror's changes waiting in the session's subscription, oldest first.
-fn drain(
-    state: &mut Running<'_>,
-    first: Option<Rc<crate::broadcast::Event>>,
-) -> Vec<Rc<crate::broadcast::Event>> {
-    let mut events: Vec<_> = first.into_iter().collect();
-    if let Some(sub) = state.changes.as_mut() {
-        while let Some(e) = sub.try_recv() {
-            events.push(e);
-        }
-    }
-    events
 }
 
 fn route_was_sub(subs: &BTreeMap<u64, Sub>, client_id: u64, upstream_id: u64) -> bool {
