@@ -370,7 +370,7 @@ impl WsApi {
                 None => self.wait(client, &mut state, shutdown).await,
             };
             // Whether the mirror's changes are being written (the next ones wait for the tick).
-            let mut with_changes = matches!(wake, Wake::Changes(Some(_)) | Wake::Tick);
+            let mut with_changes = matches!(wake, Wake::Changes(Some(_)));
             match wake {
                 Wake::Auth(actions) => self.act(&mut state, actions, &mut outgoing).await,
                 Wake::Tick => {
@@ -455,7 +455,7 @@ impl WsApi {
             // a steady stream of changes, the ones of a tick go in one frame, with one write
             // and one wake-up.
             if with_changes && session.coalesce() && !outgoing.is_empty() {
-                state.tick_wait = self.next_tick(Instant::now()).is_some();
+                state.tick_wait = !self.hub.config().http.websocket_coalesce.is_zero();
             }
             if let Err(e) = flush(
                 client,
