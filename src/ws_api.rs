@@ -26,6 +26,10 @@
 //!   forwarded: HA's `unauthorized` error instead. Answers cached by the I/O side (the
 //!   registry lists the frontend asks for at every load, `get_services`) are served from
 //!   [`View::cached`] first.
+//! - Bounded: one session answers at most [`MAX_LOCAL_SUBSCRIPTIONS`] subscriptions from the
+//!   mirror, selecting at most [`MAX_LOCAL_IDS`] entity ids in all; a subscription past either
+//!   is forwarded, so HA serves it (and HA's limits, and the I/O side's bound on forwarded
+//!   commands, apply). A client cannot make every change cost the thread more than that.
 
 use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
@@ -38,6 +42,18 @@ use crate::store::Change;
 
 /// Largest message a client may send; a bigger one closes the connection.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Most subscriptions (`subscribe_entities`, `subscribe_events` for `state_changed`) one
+/// session has answered from the mirror at once; more are forwarded to HA. Each local
+/// subscription renders every change it selects on the executor thread, so without a bound
+/// one client could multiply the cost of every change without limit. HA's frontend and
+/// `home-assistant-js-websocket` hold one.
+pub const MAX_LOCAL_SUBSCRIPTIONS: usize = 16;
+
+/// Most entity ids the local `subscribe_entities` of one session select in all (each is
+/// held as a string for the life of the subscription); a subscription that would pass it is
+/// forwarded to HA.
+pub const MAX_LOCAL_IDS: usize = 4096;
 
 /// Who the session acts as, decided from the `auth` message's token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,6 +332,17 @@ impl LocalSession {
         });
     }
 
+    /// Entity ids held by the local `subscribe_entities` with `entity_ids`.
+    fn local_ids(&self) -> usize {
+        self.local
+            .values()
+            .map(|s| match s {
+                LocalSub::Entities(Some(ids)) => ids.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The answer to a command the mirror answers (`None`: forward it). `fields` is the
     /// message without `id`. May push the first event of a subscription after the result.
     fn local_answer(
@@ -327,6 +354,7 @@ impl LocalSession {
         out: &mut Vec<Action>,
     ) -> Option<String> {
         let only = |allowed: &[&str]| fields.keys().all(|k| allowed.contains(&k.as_str()));
+        let room = self.local.len() < MAX_LOCAL_SUBSCRIPTIONS;
         match kind {
             "ping" if fields.len() == 1 => Some(format!(r#"{{"id":{id},"type":"pong"}}"#)),
             "get_states" if fields.len() == 1 => {
@@ -351,7 +379,8 @@ impl LocalSession {
                 Some(result_raw(id, "null"))
             }
             "subscribe_events"
-                if only(&["type", "event_type"])
+                if room
+                    && only(&["type", "event_type"])
                     && fields.get("event_type")?.as_str()? == "state_changed" =>
             {
                 self.local.insert(id, LocalSub::StateChanged);
@@ -363,11 +392,17 @@ impl LocalSession {
                     .remove(&subscription)
                     .map(|_| result_raw(id, "null"))
             }
-            "subscribe_entities" if only(&["type", "entity_ids"]) => {
+            "subscribe_entities" if room && only(&["type", "entity_ids"]) => {
                 let ids = match fields.get("entity_ids") {
                     None => None,
                     Some(v) => Some(entity_ids(v)?),
                 };
+                if ids
+                    .as_ref()
+                    .is_some_and(|ids| self.local_ids() + ids.len() > MAX_LOCAL_IDS)
+                {
+                    return None;
+                }
                 let states: Vec<Rc<EntityState>> = match &ids {
                     // HA: an empty list is no selection.
                     Some(ids) if !ids.is_empty() => {
@@ -782,6 +817,105 @@ mod tests {
             msgs,
             vec![r#"{"type":"event","event":{"r":["light.kitchen"]},"id":3}"#]
         );
+    }
+
+    #[test]
+    fn local_subscriptions_are_bounded_and_the_rest_go_to_ha() {
+        let mut s = ready(Mode::Edge);
+        let v = view();
+        for id in 1..=MAX_LOCAL_SUBSCRIPTIONS as u64 {
+            let command = if id % 2 == 0 {
+                format!(r#"{{"id":{id},"type":"subscribe_entities"}}"#)
+            } else {
+                format!(r#"{{"id":{id},"type":"subscribe_events","event_type":"state_changed"}}"#)
+            };
+            assert_eq!(json(&sent(&mut s, &v, &command)[0])["success"], true);
+        }
+        // Full: both kinds go to HA, which serves them.
+        let next = MAX_LOCAL_SUBSCRIPTIONS as u64 + 1;
+        for (id, command) in [
+            (next, r#""type":"subscribe_entities""#),
+            (
+                next + 1,
+                r#""type":"subscribe_events","event_type":"state_changed""#,
+            ),
+        ] {
+            let out = sent(&mut s, &v, &format!(r#"{{"id":{id},{command}}}"#));
+            assert!(
+                matches!(&out[..], [Action::Forward { client_id, subscription: true, .. }] if *client_id == id),
+                "{out:?}"
+            );
+        }
+        // A change costs one message per local subscription, no more.
+        let change = Change {
+            entity_id: "switch.fan".into(),
+            old_state: Some(state("switch.fan", "off")),
+            new_state: Some(state("switch.fan", "on")),
+        };
+        let mut msgs = Vec::new();
+        s.changes(&[Rc::new(Event::for_tests(change))], &v, &mut msgs);
+        assert_eq!(msgs.len(), MAX_LOCAL_SUBSCRIPTIONS);
+        // One ended: room for one again.
+        let out = sent(
+            &mut s,
+            &v,
+            &format!(
+                r#"{{"id":{},"type":"unsubscribe_events","subscription":1}}"#,
+                next + 2
+            ),
+        );
+        assert_eq!(json(&out[0])["success"], true);
+        let out = sent(
+            &mut s,
+            &v,
+            &format!(r#"{{"id":{},"type":"subscribe_entities"}}"#, next + 3),
+        );
+        assert_eq!(json(&out[0])["success"], true);
+    }
+
+    #[test]
+    fn the_entity_ids_of_local_subscriptions_are_bounded() {
+        let mut s = ready(Mode::Edge);
+        let v = view();
+        let ids = |from: usize, n: usize| -> String {
+            let list: Vec<String> = (from..from + n)
+                .map(|i| format!(r#""sensor.s{i}""#))
+                .collect();
+            list.join(",")
+        };
+        let half = MAX_LOCAL_IDS / 2;
+        let out = sent(
+            &mut s,
+            &v,
+            &format!(
+                r#"{{"id":1,"type":"subscribe_entities","entity_ids":[{}]}}"#,
+                ids(0, half)
+            ),
+        );
+        assert_eq!(json(&out[0])["success"], true);
+        // One id past the bound, counted over the session's subscriptions: forwarded.
+        let out = sent(
+            &mut s,
+            &v,
+            &format!(
+                r#"{{"id":2,"type":"subscribe_entities","entity_ids":[{}]}}"#,
+                ids(half, MAX_LOCAL_IDS - half + 1)
+            ),
+        );
+        assert!(
+            matches!(&out[..], [Action::Forward { client_id: 2, .. }]),
+            "{out:?}"
+        );
+        // Exactly up to it: answered here.
+        let out = sent(
+            &mut s,
+            &v,
+            &format!(
+                r#"{{"id":3,"type":"subscribe_entities","entity_ids":[{}]}}"#,
+                ids(half, MAX_LOCAL_IDS - half)
+            ),
+        );
+        assert_eq!(json(&out[0])["success"], true);
     }
 
     #[test]

@@ -542,6 +542,52 @@ fn upstream_drop_mid_forward(kind: &str, command: Value) {
     c.ping(3);
 }
 
+/// A client that piles up subscriptions: the first `MAX_LOCAL_SUBSCRIPTIONS` (16) are
+/// answered from the mirror, the next goes to HA on the session's link and HA's answer comes
+/// back under the client's id; a change then costs the daemon 16 local events for it, not one
+/// per subscription the client asked for.
+#[test]
+fn subscriptions_past_the_local_bound_are_served_by_ha() {
+    const LOCAL: u64 = 16;
+    let dir = TempDir::new("ws-subs");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    for id in 1..=LOCAL {
+        c.send(json!({"id": id, "type": "subscribe_events", "event_type": "state_changed"}));
+        assert_eq!(c.recv_id(id, "result")["success"], true);
+    }
+    let before = fake.commands().len();
+    c.send(json!({"id": LOCAL + 1, "type": "subscribe_events", "event_type": "state_changed"}));
+    let result = c.recv_id(LOCAL + 1, "result");
+    assert_eq!(result["success"], true, "{result}");
+    let upstream: Vec<Value> = fake.commands()[before..]
+        .iter()
+        .filter(|(_, m)| m["type"] == "subscribe_events" && m["event_type"] == "state_changed")
+        .map(|(_, m)| m.clone())
+        .collect();
+    assert_eq!(upstream.len(), 1, "the 17th went to HA: {upstream:?}");
+    let entity_id = fake
+        .entities()
+        .iter()
+        .filter_map(|e| e["entity_id"].as_str().map(str::to_owned))
+        .find(|id| id.starts_with("light."))
+        .expect("the fake has a light");
+    fake.push_change(fake.next_state(&entity_id, |s| s["state"] = "edge-test".into()));
+    let mut local = std::collections::BTreeSet::new();
+    while local.len() < LOCAL as usize {
+        let m = c.recv();
+        if m["type"] == "event" && m["event"]["data"]["entity_id"] == entity_id.as_str() {
+            assert!(local.insert(m["id"].as_u64().unwrap()), "twice: {m}");
+        }
+    }
+    assert_eq!(
+        local,
+        (1..=LOCAL).collect(),
+        "one event per local subscription"
+    );
+    c.ping(LOCAL + 2);
+}
+
 /// An unknown command (forwarded, no subscription) when HA drops.
 #[test]
 fn upstream_drop_mid_forward_answers_the_waiting_command() {
