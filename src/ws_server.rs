@@ -631,6 +631,7 @@ impl WsApi {
                                     cache: None,
                                     again: false,
                                     service_call: false,
+                                    unsubscribe: true,
                                 },
                             );
                             if link.send(id, &command).await.is_err() {
@@ -713,6 +714,7 @@ impl WsApi {
                 cache,
                 again: false,
                 service_call: command.get("type").and_then(Value::as_str) == Some("call_service"),
+                unsubscribe: false,
             },
         );
         if subscription {
@@ -799,21 +801,27 @@ impl WsApi {
         }
         // Every command the client still waits on HA's result for: plain ones, and
         // subscriptions not yet answered (those end here; answered ones are made again).
-        let mut waiting: Vec<u64> = state
+        // An unsubscribe waiting for HA's answer succeeded: the subscription died with the
+        // link, and it is no longer among the ones made again.
+        let mut waiting: Vec<(u64, bool)> = state
             .routes
             .values()
             .filter(|r| !r.again)
-            .map(|r| r.client_id)
-            .filter(|c| state.subs.get(c).is_none_or(|s| !s.answered))
+            .map(|r| (r.client_id, r.unsubscribe))
+            .filter(|(c, _)| state.subs.get(c).is_none_or(|s| !s.answered))
             .collect();
         waiting.sort_unstable();
-        for client_id in waiting {
+        for (client_id, unsubscribe) in waiting {
             state.subs.remove(&client_id);
-            outgoing.push(ws_api::error(
-                client_id,
-                "home_assistant_error",
-                "the connection to Home Assistant was lost",
-            ));
+            outgoing.push(if unsubscribe {
+                ws_api::result_raw(client_id, "null")
+            } else {
+                ws_api::error(
+                    client_id,
+                    "home_assistant_error",
+                    "the connection to Home Assistant was lost",
+                )
+            });
         }
         state.routes.clear();
         if !state.subs.is_empty() {
@@ -885,6 +893,7 @@ impl WsApi {
                                 cache: None,
                                 again: true,
                                 service_call: false,
+                                unsubscribe: false,
                             },
                         );
                         if let Some(s) = state.subs.get_mut(&client_id) {
@@ -1130,6 +1139,9 @@ struct Route {
     again: bool,
     /// A `call_service`: its result waits for the mirror to hold the call's effects.
     service_call: bool,
+    /// An `unsubscribe_events` of a forwarded subscription: if the link drops before HA's
+    /// answer, the subscription ended with it, and the client is told so (success).
+    unsubscribe: bool,
 }
 
 /// A session's link being opened ([`UpLink::open`]).

@@ -588,6 +588,50 @@ fn subscriptions_past_the_local_bound_are_served_by_ha() {
     c.ping(LOCAL + 2);
 }
 
+/// HA drops the session's link while an `unsubscribe_events` of a forwarded subscription
+/// waits for its answer: the subscription died with the link, so the client gets success
+/// (not an error for a subscription that is gone), and only its other subscription is made
+/// again on the next link.
+#[test]
+fn an_unsubscribe_cut_off_by_an_upstream_drop_succeeds() {
+    let dir = TempDir::new("ws-unsub");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    for (id, event_type) in [(1, "lovelace_updated"), (2, "edge_test_event")] {
+        c.send(json!({"id": id, "type": "subscribe_events", "event_type": event_type}));
+        assert_eq!(c.recv_id(id, "result")["success"], true);
+    }
+    let subscribed = |fake: &FakeHa, event_type: &str| -> Vec<usize> {
+        fake.commands()
+            .iter()
+            .filter(|(_, m)| m["type"] == "subscribe_events" && m["event_type"] == event_type)
+            .map(|(n, _)| *n)
+            .collect()
+    };
+    fake.drop_on_next("unsubscribe_events");
+    c.send(json!({"id": 3, "type": "unsubscribe_events", "subscription": 1}));
+    let answer = c.recv_id(3, "result");
+    assert_eq!(
+        answer,
+        json!({"id": 3, "type": "result", "success": true, "result": null})
+    );
+    wait_until("the other subscription made again", deadline(), || {
+        let made = subscribed(&fake, "edge_test_event");
+        if made.len() == 2 {
+            Ok(())
+        } else {
+            Err(format!("{made:?}"))
+        }
+    });
+    c.ping(4);
+    assert_eq!(
+        subscribed(&fake, "lovelace_updated").len(),
+        1,
+        "the ended subscription was made again: {:?}",
+        fake.commands()
+    );
+}
+
 /// An unknown command (forwarded, no subscription) when HA drops.
 #[test]
 fn upstream_drop_mid_forward_answers_the_waiting_command() {
