@@ -454,11 +454,13 @@ impl Hub {
         self.mirror.borrow().filter().tracks(entity_id)
     }
 
-    /// The state of a followed entity ([`Hub::follows`]), if the mirror has it.
+    /// The state of a followed entity ([`Hub::follows`]), if the subscription has delivered
+    /// it (a REST copy does not count: the subscription's event for it may still come, and a
+    /// WebSocket client would see the entity appear twice).
     pub fn followed_state(&self, entity_id: &str) -> Option<Rc<EntityState>> {
         let mirror = self.mirror.borrow();
         if mirror.filter().tracks(entity_id) {
-            mirror.peek(entity_id)
+            mirror.peek_tracked(entity_id)
         } else {
             None
         }

@@ -395,6 +395,11 @@ impl Mirror {
         self.store.tracked_states()
     }
 
+    /// A tracked state (see [`Store::peek_tracked`]).
+    pub fn peek_tracked(&self, entity_id: &str) -> Option<Rc<EntityState>> {
+        self.store.peek_tracked(entity_id)
+    }
+
     /// A tracked or cached state, without touching the LRU order or counters.
     pub fn peek(&self, entity_id: &str) -> Option<Rc<EntityState>> {
         self.store.peek(entity_id)

@@ -274,7 +274,15 @@ impl Store {
         self.stats.stale_serves += 1;
     }
 
-    /// A tracked state without touching LRU order or counters (D-Bus, SSE snapshots).
+    /// A tracked state (pushed or restored), without touching LRU order or counters: what
+    /// the subscription has delivered, never a REST copy (which may come before the
+    /// subscription's own event for the entity, and would then be announced twice).
+    pub fn peek_tracked(&self, entity_id: &str) -> Option<Rc<EntityState>> {
+        Self::state_of(self.entries.peek(entity_id).cloned())
+    }
+
+    /// A tracked or REST-fetched state without touching LRU order or counters (D-Bus
+    /// `GetState`).
     pub fn peek(&self, entity_id: &str) -> Option<Rc<EntityState>> {
         let entry = self
             .entries
@@ -718,6 +726,17 @@ pub(crate) mod tests {
             s.peek("sensor.untracked").is_some(),
             "REST entries survive a snapshot"
         );
+        assert!(
+            s.peek_tracked("sensor.untracked").is_none(),
+            "a REST entry is not a tracked state"
+        );
+        assert_eq!(s.peek_tracked("light.c").unwrap().state, "on");
+        // A REST copy of an id the subscription has not delivered yet, then its `a`.
+        s.insert_fetched("light.d", Some(state("light.d", "on")), t0);
+        assert!(s.peek_tracked("light.d").is_none());
+        let c = s.upsert_pushed(state("light.d", "on"), t0).unwrap();
+        assert!(c.old_state.is_none(), "new to watchers");
+        assert_eq!(s.peek_tracked("light.d").unwrap().state, "on");
     }
 
     #[test]
