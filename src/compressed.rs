@@ -181,11 +181,16 @@ pub fn write_initial<'a>(out: &mut String, states: impl IntoIterator<Item = &'a 
         if i > 0 {
             out.push(',');
         }
-        write_str(out, &state.entity_id);
-        out.push(':');
-        write_added(out, state);
+        write_initial_entry(out, state);
     }
     out.push_str("}}");
+}
+
+/// Writes one entry of [`write_initial`]'s `a` object: `"<entity_id>":<compressed state>`.
+pub fn write_initial_entry(out: &mut String, state: &EntityState) {
+    write_str(out, &state.entity_id);
+    out.push(':');
+    write_added(out, state);
 }
 
 /// Writes a float as HA's orjson prints it: the shortest text that reads back as the same

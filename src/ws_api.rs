@@ -85,6 +85,9 @@ pub enum Phase {
 pub enum Action {
     /// Send this message (one JSON object) to the client.
     Send(String),
+    /// Send this message, which holds many states: rendered piece by piece as it is written
+    /// ([`Piecewise`]).
+    SendStates(Piecewise),
     /// The client presented this token: decide, then call [`LocalSession::authorized`] or
     /// [`LocalSession::refused`].
     Authorize(String),
@@ -109,6 +112,62 @@ pub enum Action {
     },
     /// Close the connection; the reason is for the log.
     Close(&'static str),
+}
+
+/// How each state of a [`Piecewise`] message is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// HA's state JSON ([`EntityState::to_json`]): `get_states`' result.
+    Json,
+    /// `"<entity_id>":<compressed state>` ([`crate::compressed::write_initial_entry`]):
+    /// `subscribe_entities`' first event.
+    Compressed,
+}
+
+/// A message holding many states — `get_states`' result, `subscribe_entities`' first event —
+/// rendered a piece at a time as it is written ([`Piecewise::write_piece`]), so that a
+/// session never holds the whole text: with 10,000 entities it is megabytes, for every
+/// client that asks, and a client that does not read would keep it for the write timeout.
+/// The text is `head`, the states separated by commas, `tail`.
+#[derive(Debug, PartialEq)]
+pub struct Piecewise {
+    head: String,
+    states: Vec<Rc<EntityState>>,
+    form: Form,
+    tail: &'static str,
+}
+
+impl Piecewise {
+    /// Appends the next piece to `out`: from state `*next` on (with `head` first when
+    /// `*next` is 0) until `out` holds at least `limit` bytes or the message ends. Pieces
+    /// end between states, so each is whole UTF-8. Returns whether the message is complete.
+    pub fn write_piece(&self, next: &mut usize, out: &mut String, limit: usize) -> bool {
+        if *next == 0 {
+            out.push_str(&self.head);
+        }
+        while let Some(state) = self.states.get(*next) {
+            if *next > 0 {
+                out.push(',');
+            }
+            match self.form {
+                Form::Json => out.push_str(&state.to_json()),
+                Form::Compressed => crate::compressed::write_initial_entry(out, state),
+            }
+            *next += 1;
+            if out.len() >= limit && *next < self.states.len() {
+                return false;
+            }
+        }
+        out.push_str(self.tail);
+        true
+    }
+
+    /// The whole text.
+    pub fn whole(&self) -> String {
+        let mut out = String::new();
+        self.write_piece(&mut 0, &mut out, usize::MAX);
+        out
+    }
 }
 
 /// What the session answers from: the mirror as this client may see it.
@@ -302,7 +361,7 @@ impl LocalSession {
         };
         fields.remove("id");
         if let Some(answer) = self.local_answer(id, &kind, &fields, view, out) {
-            out.push(Action::Send(answer));
+            out.push(answer);
             return;
         }
         if fields.len() == 1
@@ -352,23 +411,22 @@ impl LocalSession {
         fields: &Map<String, Value>,
         view: &dyn View,
         out: &mut Vec<Action>,
-    ) -> Option<String> {
+    ) -> Option<Action> {
         let only = |allowed: &[&str]| fields.keys().all(|k| allowed.contains(&k.as_str()));
         let room = self.local.len() < MAX_LOCAL_SUBSCRIPTIONS;
+        let send = |text: String| Some(Action::Send(text));
         match kind {
-            "ping" if fields.len() == 1 => Some(format!(r#"{{"id":{id},"type":"pong"}}"#)),
-            "get_states" if fields.len() == 1 => {
-                let mut body = String::from("[");
-                for (i, state) in view.states().iter().enumerate() {
-                    if i > 0 {
-                        body.push(',');
-                    }
-                    body.push_str(&state.to_json());
-                }
-                body.push(']');
-                Some(result_raw(id, &body))
+            "ping" if fields.len() == 1 => send(format!(r#"{{"id":{id},"type":"pong"}}"#)),
+            // `construct_result_message` with the states joined.
+            "get_states" if fields.len() == 1 => Some(Action::SendStates(Piecewise {
+                head: format!(r#"{{"id":{id},"type":"result","success":true,"result":["#),
+                states: view.states(),
+                form: Form::Json,
+                tail: "]}",
+            })),
+            "get_config" if fields.len() == 1 => {
+                view.ha_config().and_then(|c| send(result_raw(id, &c)))
             }
-            "get_config" if fields.len() == 1 => view.ha_config().map(|c| result_raw(id, &c)),
             "supported_features" if only(&["type", "features"]) => {
                 let features = fields.get("features")?.as_object()?;
                 // HA's schema: `{str: int}`.
@@ -376,7 +434,7 @@ impl LocalSession {
                     return None;
                 }
                 self.coalesce = features.contains_key("coalesce_messages");
-                Some(result_raw(id, "null"))
+                send(result_raw(id, "null"))
             }
             "subscribe_events"
                 if room
@@ -384,13 +442,13 @@ impl LocalSession {
                     && fields.get("event_type")?.as_str()? == "state_changed" =>
             {
                 self.local.insert(id, LocalSub::StateChanged);
-                Some(result_raw(id, "null"))
+                send(result_raw(id, "null"))
             }
             "unsubscribe_events" if only(&["type", "subscription"]) => {
                 let subscription = fields.get("subscription")?.as_u64()?;
                 self.local
                     .remove(&subscription)
-                    .map(|_| result_raw(id, "null"))
+                    .and_then(|_| send(result_raw(id, "null")))
             }
             "subscribe_entities" if room && only(&["type", "entity_ids"]) => {
                 let ids = match fields.get("entity_ids") {
@@ -417,10 +475,13 @@ impl LocalSession {
                 self.local.insert(id, LocalSub::Entities(ids));
                 // The result first, then the snapshot (`_send_handle_entities_init_response`).
                 out.push(Action::Send(result_raw(id, "null")));
-                let mut event = format!(r#"{{"id":{id},"type":"event","event":"#);
-                crate::compressed::write_initial(&mut event, states.iter().map(|s| &**s));
-                event.push('}');
-                Some(event)
+                // `write_initial` in pieces.
+                Some(Action::SendStates(Piecewise {
+                    head: format!(r#"{{"id":{id},"type":"event","event":{{"a":{{"#),
+                    states,
+                    form: Form::Compressed,
+                    tail: "}}}",
+                }))
             }
             _ => None,
         }
@@ -654,6 +715,7 @@ mod tests {
     fn json(action: &Action) -> Value {
         match action {
             Action::Send(t) => serde_json::from_str(t).unwrap(),
+            Action::SendStates(m) => serde_json::from_str(&m.whole()).unwrap(),
             other => panic!("not a Send: {other:?}"),
         }
     }
@@ -816,6 +878,66 @@ mod tests {
         assert_eq!(
             msgs,
             vec![r#"{"type":"event","event":{"r":["light.kitchen"]},"id":3}"#]
+        );
+    }
+
+    /// The pieces of `message` written `limit` bytes at a time.
+    fn pieces(message: &Piecewise, limit: usize) -> Vec<String> {
+        let (mut next, mut pieces) = (0, Vec::new());
+        loop {
+            let mut piece = String::new();
+            let done = message.write_piece(&mut next, &mut piece, limit);
+            pieces.push(piece);
+            if done {
+                return pieces;
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_of_many_states_is_the_same_text_in_pieces() {
+        let states: Vec<_> = (0..50)
+            .map(|i| state(&format!("sensor.s{i}"), &i.to_string()))
+            .collect();
+        let v = Fake {
+            states: states.clone(),
+            read_only: false,
+            cached: None,
+        };
+        let mut s = ready(Mode::Edge);
+        let out = sent(&mut s, &v, r#"{"id":1,"type":"get_states"}"#);
+        let [Action::SendStates(m)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let joined: Vec<String> = states.iter().map(|s| s.to_json()).collect();
+        let whole = result_raw(1, &format!("[{}]", joined.join(",")));
+        assert_eq!(m.whole(), whole);
+        let longest = joined.iter().map(String::len).max().unwrap();
+        let got = pieces(m, 300);
+        assert!(got.len() > 5, "{got:?}");
+        for p in &got[..got.len() - 1] {
+            assert!((300..300 + longest + 1).contains(&p.len()), "{p}");
+        }
+        assert_eq!(got.concat(), whole);
+
+        let out = sent(&mut s, &v, r#"{"id":2,"type":"subscribe_entities"}"#);
+        let [Action::Send(_), Action::SendStates(m)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let mut whole = String::from(r#"{"id":2,"type":"event","event":"#);
+        crate::compressed::write_initial(&mut whole, states.iter().map(|s| &**s));
+        whole.push('}');
+        assert_eq!(pieces(m, 300).concat(), whole);
+        assert_eq!(pieces(m, usize::MAX), [whole]);
+        // No states: head and tail.
+        let empty = Fake {
+            states: Vec::new(),
+            ..view()
+        };
+        let out = sent(&mut s, &empty, r#"{"id":3,"type":"get_states"}"#);
+        assert_eq!(
+            json(&out[0]),
+            serde_json::json!({"id":3,"type":"result","success":true,"result":[]})
         );
     }
 

@@ -64,7 +64,7 @@ use crate::http::{Exchange, Response};
 use crate::hub::Hub;
 use crate::status::WsApiStatus;
 use crate::uplink::{LinkError, UpLink};
-use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, View};
+use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, Piecewise, View};
 
 /// Time for the client's `auth` message (HA `websocket_api/http.py`: 10 s).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -291,7 +291,8 @@ impl WsApi {
         let mut session = LocalSession::new();
         let version = self.ha_version();
         let mut deadline = Deadline::new(Instant::now());
-        let mut outgoing = vec![LocalSession::auth_required(&version)];
+        let mut outgoing = Outgoing::default();
+        outgoing.push(LocalSession::auth_required(&version));
         if let Err(e) = flush(client, &mut deadline, &session, &mut outgoing, None).await {
             return e;
         }
@@ -360,7 +361,7 @@ impl WsApi {
             tick_wait: false,
             allowlist: (self.dashboards.generation(), self.dashboards.current()),
         };
-        let mut outgoing: Vec<String> = Vec::new();
+        let mut outgoing = Outgoing::default();
         // The auth phase's answer is the first turn's work; every session that ends (a
         // refused token, a malformed message) ends through `state.end` after its last words.
         let mut first = Some(pending);
@@ -401,7 +402,7 @@ impl WsApi {
                     self.take_changes(&mut state, &session, Some(first), &mut outgoing);
                 }
                 Wake::Link(Some(Ok(Message::Text(text)))) => {
-                    let mut answers = Vec::new();
+                    let mut answers = Outgoing::default();
                     if self.link_message(&mut state, &text, &mut answers) {
                         // A service call's result: HA sent the call's state changes before
                         // it, so a client subscribed on this connection had them first. Here
@@ -411,7 +412,7 @@ impl WsApi {
                         self.hub.caught_up().await;
                         self.take_changes(&mut state, &session, None, &mut outgoing);
                     }
-                    outgoing.append(&mut answers);
+                    outgoing.append(answers);
                 }
                 Wake::Link(Some(Ok(_))) => {}
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
@@ -437,7 +438,7 @@ impl WsApi {
                             _ => {}
                         }
                     }
-                    session.reveal(&added, &removed, &mut outgoing);
+                    session.reveal(&added, &removed, &mut outgoing.texts);
                 }
             }
             // Follow the mirror from the turn the first local subscription was answered: its
@@ -482,7 +483,7 @@ impl WsApi {
         state: &mut Running<'_>,
         session: &LocalSession,
         first: Option<Rc<crate::broadcast::Event>>,
-        outgoing: &mut Vec<String>,
+        outgoing: &mut Outgoing,
     ) -> bool {
         state.tick_wait = false;
         let mut events: Vec<_> = first.into_iter().collect();
@@ -491,7 +492,7 @@ impl WsApi {
                 events.push(e);
             }
         }
-        session.changes(&events, &self.view(), outgoing);
+        session.changes(&events, &self.view(), &mut outgoing.texts);
         !events.is_empty()
     }
 
@@ -572,10 +573,11 @@ impl WsApi {
 
     /// Carries out the session's actions; [`Action::Close`] sets `state.end` (the session
     /// ends once what came before it is written).
-    async fn act(&self, state: &mut Running<'_>, actions: Vec<Action>, outgoing: &mut Vec<String>) {
+    async fn act(&self, state: &mut Running<'_>, actions: Vec<Action>, outgoing: &mut Outgoing) {
         for action in actions {
             match action {
                 Action::Send(text) => outgoing.push(text),
+                Action::SendStates(message) => outgoing.push_states(message),
                 Action::Close(why) => {
                     state.end = Some(End::Client(why.into()));
                     return;
@@ -662,9 +664,9 @@ impl WsApi {
         command: Map<String, Value>,
         subscription: bool,
         cache: Option<&'static str>,
-        outgoing: &mut Vec<String>,
+        outgoing: &mut Outgoing,
     ) {
-        let away = |outgoing: &mut Vec<String>| {
+        let away = |outgoing: &mut Outgoing| {
             outgoing.push(ws_api::error(
                 client_id,
                 "home_assistant_error",
@@ -732,12 +734,7 @@ impl WsApi {
     /// A message from the session's link: passed to the client under its id.
     /// Passes HA's messages on the session's link to the client, under the client's ids;
     /// `true` when one is the successful result of a `call_service`.
-    fn link_message(
-        &self,
-        state: &mut Running<'_>,
-        text: &str,
-        outgoing: &mut Vec<String>,
-    ) -> bool {
+    fn link_message(&self, state: &mut Running<'_>, text: &str, outgoing: &mut Outgoing) -> bool {
         let mut service_called = false;
         let messages: Vec<&serde_json::value::RawValue> = if text.trim_start().starts_with('[') {
             serde_json::from_str(text).unwrap_or_default()
@@ -793,7 +790,7 @@ impl WsApi {
 
     /// The session's link dropped: waiting commands get `home_assistant_error`;
     /// subscriptions wait for the next link.
-    fn link_lost(&self, state: &mut Running<'_>, outgoing: &mut Vec<String>) {
+    fn link_lost(&self, state: &mut Running<'_>, outgoing: &mut Outgoing) {
         if state.link.take().is_some() {
             self.counters
                 .links_open
@@ -865,7 +862,7 @@ impl WsApi {
         &self,
         state: &mut Running<'_>,
         result: Result<Box<UpLink>, LinkError>,
-        outgoing: &mut Vec<String>,
+        outgoing: &mut Outgoing,
     ) {
         state.opening = None;
         let queued = std::mem::take(&mut state.queued);
@@ -1252,23 +1249,104 @@ impl View for SessionView<'_> {
     }
 }
 
+/// Bytes of a [`Piecewise`] message rendered at a time: the most a session holds of one.
+const PIECE: usize = 64 * 1024;
+
+/// What a turn writes to the client, in order: messages, and among them now and then one that
+/// holds many states ([`Piecewise`]), rendered as it is written.
+#[derive(Debug, Default)]
+struct Outgoing {
+    texts: Vec<String>,
+    /// Each with the number of `texts` that go before it, its first piece, and the state
+    /// the next piece starts at.
+    pieced: Vec<(usize, Piecewise, String, usize)>,
+}
+
+impl Outgoing {
+    fn push(&mut self, text: String) {
+        self.texts.push(text);
+    }
+
+    /// A message of many states: one that fits in a [`PIECE`] joins the others as text; a
+    /// bigger one is kept with its first piece, and the rest is rendered while it is written.
+    fn push_states(&mut self, message: Piecewise) {
+        let (mut first, mut next) = (String::new(), 0);
+        if message.write_piece(&mut next, &mut first, PIECE) {
+            self.texts.push(first);
+        } else {
+            self.pieced.push((self.texts.len(), message, first, next));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.texts.is_empty() && self.pieced.is_empty()
+    }
+
+    /// Appends `later`'s messages after these.
+    fn append(&mut self, later: Outgoing) {
+        let at = self.texts.len();
+        self.pieced.extend(
+            later
+                .pieced
+                .into_iter()
+                .map(|(i, message, first, next)| (at + i, message, first, next)),
+        );
+        self.texts.extend(later.texts);
+    }
+}
+
 /// Writes the outgoing messages: one frame each, or one array frame when the client
-/// coalesces (HA `http.py` `_writer`).
+/// coalesces (HA `http.py` `_writer`); a [`Piecewise`] message as a fragmented message of
+/// its own (RFC 6455 §5.4: a text frame, continuation frames, the last one final).
 async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
     client: &mut WebSocketStream<S>,
     deadline: &mut Deadline,
     session: &LocalSession,
-    outgoing: &mut Vec<String>,
+    outgoing: &mut Outgoing,
     changes: Option<&Subscription>,
 ) -> Result<(), End> {
-    if outgoing.is_empty() {
-        return Ok(());
+    let mut from = 0;
+    for (at, message, mut piece, mut next) in std::mem::take(&mut outgoing.pieced) {
+        write_texts(
+            client,
+            deadline,
+            session,
+            &outgoing.texts[from..at],
+            changes,
+        )
+        .await?;
+        from = at;
+        // `piece` is never the last one here: the message goes on after it.
+        let mut opcode = Data::Text;
+        loop {
+            let mut rest = String::with_capacity(PIECE + 4096);
+            let done = message.write_piece(&mut next, &mut rest, PIECE);
+            send(client, deadline, &frame(opcode, false, &piece), changes).await?;
+            (piece, opcode) = (rest, Data::Continue);
+            if done {
+                break;
+            }
+        }
+        send(client, deadline, &frame(opcode, true, &piece), changes).await?;
     }
-    if session.coalesce() && outgoing.len() > 1 {
-        let len = outgoing.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
-        let mut frame = text_frame(len);
+    let result = write_texts(client, deadline, session, &outgoing.texts[from..], changes).await;
+    outgoing.texts.clear();
+    result
+}
+/// Writes `texts`: one frame each, or one array frame when the client coalesces (HA
+/// `http.py` `_writer`).
+async fn write_texts<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut WebSocketStream<S>,
+    deadline: &mut Deadline,
+    session: &LocalSession,
+    texts: &[String],
+    changes: Option<&Subscription>,
+) -> Result<(), End> {
+    if session.coalesce() && texts.len() > 1 {
+        let len = texts.iter().map(|m| m.len() + 1).sum::<usize>() + 1;
+        let mut frame = frame_head(Data::Text, true, len);
         frame.push(b'[');
-        for (i, m) in outgoing.drain(..).enumerate() {
+        for (i, m) in texts.iter().enumerate() {
             if i > 0 {
                 frame.push(b',');
             }
@@ -1277,19 +1355,26 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
         frame.push(b']');
         return send(client, deadline, &frame, changes).await;
     }
-    for m in outgoing.drain(..) {
-        let mut frame = text_frame(m.len());
-        frame.extend_from_slice(m.as_bytes());
-        send(client, deadline, &frame, changes).await?;
+    for m in texts {
+        send(client, deadline, &frame(Data::Text, true, m), changes).await?;
     }
     Ok(())
 }
 
-/// A buffer holding the header of an unmasked, final text frame whose payload is `len` bytes
-/// (RFC 6455 §5.2, formatted by tungstenite's [`FrameHeader`]), with room for the payload.
-fn text_frame(len: usize) -> Vec<u8> {
+/// An unmasked frame of `opcode` (a text frame, or a continuation of one) carrying
+/// `payload`; `is_final` ends the message (RFC 6455 §5.2, §5.4).
+fn frame(opcode: Data, is_final: bool, payload: &str) -> Vec<u8> {
+    let mut frame = frame_head(opcode, is_final, payload.len());
+    frame.extend_from_slice(payload.as_bytes());
+    frame
+}
+
+/// The header of an unmasked frame whose payload is `len` bytes (formatted by tungstenite's
+/// [`FrameHeader`]), in a buffer with room for the payload.
+fn frame_head(opcode: Data, is_final: bool, len: usize) -> Vec<u8> {
     let header = FrameHeader {
-        opcode: OpCode::Data(Data::Text),
+        is_final,
+        opcode: OpCode::Data(opcode),
         ..FrameHeader::default()
     };
     let mut frame = Vec::with_capacity(header.len(len as u64) + len);
@@ -1298,7 +1383,7 @@ fn text_frame(len: usize) -> Vec<u8> {
     frame
 }
 
-/// Writes one whole frame (see [`text_frame`]) within [`WRITE_TIMEOUT`] (the session's one
+/// Writes one whole frame (see [`frame`]) within [`WRITE_TIMEOUT`] (the session's one
 /// [`Deadline`], not a timer per write), or until the fan-out drops the session for falling
 /// behind (`changes`): a client that stopped reading is let go then, not 10 s later.
 ///

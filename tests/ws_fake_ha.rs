@@ -663,6 +663,76 @@ fn a_rest_copy_never_makes_an_entity_appear_twice() {
     assert_eq!(seen, 1, "light.rest_first appeared {seen} times");
 }
 
+/// A `get_states` and a `subscribe_entities` snapshot far over the 64 KiB the daemon renders
+/// at a time come whole (as one message, written as a fragmented one) and equal to the
+/// mirror's states; asked in one coalesced frame between two pings, everything comes back in
+/// order.
+#[test]
+fn big_answers_come_whole_and_in_order() {
+    let dir = TempDir::new("ws-big");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let filler = "x".repeat(400);
+    for i in 0..600 {
+        fake.push_change(fake.new_entity(
+            &format!("sensor.big_{i:03}"),
+            &i.to_string(),
+            json!({"friendly_name": format!("Big {i}"), "filler": filler}),
+        ));
+    }
+    let listed = wait_until("the mirror to hold them", deadline(), || {
+        let r = get_authorized(&daemon, "/api/states");
+        let list: Value = serde_json::from_str(&r.text()).map_err(|e| e.to_string())?;
+        let n = list.as_array().map_or(0, Vec::len);
+        if list
+            .as_array()
+            .is_some_and(|l| l.iter().any(|s| s["entity_id"] == "sensor.big_599"))
+        {
+            Ok(list)
+        } else {
+            Err(format!("{n} states"))
+        }
+    });
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    c.send(json!({"id": 1, "type": "supported_features", "features": {"coalesce_messages": 1}}));
+    assert_eq!(c.recv_id(1, "result")["success"], true);
+    c.send_text(
+        json!([
+            {"id": 2, "type": "ping"},
+            {"id": 3, "type": "get_states"},
+            {"id": 4, "type": "subscribe_entities"},
+            {"id": 5, "type": "ping"},
+        ])
+        .to_string(),
+    );
+    let got: Vec<Value> = (0..5).map(|_| c.recv()).collect();
+    let kinds: Vec<(u64, &str)> = got
+        .iter()
+        .map(|m| (m["id"].as_u64().unwrap(), m["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (2, "pong"),
+            (3, "result"),
+            (4, "result"),
+            (4, "event"),
+            (5, "pong")
+        ]
+    );
+    let states = got[1]["result"].as_array().unwrap();
+    assert!(
+        got[1].to_string().len() > 4 * 64 * 1024,
+        "big enough to need pieces"
+    );
+    assert_eq!(
+        &got[1]["result"], &listed,
+        "get_states is the mirror's list"
+    );
+    let snapshot = got[3]["event"]["a"].as_object().unwrap();
+    assert_eq!(snapshot.len(), states.len());
+    assert_eq!(snapshot["sensor.big_599"]["a"]["filler"], filler.as_str());
+}
+
 /// An unknown command (forwarded, no subscription) when HA drops.
 #[test]
 fn upstream_drop_mid_forward_answers_the_waiting_command() {

@@ -1019,6 +1019,27 @@ pub fn ws_session(data: &[u8]) {
         let phase_before = session.phase();
         let mut out = Vec::new();
         session.handle_text(text, &view, &mut out);
+        // A message of many states is checked whole, after checking that its pieces (at a
+        // size the input picks) make exactly that text.
+        let out: Vec<Action> = out
+            .into_iter()
+            .map(|a| match a {
+                Action::SendStates(m) => {
+                    let whole = m.whole();
+                    let limit = 1 + usize::from(flags >> 4) * 64;
+                    let (mut next, mut joined) = (0, String::new());
+                    loop {
+                        let upto = joined.len() + limit;
+                        if m.write_piece(&mut next, &mut joined, upto) {
+                            break;
+                        }
+                    }
+                    assert_eq!(joined, whole, "the pieces of a message are not the message");
+                    Action::Send(whole)
+                }
+                a => a,
+            })
+            .collect();
         if model.closed {
             assert!(
                 out.is_empty(),
@@ -1062,9 +1083,19 @@ pub fn ws_session(data: &[u8]) {
                                     .get("entity_ids")
                                     .is_none_or(|e| e.as_array().is_some_and(Vec::is_empty));
                                 model.local.insert(id, unfiltered);
+                                assert!(
+                                    model.local.len() <= hass_edge::ws_api::MAX_LOCAL_SUBSCRIPTIONS,
+                                    "more local subscriptions than the bound: {:?}",
+                                    model.local
+                                );
                             }
                             Some("subscribe_events") => {
                                 model.local.insert(id, false);
+                                assert!(
+                                    model.local.len() <= hass_edge::ws_api::MAX_LOCAL_SUBSCRIPTIONS,
+                                    "more local subscriptions than the bound: {:?}",
+                                    model.local
+                                );
                             }
                             Some("unsubscribe_events") => {
                                 let sub = m.get("subscription").and_then(Value::as_u64);
@@ -1141,6 +1172,7 @@ pub fn ws_session(data: &[u8]) {
                     );
                 }
                 Action::Close(_) => model.closed = true,
+                Action::SendStates(_) => panic!("made whole above"),
             }
         }
         if phase_before == Phase::AwaitAuth && !model.closed {
