@@ -85,9 +85,9 @@ pub enum Phase {
 pub enum Action {
     /// Send this message (one JSON object) to the client.
     Send(String),
-    /// Send this message, which holds many states: rendered piece by piece as it is written
-    /// ([`Piecewise`]).
-    SendStates(Piecewise),
+    /// Send this message, which may be large (many states, a cached registry list):
+    /// rendered piece by piece as it is written ([`Piecewise`]).
+    SendPiecewise(Piecewise),
     /// The client presented this token: decide, then call [`LocalSession::authorized`] or
     /// [`LocalSession::refused`].
     Authorize(String),
@@ -124,38 +124,67 @@ pub enum Form {
     Compressed,
 }
 
-/// A message holding many states — `get_states`' result, `subscribe_entities`' first event —
-/// rendered a piece at a time as it is written ([`Piecewise::write_piece`]), so that a
-/// session never holds the whole text: with 10,000 entities it is megabytes, for every
-/// client that asks, and a client that does not read would keep it for the write timeout.
-/// The text is `head`, the states separated by commas, `tail`.
+/// The middle of a [`Piecewise`] message.
+#[derive(Debug, PartialEq)]
+pub enum Body {
+    /// States separated by commas, each written in the [`Form`].
+    States(Vec<Rc<EntityState>>, Form),
+    /// JSON text shared by every session that sends it (a cached answer), copied a piece at
+    /// a time.
+    Shared(Rc<str>),
+}
+
+/// A message that may be large — `get_states`' result, `subscribe_entities`' first event, a
+/// cached registry list — rendered a piece at a time as it is written
+/// ([`Piecewise::write_piece`]), so that a session never holds the whole text: with 10,000
+/// entities it is megabytes, for every client that asks, and a client that does not read
+/// would keep it for the write timeout. The text is `head`, the body, `tail`.
 #[derive(Debug, PartialEq)]
 pub struct Piecewise {
     head: String,
-    states: Vec<Rc<EntityState>>,
-    form: Form,
+    body: Body,
     tail: &'static str,
 }
 
 impl Piecewise {
-    /// Appends the next piece to `out`: from state `*next` on (with `head` first when
-    /// `*next` is 0) until `out` holds at least `limit` bytes or the message ends. Pieces
-    /// end between states, so each is whole UTF-8. Returns whether the message is complete.
+    /// Appends the next piece to `out`, until `out` holds at least `limit` bytes (a state
+    /// or a character more at most) or the message ends. `*next` counts what is written of
+    /// the body (states, or bytes of shared text); `head` goes first when it is 0. Pieces
+    /// end between states or characters, so each is whole UTF-8. Returns whether the
+    /// message is complete.
     pub fn write_piece(&self, next: &mut usize, out: &mut String, limit: usize) -> bool {
         if *next == 0 {
             out.push_str(&self.head);
         }
-        while let Some(state) = self.states.get(*next) {
-            if *next > 0 {
-                out.push(',');
+        match &self.body {
+            Body::States(states, form) => {
+                while let Some(state) = states.get(*next) {
+                    if *next > 0 {
+                        out.push(',');
+                    }
+                    match form {
+                        Form::Json => out.push_str(&state.to_json()),
+                        Form::Compressed => crate::compressed::write_initial_entry(out, state),
+                    }
+                    *next += 1;
+                    if out.len() >= limit && *next < states.len() {
+                        return false;
+                    }
+                }
             }
-            match self.form {
-                Form::Json => out.push_str(&state.to_json()),
-                Form::Compressed => crate::compressed::write_initial_entry(out, state),
-            }
-            *next += 1;
-            if out.len() >= limit && *next < self.states.len() {
-                return false;
+            Body::Shared(text) => {
+                if *next < text.len() {
+                    let room = limit.saturating_sub(out.len()).max(1);
+                    let mut end = next.saturating_add(room).min(text.len());
+                    while !text.is_char_boundary(end) {
+                        end += 1;
+                    }
+                    out.push_str(&text[*next..end]);
+                    *next = end;
+                    if end < text.len() {
+                        return false;
+                    }
+                }
             }
         }
         out.push_str(self.tail);
@@ -367,7 +396,12 @@ impl LocalSession {
         if fields.len() == 1
             && let Some(cached) = view.cached(&kind)
         {
-            out.push(Action::Send(result_raw(id, &cached)));
+            // `result_raw` in pieces: the cached text is shared, not copied whole.
+            out.push(Action::SendPiecewise(Piecewise {
+                head: format!(r#"{{"id":{id},"type":"result","success":true,"result":"#),
+                body: Body::Shared(cached),
+                tail: "}",
+            }));
             return;
         }
         if mode == Mode::Edge && view.read_only() {
@@ -418,10 +452,9 @@ impl LocalSession {
         match kind {
             "ping" if fields.len() == 1 => send(format!(r#"{{"id":{id},"type":"pong"}}"#)),
             // `construct_result_message` with the states joined.
-            "get_states" if fields.len() == 1 => Some(Action::SendStates(Piecewise {
+            "get_states" if fields.len() == 1 => Some(Action::SendPiecewise(Piecewise {
                 head: format!(r#"{{"id":{id},"type":"result","success":true,"result":["#),
-                states: view.states(),
-                form: Form::Json,
+                body: Body::States(view.states(), Form::Json),
                 tail: "]}",
             })),
             "get_config" if fields.len() == 1 => {
@@ -476,10 +509,9 @@ impl LocalSession {
                 // The result first, then the snapshot (`_send_handle_entities_init_response`).
                 out.push(Action::Send(result_raw(id, "null")));
                 // `write_initial` in pieces.
-                Some(Action::SendStates(Piecewise {
+                Some(Action::SendPiecewise(Piecewise {
                     head: format!(r#"{{"id":{id},"type":"event","event":{{"a":{{"#),
-                    states,
-                    form: Form::Compressed,
+                    body: Body::States(states, Form::Compressed),
                     tail: "}}}",
                 }))
             }
@@ -715,7 +747,7 @@ mod tests {
     fn json(action: &Action) -> Value {
         match action {
             Action::Send(t) => serde_json::from_str(t).unwrap(),
-            Action::SendStates(m) => serde_json::from_str(&m.whole()).unwrap(),
+            Action::SendPiecewise(m) => serde_json::from_str(&m.whole()).unwrap(),
             other => panic!("not a Send: {other:?}"),
         }
     }
@@ -906,7 +938,7 @@ mod tests {
         };
         let mut s = ready(Mode::Edge);
         let out = sent(&mut s, &v, r#"{"id":1,"type":"get_states"}"#);
-        let [Action::SendStates(m)] = &out[..] else {
+        let [Action::SendPiecewise(m)] = &out[..] else {
             panic!("{out:?}")
         };
         let joined: Vec<String> = states.iter().map(|s| s.to_json()).collect();
@@ -921,7 +953,7 @@ mod tests {
         assert_eq!(got.concat(), whole);
 
         let out = sent(&mut s, &v, r#"{"id":2,"type":"subscribe_entities"}"#);
-        let [Action::Send(_), Action::SendStates(m)] = &out[..] else {
+        let [Action::Send(_), Action::SendPiecewise(m)] = &out[..] else {
             panic!("{out:?}")
         };
         let mut whole = String::from(r#"{"id":2,"type":"event","event":"#);
@@ -929,15 +961,39 @@ mod tests {
         whole.push('}');
         assert_eq!(pieces(m, 300).concat(), whole);
         assert_eq!(pieces(m, usize::MAX), [whole]);
+        // A cached answer: the shared text in pieces that end between characters.
+        let cached: String = (0..400)
+            .map(|i| format!(r#"{{"name":"Küche ☕ {i}"}},"#))
+            .collect();
+        let cached = format!("[{}]", cached.trim_end_matches(','));
+        let with_cache = Fake {
+            cached: Some(Rc::from(cached.as_str())),
+            ..view()
+        };
+        let out = sent(
+            &mut s,
+            &with_cache,
+            r#"{"id":3,"type":"config/area_registry/list"}"#,
+        );
+        let [Action::SendPiecewise(m)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let whole = result_raw(3, &cached);
+        assert_eq!(m.whole(), whole);
+        for limit in [1, 7, 300] {
+            let got = pieces(m, limit);
+            assert!(got.len() > 10, "{limit}: {}", got.len());
+            assert_eq!(got.concat(), whole, "{limit}");
+        }
         // No states: head and tail.
         let empty = Fake {
             states: Vec::new(),
             ..view()
         };
-        let out = sent(&mut s, &empty, r#"{"id":3,"type":"get_states"}"#);
+        let out = sent(&mut s, &empty, r#"{"id":4,"type":"get_states"}"#);
         assert_eq!(
             json(&out[0]),
-            serde_json::json!({"id":3,"type":"result","success":true,"result":[]})
+            serde_json::json!({"id":4,"type":"result","success":true,"result":[]})
         );
     }
 

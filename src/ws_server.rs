@@ -577,7 +577,7 @@ impl WsApi {
         for action in actions {
             match action {
                 Action::Send(text) => outgoing.push(text),
-                Action::SendStates(message) => outgoing.push_states(message),
+                Action::SendPiecewise(message) => outgoing.push_piecewise(message),
                 Action::Close(why) => {
                     state.end = Some(End::Client(why.into()));
                     return;
@@ -1252,8 +1252,8 @@ impl View for SessionView<'_> {
 /// Bytes of a [`Piecewise`] message rendered at a time: the most a session holds of one.
 const PIECE: usize = 64 * 1024;
 
-/// What a turn writes to the client, in order: messages, and among them now and then one that
-/// holds many states ([`Piecewise`]), rendered as it is written.
+/// What a turn writes to the client, in order: messages, and among them now and then a large
+/// one (many states, a cached registry list: [`Piecewise`]), rendered as it is written.
 #[derive(Debug, Default)]
 struct Outgoing {
     texts: Vec<String>,
@@ -1267,9 +1267,9 @@ impl Outgoing {
         self.texts.push(text);
     }
 
-    /// A message of many states: one that fits in a [`PIECE`] joins the others as text; a
+    /// A [`Piecewise`] message: one that fits in a [`PIECE`] joins the others as text; a
     /// bigger one is kept with its first piece, and the rest is rendered while it is written.
-    fn push_states(&mut self, message: Piecewise) {
+    fn push_piecewise(&mut self, message: Piecewise) {
         let (mut first, mut next) = (String::new(), 0);
         if message.write_piece(&mut next, &mut first, PIECE) {
             self.texts.push(first);

@@ -1024,7 +1024,7 @@ pub fn ws_session(data: &[u8]) {
         let out: Vec<Action> = out
             .into_iter()
             .map(|a| match a {
-                Action::SendStates(m) => {
+                Action::SendPiecewise(m) => {
                     let whole = m.whole();
                     let limit = 1 + usize::from(flags >> 4) * 64;
                     let (mut next, mut joined) = (0, String::new());
@@ -1172,7 +1172,7 @@ pub fn ws_session(data: &[u8]) {
                     );
                 }
                 Action::Close(_) => model.closed = true,
-                Action::SendStates(_) => panic!("made whole above"),
+                Action::SendPiecewise(_) => panic!("made whole above"),
             }
         }
         if phase_before == Phase::AwaitAuth && !model.closed {
