@@ -744,6 +744,18 @@ mod tests {
         out
     }
 
+    /// The messages `s` makes for `switch.fan` turning on.
+    fn fan_on(s: &LocalSession, v: &Fake) -> Vec<String> {
+        let change = Change {
+            entity_id: "switch.fan".into(),
+            old_state: Some(state("switch.fan", "off")),
+            new_state: Some(state("switch.fan", "on")),
+        };
+        let mut msgs = Vec::new();
+        s.changes(&[Rc::new(Event::for_tests(change))], v, &mut msgs);
+        msgs
+    }
+
     fn json(action: &Action) -> Value {
         match action {
             Action::Send(t) => serde_json::from_str(t).unwrap(),
@@ -878,14 +890,7 @@ mod tests {
         );
         assert!(matches!(&out[..], [Action::Forward { client_id: 6, .. }]));
         // A change reaches both local subscriptions that select it, in subscription order.
-        let change = Change {
-            entity_id: "switch.fan".into(),
-            old_state: Some(state("switch.fan", "off")),
-            new_state: Some(state("switch.fan", "on")),
-        };
-        let events = vec![Rc::new(Event::for_tests(change))];
-        let mut msgs = Vec::new();
-        s.changes(&events, &v, &mut msgs);
+        let msgs = fan_on(&s, &v);
         assert_eq!(msgs.len(), 2);
         let first: Value = serde_json::from_str(&msgs[0]).unwrap();
         assert_eq!(first["id"], 3);
@@ -1025,13 +1030,7 @@ mod tests {
             );
         }
         // A change costs one message per local subscription, no more.
-        let change = Change {
-            entity_id: "switch.fan".into(),
-            old_state: Some(state("switch.fan", "off")),
-            new_state: Some(state("switch.fan", "on")),
-        };
-        let mut msgs = Vec::new();
-        s.changes(&[Rc::new(Event::for_tests(change))], &v, &mut msgs);
+        let msgs = fan_on(&s, &v);
         assert_eq!(msgs.len(), MAX_LOCAL_SUBSCRIPTIONS);
         // One ended: room for one again.
         let out = sent(
@@ -1106,13 +1105,7 @@ mod tests {
             r#"{"id":1,"type":"subscribe_events","event_type":"state_changed"}"#,
         );
         assert_eq!(json(&out[0])["success"], true);
-        let change = Change {
-            entity_id: "switch.fan".into(),
-            old_state: Some(state("switch.fan", "off")),
-            new_state: Some(state("switch.fan", "on")),
-        };
-        let mut msgs = Vec::new();
-        s.changes(&[Rc::new(Event::for_tests(change))], &v, &mut msgs);
+        let msgs = fan_on(&s, &v);
         let e: Value = serde_json::from_str(&msgs[0]).unwrap();
         assert_eq!(e["event"]["event_type"], "state_changed");
         assert_eq!(e["event"]["data"]["new_state"]["state"], "on");
