@@ -32,6 +32,7 @@
 //!   commands, apply). A client cannot make every change cost the thread more than that.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 use std::rc::Rc;
 
 use serde_json::{Map, Value};
@@ -125,13 +126,41 @@ pub enum Form {
 }
 
 /// The middle of a [`Piecewise`] message.
-#[derive(Debug, PartialEq)]
 pub enum Body {
     /// States separated by commas, each written in the [`Form`].
     States(Vec<Rc<EntityState>>, Form),
-    /// JSON text shared by every session that sends it (a cached answer), copied a piece at
-    /// a time.
-    Shared(Rc<str>),
+    /// A range of a text kept anyway, without a copy of it — a cached answer every session
+    /// sends, a frame received from HA — copied a piece at a time. The range is on
+    /// character boundaries ([`Piecewise::text`] checks).
+    Text(Rc<dyn AsRef<str>>, Range<usize>),
+}
+
+impl Body {
+    fn text(&self) -> Option<&str> {
+        match self {
+            Body::States(..) => None,
+            Body::Text(text, range) => (**text).as_ref().get(range.clone()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::States(states, form) => write!(f, "States({} states, {form:?})", states.len()),
+            Body::Text(_, range) => write!(f, "Text({range:?})"),
+        }
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        match (self, other) {
+            (Body::States(a, f), Body::States(b, g)) => a == b && f == g,
+            (Body::Text(..), Body::Text(..)) => self.text() == other.text(),
+            _ => false,
+        }
+    }
 }
 
 /// A message that may be large — `get_states`' result, `subscribe_entities`' first event, a
@@ -172,7 +201,8 @@ impl Piecewise {
                     }
                 }
             }
-            Body::Shared(text) => {
+            Body::Text(..) => {
+                let text = self.body.text().unwrap_or_default();
                 if *next < text.len() {
                     let room = limit.saturating_sub(out.len()).max(1);
                     let mut end = next.saturating_add(room).min(text.len());
@@ -189,6 +219,20 @@ impl Piecewise {
         }
         out.push_str(self.tail);
         true
+    }
+
+    /// `head`, the `range` of `text`, `tail`: a message made of a text kept anyway (a frame
+    /// received from HA) without copying it. `None` when `range` is not on character
+    /// boundaries of `text`.
+    pub fn text(
+        head: String,
+        text: Rc<dyn AsRef<str>>,
+        range: Range<usize>,
+        tail: &'static str,
+    ) -> Option<Piecewise> {
+        let body = Body::Text(text, range);
+        body.text()?;
+        Some(Piecewise { head, body, tail })
     }
 
     /// The whole text.
@@ -399,7 +443,7 @@ impl LocalSession {
             // `result_raw` in pieces: the cached text is shared, not copied whole.
             out.push(Action::SendPiecewise(Piecewise {
                 head: format!(r#"{{"id":{id},"type":"result","success":true,"result":"#),
-                body: Body::Shared(cached),
+                body: Body::Text(Rc::new(cached.clone()), 0..cached.len()),
                 tail: "}",
             }));
             return;
@@ -990,6 +1034,16 @@ mod tests {
             assert!(got.len() > 10, "{limit}: {}", got.len());
             assert_eq!(got.concat(), whole, "{limit}");
         }
+        // A range of a received text; one that cuts a character is refused.
+        let received = r#"{"id":9,"result":"ü"}"#;
+        let text: Rc<dyn AsRef<str>> = Rc::new(String::from(received));
+        let m = Piecewise::text(r#"{"id":2,"#.into(), text.clone(), 8..received.len(), "");
+        let m = m.unwrap();
+        assert_eq!(m.whole(), r#"{"id":2,"result":"ü"}"#);
+        assert_eq!(pieces(&m, 1).concat(), m.whole());
+        let cut = received.find('ü').unwrap() + 1;
+        assert!(Piecewise::text(String::new(), text.clone(), 8..cut, "").is_none());
+        assert!(Piecewise::text(String::new(), text, 8..99, "").is_none());
         // No states: head and tail.
         let empty = Fake {
             states: Vec::new(),

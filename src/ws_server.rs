@@ -44,10 +44,10 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::Message;
 use async_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use async_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use async_tungstenite::tungstenite::{Message, Utf8Bytes};
 use serde_json::{Map, Value};
 use smol::Timer;
 use smol::future::FutureExt;
@@ -734,7 +734,15 @@ impl WsApi {
     /// A message from the session's link: passed to the client under its id.
     /// Passes HA's messages on the session's link to the client, under the client's ids;
     /// `true` when one is the successful result of a `call_service`.
-    fn link_message(&self, state: &mut Running<'_>, text: &str, outgoing: &mut Outgoing) -> bool {
+    fn link_message(
+        &self,
+        state: &mut Running<'_>,
+        frame: &Utf8Bytes,
+        outgoing: &mut Outgoing,
+    ) -> bool {
+        let text = frame.as_str();
+        // The frame, shared by the large messages in it (written from it, not copied).
+        let mut shared: Option<Rc<dyn AsRef<str>>> = None;
         let mut service_called = false;
         let messages: Vec<&serde_json::value::RawValue> = if text.trim_start().starts_with('[') {
             serde_json::from_str(text).unwrap_or_default()
@@ -783,7 +791,27 @@ impl WsApi {
                     self.store_cached(kind, result.get());
                 }
             }
-            outgoing.push(with_id(raw.get(), head.id, client_id));
+            // A large answer (a registry list, history) keeps the frame and goes in pieces
+            // from it, with the client's id in front of HA's `{"id":N,`.
+            let prefix = format!(r#"{{"id":{},"#, head.id);
+            // `raw` borrows from `text` (serde_json's borrowed `RawValue`).
+            let start = (raw.get().as_ptr() as usize).checked_sub(text.as_ptr() as usize);
+            let large = (raw.get().len() > PIECE && raw.get().starts_with(&prefix))
+                .then_some(start)
+                .flatten()
+                .and_then(|start| {
+                    let frame = shared.get_or_insert_with(|| Rc::new(frame.clone()));
+                    Piecewise::text(
+                        format!(r#"{{"id":{client_id},"#),
+                        frame.clone(),
+                        start + prefix.len()..start + raw.get().len(),
+                        "",
+                    )
+                });
+            match large {
+                Some(message) => outgoing.push_piecewise(message),
+                None => outgoing.push(with_id(raw.get(), head.id, client_id)),
+            }
         }
         service_called
     }

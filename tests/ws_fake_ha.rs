@@ -731,6 +731,24 @@ fn big_answers_come_whole_and_in_order() {
     let snapshot = got[3]["event"]["a"].as_object().unwrap();
     assert_eq!(snapshot.len(), states.len());
     assert_eq!(snapshot["sensor.big_599"]["a"]["filler"], filler.as_str());
+    // A large answer from HA to a forwarded command (a `get_states` with a field the mirror
+    // does not answer; the fake answers it whatever its fields) comes whole, under the
+    // client's id.
+    c.send(json!({"id": 6, "type": "get_states", "edge_test": true}));
+    let forwarded = c.recv_id(6, "result");
+    assert!(
+        fake.commands()
+            .iter()
+            .any(|(_, m)| m["type"] == "get_states" && m["edge_test"] == true),
+        "forwarded"
+    );
+    let from_ha = forwarded["result"].as_array().expect("HA's list");
+    assert_eq!(from_ha.len(), fake.entities().len());
+    assert!(forwarded.to_string().len() > 4 * 64 * 1024);
+    assert!(from_ha.iter().any(
+        |s| s["entity_id"] == "sensor.big_599" && s["attributes"]["filler"] == filler.as_str()
+    ));
+    c.ping(7);
 }
 
 /// An unknown command (forwarded, no subscription) when HA drops.
