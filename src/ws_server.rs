@@ -387,7 +387,18 @@ impl WsApi {
             match wake {
                 Wake::Auth(actions) => self.act(&mut state, actions, &mut outgoing).await,
                 Wake::Tick => {
-                    with_changes = self.take_changes(&mut state, &session, None, &mut outgoing);
+                    let taken = self.take_changes(
+                        client,
+                        &mut deadline,
+                        &mut state,
+                        &session,
+                        None,
+                        &mut outgoing,
+                    );
+                    match taken.await {
+                        Ok(any) => with_changes = any,
+                        Err(e) => return e,
+                    }
                 }
                 Wake::Shutdown => return End::Shutdown,
                 Wake::Client(None) => return End::Client("client went away".into()),
@@ -396,7 +407,17 @@ impl WsApi {
                     Message::Text(text) => {
                         // Changes that came before the command go first (also those waiting
                         // for the tick): its answer (a snapshot) may already hold them.
-                        self.take_changes(&mut state, &session, None, &mut outgoing);
+                        let taken = self.take_changes(
+                            client,
+                            &mut deadline,
+                            &mut state,
+                            &session,
+                            None,
+                            &mut outgoing,
+                        );
+                        if let Err(e) = taken.await {
+                            return e;
+                        }
                         let mut actions = Vec::new();
                         session.handle_text(&text, &self.view(), &mut actions);
                         self.act(&mut state, actions, &mut outgoing).await;
@@ -411,7 +432,17 @@ impl WsApi {
                     return End::Slow("fell behind the mirror's changes");
                 }
                 Wake::Changes(Some(first)) => {
-                    self.take_changes(&mut state, &session, Some(first), &mut outgoing);
+                    let taken = self.take_changes(
+                        client,
+                        &mut deadline,
+                        &mut state,
+                        &session,
+                        Some(first),
+                        &mut outgoing,
+                    );
+                    if let Err(e) = taken.await {
+                        return e;
+                    }
                 }
                 Wake::Link(Some(Ok(Message::Text(text)))) => {
                     let mut answers = Outgoing::default();
@@ -422,7 +453,17 @@ impl WsApi {
                         // holds them (at most `hub::CAUGHT_UP_TIMEOUT`), and they go first,
                         // as from HA; a `get_states` after the result reads them too.
                         self.hub.caught_up().await;
-                        self.take_changes(&mut state, &session, None, &mut outgoing);
+                        let taken = self.take_changes(
+                            client,
+                            &mut deadline,
+                            &mut state,
+                            &session,
+                            None,
+                            &mut outgoing,
+                        );
+                        if let Err(e) = taken.await {
+                            return e;
+                        }
                     }
                     outgoing.append(answers);
                 }
@@ -433,7 +474,17 @@ impl WsApi {
                     Box::pin(self.opened(&mut state, result, &mut outgoing)).await;
                 }
                 Wake::Allowlist => {
-                    self.take_changes(&mut state, &session, None, &mut outgoing);
+                    let taken = self.take_changes(
+                        client,
+                        &mut deadline,
+                        &mut state,
+                        &session,
+                        None,
+                        &mut outgoing,
+                    );
+                    if let Err(e) = taken.await {
+                        return e;
+                    }
                     let now = self.dashboards.current();
                     let before = std::mem::replace(
                         &mut state.allowlist,
@@ -490,14 +541,18 @@ impl WsApi {
 
     /// Renders for the client `first` and the mirror's changes waiting in the session's
     /// subscription, oldest first, also those held for the tick (the wait ends); whether
-    /// there were any.
-    fn take_changes(
+    /// there were any. What is rendered stays in `outgoing`, but past [`CHANGES_HELD`] bytes
+    /// (a resync's thousands of changes) it is written first, so that a session never
+    /// holds a resync rendered whole.
+    async fn take_changes<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
+        client: &mut WebSocketStream<S>,
+        deadline: &mut Deadline,
         state: &mut Running<'_>,
         session: &LocalSession,
         first: Option<Rc<crate::broadcast::Event>>,
         outgoing: &mut Outgoing,
-    ) -> bool {
+    ) -> Result<bool, End> {
         state.tick_wait = false;
         let mut events: Vec<_> = first.into_iter().collect();
         if let Some(sub) = state.changes.as_mut() {
@@ -505,8 +560,31 @@ impl WsApi {
                 events.push(e);
             }
         }
-        session.changes(&events, &self.view(), &mut outgoing.texts);
-        !events.is_empty()
+        let view = self.view();
+        let mut held = 0;
+        for chunk in events.chunks(64) {
+            let before = outgoing.texts.len();
+            session.changes(chunk, &view, &mut outgoing.texts);
+            held += outgoing.texts[before..]
+                .iter()
+                .map(String::len)
+                .sum::<usize>();
+            if held >= CHANGES_HELD {
+                // Boxed: rare, and its state would make every session's future bigger.
+                let changes = state.changes.as_ref();
+                Box::pin(flush(
+                    client,
+                    deadline,
+                    session,
+                    outgoing,
+                    changes,
+                    &self.pieces,
+                ))
+                .await?;
+                held = 0;
+            }
+        }
+        Ok(!events.is_empty())
     }
 
     /// Waits for the next thing to do.
@@ -1289,6 +1367,9 @@ impl View for SessionView<'_> {
         !self.api.hub.config().http.allow_service_calls
     }
 }
+
+/// Bytes of rendered changes a session holds before writing them (see `take_changes`).
+const CHANGES_HELD: usize = 256 * 1024;
 
 /// Bytes of a [`Piecewise`] message rendered at a time: the most a session holds of one
 /// (a state or a character more at most).

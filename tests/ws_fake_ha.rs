@@ -751,6 +751,58 @@ fn big_answers_come_whole_and_in_order() {
     c.ping(7);
 }
 
+/// HA comes back with 600 entities changed (0.5 KB each): the resync's diffs, far more than
+/// the 256 KiB a session holds rendered, reach a subscribed client whole — every entity's
+/// new state exactly once — while the session writes them in parts.
+#[test]
+fn a_large_resync_reaches_the_client_whole() {
+    let dir = TempDir::new("ws-resync");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let ids: Vec<String> = (0..600).map(|i| format!("sensor.many_{i:03}")).collect();
+    for id in &ids {
+        let filler = "x".repeat(400);
+        fake.push_change(fake.new_entity(id, "old", json!({"filler": filler})));
+    }
+    wait_until("the mirror to hold them", deadline(), || {
+        let r = get_authorized(&daemon, "/api/states");
+        if r.text().contains(r#""entity_id":"sensor.many_599""#) {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    c.send(json!({"id": 1, "type": "subscribe_entities"}));
+    assert_eq!(c.recv_id(1, "result")["success"], true);
+    let snapshot = c.recv_id(1, "event");
+    assert_eq!(snapshot["event"]["a"]["sensor.many_599"]["s"], "old");
+    // While the link is down, every one of them changes, attributes included.
+    for id in &ids {
+        let new = fake.next_state(id, |s| {
+            s["state"] = "new".into();
+            s["attributes"]["filler"] = "y".repeat(400).into();
+        });
+        fake.set_entity(new);
+    }
+    fake.restart_like_ha();
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < ids.len() {
+        let m = c
+            .next(deadline())
+            .unwrap_or_else(|e| panic!("{} of {} new states, then {e:?}", seen.len(), ids.len()));
+        if m["id"] == 1 && m["type"] == "event" {
+            for (id, diff) in m["event"]["c"].as_object().into_iter().flatten() {
+                if diff["+"]["s"] == "new" {
+                    assert_eq!(diff["+"]["a"]["filler"], "y".repeat(400).as_str(), "{id}");
+                    *seen.entry(id.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    c.ping(2);
+    assert!(seen.values().all(|&n| n == 1), "a change came twice");
+}
+
 /// An unknown command (forwarded, no subscription) when HA drops.
 #[test]
 fn upstream_drop_mid_forward_answers_the_waiting_command() {
