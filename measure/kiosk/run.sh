@@ -21,6 +21,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=../../tests/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../tests/lib.sh"
 MODE=${1:-assets}
 case $MODE in assets) SCRIPT=measure.mjs ;; entities) SCRIPT=entities.mjs ;; *) printf 'kiosk: unknown mode %s (assets, entities)\n' "$MODE" >&2; exit 2 ;; esac
 die() { printf 'kiosk: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -48,12 +50,7 @@ want=$(node -p "require('$HERE/package.json').devDependencies['playwright-core']
 if [[ "$(node -p "require('$ROOT/tests/frontend/node_modules/playwright-core/package.json').version" 2>/dev/null)" == "$want" ]]; then
 	PW_REQUIRE_FROM=$ROOT/tests/frontend/package.json
 else
-	lock_sum=$(cat "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -d' ' -f1)
-	stamp=$HERE/node_modules/.hass-edge-installed
-	if [[ ! -f $HERE/node_modules/playwright-core/package.json || "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]]; then
-		(cd "$HERE" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in measure/kiosk failed"
-		echo "$lock_sum" >"$stamp"
-	fi
+	npm_ci_stamped "$HERE" playwright-core || die "npm ci in measure/kiosk failed"
 	PW_REQUIRE_FROM=$HERE/package.json
 fi
 
@@ -64,21 +61,17 @@ fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-kiosk.XXXXXX")
 NODE_PID=''
 cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
 	if [[ -n $NODE_PID ]] && kill -0 "$NODE_PID" 2>/dev/null; then
 		kill -TERM "$NODE_PID" 2>/dev/null || true
 		wait "$NODE_PID" 2>/dev/null || true
 	fi
-	local pid # a Chromium that outlived its driver: ours have their profiles in WORK
-	for pid in $(pgrep -f -- "--user-data-dir=$WORK/profile-" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+	kill_chromiums "$WORK/profile-" # one that outlived its driver: ours have their profiles in WORK
 	rm -rf "$WORK"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+on_exit cleanup
 
-export HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY HA_VERSION="$(cat "$HA_PEER_DIR/version")" EDGE_BIN WORK OUT_DIR CHROMIUM PW_REQUIRE_FROM
+HA_VERSION=$(cat "$HA_PEER_DIR/version")
+export HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY HA_VERSION EDGE_BIN WORK OUT_DIR CHROMIUM PW_REQUIRE_FROM
 export XDG_CONFIG_HOME=$WORK/xdg # Chromium's crash-report database
 node "$HERE/$SCRIPT" &
 NODE_PID=$!

@@ -12,6 +12,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 T0=$SECONDS
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 say() { printf 'browser: %s\n' "$*"; }
 die() { printf 'browser: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -38,61 +40,30 @@ curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DI
 
 # ---------- playwright-core (no browser download: Debian's Chromium is used) ----------
 # Installed once per package-lock.json; a later run only compares a checksum.
-lock_sum=$(cat "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -d' ' -f1)
-stamp=$HERE/node_modules/.hass-edge-installed
-if [[ ! -f $HERE/node_modules/playwright-core/package.json || "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]]; then
-	t=$SECONDS
-	if ! (cd "$HERE" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) >"$OUT_DIR/browser-npm.log" 2>&1; then
-		cat "$OUT_DIR/browser-npm.log" >&2
-		die "npm ci in tests/browser failed"
-	fi
-	echo "$lock_sum" >"$stamp"
-	say "npm ci: playwright-core $(node -p "require('$HERE/node_modules/playwright-core/package.json').version") installed in $((SECONDS - t)) s"
-fi
+npm_ci_stamped "$HERE" playwright-core "$OUT_DIR/browser-npm.log" || die "npm ci in tests/browser failed"
+[[ -z $NPM_CI_SECONDS ]] ||
+	say "npm ci: playwright-core $(node -p "require('$HERE/node_modules/playwright-core/package.json').version") installed in $NPM_CI_SECONDS s"
 
 # ---------- processes and their cleanup ----------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-browser.XXXXXX")
 EDGE_PID='' PAGE_PID='' NODE_PID=''
 
-stop_pid() { # PID: TERM, then KILL after 5 s
-	local pid=$1 i
-	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < 50; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
 	stop_pid "$NODE_PID" # closes its Chromium
-	# A Chromium that outlived its driver (node killed hard): ours are the ones with our profile.
-	local pid
-	for pid in $(pgrep -f -- "--user-data-dir=$WORK/profile" || true); do
-		kill -KILL "$pid" 2>/dev/null || true
-	done
+	kill_chromiums "$WORK/profile" # one that outlived its driver (node killed hard)
 	stop_pid "$EDGE_PID"
 	stop_pid "$PAGE_PID"
-	if ((rc != 0)); then
+	if ((CLEANUP_RC != 0)); then
 		[[ ! -s $OUT_DIR/browser-daemon.log ]] || { echo "--- hass-edge log (tail) ---" >&2; tail -n 30 "$OUT_DIR/browser-daemon.log" >&2; }
 		[[ ! -s $WORK/page-server.log ]] || { echo "--- page server log (tail) ---" >&2; tail -n 15 "$WORK/page-server.log" >&2; }
 	fi
 	rm -rf "$WORK"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+on_exit cleanup
 
-free_port() {
-	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-API_PORT=$(free_port)
-PAGE_PORT=$(free_port)
-while [[ $PAGE_PORT == "$API_PORT" ]]; do PAGE_PORT=$(free_port); done
+API_PORT=$(free_port 127.0.0.1)
+PAGE_PORT=$(free_port 127.0.0.1)
+while [[ $PAGE_PORT == "$API_PORT" ]]; do PAGE_PORT=$(free_port 127.0.0.1); done
 API_BASE=http://127.0.0.1:$API_PORT
 PAGE_BASE=http://localhost:$PAGE_PORT   # the allowed origin
 OTHER_BASE=http://127.0.0.1:$PAGE_PORT  # the same server under an origin not in cors_origins
@@ -116,20 +87,12 @@ EOF
 if "$EDGE_BIN" check-config --config "$WORK/config.toml" 2>/dev/null | grep -q '^state_file'; then
 	printf '\n[cache]\nstate_file = "%s"\n' "$WORK/states.json" >>"$WORK/config.toml"
 fi
-(
-	# Our callers' knobs must not reach the daemon as config overrides.
-	for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
-	unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
-	exec "$EDGE_BIN" --config "$WORK/config.toml"
-) >"$OUT_DIR/browser-daemon.log" 2>&1 &
+spawn_edge "$EDGE_BIN" "$WORK/config.toml" "$OUT_DIR/browser-daemon.log"
 EDGE_PID=$!
-for ((i = 0; ; i++)); do
-	kill -0 "$EDGE_PID" 2>/dev/null || die "hass-edge exited at start (log: $OUT_DIR/browser-daemon.log)"
-	code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$API_BASE/health" || true)
-	[[ $code != 200 ]] || break
-	((i < 300)) || die "hass-edge's /health is not 200 after 30 s (last: $code)"
-	sleep 0.1
-done
+wait_health "$EDGE_PID" "$API_BASE" || case $? in
+	1) die "hass-edge exited at start (log: $OUT_DIR/browser-daemon.log)" ;;
+	*) die "hass-edge's /health is not 200 after 30 s (last: $HEALTH_CODE)" ;;
+esac
 say "hass-edge live on $API_BASE (cors_origins = [\"$PAGE_BASE\"]) after $((SECONDS - T0)) s"
 
 # ---------- the page, on another origin ----------

@@ -18,6 +18,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 T0=$SECONDS
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 say() { printf 'clients: %s\n' "$*" >&2; }
 die() { printf 'clients: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -57,25 +59,12 @@ if [[ -n ${OUT_DIR:-} ]]; then
 	OUT_DIR=$(cd "$OUT_DIR" && pwd)
 fi
 LOGDIR=${OUT_DIR:-$WORK}
-declare -A EDGE_PID=()
-
-stop_pid() { # PID: TERM, then KILL after 5 s
-	local pid=$1 i
-	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < 50; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
+declare -A EDGE_PID=() EDGE_PORT=() # the hass-edge daemons by name and their ports
 
 cleanup() {
-	local rc=$? name
-	trap - EXIT INT TERM
+	local name
 	for name in "${!EDGE_PID[@]}"; do stop_pid "${EDGE_PID[$name]}"; done
-	if ((rc != 0)); then
+	if ((CLEANUP_RC != 0)); then
 		for name in "${!EDGE_PID[@]}"; do
 			[[ ! -s $LOGDIR/clients-edge-$name.log ]] || {
 				echo "--- hass-edge ($name) log (tail) ---" >&2
@@ -84,67 +73,34 @@ cleanup() {
 		done
 	fi
 	rm -rf "$WORK"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+on_exit cleanup
 
-free_port() {
-	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# start_edge NAME HA_URL EXTRA_HTTP_TOML: writes WORK/NAME/config.toml, starts the daemon, sets PORT_<NAME>
+# start_edge NAME HA_URL EXTRA_HTTP_TOML: writes WORK/NAME/config.toml, starts the daemon, sets
+# EDGE_PID[NAME] and EDGE_PORT[NAME]
 start_edge() {
 	local name=$1 ha_url=$2 extra=$3 port dir=$WORK/$1
-	port=$(free_port)
+	port=$(free_port 127.0.0.1)
 	mkdir -p "$dir"
-	cat >"$dir/config.toml" <<EOF
-[ha]
-url = "$ha_url"
-token_file = "$HA_PEER_DIR/token"
-
-[http]
-listen = "127.0.0.1:$port"
-$extra
-
-# Mirror every entity: the clients compare GET /api/states with HA's whole list.
-[filter]
-enabled = false
-
-[cache]
-state_file = "$dir/states.json"
-
-[dbus]
-bus = "none"
-EOF
-	(
-		# Our callers' knobs must not reach the daemon as config overrides.
-		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
-		unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
-		exec "$EDGE_BIN" --config "$dir/config.toml"
-	) >"$LOGDIR/clients-edge-$name.log" 2>&1 &
+	edge_mirror_config "$ha_url" "$HA_PEER_DIR/token" "127.0.0.1:$port" "$dir/states.json" "$extra" >"$dir/config.toml"
+	spawn_edge "$EDGE_BIN" "$dir/config.toml" "$LOGDIR/clients-edge-$name.log"
 	EDGE_PID[$name]=$!
-	printf -v "PORT_$name" '%s' "$port"
+	EDGE_PORT[$name]=$port
 }
 
 # wait_edge NAME WANT: WANT=200 waits for /health 200 (live and synced), WANT=any for any HTTP answer
 wait_edge() {
-	local name=$1 want=$2 port code i
-	port=PORT_$name
-	port=${!port}
-	for ((i = 0; ; i++)); do
-		kill -0 "${EDGE_PID[$name]}" 2>/dev/null || die "hass-edge ($name) exited at start (log: $LOGDIR/clients-edge-$name.log)"
-		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$port/health" || true)
-		if [[ $want == any && $code != 000 ]] || [[ $code == "$want" ]]; then break; fi
-		((i < 300)) || die "hass-edge ($name): /health is not $want after 30 s (last: $code)"
-		sleep 0.1
-	done
+	local name=$1 want=$2
+	wait_health "${EDGE_PID[$name]}" "http://127.0.0.1:${EDGE_PORT[$name]}" "$want" || case $? in
+		1) die "hass-edge ($name) exited at start (log: $LOGDIR/clients-edge-$name.log)" ;;
+		*) die "hass-edge ($name): /health is not $want after 30 s (last: $HEALTH_CODE)" ;;
+	esac
 }
 
 ARGS=(--ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" --sections "${CLIENTS_SECTIONS:-api-sync,api-async,api-ws-sync,api-ws-async,cli,errors,config,auth}")
 if [[ $TARGET == edge ]]; then
 	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
-	closed=$(free_port) # nothing listens there: "HA unreachable"
+	closed=$(free_port 127.0.0.1) # nothing listens there: "HA unreachable"
 	start_edge main "$HA_URL" ""
 	start_edge ro "$HA_URL" "api_token_file = \"$WORK/api-token\"
 allow_service_calls = false"
@@ -154,10 +110,10 @@ allow_service_calls = false"
 	wait_edge ro 200
 	wait_edge down any
 	wait_edge tok 200
-	say "HA $HA_VERSION at $HA_URL; hass-edge $("$EDGE_BIN" --version 2>/dev/null | head -1) live on :$PORT_main (read-only :$PORT_ro, HA unreachable :$PORT_down) after $((SECONDS - T0)) s"
-	ARGS+=(--target-url "http://127.0.0.1:$PORT_main" --target-label hass-edge
-		--edge-readonly "http://127.0.0.1:$PORT_ro" --edge-api-token-file "$WORK/api-token"
-		--edge-unreachable "http://127.0.0.1:$PORT_down")
+	say "HA $HA_VERSION at $HA_URL; hass-edge $("$EDGE_BIN" --version 2>/dev/null | head -1) live on :${EDGE_PORT[main]} (read-only :${EDGE_PORT[ro]}, HA unreachable :${EDGE_PORT[down]}) after $((SECONDS - T0)) s"
+	ARGS+=(--target-url "http://127.0.0.1:${EDGE_PORT[main]}" --target-label hass-edge
+		--edge-readonly "http://127.0.0.1:${EDGE_PORT[ro]}" --edge-api-token-file "$WORK/api-token"
+		--edge-unreachable "http://127.0.0.1:${EDGE_PORT[down]}")
 else
 	say "self-check: every call against HA $HA_VERSION at $HA_URL twice"
 	ARGS+=(--target-url "$HA_URL" --target-label HA-again)
@@ -172,7 +128,7 @@ if [[ $TARGET == edge && -n ${CLIENTS_TOKEN_SECTIONS-api-sync,cli,errors,ws-toke
 	# WebSocket tunnel hass-edge swaps the API token in HA's auth message for its HA token
 	# (README, Credentials), so hass-cli's WebSocket commands too, and ws-token checks it.
 	"$PY" "$HERE/compare.py" --ha-url "$HA_URL" --ha-token-file "$HA_PEER_DIR/token" \
-		--target-url "http://127.0.0.1:$PORT_tok" --target-token-file "$WORK/api-token" --target-label "hass-edge (API token)" \
+		--target-url "http://127.0.0.1:${EDGE_PORT[tok]}" --target-token-file "$WORK/api-token" --target-label "hass-edge (API token)" \
 		--sections "${CLIENTS_TOKEN_SECTIONS-api-sync,cli,errors,ws-token}" --name-prefix "api-token: " 2>&1 | tee -a "$WORK/out.txt" || rc=$?
 fi
 [[ -z ${OUT_DIR:-} ]] || cp "$WORK/out.txt" "$OUT_DIR/clients-output.txt"

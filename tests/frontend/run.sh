@@ -14,8 +14,9 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-PEER=$ROOT/tests/ha-peer/ha-peer.sh
 T0=$SECONDS
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" # also PEER, tests/ha-peer/ha-peer.sh
 
 say() { printf 'frontend: %s\n' "$*"; }
 die() { printf 'frontend: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -57,75 +58,37 @@ if [[ $TARGET == ha && $SCENARIOS != password ]]; then
 fi
 
 # ---------- playwright-core (no browser download: Debian's Chromium is used) ----------
-lock_sum=$(cat "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -d' ' -f1)
-stamp=$HERE/node_modules/.hass-edge-installed
-if [[ ! -f $HERE/node_modules/playwright-core/package.json || "$(cat "$stamp" 2>/dev/null)" != "$lock_sum" ]]; then
-	t=$SECONDS
-	if ! (cd "$HERE" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) >"$OUT_DIR/frontend-npm.log" 2>&1; then
-		cat "$OUT_DIR/frontend-npm.log" >&2
-		die "npm ci in tests/frontend failed"
-	fi
-	echo "$lock_sum" >"$stamp"
-	say "npm ci: playwright-core $(node -p "require('$HERE/node_modules/playwright-core/package.json').version") installed in $((SECONDS - t)) s"
-fi
+npm_ci_stamped "$HERE" playwright-core "$OUT_DIR/frontend-npm.log" || die "npm ci in tests/frontend failed"
+[[ -z $NPM_CI_SECONDS ]] ||
+	say "npm ci: playwright-core $(node -p "require('$HERE/node_modules/playwright-core/package.json').version") installed in $NPM_CI_SECONDS s"
 
 # ---------- processes and their cleanup ----------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-frontend.XXXXXX")
 EDGE_PID='' NODE_PID='' RESTORE_PEER=0 EDGE_LOG='' EDGE_API_TOKEN_FILE=''
 
-stop_pid() { # PID: TERM, then KILL after 5 s
-	local pid=$1 i
-	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < 50; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-kill_chromium() { # a Chromium that outlived its driver: ours are the ones with our profiles
-	local pid
-	for pid in $(pgrep -f -- "--user-data-dir=$WORK/profile-" || true); do
-		kill -KILL "$pid" 2>/dev/null || true
-	done
-}
 # The peer as it was found (without --trusted-proxy), if this run restarted it with the option.
 restore_peer() {
 	((RESTORE_PEER)) || return 0
 	RESTORE_PEER=0
 	say "restarting the HA peer as it was (without --trusted-proxy)"
-	bash "$PEER" stop "$HA_PEER_DIR" >>"$OUT_DIR/frontend-peer.log" 2>&1 &&
-		bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" >>"$OUT_DIR/frontend-peer.log" 2>&1 ||
+	peer_restart "$OUT_DIR/frontend-peer.log" ||
 		{ tail -n 20 "$OUT_DIR/frontend-peer.log" >&2; printf 'frontend: FAIL: could not restart the HA peer in %s as it was\n' "$HA_PEER_DIR" >&2; return 1; }
 }
 cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
 	stop_pid "$NODE_PID" # closes its Chromium
-	kill_chromium
+	kill_chromiums "$WORK/profile-" # one that outlived its driver
 	stop_pid "$EDGE_PID"
-	restore_peer || rc=1
+	restore_peer || CLEANUP_RC=1
 	rm -rf "$WORK"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() { # free_port ADDRESS (IPv4 or IPv6)
-	python3 -c 'import socket, sys
-a = sys.argv[1]
-s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET)
-s.bind((a, 0))
-print(s.getsockname()[1])' "$1"
-}
+on_exit cleanup
 
 # start_edge SCENARIO ADDRESS XFF [token|read-only|dashboards]: hass-edge on ADDRESS:<free port>,
 # [http] x_forwarded_for = XFF, and an api_token_file, allow_service_calls = false or
 # [dashboards] url_paths = ["lovelace"] (HA's default dashboard's allowlist); sets EDGE_PID,
 # BASE, EDGE_LOG, EDGE_API_TOKEN_FILE
 start_edge() {
-	local scenario=$1 addr=$2 xff=$3 token=${4:-} port code i hostport
+	local scenario=$1 addr=$2 xff=$3 token=${4:-} port hostport
 	port=$(free_port "$addr") || die "cannot bind $addr (needed for the $scenario scenario)"
 	hostport=$addr:$port
 	[[ $addr != *:* ]] || hostport=[$addr]:$port
@@ -159,20 +122,12 @@ EOF
 	elif [[ $token == dashboards ]]; then
 		printf '\n[dashboards]\nurl_paths = ["lovelace"]\n' >>"$WORK/$scenario.toml"
 	fi
-	(
-		# Our callers' knobs must not reach the daemon as config overrides.
-		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
-		unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
-		exec "$EDGE_BIN" --config "$WORK/$scenario.toml"
-	) >"$EDGE_LOG" 2>&1 &
+	spawn_edge "$EDGE_BIN" "$WORK/$scenario.toml" "$EDGE_LOG"
 	EDGE_PID=$!
-	for ((i = 0; ; i++)); do
-		kill -0 "$EDGE_PID" 2>/dev/null || { tail -n 20 "$EDGE_LOG" >&2; die "hass-edge exited at start (log: $EDGE_LOG)"; }
-		code=$(curl -gs -o /dev/null -w '%{http_code}' --max-time 2 "$BASE/health" || true)
-		[[ $code != 200 ]] || break
-		((i < 300)) || die "hass-edge's /health on $BASE is not 200 after 30 s (last: $code)"
-		sleep 0.1
-	done
+	wait_health "$EDGE_PID" "$BASE" || case $? in
+		1) tail -n 20 "$EDGE_LOG" >&2; die "hass-edge exited at start (log: $EDGE_LOG)" ;;
+		*) die "hass-edge's /health on $BASE is not 200 after 30 s (last: $HEALTH_CODE)" ;;
+	esac
 	say "hass-edge live on $BASE (x_forwarded_for = $xff${EDGE_API_TOKEN_FILE:+, api_token_file}$([[ $token == read-only ]] && echo ', allow_service_calls = false')$([[ $token == dashboards ]] && echo ', [dashboards] url_paths = ["lovelace"]'); HA $HA_VERSION at $HA_URL)"
 }
 
@@ -183,14 +138,18 @@ run_browser() {
 	(
 		cd "$HERE"
 		export SCENARIO=$scenario BASE HA_URL HA_TOKEN_FILE=$HA_PEER_DIR/token HA_PY OUT_DIR CHROMIUM EDGE_API_TOKEN_FILE
-		export DASHBOARD VIEW PROFILE_DIR=$WORK/profile-$scenario DIRECT=$([[ $TARGET == ha ]] && echo 1 || echo 0)
+		DIRECT=$([[ $TARGET == ha ]] && echo 1 || echo 0)
+		export DASHBOARD VIEW PROFILE_DIR=$WORK/profile-$scenario DIRECT
 		# HA restarts under the open dashboard in the password scenario (HA_RESTART=0: not at all)
 		# hass-edge keeps HA's frontend assets in $WORK/assets (beside its state file), shared by the
 		# scenarios of this run: empty for the first, filled by the first browser for the others
-		export ASSETS=$([[ $TARGET == ha ]] && echo '' || { [[ -d $WORK/assets && -n $(ls -A "$WORK/assets" 2>/dev/null) ]] && echo warm || echo cold; })
-		export PEER_SCRIPT=$PEER HA_PEER_DIR HA_RESTART=$([[ $scenario == password && ${HA_RESTART:-1} == 1 ]] && echo 1 || echo 0)
+		# shellcheck disable=SC2015 # echo does not fail
+		ASSETS=$([[ $TARGET == ha ]] && echo '' || { [[ -d $WORK/assets && -n $(ls -A "$WORK/assets" 2>/dev/null) ]] && echo warm || echo cold; })
+		HA_RESTART=$([[ $scenario == password && ${HA_RESTART:-1} == 1 ]] && echo 1 || echo 0)
+		export ASSETS PEER_SCRIPT=$PEER HA_PEER_DIR HA_RESTART
 		# dashboard: the default dashboard's entities, and how to start the peer again after stopping it
-		export DASH_ENTITIES HA_VERSION HA_PORT PEER_START_ARGS=$(peer_trusts_proxy && echo --trusted-proxy || true)
+		PEER_START_ARGS=$(peer_start_args)
+		export DASH_ENTITIES HA_VERSION HA_PORT PEER_START_ARGS
 		# Chromium's crash-report database goes under XDG_CONFIG_HOME: keep it in WORK too.
 		export XDG_CONFIG_HOME=$WORK/xdg
 		exec node test.mjs
@@ -198,7 +157,7 @@ run_browser() {
 	NODE_PID=$!
 	wait "$NODE_PID" || rc=$?
 	NODE_PID=''
-	kill_chromium
+	kill_chromiums "$WORK/profile-"
 	return "$rc"
 }
 
@@ -238,6 +197,9 @@ upstreams_closed() {
 }
 
 peer_trusts_proxy() { grep -q '^  use_x_forwarded_for: true' "$HA_PEER_DIR/configuration.yaml"; }
+peer_start_args() { # how the peer was started: --trusted-proxy or nothing
+	if peer_trusts_proxy; then echo --trusted-proxy; fi
+}
 
 # ---------- Home Assistant: onboarding finished, the dashboard (directly, admin token) ----------
 setup=$("$HA_PY" "$HERE/ha_helper.py" setup --url "$HA_URL" --token-file "$HA_PEER_DIR/token") ||
@@ -259,8 +221,7 @@ for scenario in $SCENARIOS; do
 	if [[ $scenario == trusted || $scenario == no-xff ]] && ! peer_trusts_proxy; then
 		say "restarting the HA peer with --trusted-proxy (X-Forwarded-For from 127.0.0.1 trusted, trusted_networks ::1)"
 		RESTORE_PEER=1
-		{ bash "$PEER" stop "$HA_PEER_DIR" && bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" --trusted-proxy; } \
-			>>"$OUT_DIR/frontend-peer.log" 2>&1 || { tail -n 20 "$OUT_DIR/frontend-peer.log" >&2; die "could not restart the HA peer with --trusted-proxy"; }
+		peer_restart "$OUT_DIR/frontend-peer.log" --trusted-proxy || { tail -n 20 "$OUT_DIR/frontend-peer.log" >&2; die "could not restart the HA peer with --trusted-proxy"; }
 	fi
 	if [[ $TARGET == ha ]]; then
 		BASE=$HA_URL
@@ -303,9 +264,11 @@ for scenario in $SCENARIOS; do
 	if [[ $scenario == dashboard ]]; then
 		# HA's default dashboard as it was (generated by HA); the peer may have been restarted
 		# (test.mjs stops and starts the peer; a failure in between may have left it stopped)
-		{ bash "$PEER" status "$HA_PEER_DIR" || bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" $(peer_trusts_proxy && echo --trusted-proxy); } \
-			>>"$OUT_DIR/frontend-peer.log" 2>&1 && lovelace --delete >/dev/null ||
-			{ say "could not remove HA's default dashboard config again"; failed=$((failed + 1)); }
+		# shellcheck disable=SC2046 # no word, or --trusted-proxy
+		if ! { peer_ensure_running "$OUT_DIR/frontend-peer.log" $(peer_start_args) && lovelace --delete >/dev/null; }; then
+			say "could not remove HA's default dashboard config again"
+			failed=$((failed + 1))
+		fi
 	fi
 done
 restore_peer || failed=$((failed + 1))

@@ -15,6 +15,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 say() { printf '[wsclients/install.sh] %s\n' "$*" >&2; }
 die() { printf '[wsclients/install.sh] error: %s\n' "$*" >&2; exit 1; }
 
@@ -28,10 +30,7 @@ command -v node >/dev/null || die "node is not installed (Debian: nodejs)"
 command -v npm >/dev/null || die "npm is not installed"
 
 node_want() { printf 'node=%s lock=%s\n' "$(node --version)" "$(cat "$HERE/package.json" "$HERE/package-lock.json" | sha256sum | cut -c1-16)"; }
-venv_want() {
-	printf 'python=%s req=%s\n' "$("$VENV/bin/python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null || echo none)" \
-		"$(sha256sum "$REQ" | cut -c1-16)"
-}
+venv_want() { venv_stamp "$VENV" "$REQ"; }
 node_ok() { [[ $FORCE != 1 && -f $NODE_DIR/.hass-edge-wsclients-complete && "$(cat "$NODE_DIR/.hass-edge-wsclients-complete")" == "$(node_want)" ]]; }
 venv_ok() { [[ $FORCE != 1 && -f $VENV/.hass-edge-wsclients-complete && "$(cat "$VENV/.hass-edge-wsclients-complete")" == "$(venv_want)" ]]; }
 done_() { printf 'node_modules=%s\nvenv=%s\n' "$NODE_DIR/node_modules" "$VENV"; exit 0; }
@@ -57,6 +56,7 @@ if ! node_ok; then
 		die "npm ci failed"
 	fi
 	# What the tests use must be there, at the pinned versions.
+	# shellcheck disable=SC2016 # JavaScript: ${n} is its template literal
 	(cd "$NODE_DIR" && node -e '
 		const want = require("./package.json").dependencies;
 		for (const [n, v] of Object.entries(want)) {
@@ -66,51 +66,13 @@ if ! node_ok; then
 	node_want >"$NODE_DIR/.hass-edge-wsclients-complete"
 fi
 
-pick_python() {
-	local p
-	if [[ -n ${HASS_EDGE_WSCLIENTS_PYTHON:-} ]]; then echo "$HASS_EDGE_WSCLIENTS_PYTHON"; return; fi
-	if command -v pyenv >/dev/null 2>&1; then
-		for p in "$(pyenv root)"/versions/3.11.*/bin/python3.11; do
-			[[ -x $p ]] && { echo "$p"; return; }
-		done
-	fi
-	for p in python3.11 python3; do
-		if command -v "$p" >/dev/null 2>&1 &&
-			"$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
-			command -v "$p"
-			return
-		fi
-	done
-	return 1
-}
 if ! venv_ok; then
 	LOG=$CACHE/wsclients-venv.install.log
-	PY=$(pick_python) || die "no Python >= 3.11 found (set HASS_EDGE_WSCLIENTS_PYTHON)"
-	if [[ $FORCE == 1 || ! -x $VENV/bin/python ]]; then
-		rm -rf "$VENV"
-		say "creating $VENV with $PY"
-		"$PY" -m venv "$VENV" || die "python -m venv failed"
-	fi
+	PY=$(pick_python311 "${HASS_EDGE_WSCLIENTS_PYTHON:-}") || die "no Python >= 3.11 found (set HASS_EDGE_WSCLIENTS_PYTHON)"
+	venv_create "$VENV" "$PY" "$FORCE"
 	rm -f "$VENV/.hass-edge-wsclients-complete"
 	say "pip install -r requirements.txt (hass-client) — log: $LOG"
-	if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input -r "$REQ" >"$LOG" 2>&1; then
-		tail -n 30 "$LOG" >&2
-		die "pip install failed"
-	fi
-	"$VENV/bin/python" - "$REQ" <<'PYEOF' || die "the installed Python packages do not match requirements.txt"
-import sys
-from importlib.metadata import version
-pins = {}
-for line in open(sys.argv[1]):
-    line = line.split("#")[0].strip()
-    if "==" in line:
-        name, ver = line.split("==", 1)
-        pins[name.strip()] = ver.strip()
-bad = [f"{n} {version(n)} != {v}" for n, v in pins.items() if version(n) != v]
-if bad:
-    sys.exit("mismatch: " + ", ".join(bad))
-import hass_client  # noqa: F401
-PYEOF
+	pip_install_pinned "$VENV" "$REQ" "$LOG" hass_client "Python packages"
 	venv_want >"$VENV/.hass-edge-wsclients-complete"
 fi
 say "installed in $((SECONDS - t0)) s: home-assistant-js-websocket $(node -p "require('$NODE_DIR/node_modules/home-assistant-js-websocket/package.json').version"), ws $(node -p "require('$NODE_DIR/node_modules/ws/package.json').version"), hass-client $("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("hass_client"))')"

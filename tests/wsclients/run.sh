@@ -20,8 +20,9 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-PEER=$ROOT/tests/ha-peer/ha-peer.sh
 T0=$SECONDS
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" # also PEER, tests/ha-peer/ha-peer.sh
 
 say() { printf 'wsclients: %s\n' "$*" >&2; }
 die() { printf 'wsclients: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -70,40 +71,20 @@ fi
 LOGDIR=${OUT_DIR:-$WORK}
 declare -A EDGE_PID=() EDGE_URL=() # the hass-edge daemons by name (tok, open) and their base URLs
 
-stop_pid() { # PID: TERM, then KILL after 5 s
-	local pid=$1 i
-	[[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < 50; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
 cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
 	local name
 	for name in "${!EDGE_PID[@]}"; do
 		stop_pid "${EDGE_PID[$name]}"
-		if ((rc != 0)) && [[ -s $LOGDIR/wsclients-edge-$name.log ]]; then
+		if ((CLEANUP_RC != 0)) && [[ -s $LOGDIR/wsclients-edge-$name.log ]]; then
 			echo "--- hass-edge ($name) log (tail) ---" >&2
 			tail -n 15 "$LOGDIR/wsclients-edge-$name.log" >&2
 		fi
 	done
 	# A SIGKILL step cut short leaves the peer down: bring it back as it was found.
-	bash "$PEER" status "$HA_PEER_DIR" >/dev/null 2>&1 ||
-		bash "$PEER" start "$HA_VERSION" "$HA_PEER_DIR" "$HA_PORT" >/dev/null 2>&1 || true
+	peer_ensure_running /dev/null || true
 	rm -rf "$WORK"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+on_exit cleanup
 
 # hass-edge with an API token ("tok"): a client sending hass-edge's API token is served by
 # hass-edge (issue 16, mode api-token); one sending an HA token is "any other token", HA's verdict
@@ -111,46 +92,19 @@ free_port() {
 # which issue 16 serves locally like the API token.
 start_edge() { # NAME EXTRA_HTTP_TOML
 	local name=$1 extra=$2 port dir=$WORK/$1
-	port=$(free_port)
+	port=$(free_port 127.0.0.1)
 	mkdir -p "$dir"
 	EDGE_URL[$name]=http://127.0.0.1:$port
-	cat >"$dir/config.toml" <<EOF
-[ha]
-url = "$HA_URL"
-token_file = "$HA_PEER_DIR/token"
-
-[http]
-listen = "127.0.0.1:$port"
-$extra
-
-# Mirror every entity: the sessions compare get_states and subscribe_entities with HA's whole list.
-[filter]
-enabled = false
-
-[cache]
-state_file = "$dir/states.json"
-
-[dbus]
-bus = "none"
-EOF
-	(
-		# Our callers' knobs must not reach the daemon as config overrides.
-		for v in $(env | grep -o '^HASS_EDGE_[A-Z_]*' || true); do unset "$v"; done
-		unset NOTIFY_SOCKET WATCHDOG_USEC WATCHDOG_PID
-		exec "$EDGE_BIN" --config "$dir/config.toml"
-	) >"$LOGDIR/wsclients-edge-$name.log" 2>&1 &
+	edge_mirror_config "$HA_URL" "$HA_PEER_DIR/token" "127.0.0.1:$port" "$dir/states.json" "$extra" >"$dir/config.toml"
+	spawn_edge "$EDGE_BIN" "$dir/config.toml" "$LOGDIR/wsclients-edge-$name.log"
 	EDGE_PID[$name]=$!
 }
 
 wait_edge() { # NAME: /health 200 (live and synced with HA)
-	local name=$1 code i
-	for ((i = 0; ; i++)); do
-		kill -0 "${EDGE_PID[$name]}" 2>/dev/null || die "hass-edge ($name) exited (log: $LOGDIR/wsclients-edge-$name.log)"
-		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "${EDGE_URL[$name]}/health" || true)
-		[[ $code != 200 ]] || return 0
-		((i < 300)) || die "hass-edge ($name): /health is not 200 after 30 s (last: $code)"
-		sleep 0.1
-	done
+	wait_health "${EDGE_PID[$1]}" "${EDGE_URL[$1]}" || case $? in
+		1) die "hass-edge ($1) exited (log: $LOGDIR/wsclients-edge-$1.log)" ;;
+		*) die "hass-edge ($1): /health is not 200 after 30 s (last: $HEALTH_CODE)" ;;
+	esac
 }
 if [[ $TARGET == edge ]]; then
 	(umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(24))' >"$WORK/api-token")
