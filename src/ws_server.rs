@@ -374,6 +374,26 @@ impl WsApi {
             allowlist: (self.dashboards.generation(), self.dashboards.current()),
         };
         let mut outgoing = Outgoing::default();
+        // `take_changes` for this session: whether there were changes; a failed write ends
+        // the session.
+        macro_rules! take_changes {
+            ($first:expr) => {
+                match self
+                    .take_changes(
+                        client,
+                        &mut deadline,
+                        &mut state,
+                        &session,
+                        $first,
+                        &mut outgoing,
+                    )
+                    .await
+                {
+                    Ok(any) => any,
+                    Err(e) => return e,
+                }
+            };
+        }
         // The auth phase's answer is the first turn's work; every session that ends (a
         // refused token, a malformed message) ends through `state.end` after its last words.
         let mut first = Some(pending);
@@ -387,18 +407,7 @@ impl WsApi {
             match wake {
                 Wake::Auth(actions) => self.act(&mut state, actions, &mut outgoing).await,
                 Wake::Tick => {
-                    let taken = self.take_changes(
-                        client,
-                        &mut deadline,
-                        &mut state,
-                        &session,
-                        None,
-                        &mut outgoing,
-                    );
-                    match taken.await {
-                        Ok(any) => with_changes = any,
-                        Err(e) => return e,
-                    }
+                    with_changes = take_changes!(None);
                 }
                 Wake::Shutdown => return End::Shutdown,
                 Wake::Client(None) => return End::Client("client went away".into()),
@@ -407,17 +416,7 @@ impl WsApi {
                     Message::Text(text) => {
                         // Changes that came before the command go first (also those waiting
                         // for the tick): its answer (a snapshot) may already hold them.
-                        let taken = self.take_changes(
-                            client,
-                            &mut deadline,
-                            &mut state,
-                            &session,
-                            None,
-                            &mut outgoing,
-                        );
-                        if let Err(e) = taken.await {
-                            return e;
-                        }
+                        take_changes!(None);
                         let mut actions = Vec::new();
                         session.handle_text(&text, &self.view(), &mut actions);
                         self.act(&mut state, actions, &mut outgoing).await;
@@ -432,17 +431,7 @@ impl WsApi {
                     return End::Slow("fell behind the mirror's changes");
                 }
                 Wake::Changes(Some(first)) => {
-                    let taken = self.take_changes(
-                        client,
-                        &mut deadline,
-                        &mut state,
-                        &session,
-                        Some(first),
-                        &mut outgoing,
-                    );
-                    if let Err(e) = taken.await {
-                        return e;
-                    }
+                    take_changes!(Some(first));
                 }
                 Wake::Link(Some(Ok(Message::Text(text)))) => {
                     let mut answers = Outgoing::default();
@@ -453,17 +442,7 @@ impl WsApi {
                         // holds them (at most `hub::CAUGHT_UP_TIMEOUT`), and they go first,
                         // as from HA; a `get_states` after the result reads them too.
                         self.hub.caught_up().await;
-                        let taken = self.take_changes(
-                            client,
-                            &mut deadline,
-                            &mut state,
-                            &session,
-                            None,
-                            &mut outgoing,
-                        );
-                        if let Err(e) = taken.await {
-                            return e;
-                        }
+                        take_changes!(None);
                     }
                     outgoing.append(answers);
                 }
@@ -474,17 +453,7 @@ impl WsApi {
                     Box::pin(self.opened(&mut state, result, &mut outgoing)).await;
                 }
                 Wake::Allowlist => {
-                    let taken = self.take_changes(
-                        client,
-                        &mut deadline,
-                        &mut state,
-                        &session,
-                        None,
-                        &mut outgoing,
-                    );
-                    if let Err(e) = taken.await {
-                        return e;
-                    }
+                    take_changes!(None);
                     let now = self.dashboards.current();
                     let before = std::mem::replace(
                         &mut state.allowlist,
@@ -884,21 +853,24 @@ impl WsApi {
             }
             // A large answer (a registry list, history) keeps the frame and goes in pieces
             // from it, with the client's id in front of HA's `{"id":N,`.
-            let prefix = format!(r#"{{"id":{},"#, head.id);
-            // `raw` borrows from `text` (serde_json's borrowed `RawValue`).
-            let start = (raw.get().as_ptr() as usize).checked_sub(text.as_ptr() as usize);
-            let large = (raw.get().len() > PIECE && raw.get().starts_with(&prefix))
-                .then_some(start)
-                .flatten()
-                .and_then(|start| {
-                    let frame = shared.get_or_insert_with(|| Rc::new(frame.clone()));
-                    Piecewise::text(
-                        format!(r#"{{"id":{client_id},"#),
-                        frame.clone(),
-                        start + prefix.len()..start + raw.get().len(),
-                        "",
-                    )
-                });
+            let large = if raw.get().len() > PIECE {
+                let prefix = format!(r#"{{"id":{},"#, head.id);
+                // `raw` borrows from `text` (serde_json's borrowed `RawValue`).
+                let start = (raw.get().as_ptr() as usize).checked_sub(text.as_ptr() as usize);
+                start
+                    .filter(|_| raw.get().starts_with(&prefix))
+                    .and_then(|start| {
+                        let frame = shared.get_or_insert_with(|| Rc::new(frame.clone()));
+                        Piecewise::text(
+                            format!(r#"{{"id":{client_id},"#),
+                            frame.clone(),
+                            start + prefix.len()..start + raw.get().len(),
+                            "",
+                        )
+                    })
+            } else {
+                None
+            };
             match large {
                 Some(message) => outgoing.push_piecewise(message, &self.pieces),
                 None => outgoing.push(with_id(raw.get(), head.id, client_id)),
