@@ -26,7 +26,7 @@ declare -a RESULTS=()
 FAILED=0
 stage() {
 	local name=$1; shift
-	printf '\n=== stage %s ===\n' "$name"
+	printf '\n=== stage %s === (disk free: %s)\n' "$name" "$(df -h --output=avail "$ROOT" | tail -n 1 | tr -d ' ')"
 	local t0=$SECONDS
 	if "$@"; then RESULTS+=("PASS  $name ($((SECONDS - t0)) s)")
 	else RESULTS+=("FAIL  $name ($((SECONDS - t0)) s)"); FAILED=1; fi
@@ -171,9 +171,39 @@ fuzz() {
 	bash fuzz/run.sh 12
 }
 
+# build_output STAGE: the build directories STAGE builds and reads, one a line.
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+build_output() {
+	case $1 in
+		unit | e2e-* | browser | clients-* | wsclients-* | frontend) echo "$TARGET/debug" ;;
+		aarch64) echo "$TARGET/aarch64-unknown-linux-gnu/debug" ;;
+		armhf) echo "$TARGET/armv7-unknown-linux-gnueabihf/debug" ;;
+		packaging*) printf '%s\n' "$TARGET/release" "$TARGET"/{aarch64-unknown-linux-gnu,armv7-unknown-linux-gnueabihf}/release ;;
+		bench) printf '%s\n' "$TARGET/release" "$TARGET/aarch64-unknown-linux-gnu/release" ;;
+		reliability) echo "$TARGET/fast" ;;
+		fuzz) echo "$ROOT/fuzz/target" ;;
+	esac
+}
+
+# TEST_PRUNE=1 (.ci/run sets it): after each stage, the build output no later stage reads is
+# deleted, so the disk holds about one build at a time (the whole run left ~10 GB of builds
+# behind, and CI ran out of disk in the armhf stage). The built .debs stay.
+prune_after() {
+	[[ ${TEST_PRUNE:-0} == 1 ]] || return 0
+	local i=$1 d s keep
+	for d in $(build_output "${STAGES[$i]}"); do
+		keep=0
+		for s in "${STAGES[@]:i+1}"; do
+			build_output "$s" | grep -qxF "$d" && keep=1
+		done
+		((keep)) || rm -rf "$d"
+	done
+}
+
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3 wsclients-2025.4.4 frontend aarch64 armhf packaging bench reliability fuzz)
-for s in "${STAGES[@]}"; do
+for i in "${!STAGES[@]}"; do
+	s=${STAGES[$i]}
 	case $s in
 		unit) stage unit unit ;;
 		e2e-2024.3.3) stage "$s" e2e 2024.3.3 18125 ;;
@@ -195,6 +225,7 @@ for s in "${STAGES[@]}"; do
 		fuzz) stage fuzz fuzz ;;
 		*) echo "unknown stage $s" >&2; exit 2 ;;
 	esac
+	prune_after "$i"
 done
 printf '\n=== summary ===\n'
 printf '%s\n' "${RESULTS[@]}"
