@@ -22,6 +22,7 @@ use crate::entity::{EntityState, valid_entity_id};
 use crate::http::{CHUNK, Exchange, Handler, Head, Pieces, Request, Response};
 use crate::hub::{Hub, Read, TokenCheck};
 use crate::mirror::Update;
+use crate::piecewise::{Form, Piecewise};
 use crate::proxy::{Capture, Credentials, Plan, Proxy, WsAuth};
 use crate::sse::EventStream;
 use crate::ws_server::WsApi;
@@ -558,32 +559,26 @@ pub fn states(hub: &Hub) -> Response {
         .with_header("X-Cache", cache)
 }
 
-/// A JSON array of states (HA's `GET /api/states` shape), serialised [`CHUNK`] bytes at a
-/// time while it is written. The `Rc`s are a snapshot: updates made while it is written
-/// replace the store's `Rc`s, not these.
+/// A JSON array of states (HA's `GET /api/states` shape), rendered [`CHUNK`] bytes at a
+/// time while it is written ([`Piecewise`]). The `Rc`s are a snapshot: updates made while it
+/// is written replace the store's `Rc`s, not these.
 #[derive(Debug)]
 struct JsonList {
-    /// The states, reversed (popped in order).
-    states: Vec<Rc<EntityState>>,
+    list: Piecewise,
     /// The whole length, counted up front for `Content-Length`.
     length: usize,
-    /// Whether `[` has been written.
-    opened: bool,
+    /// What is written of the list ([`Piecewise::write_piece`]).
+    next: usize,
 }
 
 impl JsonList {
-    fn new(mut states: Vec<Rc<EntityState>>) -> JsonList {
-        let mut n = Count(0);
-        for s in &states {
-            // Serializing a state into a counter cannot fail.
-            let _ = serde_json::to_writer(&mut n, &**s);
-        }
-        let length = n.0 + states.len().saturating_sub(1) + 2;
-        states.reverse();
+    fn new(states: Vec<Rc<EntityState>>) -> JsonList {
+        let list = Piecewise::states("[".into(), states, Form::Json, "]");
+        let length = list.rendered_len();
         JsonList {
-            states,
+            list,
             length,
-            opened: false,
+            next: 0,
         }
     }
 }
@@ -594,40 +589,9 @@ impl Pieces for JsonList {
     }
 
     fn next<'a>(&'a mut self, buf: &'a mut Vec<u8>) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
-        if !self.opened {
-            self.opened = true;
-            buf.push(b'[');
-        } else if !self.states.is_empty() {
-            buf.push(b',');
-        }
-        while let Some(s) = self.states.pop() {
-            // Serializing into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *buf, &*s);
-            if buf.len() >= CHUNK {
-                break;
-            }
-            if !self.states.is_empty() {
-                buf.push(b',');
-            }
-        }
-        let done = self.states.is_empty();
-        if done {
-            buf.push(b']');
-        }
+        let limit = buf.len() + CHUNK;
+        let done = self.list.write_piece(&mut self.next, buf, limit);
         Box::pin(std::future::ready(!done))
-    }
-}
-
-/// An `io::Write` that only counts.
-struct Count(usize);
-
-impl std::io::Write for Count {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

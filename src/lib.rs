@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod notify;
 pub mod persist;
+pub mod piecewise;
 pub mod proxy;
 pub mod rest;
 pub mod session;

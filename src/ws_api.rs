@@ -32,13 +32,13 @@
 //!   commands, apply). A client cannot make every change cost the thread more than that.
 
 use std::collections::{BTreeMap, HashSet};
-use std::ops::Range;
 use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
 use crate::broadcast::{Event, Render};
 use crate::entity::{EntityState, valid_entity_id};
+use crate::piecewise::{Form, Piecewise};
 use crate::store::Change;
 
 /// Largest message a client may send; a bigger one closes the connection.
@@ -113,134 +113,6 @@ pub enum Action {
     },
     /// Close the connection; the reason is for the log.
     Close(&'static str),
-}
-
-/// How each state of a [`Piecewise`] message is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Form {
-    /// HA's state JSON ([`EntityState::to_json`]): `get_states`' result.
-    Json,
-    /// `"<entity_id>":<compressed state>` ([`crate::compressed::write_initial_entry`]):
-    /// `subscribe_entities`' first event.
-    Compressed,
-}
-
-/// The middle of a [`Piecewise`] message.
-pub enum Body {
-    /// States separated by commas, each written in the [`Form`].
-    States(Vec<Rc<EntityState>>, Form),
-    /// A range of a text kept anyway, without a copy of it — a cached answer every session
-    /// sends, a frame received from HA — copied a piece at a time. The range is on
-    /// character boundaries ([`Piecewise::text`] checks).
-    Text(Rc<dyn AsRef<str>>, Range<usize>),
-}
-
-impl Body {
-    fn text(&self) -> Option<&str> {
-        match self {
-            Body::States(..) => None,
-            Body::Text(text, range) => (**text).as_ref().get(range.clone()),
-        }
-    }
-}
-
-impl std::fmt::Debug for Body {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Body::States(states, form) => write!(f, "States({} states, {form:?})", states.len()),
-            Body::Text(_, range) => write!(f, "Text({range:?})"),
-        }
-    }
-}
-
-impl PartialEq for Body {
-    fn eq(&self, other: &Body) -> bool {
-        match (self, other) {
-            (Body::States(a, f), Body::States(b, g)) => a == b && f == g,
-            (Body::Text(..), Body::Text(..)) => self.text() == other.text(),
-            _ => false,
-        }
-    }
-}
-
-/// A message that may be large — `get_states`' result, `subscribe_entities`' first event, a
-/// cached registry list — rendered a piece at a time as it is written
-/// ([`Piecewise::write_piece`]), so that a session never holds the whole text: with 10,000
-/// entities it is megabytes, for every client that asks, and a client that does not read
-/// would keep it for the write timeout. The text is `head`, the body, `tail`.
-#[derive(Debug, PartialEq)]
-pub struct Piecewise {
-    head: String,
-    body: Body,
-    tail: &'static str,
-}
-
-impl Piecewise {
-    /// Appends the next piece to `out`, until `out` holds at least `limit` bytes (a state
-    /// or a character more at most) or the message ends. `*next` counts what is written of
-    /// the body (states, or bytes of shared text); `head` goes first when it is 0. Pieces
-    /// end between states or characters, so each is whole UTF-8. Returns whether the
-    /// message is complete.
-    pub fn write_piece(&self, next: &mut usize, out: &mut String, limit: usize) -> bool {
-        if *next == 0 {
-            out.push_str(&self.head);
-        }
-        match &self.body {
-            Body::States(states, form) => {
-                while let Some(state) = states.get(*next) {
-                    if *next > 0 {
-                        out.push(',');
-                    }
-                    match form {
-                        Form::Json => out.push_str(&state.to_json()),
-                        Form::Compressed => crate::compressed::write_initial_entry(out, state),
-                    }
-                    *next += 1;
-                    if out.len() >= limit && *next < states.len() {
-                        return false;
-                    }
-                }
-            }
-            Body::Text(..) => {
-                let text = self.body.text().unwrap_or_default();
-                if *next < text.len() {
-                    let room = limit.saturating_sub(out.len()).max(1);
-                    let mut end = next.saturating_add(room).min(text.len());
-                    while !text.is_char_boundary(end) {
-                        end += 1;
-                    }
-                    out.push_str(&text[*next..end]);
-                    *next = end;
-                    if end < text.len() {
-                        return false;
-                    }
-                }
-            }
-        }
-        out.push_str(self.tail);
-        true
-    }
-
-    /// `head`, the `range` of `text`, `tail`: a message made of a text kept anyway (a frame
-    /// received from HA) without copying it. `None` when `range` is not on character
-    /// boundaries of `text`.
-    pub fn text(
-        head: String,
-        text: Rc<dyn AsRef<str>>,
-        range: Range<usize>,
-        tail: &'static str,
-    ) -> Option<Piecewise> {
-        let body = Body::Text(text, range);
-        body.text()?;
-        Some(Piecewise { head, body, tail })
-    }
-
-    /// The whole text.
-    pub fn whole(&self) -> String {
-        let mut out = String::new();
-        self.write_piece(&mut 0, &mut out, usize::MAX);
-        out
-    }
 }
 
 /// What the session answers from: the mirror as this client may see it.
@@ -441,11 +313,11 @@ impl LocalSession {
             && let Some(cached) = view.cached(&kind)
         {
             // `result_raw` in pieces: the cached text is shared, not copied whole.
-            out.push(Action::SendPiecewise(Piecewise {
-                head: format!(r#"{{"id":{id},"type":"result","success":true,"result":"#),
-                body: Body::Text(Rc::new(cached.clone()), 0..cached.len()),
-                tail: "}",
-            }));
+            out.push(Action::SendPiecewise(Piecewise::shared(
+                format!(r#"{{"id":{id},"type":"result","success":true,"result":"#),
+                Rc::new(cached.clone()),
+                "}",
+            )));
             return;
         }
         if mode == Mode::Edge && view.read_only() {
@@ -496,11 +368,12 @@ impl LocalSession {
         match kind {
             "ping" if fields.len() == 1 => send(format!(r#"{{"id":{id},"type":"pong"}}"#)),
             // `construct_result_message` with the states joined.
-            "get_states" if fields.len() == 1 => Some(Action::SendPiecewise(Piecewise {
-                head: format!(r#"{{"id":{id},"type":"result","success":true,"result":["#),
-                body: Body::States(view.states(), Form::Json),
-                tail: "]}",
-            })),
+            "get_states" if fields.len() == 1 => Some(Action::SendPiecewise(Piecewise::states(
+                format!(r#"{{"id":{id},"type":"result","success":true,"result":["#),
+                view.states(),
+                Form::Json,
+                "]}",
+            ))),
             "get_config" if fields.len() == 1 => {
                 view.ha_config().and_then(|c| send(result_raw(id, &c)))
             }
@@ -553,11 +426,12 @@ impl LocalSession {
                 // The result first, then the snapshot (`_send_handle_entities_init_response`).
                 out.push(Action::Send(result_raw(id, "null")));
                 // `write_initial` in pieces.
-                Some(Action::SendPiecewise(Piecewise {
-                    head: format!(r#"{{"id":{id},"type":"event","event":{{"a":{{"#),
-                    body: Body::States(states, Form::Compressed),
-                    tail: "}}}",
-                }))
+                Some(Action::SendPiecewise(Piecewise::states(
+                    format!(r#"{{"id":{id},"type":"event","event":{{"a":{{"#),
+                    states,
+                    Form::Compressed,
+                    "}}}",
+                )))
             }
             _ => None,
         }
@@ -966,9 +840,9 @@ mod tests {
     fn pieces(message: &Piecewise, limit: usize) -> Vec<String> {
         let (mut next, mut pieces) = (0, Vec::new());
         loop {
-            let mut piece = String::new();
+            let mut piece = Vec::new();
             let done = message.write_piece(&mut next, &mut piece, limit);
-            pieces.push(piece);
+            pieces.push(String::from_utf8(piece).expect("a piece is whole UTF-8"));
             if done {
                 return pieces;
             }

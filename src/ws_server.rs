@@ -62,9 +62,10 @@ use crate::deadline::Deadline;
 use crate::entity::EntityState;
 use crate::http::{Exchange, Response};
 use crate::hub::Hub;
+use crate::piecewise::Piecewise;
 use crate::status::WsApiStatus;
 use crate::uplink::{LinkError, UpLink};
-use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, Piecewise, View};
+use crate::ws_api::{self, Action, LocalSession, MAX_MESSAGE_BYTES, Mode, View};
 
 /// Time for the client's `auth` message (HA `websocket_api/http.py`: 10 s).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1358,17 +1359,17 @@ const PIECES_KEPT: usize = 4;
 /// sessions that each took a 250 KB snapshot kept 3 KiB more RSS each after the buffers were
 /// freed.
 #[derive(Debug, Default)]
-struct Pieces(RefCell<Vec<String>>);
+struct Pieces(RefCell<Vec<Vec<u8>>>);
 
 impl Pieces {
-    fn take(&self) -> String {
+    fn take(&self) -> Vec<u8> {
         self.0
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| String::with_capacity(PIECE + PIECE / 16))
+            .unwrap_or_else(|| Vec::with_capacity(PIECE + PIECE / 16))
     }
 
-    fn give(&self, mut buffer: String) {
+    fn give(&self, mut buffer: Vec<u8>) {
         let mut kept = self.0.borrow_mut();
         if kept.len() < PIECES_KEPT && buffer.capacity() <= 2 * PIECE {
             buffer.clear();
@@ -1384,7 +1385,7 @@ struct Outgoing {
     texts: Vec<String>,
     /// Each with the number of `texts` that go before it, its first piece (in a buffer of
     /// [`Pieces`]), and the point of the body the next piece starts at.
-    pieced: Vec<(usize, Piecewise, String, usize)>,
+    pieced: Vec<(usize, Piecewise, Vec<u8>, usize)>,
 }
 
 impl Outgoing {
@@ -1397,7 +1398,9 @@ impl Outgoing {
     fn push_piecewise(&mut self, message: Piecewise, pieces: &Pieces) {
         let (mut first, mut next) = (pieces.take(), 0);
         if message.write_piece(&mut next, &mut first, PIECE) {
-            self.texts.push(first.as_str().to_owned());
+            // Whole UTF-8, as every piece (`Piecewise::write_piece`).
+            self.texts
+                .push(String::from_utf8_lossy(&first).into_owned());
             pieces.give(first);
         } else {
             self.pieced.push((self.texts.len(), message, first, next));
@@ -1450,7 +1453,7 @@ async fn flush<S: AsyncRead + AsyncWrite + Unpin>(
             // The header apart: the piece is written from its buffer, not copied.
             let head = frame_head(opcode, last, piece.len(), 0);
             send(client, deadline, &head, changes).await?;
-            send(client, deadline, piece.as_bytes(), changes).await?;
+            send(client, deadline, &piece, changes).await?;
             if last {
                 break;
             }

@@ -26,6 +26,8 @@ const LAYERS: &[&[&str]] = &[
         "compressed",
         "dashboards",
     ],
+    // Messages rendered a piece at a time: a states list in HA's JSON or compressed form.
+    &["piecewise"],
     &["store"],
     // The one "apply what HA sent" step.
     &["mirror"],

@@ -1027,14 +1027,19 @@ pub fn ws_session(data: &[u8]) {
                 Action::SendPiecewise(m) => {
                     let whole = m.whole();
                     let limit = 1 + usize::from(flags >> 4) * 64;
-                    let (mut next, mut joined) = (0, String::new());
+                    let (mut next, mut joined) = (0, Vec::new());
                     loop {
                         let upto = joined.len() + limit;
                         if m.write_piece(&mut next, &mut joined, upto) {
                             break;
                         }
                     }
-                    assert_eq!(joined, whole, "the pieces of a message are not the message");
+                    assert_eq!(
+                        joined,
+                        whole.as_bytes(),
+                        "the pieces of a message are not the message"
+                    );
+                    assert_eq!(m.rendered_len(), whole.len(), "a message's counted length");
                     Action::Send(whole)
                 }
                 a => a,
