@@ -4,7 +4,7 @@
 #   HA_PEER_DIR=<dir of a running tests/ha-peer peer> OUT_DIR=<dir> bash tests/frontend/run.sh
 #
 # Optional: EDGE_BIN (default target/debug/hass-edge, relative to the repository root),
-# SCENARIOS (default "password api-token dashboard trusted no-xff"; also read-only, see test.mjs), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
+# SCENARIOS (default "password api-token dashboard trusted no-xff read-only", see test.mjs), EDGE_LOG_LEVEL (hass-edge's [log] level, default info),
 # CHROMIUM (default /usr/bin/chromium), FRONTEND_TARGET=ha (a control run of the browser steps
 # directly against HA, without hass-edge: the password scenario only).
 # The trusted and no-xff scenarios need the peer started with `ha-peer.sh start ... --trusted-proxy`;
@@ -47,7 +47,7 @@ HA_PY=$(cat "$HA_PEER_DIR/venv")/bin/python
 [[ -x $HA_PY ]] || die "the peer's Python $HA_PY is missing"
 curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
 	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
-SCENARIOS=${SCENARIOS:-password api-token dashboard trusted no-xff}
+SCENARIOS=${SCENARIOS:-password api-token dashboard trusted no-xff read-only}
 for s in $SCENARIOS; do
 	[[ $s == password || $s == api-token || $s == dashboard || $s == trusted || $s == no-xff || $s == read-only ]] ||
 		die "unknown scenario $s (password, api-token, dashboard, trusted, no-xff, read-only)"
