@@ -102,7 +102,26 @@ impl Handler for Api {
         &'a self,
         exchange: Exchange<'a>,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<bool>> + 'a>> {
-        Box::pin(forward(&self.hub, &self.proxy, &self.ws, exchange))
+        // Each way boxed alone: a WebSocket session (days long) holds only its own state.
+        match way(&self.hub, &exchange.head) {
+            Way::Refuse(response) => Box::pin(refuse(&self.hub, exchange, response)),
+            Way::LocalWebSocket => {
+                self.hub.count_http("/api/websocket", 101);
+                Box::pin(self.ws.serve(exchange))
+            }
+            Way::Forward {
+                path,
+                credentials,
+                capture,
+            } => Box::pin(forward(
+                &self.hub,
+                &self.proxy,
+                exchange,
+                path,
+                credentials,
+                capture,
+            )),
+        }
     }
 
     fn refused(&self, status: u16) {
@@ -218,7 +237,23 @@ fn write_capture(method: &str, path: &str) -> Option<Capture> {
     }
 }
 
-/// Forwards a request hass-edge does not answer itself (issue 15).
+/// What becomes of a request hass-edge does not answer itself (issue 15), decided before
+/// any of it is carried out, so that each way allocates only its own state: a WebSocket
+/// session lasts for days, and should not hold a forwarder's.
+enum Way {
+    /// Refused before anything is sent.
+    Refuse(Response),
+    /// HA's WebSocket API, served here (issue 16).
+    LocalWebSocket,
+    /// To HA, by [`forward`].
+    Forward {
+        path: String,
+        credentials: Credentials,
+        capture: Option<Capture>,
+    },
+}
+
+/// Decides the [`Way`] of a request hass-edge does not answer itself (issue 15).
 ///
 /// A foreign `Origin` is refused (403) before anything is sent, as on the local routes.
 /// Credentials: a request with its own (an `Authorization` that is not hass-edge's API
@@ -229,9 +264,8 @@ fn write_capture(method: &str, path: &str) -> Option<Capture> {
 /// credentials (the API token is never passed on). Read-only mode
 /// (`http.allow_service_calls = false`) forwards only `GET`/`HEAD`/`OPTIONS`, whoever asks
 /// (403), and HA's login flow (`/auth/*`), which changes nothing in the house.
-async fn forward(hub: &Hub, proxy: &Proxy, ws: &WsApi, x: Exchange<'_>) -> std::io::Result<bool> {
+fn way(hub: &Hub, head: &Head) -> Way {
     let config = hub.config();
-    let head = &x.head;
     let path = head.path().to_owned();
     let bearer = head
         .authorization
@@ -255,8 +289,8 @@ async fn forward(hub: &Hub, proxy: &Proxy, ws: &WsApi, x: Exchange<'_>) -> std::
         Credentials::Stripped
     };
     let reading = matches!(head.method.as_str(), "GET" | "HEAD" | "OPTIONS");
-    let refusal = if !origin_ok {
-        Some(Response::error(
+    if !origin_ok {
+        Way::Refuse(Response::error(
             403,
             "origin not allowed (http.cors_origins)",
         ))
@@ -264,34 +298,46 @@ async fn forward(hub: &Hub, proxy: &Proxy, ws: &WsApi, x: Exchange<'_>) -> std::
         && head.content_length > 0
         && !is_json(head.content_type.as_deref())
     {
-        Some(Response::error(
+        Way::Refuse(Response::error(
             415,
             "the body must be sent as Content-Type: application/json",
         ))
     } else if !reading && !path.starts_with("/auth/") && !config.http.allow_service_calls {
-        Some(Response::error(
+        Way::Refuse(Response::error(
             403,
             "writes through hass-edge are disabled (http.allow_service_calls = false)",
         ))
+    } else if path == "/api/websocket" && head.upgrade && head.method == "GET" {
+        Way::LocalWebSocket
     } else {
-        None
-    };
-    let capture = write_capture(&head.method, &path);
-    let mut x = x;
-    if let Some(response) = refusal {
-        let status = response.status;
-        let keep_alive = x.body_left == 0 && x.head.keep_alive;
-        x.respond(response, keep_alive).await?;
-        hub.count_http("forward", status);
-        return Ok(keep_alive);
+        let capture = write_capture(&head.method, &path);
+        Way::Forward {
+            path,
+            credentials,
+            capture,
+        }
     }
-    // HA's WebSocket API is served here (issue 16).
-    if path == "/api/websocket" && x.head.upgrade && x.head.method == "GET" {
-        hub.count_http("/api/websocket", 101);
-        // Boxed, as the forward below: each path's state is allocated only when taken, so a
-        // WebSocket session does not carry the forwarder's buffers, nor a forward the session's.
-        return Box::pin(ws.serve(x)).await;
-    }
+}
+
+/// Answers a refused forward; whether the connection stays open.
+async fn refuse(hub: &Hub, mut x: Exchange<'_>, response: Response) -> std::io::Result<bool> {
+    let status = response.status;
+    let keep_alive = x.body_left == 0 && x.head.keep_alive;
+    x.respond(response, keep_alive).await?;
+    hub.count_http("forward", status);
+    Ok(keep_alive)
+}
+
+/// Forwards a request to HA ([`Way::Forward`]); whether the connection stays open.
+async fn forward(
+    hub: &Hub,
+    proxy: &Proxy,
+    x: Exchange<'_>,
+    path: String,
+    credentials: Credentials,
+    capture: Option<Capture>,
+) -> std::io::Result<bool> {
+    let config = hub.config();
     // An allowed cross-origin page reads HA's answer as it reads ours.
     let cors = x
         .head

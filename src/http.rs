@@ -411,8 +411,13 @@ async fn connection(
                 } => (request, consumed, keep_alive),
                 Parsed::Forward { head, head_len } => {
                     let keep_alive = head.keep_alive;
+                    let raw_head = buf.drain(..head_len).collect();
+                    // A forward may be a WebSocket session that lasts for days: meanwhile the
+                    // read buffer (4 KiB once `fill` has read into it) keeps only what came
+                    // after the head, usually nothing.
+                    buf.shrink_to_fit();
                     let exchange = Exchange {
-                        raw_head: buf.drain(..head_len).collect(),
+                        raw_head,
                         body_left: head.content_length,
                         head,
                         peer,
