@@ -21,7 +21,7 @@ pub enum Form {
 }
 
 /// The middle of a [`Piecewise`] message.
-pub enum Body {
+enum Body {
     /// States separated by commas, each written in the [`Form`].
     States(Vec<Rc<EntityState>>, Form),
     /// A range of a text kept anyway, without a copy of it — a cached answer every session
