@@ -74,7 +74,7 @@ pub struct AssetCache {
 }
 
 /// The cache key of a request: the file name under the directory, or `None` when the path
-/// is not one to keep (not under [`PREFIXES`], no hashed name, or odd characters).
+/// is not one to keep (not under `PREFIXES`, no hashed name, or odd characters).
 pub fn key(path: &str, accepts_gzip: bool) -> Option<String> {
     let rest = PREFIXES.iter().find_map(|p| path.strip_prefix(p))?;
     let ok_chars = path

@@ -526,7 +526,7 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
-    /// Reads the local API token from `http.api_token_file`, if set (as [`read_token_file`]:
+    /// Reads the local API token from `http.api_token_file`, if set (as `read_token_file`:
     /// a regular file of at most [`MAX_TOKEN_FILE_BYTES`], never waited on).
     ///
     /// Errors: [`ConfigError::Token`] naming the file and the key: unreadable, not a regular
@@ -548,7 +548,7 @@ impl Config {
 
     /// Reads the HA token: `$CREDENTIALS_DIRECTORY/ha-token` when systemd passed it
     /// (`LoadCredential=`, see systemd.exec(5) "Credentials"), else `ha.token_file`.
-    /// Surrounding white space is trimmed. Read as [`read_token_file`] does: a regular file
+    /// Surrounding white space is trimmed. Read as `read_token_file` does: a regular file
     /// of at most [`MAX_TOKEN_FILE_BYTES`], never waited on.
     ///
     /// Errors: [`ConfigError::Token`] naming the file, when it is unreadable, not a regular

@@ -142,7 +142,7 @@ pub enum Read {
     },
     /// HA could not answer and nothing is known.
     Failed(RestError),
-    /// Too many reads of entities the mirror does not hold (see [`REST_READS_PER_SECOND`]);
+    /// Too many reads of entities the mirror does not hold (see `REST_READS_PER_SECOND`);
     /// HA was not asked.
     Limited,
 }
@@ -374,7 +374,7 @@ impl Hub {
         });
     }
 
-    /// Queues a command for the link (waits while [`COMMAND_QUEUE`] are pending).
+    /// Queues a command for the link (waits while `COMMAND_QUEUE` are pending).
     pub async fn command(&self, command: Command) {
         let _ = self.commands.0.send(command).await;
     }

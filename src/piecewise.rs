@@ -20,6 +20,21 @@ pub enum Form {
     Compressed,
 }
 
+impl Form {
+    /// Writes `state` in this form to `out` (a `Vec` or a counter, which cannot fail);
+    /// `entry` is scratch space for the compressed form, reused across states.
+    fn write(self, state: &EntityState, entry: &mut String, out: &mut impl std::io::Write) {
+        match self {
+            Form::Json => drop(serde_json::to_writer(out, state)),
+            Form::Compressed => {
+                entry.clear();
+                crate::compressed::write_initial_entry(entry, state);
+                drop(out.write_all(entry.as_bytes()));
+            }
+        }
+    }
+}
+
 /// The middle of a [`Piecewise`] message.
 enum Body {
     /// States separated by commas, each written in the [`Form`].
@@ -106,15 +121,7 @@ impl Piecewise {
                     if *next > 0 {
                         out.push(b',');
                     }
-                    match form {
-                        // Serialising a state into a Vec cannot fail.
-                        Form::Json => drop(serde_json::to_writer(&mut *out, &**state)),
-                        Form::Compressed => {
-                            entry.clear();
-                            crate::compressed::write_initial_entry(&mut entry, state);
-                            out.extend_from_slice(entry.as_bytes());
-                        }
-                    }
+                    form.write(state, &mut entry, out);
                     *next += 1;
                     if out.len() >= limit && *next < states.len() {
                         return false;
@@ -171,15 +178,7 @@ impl Piecewise {
                 let mut count = Count(states.len().saturating_sub(1));
                 let mut entry = String::new();
                 for state in states {
-                    match form {
-                        // Serialising a state into a counter cannot fail.
-                        Form::Json => drop(serde_json::to_writer(&mut count, &**state)),
-                        Form::Compressed => {
-                            entry.clear();
-                            crate::compressed::write_initial_entry(&mut entry, state);
-                            count.0 += entry.len();
-                        }
-                    }
+                    form.write(state, &mut entry, &mut count);
                 }
                 count.0
             }

@@ -133,7 +133,7 @@ enum End {
 
 impl WsApi {
     /// Until shutdown: keeps the dashboards' allowlist current (see [`Dashboards::run`]) and
-    /// runs the tick for the sessions waiting for it ([`WsApi::tick`]); spawned once by the
+    /// runs the tick for the sessions waiting for it (`WsApi::tick`); spawned once by the
     /// app.
     pub async fn run(&self, shutdown: crate::shutdown::Shutdown) {
         let ticks = async {
