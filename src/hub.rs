@@ -46,7 +46,7 @@ const LIMITED_WARNING_PERIOD: Duration = Duration::from_secs(60);
 
 /// Commands queued to the link before senders wait (or, for [`Hub::caught_up`], give up).
 const COMMAND_QUEUE: usize = 64;
-/// Longest [`Hub::caught_up`] waits for the link's `pong`.
+/// Longest a [`CaughtUp`] waits for the link's `pong`.
 pub const CAUGHT_UP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A request to the link task.
@@ -385,22 +385,17 @@ impl Hub {
     /// subscribers while the call runs and its result after, so once a result has arrived
     /// (on another connection), this makes the mirror hold the call's effects — what the
     /// REST write path gets from HA's answer. At once when the link is not live or the
-    /// command queue is full; at most [`CAUGHT_UP_TIMEOUT`].
-    pub async fn caught_up(&self) {
-        if self.link.borrow().state != LinkState::Live {
-            return;
-        }
-        let (said, heard) = smol::channel::bounded(1);
-        if self.commands.0.try_send(Command::Barrier(said)).is_err() {
-            return;
-        }
-        async {
-            let _ = heard.recv().await;
-        }
-        .or(async {
-            Timer::after(CAUGHT_UP_TIMEOUT).await;
-        })
-        .await;
+    /// command queue is full; at most [`CAUGHT_UP_TIMEOUT`]. [`Hub::caught_up`] asks now and
+    /// waits later, so that the caller can go on with other work meanwhile.
+    pub fn caught_up(&self) -> CaughtUp {
+        let asked = (self.link.borrow().state == LinkState::Live)
+            .then(|| {
+                let (said, heard) = smol::channel::bounded(1);
+                self.commands.0.try_send(Command::Barrier(said)).ok()?;
+                Some((heard, Instant::now() + CAUGHT_UP_TIMEOUT))
+            })
+            .flatten();
+        CaughtUp { asked }
     }
 
     /// Asks the link for a fresh snapshot (D-Bus `Resync()`); dropped when one is queued.
@@ -919,5 +914,30 @@ impl Hub {
     /// lives above the hub).
     pub fn set_forward_probe(&self, probe: Box<dyn Fn() -> ForwardStatus>) {
         *self.forward_probe.borrow_mut() = Some(probe);
+    }
+}
+
+/// A [`Hub::caught_up`] asked of the link: [`CaughtUp::wait`] resolves once the mirror holds
+/// everything HA sent before it was asked, at the latest [`CAUGHT_UP_TIMEOUT`] after.
+#[derive(Debug)]
+pub struct CaughtUp {
+    /// The link's answer and the deadline; `None` when there is nothing to wait for (the
+    /// link was not live or its command queue was full).
+    asked: Option<(Receiver<()>, Instant)>,
+}
+
+impl CaughtUp {
+    /// Resolves as [`Hub::caught_up`] says; at once when nothing was asked. Cancel-safe: a
+    /// wait dropped before it resolved can be started again.
+    pub async fn wait(&self) {
+        if let Some((heard, until)) = &self.asked {
+            async {
+                let _ = heard.recv().await;
+            }
+            .or(async {
+                Timer::at(*until).await;
+            })
+            .await;
+        }
     }
 }

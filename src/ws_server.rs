@@ -373,6 +373,7 @@ impl WsApi {
             renew_on_open: false,
             tick_wait: false,
             allowlist: (self.dashboards.generation(), self.dashboards.current()),
+            held: None,
         };
         let mut outgoing = Outgoing::default();
         // `take_changes` for this session: whether there were changes; a failed write ends
@@ -439,13 +440,24 @@ impl WsApi {
                     if self.link_message(&mut state, &text, &mut answers) {
                         // A service call's result: HA sent the call's state changes before
                         // it, so a client subscribed on this connection had them first. Here
-                        // they come by the mirror's link: the result waits until the mirror
+                        // they come by the mirror's link: the result is held until the mirror
                         // holds them (at most `hub::CAUGHT_UP_TIMEOUT`), and they go first,
-                        // as from HA; a `get_states` after the result reads them too.
-                        self.hub.caught_up().await;
-                        take_changes!(None);
+                        // as from HA; a `get_states` after the result reads them too. The
+                        // session goes on meanwhile (local answers, changes), but reads no
+                        // more from its link, so HA's later messages stay behind the result.
+                        state.held = Some(Box::new(Held {
+                            answers,
+                            caught_up: self.hub.caught_up(),
+                        }));
+                    } else {
+                        outgoing.append(answers);
                     }
-                    outgoing.append(answers);
+                }
+                Wake::CaughtUp => {
+                    take_changes!(None);
+                    if let Some(held) = state.held.take() {
+                        outgoing.append(held.answers);
+                    }
                 }
                 Wake::Link(Some(Ok(_))) => {}
                 Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
@@ -574,6 +586,7 @@ impl WsApi {
             changes,
             tick_wait,
             opening,
+            held,
             ..
         } = state;
         let opened = async {
@@ -599,9 +612,19 @@ impl WsApi {
                 _ => std::future::pending().await,
             }
         };
+        // While a result is held for the mirror, the link's later messages wait behind it.
         let from_link = async {
             match link.as_mut() {
-                Some(l) => Wake::Link(l.recv().await),
+                Some(l) if held.is_none() => Wake::Link(l.recv().await),
+                _ => std::future::pending().await,
+            }
+        };
+        let caught_up = async {
+            match held.as_ref() {
+                Some(h) => {
+                    h.caught_up.wait().await;
+                    Wake::CaughtUp
+                }
                 None => std::future::pending().await,
             }
         };
@@ -626,6 +649,7 @@ impl WsApi {
             .or(opened)
             .or(tick)
             .or(from_link)
+            .or(caught_up)
             .or(from_mirror)
             .or(relink)
             .or(allowlist)
@@ -1280,6 +1304,16 @@ struct Running<'a> {
     tick_wait: bool,
     /// The allowlist this session's unfiltered subscriptions last showed, and its generation.
     allowlist: (u64, Option<Rc<Allowlist>>),
+    /// A service call's result (and what came with it) held until the mirror caught up
+    /// (boxed: rare, and every session's state would carry its size).
+    held: Option<Box<Held>>,
+}
+
+/// What [`Running::held`] holds: HA's answers from one frame of the session's link, written
+/// once `caught_up` resolves.
+struct Held {
+    answers: Outgoing,
+    caught_up: crate::hub::CaughtUp,
 }
 
 impl Drop for Running<'_> {
@@ -1302,6 +1336,8 @@ enum Wake {
     Opened(Result<Box<UpLink>, LinkError>),
     Allowlist,
     Tick,
+    /// The mirror caught up with a held service call's result ([`Running::held`]).
+    CaughtUp,
     Shutdown,
 }
 

@@ -632,6 +632,68 @@ fn an_unsubscribe_cut_off_by_an_upstream_drop_succeeds() {
     );
 }
 
+/// A service call's result is held until the mirror holds what HA sent before it (a ping on
+/// the mirror's link, at most 2 s), so that the call's state changes reach the client first,
+/// as they would from HA. The session goes on meanwhile: a `ping` sent while the result is
+/// held is answered at once, before the result. Here the mirror's link never gets its pong,
+/// so the result waits the whole 2 s.
+#[test]
+fn a_result_held_for_the_mirror_does_not_stop_the_session() {
+    let dir = TempDir::new("ws-held");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    fake.answer_next_by_hand("call_service");
+    c.send(
+        json!({"id": 1, "type": "call_service", "domain": "light", "service": "turn_on",
+                  "service_data": {"entity_id": "light.kitchen"}}),
+    );
+    let (link, upstream_id) = wait_until("the call forwarded", deadline(), || {
+        let calls: Vec<(usize, u64)> = fake
+            .commands()
+            .iter()
+            .filter(|(_, m)| m["type"] == "call_service")
+            .map(|(n, m)| (*n, m["id"].as_u64().unwrap()))
+            .collect();
+        calls
+            .first()
+            .copied()
+            .ok_or(format!("{:?}", fake.commands()))
+    });
+    fake.mute_pongs();
+    let context = json!({"id": "01JHELDCTX", "parent_id": null, "user_id": null});
+    let answered = Instant::now();
+    assert!(
+        fake.send_to(
+            link,
+            json!({"id": upstream_id, "type": "result", "success": true,
+               "result": {"context": context}})
+            .to_string()
+        )
+    );
+    // The result reaches the daemon and is held.
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(json!({"id": 2, "type": "ping"}));
+    let prompt = Duration::from_secs(1) * support::daemon::slowdown();
+    let first = c
+        .next(prompt)
+        .unwrap_or_else(|e| panic!("no answer to the ping within {prompt:?}: {e:?}"));
+    assert_eq!(
+        first,
+        json!({"id": 2, "type": "pong"}),
+        "the ping waited behind the held result"
+    );
+    let result = c.recv();
+    assert_eq!(
+        result,
+        json!({"id": 1, "type": "result", "success": true, "result": {"context": context}})
+    );
+    assert!(
+        answered.elapsed() >= Duration::from_millis(1_500),
+        "the result was not held for the mirror: it came {:?} after HA's",
+        answered.elapsed()
+    );
+}
+
 /// An entity HA has made but whose `a` event has not reached the mirror yet, read meanwhile
 /// over REST (a read-through): a `subscribe_entities` for it must not show the REST copy in
 /// its snapshot, or the subscription's `a` event that follows shows the entity a second time

@@ -246,6 +246,9 @@ struct State {
     /// Command types whose next arrival drops its connection unanswered
     /// ([`FakeHa::drop_on_next`]).
     drop_next: Vec<String>,
+    /// Command types whose next arrival is recorded and left for the test to answer
+    /// ([`FakeHa::answer_next_by_hand`]).
+    by_hand: Vec<String>,
 }
 
 impl State {
@@ -414,6 +417,7 @@ impl FakeHa {
             commands: Vec::new(),
             other_tokens: Vec::new(),
             drop_next: Vec::new(),
+            by_hand: Vec::new(),
         }));
         let (stop, stop_rx) = smol::channel::bounded::<()>(1);
         let thread_shared = shared.clone();
@@ -739,6 +743,15 @@ impl FakeHa {
         let mut st = self.state();
         st.note(format!("fault: drop the connection at the next {kind:?}"));
         st.drop_next.push(kind.to_owned());
+    }
+
+    /// The next command of type `kind` (on any session) is recorded in [`FakeHa::commands`]
+    /// and not answered: the test answers it with [`FakeHa::send_to`] when it chooses (HA
+    /// busy with a service call). Once.
+    pub fn answer_next_by_hand(&self, kind: &str) {
+        let mut st = self.state();
+        st.note(format!("the next {kind:?} is answered by the test"));
+        st.by_hand.push(kind.to_owned());
     }
 
     /// Sends the text `frame` on session `number` (1-based, see [`SessionInfo::number`]).
@@ -1315,6 +1328,11 @@ fn handle_message(proto: &mut Protocol, text: &str, shared: &Mutex<State>) -> Ve
         st.drop_next.remove(i);
         st.note(format!("#{n} dropped at {kind:?}, unanswered"));
         out.push(Reply::Drop);
+        return out;
+    }
+    if let Some(i) = st.by_hand.iter().position(|k| k == kind) {
+        st.by_hand.remove(i);
+        st.note(format!("#{n} {kind:?} left for the test to answer"));
         return out;
     }
     let Some(id) = msg["id"].as_u64() else {
