@@ -1,16 +1,47 @@
 # shellcheck shell=bash
 # lib.sh — what the shell test harnesses share (tests/clients, tests/wsclients, tests/browser,
-# tests/frontend and measure/kiosk). Sourced, never run:
+# tests/frontend and measure/kiosk); what their Python and Node scripts share is beside it, in
+# tests/lib/ (ha_ws.py, harness.mjs). Sourced, never run:
 #
 #   . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 #
 # It sets no shell options (the scripts run under `set -euo pipefail`) and starts nothing when
-# sourced; it only defines the functions below and PEER. A function marked "uses say/die" calls
-# the sourcing script's own `say MESSAGE` and `die MESSAGE` (which print with the script's prefix;
-# die exits).
+# sourced; it only defines the functions below, PEER and TESTS_LIB. A function marked "uses
+# say/die" calls the sourcing script's own `say MESSAGE` and `die MESSAGE` (which print with the
+# script's prefix; die exits).
 
 # PEER: the HA test peer's script (start, stop, status, wait-running; see tests/ha-peer/README.md).
 PEER=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/ha-peer/ha-peer.sh
+# TESTS_LIB: tests/lib, the Python module (ha_ws.py) and the Node module (harness.mjs) the
+# harnesses' scripts share.
+TESTS_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib
+
+# ---------- the harness ----------
+
+# python_lib: puts TESTS_LIB first on PYTHONPATH, exported, so that every Python the script runs
+# (directly or through node) imports ha_ws as a plain module.
+python_lib() {
+	export PYTHONPATH=$TESTS_LIB${PYTHONPATH:+:$PYTHONPATH}
+}
+
+# resolve_edge_bin: EDGE_BIN (default target/debug/hass-edge; a relative path is relative to the
+# repository root) made absolute. Whether it is there is the caller's to check.
+resolve_edge_bin() {
+	EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
+	[[ $EDGE_BIN = /* ]] || EDGE_BIN=$(cd "$TESTS_LIB/../.." && pwd)/$EDGE_BIN
+}
+
+# work_dirs NAME: WORK, a new temporary directory ${TMPDIR:-/tmp}/NAME.XXXXXX (the caller removes
+# it); OUT_DIR, when set, created and made absolute; LOGDIR, where the daemons' logs go: OUT_DIR,
+# else WORK. Returns non-zero when a directory could not be made.
+# shellcheck disable=SC2034 # LOGDIR is the caller's
+work_dirs() {
+	WORK=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX") || return 1
+	if [[ -n ${OUT_DIR:-} ]]; then
+		mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd) || return 1
+	fi
+	LOGDIR=${OUT_DIR:-$WORK}
+}
 
 # ---------- processes ----------
 

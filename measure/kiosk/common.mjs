@@ -1,23 +1,22 @@
 // What measure.mjs (issue 15: assets) and entities.mjs (issue 16: entity data) share: the
 // environment run.sh sets, plain HTTP, HA's login flow (tokens for the browser), the delaying relay
-// in front of HA and one hass-edge instance (its own config, state file and asset directory).
+// in front of HA, one hass-edge instance (its own config, state file and asset directory), a fresh
+// browser profile logged in to HA, and the end of a run. What tests/browser and tests/frontend share
+// with these (environment, plain HTTP, Chromium's flags) is in tests/lib/harness.mjs.
 //
 //   HA_URL, HA_TOKEN_FILE, HA_PY, HA_VERSION  the peer (tests/ha-peer); ha_helper.py setup already ran
 //   EDGE_BIN      hass-edge's binary          WORK   a temporary directory (profiles, configs, states)
 //   DELAY_MS      the relay's delay per answer (200)
 //   CHROMIUM, PW_REQUIRE_FROM (a package.json beside a node_modules with playwright-core), OUT_DIR
 import { spawn, execFile } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, writeFileSync, readdirSync, existsSync } from 'node:fs';
-import { request as httpRequest } from 'node:http';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync, readdirSync, existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { CHROMIUM_FLAGS, envReader, raw } from '../../tests/lib/harness.mjs';
 
-export const env = (name, fallback) => {
-  const v = process.env[name] ?? fallback;
-  if (v === undefined || v === '') { console.error(`kiosk: environment variable ${name} is not set (use measure/kiosk/run.sh)`); process.exit(2); }
-  return v;
-};
+export { raw };
+export const env = envReader('kiosk', 'measure/kiosk/run.sh');
 export const HA_URL = env('HA_URL').replace(/\/+$/, '');
 export const HA_TOKEN = readFileSync(env('HA_TOKEN_FILE'), 'utf8').trim();
 export const HA_VERSION = env('HA_VERSION', '?');
@@ -29,8 +28,7 @@ export const CHROMIUM = env('CHROMIUM', '/usr/bin/chromium');
 export const { chromium } = createRequire(env('PW_REQUIRE_FROM'))('playwright-core');
 const USER = 'edge';                    // tests/ha-peer/peer.py's user
 const PASSWORD = 'edge-tester-password';
-export const FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--disable-quic'];
+export const FLAGS = CHROMIUM_FLAGS;
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 export const say = (m) => console.log(`kiosk: ${m}`);
 export const median = (xs) => { const s = [...xs].sort((a, b) => a - b); const n = s.length; return n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2; };
@@ -38,21 +36,7 @@ export const fmtMs = (x) => `${Math.round(x)}`;
 export const fmtKB = (x) => `${Math.round(x / 1024)}`;
 export const loadavg = () => readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 
-// ---------- plain HTTP (Node side) ----------
-export function raw(method, url, headers = {}, body) {
-  return new Promise((resolve, reject) => {
-    const req = httpRequest(url, { method, headers, timeout: 10_000 }, (res) => {
-      let data = '';
-      res.setEncoding('utf8');
-      res.on('data', (c) => { data += c; });
-      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: data }));
-    });
-    req.on('timeout', () => req.destroy(new Error(`${method} ${url}: timed out`)));
-    req.on('error', reject);
-    if (body) req.write(body);
-    req.end();
-  });
-}
+// ---------- plain HTTP (Node side; raw() is tests/lib/harness.mjs's) ----------
 export const json = async (method, url, headers, body) => {
   const r = await raw(method, url, headers, body);
   if (r.status !== 200) throw new Error(`${method} ${url}: HTTP ${r.status} ${r.body.slice(0, 200)}`);
@@ -161,4 +145,49 @@ export class Edge {
     const ac = st.forwarding.asset_cache;
     return { hits: ac.hits, misses: ac.misses, files: ac.files, bytes: ac.bytes, forwarded: sum(/^hass_edge_http_requests_total\{route="forward",/) };
   }
+}
+
+// ---------- a browser profile, and the end of a run ----------
+export let browserVersion = ''; // Chromium's, once a profile was opened
+// openProfile(base, tokens): Chromium with a FRESH profile (a temporary directory in WORK) whose
+// pages at BASE's origin find TOKENS (tokensFor's) in localStorage.hassTokens before their scripts
+// run, as after a password login. Returns { context, close }: close() closes Chromium (5 s at most)
+// and removes the profile.
+export async function openProfile(base, tokens) {
+  const profile = mkdtempSync(join(WORK, 'profile-'));
+  let context;
+  const close = async () => {
+    await Promise.race([context?.close().catch(() => {}), sleep(5000)]);
+    rmSync(profile, { recursive: true, force: true });
+  };
+  try {
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: CHROMIUM, headless: true, args: FLAGS, viewport: { width: 1280, height: 800 }, timeout: 30_000,
+    });
+    browserVersion ||= context.browser()?.version() ?? '';
+    const origin = new URL(base).origin;
+    await context.addInitScript(([o, t]) => {
+      if (location.origin === o && !localStorage.getItem('hassTokens')) localStorage.setItem('hassTokens', t);
+    }, [origin, JSON.stringify(tokens)]);
+  } catch (e) {
+    await close();
+    throw e;
+  }
+  return { context, close };
+}
+// runMain(main, atEnd): runs MAIN; whatever it did, SIGTERM to every child, this run's logins
+// removed from HA, then ATEND (async); exits 0, or 1 when MAIN threw (printed).
+export async function runMain(main, atEnd = async () => {}) {
+  let code = 0;
+  try {
+    await main();
+  } catch (e) {
+    console.error(`kiosk: FAILED: ${e.stack ?? e}`);
+    code = 1;
+  } finally {
+    for (const p of children) p.kill('SIGTERM');
+    await forgetLogins();
+    await atEnd();
+  }
+  process.exit(code);
 }

@@ -24,12 +24,13 @@
 // (subscribe_entities events `a`/`c`/`r`, state_changed events, get_states results) and those
 // messages' bytes; the entity ids in `a` events.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cpus } from 'node:os';
+import { entityIdsOf } from '../../tests/lib/harness.mjs';
 import {
-  env, HA_URL, HA_TOKEN, HA_VERSION, WORK, OUT_DIR, DELAY_MS, CHROMIUM, chromium, FLAGS, sleep, say, median, fmtMs, fmtKB, loadavg,
-  json, haState, freePort, tokensFor, forgetLogins, children, startRelay, Edge,
+  env, HA_URL, HA_TOKEN, HA_VERSION, OUT_DIR, DELAY_MS, sleep, say, median, fmtMs, fmtKB, loadavg,
+  json, haState, freePort, tokensFor, startRelay, Edge, openProfile, browserVersion, runMain,
 } from './common.mjs';
 
 const RUNS = Number(env('RUNS', '3'));
@@ -65,17 +66,7 @@ function entitiesPy(...args) {
 }
 
 // ---------- the page's WebSocket: every frame, and the entity data among them ----------
-// The entity ids of a message carrying entity data, as HA's frontend gets it (TYPES: the page's id ->
-// command type): a subscribe_entities event (HA websocket_api/messages.py: `a` added, `c` changed,
-// `r` removed), a state_changed event, a get_states result; else null.
-function entityIdsOf(m, types) {
-  if (!m || typeof m !== 'object') return null;
-  const e = m.event;
-  if (m.type === 'event' && e && (e.a || e.c || e.r)) return [...Object.keys(e.a ?? {}), ...Object.keys(e.c ?? {}), ...(e.r ?? [])];
-  if (m.type === 'event' && e?.event_type === 'state_changed') return [e.data?.entity_id];
-  if (m.type === 'result' && types.get(m.id) === 'get_states' && Array.isArray(m.result)) return m.result.map((x) => x.entity_id);
-  return null;
-}
+// (entityIdsOf, the entity ids of a message carrying entity data: tests/lib/harness.mjs)
 function watchSockets(page) {
   // cmds: each command the page sent, its type and when it went and its result came (ms since
   // w.t0, set at the goto): which answers the dashboard waited for; authOk: when auth_ok came
@@ -123,7 +114,6 @@ function watchSockets(page) {
 }
 
 // ---------- one load in a browser profile ----------
-let browserVersion = '';
 async function load(context, base, tag) {
   const page = await context.newPage();
   try {
@@ -189,24 +179,15 @@ async function load(context, base, tag) {
 
 // A cold load and a warm one in one fresh browser profile.
 async function pair(base, tokens, tag) {
-  const profile = mkdtempSync(join(WORK, 'profile-'));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM, headless: true, args: FLAGS, viewport: { width: 1280, height: 800 }, timeout: 30_000,
-  });
+  const { context, close } = await openProfile(base, tokens);
   try {
-    browserVersion ||= context.browser()?.version() ?? '';
-    const origin = new URL(base).origin;
-    await context.addInitScript(([o, t]) => {
-      if (location.origin === o && !localStorage.getItem('hassTokens')) localStorage.setItem('hassTokens', t);
-    }, [origin, JSON.stringify(tokens)]);
     const blank = context.pages()[0]; // the persistent context's first tab stays open (about:blank)
     const cold = await load(context, base, `${tag} cold`);
     const warm = await load(context, base, `${tag} warm`);
     if (blank) await blank.close().catch(() => {});
     return { cold, warm };
   } finally {
-    await Promise.race([context.close().catch(() => {}), sleep(5000)]);
-    rmSync(profile, { recursive: true, force: true });
+    await close();
   }
 }
 
@@ -302,15 +283,6 @@ async function main() {
   say(`figures in ${join(OUT_DIR, 'kiosk-entities.md')} and kiosk-entities.json`);
 }
 
-let code = 0;
-try {
-  await main();
-} catch (e) {
-  console.error(`kiosk: FAILED: ${e.stack ?? e}`);
-  code = 1;
-} finally {
-  for (const p of children) p.kill('SIGTERM');
-  await forgetLogins();
+await runMain(main, async () => {
   if (process.env.KEEP_ENTITIES !== '1') await entitiesPy('clean').then((c) => say(`HA cleaned: ${JSON.stringify(c)}`)).catch((e) => console.error(`kiosk: ${e.message}`));
-}
-process.exit(code);
+});

@@ -1,5 +1,6 @@
 """Home Assistant's side of the entity-load measurement (issue 16), always directly against HA
-with the peer's admin token. Run with the peer venv's Python (aiohttp):
+with the peer's admin token. Run with the peer venv's Python (aiohttp) and tests/lib on
+PYTHONPATH (ha_ws; run.sh sets it):
 
     <peer venv>/bin/python entities.py count     --url http://127.0.0.1:18199 --token-file DIR/token N
     <peer venv>/bin/python entities.py dashboard --url ... --token-file ...
@@ -31,14 +32,12 @@ import time
 
 import aiohttp
 
+from ha_ws import Fail, Ws  # tests/lib/ha_ws.py (run.sh puts tests/lib on PYTHONPATH)
+
 PREFIX = "sensor.kiosk_bench_"
 DASHBOARD_SENSORS = [f"{PREFIX}{k * 50}" for k in range(1, 20)]
 KITCHEN_CARD = {"type": "entities", "title": "Kitchen", "entities": ["input_boolean.kitchen", "light.kitchen"]}
 PARALLEL = 16  # REST requests in flight (HA handles them one event-loop turn each)
-
-
-class Fail(Exception):
-    pass
 
 
 def sensor_state(n: int) -> dict:
@@ -97,44 +96,12 @@ async def count(args, session, url) -> dict:
             "seconds": round(time.monotonic() - t0, 1), "ha_states": total}
 
 
-class Ws:
-    """One authenticated WebSocket connection to HA; call() returns a command's result."""
-
-    def __init__(self, ws):
-        self.ws, self.n = ws, 0
-
-    @classmethod
-    async def connect(cls, session, url, token):
-        ws = await session.ws_connect("ws" + url[len("http"):] + "/api/websocket", heartbeat=None)
-        if (await ws.receive_json(timeout=20)).get("type") != "auth_required":
-            raise Fail("WebSocket: no auth_required")
-        await ws.send_json({"type": "auth", "access_token": token})
-        ok = await ws.receive_json(timeout=20)
-        if ok.get("type") != "auth_ok":
-            raise Fail(f"WebSocket auth failed: {ok}")
-        return cls(ws)
-
-    async def call(self, payload: dict):
-        self.n += 1
-        await self.ws.send_json(dict(payload, id=self.n))
-        while True:
-            msg = await self.ws.receive_json(timeout=20)
-            if msg.get("id") == self.n:
-                break
-        if not msg.get("success"):
-            raise Fail(f"{payload['type']}: {msg.get('error')}")
-        return msg.get("result")
-
-
 async def dashboard(args, session, url, token) -> dict:
     cards = [{"type": "entity", "entity": e} for e in DASHBOARD_SENSORS] + [KITCHEN_CARD]
     config = {"title": "Kiosk bench", "views": [{"title": "Kiosk", "path": "0", "cards": cards}]}
     ws = await Ws.connect(session, url, token)
     try:
-        await ws.call({"type": "lovelace/config/save", "config": config})
-        back = await ws.call({"type": "lovelace/config", "force": True})
-        if back != config:
-            raise Fail(f"the default dashboard reads back as {back}")
+        await ws.save_dashboard(config)
     finally:
         await ws.ws.close()
     return {"url_path": "lovelace", "cards": len(cards), "entities": DASHBOARD_SENSORS + KITCHEN_CARD["entities"]}

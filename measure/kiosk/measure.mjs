@@ -16,12 +16,12 @@
 // HA); then `goto <base>/edge-test/0` and two times from the navigation's start (performance.now()
 // in the page): the Kitchen row of the dashboard's entities card shows HA's state of
 // input_boolean.kitchen (its switch's aria-checked), and the page's `load` event.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cpus } from 'node:os';
 import {
-  env, HA_URL, HA_VERSION, WORK, OUT_DIR, DELAY_MS, CHROMIUM, chromium, FLAGS, sleep, say, median, fmtMs, fmtKB, loadavg,
-  haState, freePort, tokensFor, forgetLogins, children, startRelay, Edge,
+  env, HA_URL, HA_VERSION, OUT_DIR, DELAY_MS, sleep, say, median, fmtMs, fmtKB, loadavg,
+  haState, freePort, tokensFor, startRelay, Edge, openProfile, browserVersion, runMain,
 } from './common.mjs';
 
 const RUNS = Number(env('RUNS', '5'));
@@ -41,18 +41,9 @@ const KNOWN = {
 for (const s of SCENARIOS) if (!KNOWN[s]) { console.error(`kiosk: unknown scenario ${s} (${Object.keys(KNOWN).join(', ')})`); process.exit(2); }
 
 // ---------- one measured load ----------
-let browserVersion = '';
 async function load(base, tokens, tag) {
-  const profile = mkdtempSync(join(WORK, 'profile-'));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM, headless: true, args: FLAGS, viewport: { width: 1280, height: 800 }, timeout: 30_000,
-  });
+  const { context, close } = await openProfile(base, tokens);
   try {
-    browserVersion ||= context.browser()?.version() ?? '';
-    const origin = new URL(base).origin;
-    await context.addInitScript(([o, t]) => {
-      if (location.origin === o && !localStorage.getItem('hassTokens')) localStorage.setItem('hassTokens', t);
-    }, [origin, JSON.stringify(tokens)]);
     const page = context.pages()[0] ?? await context.newPage();
     // the network as the page's target saw it (CDP): bytes on the wire, X-Cache of each answer
     const cdp = await context.newCDPSession(page);
@@ -109,8 +100,7 @@ async function load(base, tokens, tag) {
       notFromDisk: list.filter((r) => r.xcache !== 'hit').map((r) => `${r.status} ${new URL(r.url).pathname}`),
     };
   } finally {
-    await Promise.race([context.close().catch(() => {}), sleep(5000)]);
-    rmSync(profile, { recursive: true, force: true });
+    await close();
   }
 }
 
@@ -202,14 +192,4 @@ async function main() {
   say(`figures in ${join(OUT_DIR, 'kiosk.md')} and kiosk.json`);
 }
 
-let code = 0;
-try {
-  await main();
-} catch (e) {
-  console.error(`kiosk: FAILED: ${e.stack ?? e}`);
-  code = 1;
-} finally {
-  for (const p of children) p.kill('SIGTERM');
-  await forgetLogins();
-}
-process.exit(code);
+await runMain(main);

@@ -41,6 +41,7 @@ OUT_DIR=${OUT_DIR:-/tmp/kiosk-out}
 mkdir -p "$OUT_DIR"
 HA_URL=$(cat "$HA_PEER_DIR/url")
 HA_PY=$(cat "$HA_PEER_DIR/venv")/bin/python
+python_lib # ha_helper.py and entities.py import tests/lib/ha_ws.py
 curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
 	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
 

@@ -10,7 +10,6 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
 T0=$SECONDS
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
@@ -22,8 +21,7 @@ die() { printf 'browser: FAIL: %s\n' "$*" >&2; exit 1; }
 [[ -n ${HA_PEER_DIR:-} ]] || die "HA_PEER_DIR is not set (the DIR of 'tests/ha-peer/ha-peer.sh start VERSION DIR PORT')"
 [[ -n ${OUT_DIR:-} ]] || die "OUT_DIR is not set (where the screenshot goes)"
 [[ -s $HA_PEER_DIR/url && -s $HA_PEER_DIR/token ]] || die "$HA_PEER_DIR has no url/token: is the HA peer started?"
-EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
-[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+resolve_edge_bin
 [[ -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 [[ -x $CHROMIUM ]] || die "no Chromium at $CHROMIUM (Debian package chromium)"

@@ -10,19 +10,12 @@
 //   OUT_DIR         where browser-stream.png goes  PROFILE_DIR  a fresh, empty Chromium profile
 //   CHROMIUM        default /usr/bin/chromium
 import { readFileSync } from 'node:fs';
-import { request as httpRequest } from 'node:http';
 import { isDeepStrictEqual } from 'node:util';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
+import { CHROMIUM_FLAGS as FLAGS, check, envReader, fail, failureText, onInterrupt, raw } from '../lib/harness.mjs';
 
-const env = (name, fallback) => {
-  const v = process.env[name] ?? fallback;
-  if (v === undefined || v === '') {
-    console.error(`browser: FAIL: environment variable ${name} is not set (start this through tests/browser/run.sh)`);
-    process.exit(2);
-  }
-  return v;
-};
+const env = envReader('browser: FAIL', 'tests/browser/run.sh');
 const API = env('API_BASE');
 const PAGE = env('PAGE_BASE');
 const OTHER = env('OTHER_BASE');
@@ -33,31 +26,11 @@ const OUT_DIR = env('OUT_DIR');
 const PROFILE_DIR = env('PROFILE_DIR');
 const CHROMIUM = env('CHROMIUM', '/usr/bin/chromium');
 const STEP_TIMEOUT = 15_000;
-// The flags Chromium needs on this machine (see /work/.library/env/machines/rust.md).
-const FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--disable-quic'];
 
 const t0 = Date.now();
 const log = (msg) => console.log(`browser: ${msg}`);
-class TestFailure extends Error {}
-function fail(msg) { throw new TestFailure(msg); }
-function check(cond, msg) { if (!cond) fail(msg); }
 
-// ---------- plain HTTP helpers (Node side, not the browser) ----------
-function raw(method, url, headers = {}, body) {
-  return new Promise((resolve, reject) => {
-    const req = httpRequest(url, { method, headers, timeout: 10_000 }, (res) => {
-      let data = '';
-      res.setEncoding('utf8');
-      res.on('data', (c) => { data += c; });
-      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: data }));
-    });
-    req.on('timeout', () => req.destroy(new Error(`${method} ${url}: timed out`)));
-    req.on('error', reject);
-    if (body) req.write(body);
-    req.end();
-  });
-}
+// ---------- plain HTTP helpers (Node side, not the browser; raw() is harness.mjs's) ----------
 async function ha(method, path, body) {
   const r = await raw(method, `${HA_URL}${path}`, { Authorization: `Bearer ${HA_TOKEN}`, 'Content-Type': 'application/json' }, body && JSON.stringify(body));
   check(r.status >= 200 && r.status < 300, `Home Assistant ${method} ${path}: HTTP ${r.status} ${r.body.slice(0, 200)}`);
@@ -82,15 +55,7 @@ async function cleanup() {
     await Promise.race([c.close().catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
   }
 }
-let interrupted = false;
-for (const sig of ['SIGINT', 'SIGTERM']) {
-  process.on(sig, async () => {
-    interrupted = true;
-    console.error(`browser: interrupted (${sig}); closing Chromium`);
-    await cleanup();
-    process.exit(130);
-  });
-}
+const signals = onInterrupt('browser', cleanup);
 const watchdog = setTimeout(() => { console.error('browser: FAIL: the whole test took more than 120 s'); cleanup().finally(() => process.exit(1)); }, 120_000);
 
 const kiosk = (fn, arg) => page.evaluate(fn, arg);
@@ -274,10 +239,8 @@ try {
   log(`PASS (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
   process.exit(0);
 } catch (e) {
-  if (interrupted) await new Promise(() => {}); // the signal handler exits
-  // Playwright's errors append Chromium's whole stderr ("Browser logs:"): keep the message.
-  const what = e instanceof TestFailure ? e.message : `${String(e.message ?? e).split('\nBrowser logs:')[0]}\n${(e.stack ?? '').split('\n').filter((l) => l.trim().startsWith('at ')).slice(0, 3).join('\n')}`;
-  console.error(`browser: FAIL: ${what}`);
+  if (signals.interrupted) await new Promise(() => {}); // the signal handler exits
+  console.error(`browser: FAIL: ${failureText(e)}`);
   if (page) {
     const shot = join(OUT_DIR, 'browser-failure.png');
     try {

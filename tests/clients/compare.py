@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Real Home Assistant clients against HA and against a target (hass-edge, or HA itself for the
-self-check), results compared (issue 15). Run by run.sh with the clients venv's Python.
+self-check), results compared (issue 15). Run by run.sh with the clients venv's Python and
+tests/lib on PYTHONPATH (for ha_ws).
 
     compare.py --ha-url URL --ha-token-file F --target-url URL [--target-label edge]
                [--target-token-file F] [--name-prefix P] [--no-cli-ws-lists] [--no-cli-ws]
@@ -45,6 +46,8 @@ import requests
 
 import homeassistant_api as hapi
 from homeassistant_api import AsyncClient, Client, State
+
+from ha_ws import ws_admin  # tests/lib/ha_ws.py (run.sh puts tests/lib on PYTHONPATH)
 
 TS_KEYS = {"last_changed", "last_updated", "last_reported", "time_fired"}
 RESULTS: list[tuple[bool, str, str]] = []
@@ -699,24 +702,6 @@ def _drop_ws_id(v: Any) -> Any:
 # ---------------------------------------------------------------- credentials: non-admin user, login flow
 NONADMIN_USER, NONADMIN_PASS = "clients-nonadmin", "clients-nonadmin-password-1"
 CLIENT_ID = "http://127.0.0.1/"
-
-
-async def ws_admin(url: str, token: str, frames: list[dict]) -> list[dict]:
-    out = []
-    async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(url + "/api/websocket") as ws:
-            assert (await ws.receive_json())["type"] == "auth_required"
-            await ws.send_json({"type": "auth", "access_token": token})
-            m = await ws.receive_json()
-            assert m["type"] == "auth_ok", m
-            for i, f in enumerate(frames, 1):
-                await ws.send_json(dict(f, id=i))
-                while True:
-                    m = await ws.receive_json()
-                    if m.get("id") == i and m["type"] == "result":
-                        out.append(m)
-                        break
-    return out
 
 
 def login(side: Side, username: str, password: str) -> tuple[list[Any], str | None]:

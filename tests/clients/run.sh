@@ -16,7 +16,6 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
 T0=$SECONDS
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
@@ -31,8 +30,7 @@ HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd)
 TARGET=${CLIENTS_TARGET:-edge}
 [[ $TARGET == edge || $TARGET == ha ]] || die "CLIENTS_TARGET must be edge or ha, not $TARGET"
 if [[ $TARGET == edge ]]; then
-	EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
-	[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+	resolve_edge_bin
 	[[ -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
 fi
 for tool in python3 curl; do
@@ -51,14 +49,10 @@ fi
 # ---------- the clients (cached venv; instant when installed) ----------
 VENV=$(bash "$HERE/install.sh") || die "tests/clients/install.sh failed"
 PY=$VENV/bin/python
+python_lib # compare.py imports tests/lib/ha_ws.py
 
 # ---------- processes and their cleanup ----------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-clients.XXXXXX")
-if [[ -n ${OUT_DIR:-} ]]; then
-	mkdir -p "$OUT_DIR"
-	OUT_DIR=$(cd "$OUT_DIR" && pwd)
-fi
-LOGDIR=${OUT_DIR:-$WORK}
+work_dirs hass-edge-clients || die "could not make the temporary directory or OUT_DIR"
 declare -A EDGE_PID=() EDGE_PORT=() # the hass-edge daemons by name and their ports
 
 cleanup() {

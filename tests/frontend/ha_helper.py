@@ -1,5 +1,6 @@
 """Home Assistant's side of the frontend test (issue 15), always directly against HA with the
-peer's admin token (never through hass-edge). Run with the peer venv's Python (aiohttp):
+peer's admin token (never through hass-edge). Run with the peer venv's Python (aiohttp) and
+tests/lib on PYTHONPATH (ha_ws; run.sh sets it):
 
     <peer venv>/bin/python ha_helper.py setup  --url http://127.0.0.1:18160 --token-file DIR/token
     <peer venv>/bin/python ha_helper.py tokens --url ... --token-file ... --client-id http://H:P/ \
@@ -47,15 +48,13 @@ from datetime import datetime
 
 import aiohttp
 
+from ha_ws import Fail, Ws  # tests/lib/ha_ws.py (run.sh puts tests/lib on PYTHONPATH)
+
 CARD_TITLE = "Edge test entities"
 ENTITIES = ["input_boolean.kitchen", "light.kitchen"]
 
 
 NONADMIN_NAME = "Frontend non-admin"
-
-
-class Fail(Exception):
-    pass
 
 
 def dashboard_config(title: str) -> dict:
@@ -108,40 +107,6 @@ async def onboarding(session: aiohttp.ClientSession, url: str, headers: dict) ->
     return posted
 
 
-async def ws_call(ws, msg_id: int, payload: dict, timeout: float) -> dict:
-    await ws.send_json(dict(payload, id=msg_id))
-    while True:
-        msg = await ws.receive_json(timeout=timeout)
-        if msg.get("id") == msg_id:
-            return msg
-
-
-class Ws:
-    """One authenticated WebSocket connection to HA; call() returns a command's result."""
-
-    def __init__(self, ws, timeout: float):
-        self.ws, self.timeout, self.n = ws, timeout, 0
-
-    @classmethod
-    async def connect(cls, session: aiohttp.ClientSession, url: str, token: str, timeout: float):
-        ws = await session.ws_connect("ws" + url[len("http"):] + "/api/websocket", heartbeat=None)
-        hello = await ws.receive_json(timeout=timeout)
-        if hello.get("type") != "auth_required":
-            raise Fail(f"WebSocket: expected auth_required, got {hello}")
-        await ws.send_json({"type": "auth", "access_token": token})
-        ok = await ws.receive_json(timeout=timeout)
-        if ok.get("type") != "auth_ok":
-            raise Fail(f"WebSocket auth failed: {ok}")
-        return cls(ws, timeout)
-
-    async def call(self, payload: dict):
-        self.n += 1
-        msg = await ws_call(self.ws, self.n, payload, self.timeout)
-        if not msg.get("success"):
-            raise Fail(f"{payload['type']}: {msg.get('error')}")
-        return msg.get("result")
-
-
 async def setup(args, session, url, token) -> dict:
     headers = {"Authorization": f"Bearer {token}"}
     posted = await onboarding(session, url, headers)
@@ -165,10 +130,7 @@ async def setup(args, session, url, token) -> dict:
             if board.get("mode") != "storage" or board.get("require_admin"):
                 raise Fail(f"dashboard {args.dashboard} exists with other settings: {board}")
         config = dashboard_config(args.title)
-        await ws.call({"type": "lovelace/config/save", "url_path": args.dashboard, "config": config})
-        back = await ws.call({"type": "lovelace/config", "url_path": args.dashboard, "force": True})
-        if back != config:
-            raise Fail(f"lovelace/config of {args.dashboard} reads back as {back}, saved {config}")
+        await ws.save_dashboard(config, args.dashboard)
     finally:
         await ws.ws.close()
     return {
@@ -197,10 +159,7 @@ async def lovelace(args, session, url, token) -> dict:
         if args.entity_card:
             cards.append({"type": "entity", "entity": args.entity_card})
         config = {"views": [{"title": "Home", "cards": cards}]}
-        await ws.call({"type": "lovelace/config/save", "config": config})
-        back = await ws.call({"type": "lovelace/config", "force": True})
-        if back != config:
-            raise Fail(f"the default dashboard's lovelace/config reads back as {back}, saved {config}")
+        await ws.save_dashboard(config)
     finally:
         await ws.ws.close()
     return {"url_path": "lovelace", "entities": entities + ([args.entity_card] if args.entity_card else [])}

@@ -13,7 +13,6 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
 T0=$SECONDS
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" # also PEER, tests/ha-peer/ha-peer.sh
@@ -28,8 +27,7 @@ die() { printf 'frontend: FAIL: %s\n' "$*" >&2; exit 1; }
 	die "$HA_PEER_DIR has no url/token/version/venv: is the HA peer started?"
 TARGET=${FRONTEND_TARGET:-edge}
 [[ $TARGET == edge || $TARGET == ha ]] || die "FRONTEND_TARGET must be edge or ha, not $TARGET"
-EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
-[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+resolve_edge_bin
 [[ $TARGET == ha || -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 [[ -x $CHROMIUM ]] || die "no Chromium at $CHROMIUM (Debian package chromium)"
@@ -45,6 +43,7 @@ HA_PORT=${HA_URL##*:}
 HA_VERSION=$(cat "$HA_PEER_DIR/version")
 HA_PY=$(cat "$HA_PEER_DIR/venv")/bin/python
 [[ -x $HA_PY ]] || die "the peer's Python $HA_PY is missing"
+python_lib # ha_helper.py (run here and by test.mjs) imports tests/lib/ha_ws.py
 curl -fsS -o /dev/null --max-time 5 -H "Authorization: Bearer $(cat "$HA_PEER_DIR/token")" "$HA_URL/api/" ||
 	die "Home Assistant at $HA_URL does not answer GET /api/ with its token"
 SCENARIOS=${SCENARIOS:-password api-token dashboard trusted no-xff read-only}

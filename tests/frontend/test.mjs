@@ -39,15 +39,11 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { createServer, request as httpRequest } from 'node:http';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
+import {
+  CHROMIUM_FLAGS as FLAGS, TestFailure, check, entityIdsOf, envReader, fail, failureText, onInterrupt, raw,
+} from '../lib/harness.mjs';
 
-const env = (name, fallback) => {
-  const v = process.env[name] ?? fallback;
-  if (v === undefined || v === '') {
-    console.error(`frontend: FAIL: environment variable ${name} is not set (start this through tests/frontend/run.sh)`);
-    process.exit(2);
-  }
-  return v;
-};
+const env = envReader('frontend: FAIL', 'tests/frontend/run.sh');
 const SCENARIO = env('SCENARIO');
 const BASE = env('BASE').replace(/\/+$/, '');
 const HA_URL = env('HA_URL').replace(/\/+$/, '');
@@ -64,8 +60,6 @@ const USER = 'edge';                     // tests/ha-peer/peer.py ONBOARD_USER
 const PASSWORD = 'edge-tester-password';
 const STEP_TIMEOUT = 20_000;             // any one wait
 const RUN_TIMEOUT = process.env.SCENARIO === 'dashboard' ? 240_000 : 150_000; // the whole scenario
-const FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--disable-quic'];
 if (!['password', 'api-token', 'dashboard', 'trusted', 'no-xff', 'read-only'].includes(SCENARIO)) {
   console.error(`frontend: FAIL: SCENARIO must be password, api-token, dashboard, trusted, no-xff or read-only, not ${SCENARIO}`);
   process.exit(2);
@@ -75,29 +69,12 @@ const PASSWORD_LOGIN = ['password', 'api-token', 'dashboard', 'read-only'].inclu
 const EDGE_API_TOKEN = process.env.EDGE_API_TOKEN_FILE ? readFileSync(process.env.EDGE_API_TOKEN_FILE, 'utf8').trim() : '';
 const t0 = Date.now();
 const log = (msg) => console.log(`${tag}: ${msg} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
-class TestFailure extends Error {}
-function fail(msg) { throw new TestFailure(msg); }
-function check(cond, msg) { if (!cond) fail(msg); }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const baseUrl = new URL(BASE);
 const haUrl = new URL(HA_URL);
 const CLIENT_ID = `${BASE}/`; // what HA's frontend sends as client_id: its own origin
 
-// ---------- Home Assistant, directly (Node side, never the browser) ----------
-function raw(method, url, headers = {}, body) {
-  return new Promise((resolve, reject) => {
-    const req = httpRequest(url, { method, headers, timeout: 10_000 }, (res) => {
-      let data = '';
-      res.setEncoding('utf8');
-      res.on('data', (c) => { data += c; });
-      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body: data }));
-    });
-    req.on('timeout', () => req.destroy(new Error(`${method} ${url}: timed out`)));
-    req.on('error', reject);
-    if (body) req.write(body);
-    req.end();
-  });
-}
+// ---------- Home Assistant, directly (Node side, never the browser; raw() is harness.mjs's) ----------
 // GET without Accept-Encoding: HA answers the plain bytes (what the browser's decoded body must be)
 function rawBytes(url) {
   return new Promise((resolve, reject) => {
@@ -174,15 +151,7 @@ async function cleanup() {
     await Promise.race([c.close().catch(() => {}), sleep(5000)]);
   }
 }
-let interrupted = false;
-for (const sig of ['SIGINT', 'SIGTERM']) {
-  process.on(sig, async () => {
-    interrupted = true;
-    console.error(`${tag}: interrupted (${sig}); closing Chromium`);
-    await cleanup();
-    process.exit(130);
-  });
-}
+const signals = onInterrupt(tag, cleanup);
 const watchdog = setTimeout(() => {
   console.error(`${tag}: FAIL: the whole scenario took more than ${RUN_TIMEOUT / 1000} s`);
   dumpNetwork();
@@ -261,17 +230,6 @@ function watchPage(p) {
     ws.on('close', () => { s.closed = true; });
     ws.on('socketerror', (err) => { s.error = String(err); });
   });
-}
-// The entity ids of a message that carries entity data, as HA's frontend gets it: a
-// subscribe_entities event (HA websocket_api/messages.py: `a` added, `c` changed, `r` removed), a
-// state_changed event, or a get_states result (TYPES: the client's id -> command type); else null.
-function entityIdsOf(m, types) {
-  if (!m || typeof m !== 'object') return null;
-  const e = m.event;
-  if (m.type === 'event' && e && (e.a || e.c || e.r)) return [...Object.keys(e.a ?? {}), ...Object.keys(e.c ?? {}), ...(e.r ?? [])];
-  if (m.type === 'event' && e?.event_type === 'state_changed') return [e.data?.entity_id];
-  if (m.type === 'result' && types.get(m.id) === 'get_states' && Array.isArray(m.result)) return m.result.map((x) => x.entity_id);
-  return null;
 }
 const fmtReq = (e) => `${String(e.t).padStart(6)} ms ${e.method.padEnd(4)} ${e.status ?? '…'}${e.xcache ? ` X-Cache:${e.xcache}` : ''}${e.failure ? ` FAILED ${e.failure}` : ''} ${e.type} ${e.url}`;
 function dumpNetwork() {
@@ -970,9 +928,8 @@ try {
   log('PASS');
   process.exit(0);
 } catch (e) {
-  if (interrupted) await new Promise(() => {}); // the signal handler exits
-  const what = e instanceof TestFailure ? e.message : `${String(e.message ?? e).split('\nBrowser logs:')[0]}\n${(e.stack ?? '').split('\n').filter((l) => l.trim().startsWith('at ')).slice(0, 3).join('\n')}`;
-  console.error(`${tag}: FAIL: ${what}`);
+  if (signals.interrupted) await new Promise(() => {}); // the signal handler exits
+  console.error(`${tag}: FAIL: ${failureText(e)}`);
   if (page) {
     try { await screenshot('failure'); } catch { /* the browser may be gone */ }
     console.error(`${tag}: page state: ${await pageState()}`);

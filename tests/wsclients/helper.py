@@ -1,4 +1,5 @@
-"""Small steps run.sh needs around the sessions (run with the wsclients venv's Python: aiohttp).
+"""Small steps run.sh needs around the sessions (run with the wsclients venv's Python: aiohttp; and
+tests/lib on PYTHONPATH, for ha_ws).
 
   helper.py nonadmin HA_URL HA_TOKEN          print a fresh access token of a non-admin user
                                               (made over HA's WebSocket once; reused by later runs)
@@ -14,27 +15,11 @@ import sys
 
 import aiohttp
 
+from ha_ws import ws_admin  # tests/lib/ha_ws.py (run.sh puts tests/lib on PYTHONPATH)
+
 NONADMIN_NAME = "WS clients non-admin"
 NONADMIN_USER, NONADMIN_PASS = "wsclients-nonadmin", "wsclients-nonadmin-password-1"
 CLIENT_ID = "http://127.0.0.1/"
-
-
-async def ws_admin(url: str, token: str, frames: list[dict]) -> list[dict]:
-    out = []
-    async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(url + "/api/websocket") as ws:
-            assert (await ws.receive_json())["type"] == "auth_required"
-            await ws.send_json({"type": "auth", "access_token": token})
-            m = await ws.receive_json()
-            assert m["type"] == "auth_ok", m
-            for i, f in enumerate(frames, 1):
-                await ws.send_json(dict(f, id=i))
-                while True:
-                    m = await ws.receive_json()
-                    if m.get("id") == i and m["type"] == "result":
-                        out.append(m)
-                        break
-    return out
 
 
 async def login(url: str) -> str | None:

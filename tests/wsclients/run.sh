@@ -19,7 +19,6 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
 T0=$SECONDS
 # shellcheck source-path=SCRIPTDIR source=../lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../lib.sh" # also PEER, tests/ha-peer/ha-peer.sh
@@ -34,8 +33,7 @@ HA_PEER_DIR=$(cd "$HA_PEER_DIR" && pwd -P)
 TARGET=${WSCLIENTS_TARGET:-edge}
 [[ $TARGET == edge || $TARGET == ha ]] || die "WSCLIENTS_TARGET must be edge or ha, not $TARGET"
 if [[ $TARGET == edge ]]; then
-	EDGE_BIN=${EDGE_BIN:-target/debug/hass-edge}
-	[[ $EDGE_BIN = /* ]] || EDGE_BIN=$ROOT/$EDGE_BIN
+	resolve_edge_bin
 	[[ -x $EDGE_BIN ]] || die "no hass-edge binary at $EDGE_BIN (cargo build, or set EDGE_BIN)"
 fi
 for tool in node python3 curl; do
@@ -61,14 +59,10 @@ INSTALLED=$(bash "$HERE/install.sh") || die "tests/wsclients/install.sh failed"
 NODE_MODULES=$(sed -n 's/^node_modules=//p' <<<"$INSTALLED")
 VENV=$(sed -n 's/^venv=//p' <<<"$INSTALLED")
 PY=$VENV/bin/python
+python_lib # helper.py imports tests/lib/ha_ws.py
 
 # ---------- processes and their cleanup ----------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/hass-edge-wsclients.XXXXXX")
-if [[ -n ${OUT_DIR:-} ]]; then
-	mkdir -p "$OUT_DIR"
-	OUT_DIR=$(cd "$OUT_DIR" && pwd)
-fi
-LOGDIR=${OUT_DIR:-$WORK}
+work_dirs hass-edge-wsclients || die "could not make the temporary directory or OUT_DIR"
 declare -A EDGE_PID=() EDGE_URL=() # the hass-edge daemons by name (tok, open) and their base URLs
 
 cleanup() {
