@@ -19,6 +19,10 @@ use crate::uplink::UpLink;
 
 /// How often the dashboards' allowlist is computed again without a reason.
 pub const DASHBOARDS_REFRESH: Duration = Duration::from_secs(300);
+/// Least time between two reads of the dashboards that `lovelace_updated` events ask for:
+/// each read opens a link and fetches every state and config, and anyone who may fire events
+/// in HA can fire that one as often as they like.
+pub const UPDATE_GAP: Duration = Duration::from_secs(3);
 
 /// `data` of an SSE-rendered `lovelace_updated` event.
 fn lovelace_event_data(text: &str) -> Value {
@@ -54,6 +58,13 @@ impl Dashboards {
             crate::config::DashboardsConfig,
         )> = None;
         let mut due = Instant::now();
+        // When the dashboards were last read: an update is read `UPDATE_GAP` after it at the
+        // soonest.
+        let mut read_at: Option<Instant> = None;
+        let soon = |read_at: Option<Instant>| {
+            let now = Instant::now();
+            read_at.map_or(now, |at| (at + UPDATE_GAP).max(now))
+        };
         let mut dashboards: BTreeMap<String, DashboardEntities> = BTreeMap::new();
         loop {
             if shutdown.is_triggered() {
@@ -78,26 +89,30 @@ impl Dashboards {
                 }
                 let mut stale = fetched_for
                     .as_ref()
-                    .is_none_or(|(at, cfg)| *at != link.last_connected || cfg != wanted)
-                    || Instant::now() >= due;
+                    .is_none_or(|(at, cfg)| *at != link.last_connected || cfg != wanted);
                 if let Some(receiver) = updates.as_mut() {
                     loop {
                         match receiver.try_recv() {
                             Ok(Some(text)) => {
                                 let data = lovelace_event_data(&text);
                                 let url_path = crate::dashboards::updated_url_path(&data);
-                                stale |= wanted.url_paths.iter().any(|p| p == url_path);
+                                if wanted.url_paths.iter().any(|p| p == url_path) {
+                                    due = due.min(soon(read_at));
+                                }
                             }
                             Ok(None) => break,
                             Err(()) => {
+                                // Events were lost: read again (as soon as an update may).
                                 updates = None;
-                                stale = true;
+                                due = due.min(soon(read_at));
                                 break;
                             }
                         }
                     }
                 }
+                stale |= Instant::now() >= due;
                 if stale {
+                    read_at = Some(Instant::now());
                     match Self::fetch(hub, wanted).await {
                         Ok((fetched, known)) => {
                             dashboards = fetched;
@@ -172,7 +187,7 @@ impl Dashboards {
                 let data = lovelace_event_data(&text);
                 let url_path = crate::dashboards::updated_url_path(&data);
                 if wanted.url_paths.iter().any(|p| p == url_path) {
-                    due = Instant::now();
+                    due = due.min(soon(read_at));
                 }
             }
         }

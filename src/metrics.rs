@@ -317,5 +317,11 @@ pub fn render(status: &Status) -> String {
         "WebSocket API upgrades refused at http.max_websocket_clients.",
         w.refused_full,
     );
+    o.single(
+        "hass_edge_websocket_commands_refused_total",
+        "counter",
+        "WebSocket API commands refused: too many waiting or kept for Home Assistant in the session.",
+        w.commands_refused,
+    );
     o.0
 }

@@ -193,6 +193,9 @@ pub struct WsApiStatus {
     pub auth_failures: u64,
     /// Upgrades refused at `http.max_websocket_clients` (total).
     pub refused_full: u64,
+    /// Commands refused for what the session already has waiting or kept for HA
+    /// (`ws_server::MAX_PENDING`, `ws_server::MAX_KEPT_BYTES`; total).
+    pub commands_refused: u64,
 }
 
 impl Status {
@@ -282,6 +285,7 @@ impl Status {
                 "slow_clients_dropped": self.forwarding.websocket_api.slow_clients_dropped,
                 "auth_failures": self.forwarding.websocket_api.auth_failures,
                 "refused_full": self.forwarding.websocket_api.refused_full,
+                "commands_refused": self.forwarding.websocket_api.commands_refused,
             },
             "warm_start": self.warm_start.map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
             "serving_stale": self.serving_stale(),

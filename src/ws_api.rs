@@ -199,22 +199,53 @@ impl LocalSession {
 
     /// Handles one text frame from the client.
     pub fn handle_text(&mut self, text: &str, view: &dyn View, out: &mut Vec<Action>) {
-        match self.phase {
-            Phase::AwaitAuth => self.handle_auth(text, out),
-            Phase::Ready(mode) => match serde_json::from_str::<Value>(text) {
-                Ok(Value::Array(messages)) => {
-                    for m in messages {
-                        self.handle_message(m, mode, view, out);
-                    }
-                }
-                Ok(message) => self.handle_message(message, mode, view, out),
-                Err(_) => {
-                    self.phase = Phase::Closed;
-                    out.push(Action::Close("invalid JSON from the client"));
-                }
-            },
-            // HA reads nothing while it decides, and nothing after the end.
-            Phase::Authorizing | Phase::Closed => {}
+        if self.phase == Phase::AwaitAuth {
+            return self.handle_auth(text, out);
+        }
+        for message in self.split(text, out) {
+            self.handle_raw(message, view, out);
+        }
+    }
+
+    /// The messages of a client's frame once commands are taken: the one message, or each of
+    /// a JSON array (HA's `connection.py` takes a list as that many messages), as sent, not
+    /// yet parsed. Empty in the auth phase (see [`LocalSession::handle_text`]), while the
+    /// token is judged and after the end; also when the frame is not JSON, and then the
+    /// session ends ([`Action::Close`] in `out`). A caller that answers the messages one at
+    /// a time ([`LocalSession::handle_raw`]) can write each answer before reading the next:
+    /// one 1 MiB frame holds tens of thousands of `get_states`.
+    pub fn split<'t>(
+        &mut self,
+        text: &'t str,
+        out: &mut Vec<Action>,
+    ) -> Vec<&'t serde_json::value::RawValue> {
+        if !matches!(self.phase, Phase::Ready(_)) {
+            return Vec::new();
+        }
+        let messages = if text.trim_start().starts_with('[') {
+            serde_json::from_str(text)
+        } else {
+            serde_json::from_str(text).map(|m| vec![m])
+        };
+        messages.unwrap_or_else(|_| {
+            self.phase = Phase::Closed;
+            out.push(Action::Close("invalid JSON from the client"));
+            Vec::new()
+        })
+    }
+
+    /// Answers one message of [`LocalSession::split`]; nothing unless commands are taken.
+    pub fn handle_raw(
+        &mut self,
+        message: &serde_json::value::RawValue,
+        view: &dyn View,
+        out: &mut Vec<Action>,
+    ) {
+        if let Phase::Ready(mode) = self.phase {
+            // `split` checked the syntax, so this parse does not fail.
+            if let Ok(message) = serde_json::from_str(message.get()) {
+                self.handle_message(message, mode, view, out);
+            }
         }
     }
 

@@ -77,6 +77,17 @@ pub const MAX_RELINK_DELAY: Duration = Duration::from_secs(30);
 /// Most answers a session's link waits for at once; beyond, a command is refused with
 /// `home_assistant_error` (nothing a client does grows hass-edge's memory without bound).
 pub const MAX_PENDING: usize = 1024;
+/// Most bytes of a session's commands hass-edge keeps (the JSON of its forwarded
+/// subscriptions, made again on a new link, and of the commands waiting for the link being
+/// opened); beyond, a command that would be kept is refused with `home_assistant_error`.
+/// HA takes commands up to [`MAX_MESSAGE_BYTES`] each; a dashboard's subscriptions are a few
+/// hundred bytes each.
+pub const MAX_KEPT_BYTES: usize = 256 * 1024;
+/// Commands of one frame (HA's array form) answered before the session lets the others run.
+const COMMANDS_PER_TURN: usize = 64;
+/// Longest a session waits for HA's rate limit on token checks ([`crate::ha_tokens`]) before
+/// it ends without a verdict (the client connects again later).
+const TOKEN_CHECK_WAIT: Duration = Duration::from_secs(10);
 
 /// Argument-less commands whose answers are cached, and the HA events that end them.
 pub const CACHED: &[(&str, &[&str])] = &[
@@ -121,6 +132,8 @@ struct Counters {
     slow_dropped: Cell<u64>,
     auth_failures: Cell<u64>,
     refused_full: Cell<u64>,
+    /// Forwarded commands refused over [`MAX_PENDING`] or [`MAX_KEPT_BYTES`].
+    commands_refused: Cell<u64>,
 }
 
 /// Why a session ended.
@@ -208,6 +221,7 @@ impl WsApi {
             slow_clients_dropped: c.slow_dropped.get(),
             auth_failures: c.auth_failures.get(),
             refused_full: c.refused_full.get(),
+            commands_refused: c.commands_refused.get(),
         }
     }
 
@@ -404,6 +418,9 @@ impl WsApi {
                 Some(actions) => Wake::Auth(actions),
                 None => self.wait(client, &mut state, shutdown).await,
             };
+            // What the client or HA sent may be ready again at once, turn after turn (a client
+            // sending as fast as it can): the session lets the others run after each such turn.
+            let from_peer = matches!(wake, Wake::Client(_) | Wake::Link(_));
             // Whether the mirror's changes are being written (the next ones wait for the tick).
             let mut with_changes = matches!(wake, Wake::Changes(Some(_)));
             match wake {
@@ -420,8 +437,46 @@ impl WsApi {
                         // for the tick): its answer (a snapshot) may already hold them.
                         take_changes!(None);
                         let mut actions = Vec::new();
-                        session.handle_text(&text, &self.view(), &mut actions);
-                        self.act(&mut state, actions, &mut outgoing).await;
+                        let messages = session.split(&text, &mut actions);
+                        self.act(&mut state, std::mem::take(&mut actions), &mut outgoing)
+                            .await;
+                        // A frame may hold thousands of commands (HA's array form): past
+                        // `CHANGES_HELD` bytes of answers, or an answer that goes in pieces,
+                        // what is answered is written before the next command is read, and
+                        // every `COMMANDS_PER_TURN` the others run.
+                        let mut held = 0;
+                        for (n, message) in messages.into_iter().enumerate() {
+                            if state.end.is_some() {
+                                break;
+                            }
+                            let before = outgoing.texts.len();
+                            session.handle_raw(message, &self.view(), &mut actions);
+                            self.act(&mut state, std::mem::take(&mut actions), &mut outgoing)
+                                .await;
+                            held += outgoing.texts[before.min(outgoing.texts.len())..]
+                                .iter()
+                                .map(String::len)
+                                .sum::<usize>();
+                            if held >= CHANGES_HELD || !outgoing.pieced.is_empty() {
+                                let changes = state.changes.as_ref();
+                                if let Err(e) = Box::pin(flush(
+                                    client,
+                                    &mut deadline,
+                                    &session,
+                                    &mut outgoing,
+                                    changes,
+                                    &self.pieces,
+                                ))
+                                .await
+                                {
+                                    return e;
+                                }
+                                held = 0;
+                            }
+                            if n % COMMANDS_PER_TURN == COMMANDS_PER_TURN - 1 {
+                                smol::future::yield_now().await;
+                            }
+                        }
                     }
                     Message::Close(_) => return End::Client("client closed".into()),
                     Message::Binary(_) => {
@@ -517,6 +572,9 @@ impl WsApi {
             }
             if let Some(end) = state.end.take() {
                 return end;
+            }
+            if from_peer {
+                smol::future::yield_now().await;
             }
         }
     }
@@ -758,12 +816,24 @@ impl WsApi {
                 "Home Assistant is not reachable from hass-edge",
             ))
         };
-        if state.routes.len() + state.queued.len() >= MAX_PENDING {
-            outgoing.push(ws_api::error(
-                client_id,
-                "home_assistant_error",
-                "too many commands waiting for Home Assistant",
-            ));
+        // Kept: a subscription (made again on a new link) or a command waiting for the link.
+        let kept = subscription || state.link.is_none();
+        let bytes = if kept {
+            serde_json::to_vec(&command).map_or(0, |v| v.len())
+        } else {
+            0
+        };
+        let refusal = if state.routes.len() + state.queued.len() >= MAX_PENDING {
+            Some("too many commands waiting for Home Assistant")
+        } else if kept && state.kept_bytes() + bytes > MAX_KEPT_BYTES {
+            Some("too many bytes of this session's commands kept for Home Assistant")
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            let refused = &self.counters.commands_refused;
+            refused.set(refused.get() + 1);
+            outgoing.push(ws_api::error(client_id, "home_assistant_error", message));
             return;
         }
         if state.link.is_none() {
@@ -776,6 +846,7 @@ impl WsApi {
             state.queued.push(Queued {
                 client_id,
                 command,
+                bytes,
                 subscription,
                 cache,
             });
@@ -810,6 +881,7 @@ impl WsApi {
                 Sub {
                     upstream_id: id,
                     command,
+                    bytes,
                     answered: false,
                 },
             );
@@ -1067,10 +1139,24 @@ impl WsApi {
         // HA's verdict as the local routes keep it (`ha_tokens.rs`): one REST check per token,
         // kept until the token expires, so a fleet of panels reconnecting at once costs HA one
         // check, and the session's link waits for its first forwarded command.
-        match self.hub.ha_accepts(presented).await {
-            crate::hub::TokenCheck::Accepted => return Verdict::Accept(Mode::User, None),
-            crate::hub::TokenCheck::Refused => return Verdict::Refuse,
-            crate::hub::TokenCheck::Limited | crate::hub::TokenCheck::Unreachable => {}
+        // Past the rate limit of those checks the session waits for its turn, at most
+        // `TOKEN_CHECK_WAIT`, and then ends without a verdict: opening a link with the token
+        // instead would let a stream of made-up tokens reach HA as fast as it comes (HA logs
+        // each, and with `ip_ban_enabled` bans the address they come from: hass-edge's own).
+        let until = Instant::now() + TOKEN_CHECK_WAIT;
+        loop {
+            match self.hub.ha_accepts(presented).await {
+                crate::hub::TokenCheck::Accepted => return Verdict::Accept(Mode::User, None),
+                crate::hub::TokenCheck::Refused => return Verdict::Refuse,
+                crate::hub::TokenCheck::Limited if Instant::now() < until => {
+                    Timer::after(Duration::from_millis(250)).await;
+                }
+                crate::hub::TokenCheck::Limited => {
+                    log::warn!("WebSocket session: too many new tokens to check; ended unjudged");
+                    return Verdict::Unknown;
+                }
+                crate::hub::TokenCheck::Unreachable => break,
+            }
         }
         let Some(upstream) = self.hub.upstream() else {
             return if open {
@@ -1265,6 +1351,8 @@ type Opening = Pin<Box<dyn Future<Output = Result<Box<UpLink>, LinkError>>>>;
 struct Queued {
     client_id: u64,
     command: Map<String, Value>,
+    /// The length of `command`'s JSON (see [`MAX_KEPT_BYTES`]).
+    bytes: usize,
     subscription: bool,
     cache: Option<&'static str>,
 }
@@ -1274,6 +1362,8 @@ struct Queued {
 struct Sub {
     upstream_id: u64,
     command: Map<String, Value>,
+    /// The length of `command`'s JSON (see [`MAX_KEPT_BYTES`]).
+    bytes: usize,
     /// The client has HA's result to it (a renewal's is not passed on).
     answered: bool,
 }
@@ -1314,6 +1404,14 @@ struct Running<'a> {
 struct Held {
     answers: Outgoing,
     caught_up: crate::hub::CaughtUp,
+}
+
+impl Running<'_> {
+    /// The bytes of commands kept: subscriptions and commands waiting for the link.
+    fn kept_bytes(&self) -> usize {
+        let subs: usize = self.subs.values().map(|s| s.bytes).sum();
+        subs + self.queued.iter().map(|q| q.bytes).sum::<usize>()
+    }
 }
 
 impl Drop for Running<'_> {

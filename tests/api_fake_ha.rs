@@ -169,7 +169,7 @@ fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
             Err("not yet".to_string())
         }
     });
-    let rss_before = rss_kib(daemon.pid());
+    let rss_before = daemon.rss_kib();
     // Large attributes fill the socket buffers quickly; then the client falls behind, and
     // once its oldest change has waited longer than the broadcast allows it is dropped.
     let big = "x".repeat(4000);
@@ -202,7 +202,7 @@ fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
             }
         },
     );
-    let rss_after = rss_kib(daemon.pid());
+    let rss_after = daemon.rss_kib();
     assert!(
         rss_after < rss_before + 16 * 1024,
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
@@ -217,15 +217,6 @@ fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
         1,
         "the subscription was never disturbed"
     );
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

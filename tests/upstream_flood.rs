@@ -181,15 +181,6 @@ fn health_keeps_answering(daemon: &Daemon, for_how_long: Duration) -> Duration {
     worst
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_peer_flooding_before_auth_required_cannot_freeze_the_daemon() {
     let peer = start_peer(Flood::BeforeAuth);
@@ -274,11 +265,11 @@ fn a_peer_that_pings_and_never_reads_cannot_grow_the_daemon() {
     wait_until("the peer to be connected", support::deadline(), || {
         peer.accepted.lock().unwrap().ok_or("not yet".to_owned())
     });
-    let start = rss_kib(daemon.pid());
+    let start = daemon.rss_kib();
     let mut peak = start;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(8) {
-        peak = peak.max(rss_kib(daemon.pid()));
+        peak = peak.max(daemon.rss_kib());
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("RSS {start} KiB at the start of the flood, peak {peak} KiB over 8 s");

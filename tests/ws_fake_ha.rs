@@ -694,6 +694,271 @@ fn a_result_held_for_the_mirror_does_not_stop_the_session() {
     );
 }
 
+/// A client frame as a browser sends it (masked, RFC 6455 §5.3; the mask is zero, so the
+/// payload stands as it is): one text frame of `payload` (under 126 bytes).
+fn masked_text_frame(payload: &str, out: &mut Vec<u8>) {
+    assert!(payload.len() < 126);
+    out.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
+    out.extend_from_slice(payload.as_bytes());
+}
+
+/// A client that sends as fast as it can (pings, whose pongs it reads and drops) slows only
+/// itself: while it floods, another session's ping and `/health` are answered promptly. (A
+/// red-team finding: the session never let the others run while its client had more to
+/// read, so nobody else was served for as long as the flood lasted.)
+#[test]
+fn a_client_flooding_its_session_does_not_starve_the_others() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = TempDir::new("ws-flood");
+    let (_fake, daemon) = live_with(with_api_token(&dir));
+    let flooder = Client::authed(&daemon, API_TOKEN);
+    let mut other = Client::authed(&daemon, API_TOKEN);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writer = flooder.ws.get_ref().try_clone().unwrap();
+    let mut reader = flooder.ws.get_ref().try_clone().unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let (stop_r, stop_w) = (stop.clone(), stop.clone());
+    let drain = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut read = 0usize;
+        while !stop_r.load(Ordering::Relaxed) {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        read
+    });
+    let flood = std::thread::spawn(move || {
+        let (mut id, mut sent) = (1000u64, 0u64);
+        let mut batch = Vec::new();
+        while !stop_w.load(Ordering::Relaxed) {
+            batch.clear();
+            for _ in 0..500 {
+                id += 1;
+                masked_text_frame(&format!(r#"{{"id":{id},"type":"ping"}}"#), &mut batch);
+            }
+            if writer.write_all(&batch).is_err() {
+                break;
+            }
+            sent += 500;
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut worst = Duration::ZERO;
+    for i in 0..5 {
+        let asked = Instant::now();
+        other.ping(10 + i);
+        worst = worst.max(asked.elapsed());
+        let asked = Instant::now();
+        let (status, _) = daemon.health().expect("/health answered");
+        assert_eq!(status, 200);
+        worst = worst.max(asked.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    let read = drain.join().unwrap();
+    let bound = Duration::from_secs(2) * support::daemon::slowdown();
+    assert!(
+        worst < bound,
+        "another client waited {worst:?} (bound {bound:?}) while one session was flooded \
+         ({sent} pings sent, {read} bytes of answers read)"
+    );
+    assert!(read > 0, "the flooding client got no answers at all");
+}
+
+/// One frame of 10,000 `get_states` (HA's array form): the answers are written as they are
+/// made, so a client that does not read holds up its own session, not the daemon's memory;
+/// read later, every answer is there, in order. (A red-team finding: every answer was
+/// rendered before the first was written — tens of MB for one small frame.)
+#[test]
+fn a_frame_of_many_commands_is_answered_as_the_client_reads() {
+    const COMMANDS: u64 = 10_000;
+    let dir = TempDir::new("ws-array");
+    let (_fake, daemon) = live_with(with_api_token(&dir));
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    c.send(json!({"id": 1, "type": "get_states"}));
+    let states = c.recv_id(1, "result")["result"].as_array().unwrap().len();
+    let frame: Vec<Value> = (2..COMMANDS + 2)
+        .map(|id| json!({"id": id, "type": "get_states"}))
+        .collect();
+    let before = daemon.rss_kib();
+    c.send(Value::Array(frame));
+    // The client reads nothing for a while.
+    std::thread::sleep(Duration::from_secs(2));
+    let during = daemon.rss_kib();
+    let (status, _) = daemon.health().expect("/health answered");
+    assert_eq!(status, 200, "another client is served meanwhile");
+    for id in 2..COMMANDS + 2 {
+        let answer = c.recv();
+        assert_eq!(answer["id"], id, "answers in order, none lost");
+        assert_eq!(answer["success"], true, "{answer}");
+        assert_eq!(answer["result"].as_array().map(Vec::len), Some(states));
+    }
+    let grew = during.saturating_sub(before);
+    eprintln!("the daemon grew by {grew} KiB while the answers waited");
+    assert!(
+        grew < 16 * 1024,
+        "the daemon grew by {grew} KiB while the client did not read the answers to one frame"
+    );
+}
+
+/// A session keeps at most 256 KiB of commands for HA (its forwarded subscriptions, made
+/// again on a new link): one more is refused with HA's `home_assistant_error`, counted, and
+/// never sent; once a subscription ends, there is room again. (A red-team finding: 1 MiB
+/// kept per subscription, up to 1,024 of them per session.)
+#[test]
+fn a_session_keeps_at_most_256_kib_of_commands() {
+    let dir = TempDir::new("ws-kept");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    let big = |n: u32| format!("edge_big_{n}_{}", "x".repeat(150 * 1024));
+    c.send(json!({"id": 1, "type": "subscribe_events", "event_type": big(1)}));
+    assert_eq!(c.recv_id(1, "result")["success"], true);
+    c.send(json!({"id": 2, "type": "subscribe_events", "event_type": big(2)}));
+    let refused = c.recv_id(2, "result");
+    assert_eq!(refused["success"], false, "{refused}");
+    assert_eq!(
+        refused["error"]["code"], "home_assistant_error",
+        "{refused}"
+    );
+    assert_eq!(ws_status(&daemon)["commands_refused"], 1);
+    let sent_upstream = |n: u32| {
+        fake.commands()
+            .iter()
+            .any(|(_, m)| m["event_type"].as_str() == Some(big(n).as_str()))
+    };
+    assert!(!sent_upstream(2), "the refused command went to HA");
+    c.send(json!({"id": 3, "type": "unsubscribe_events", "subscription": 1}));
+    assert_eq!(c.recv_id(3, "result")["success"], true);
+    c.send(json!({"id": 4, "type": "subscribe_events", "event_type": big(4)}));
+    assert_eq!(c.recv_id(4, "result")["success"], true, "room again");
+    assert!(sent_upstream(4));
+}
+
+/// Tokens that are neither hass-edge's nor known go to HA no faster than REST's token checks
+/// (a burst of 10, then 2 a second): past the limit a session waits its turn, and no link is
+/// opened with a made-up token. (A red-team finding: past the limit each was tried on a link
+/// of its own, as fast as they came; HA logs each, and with `ip_ban_enabled` bans the address
+/// they come from, hass-edge's.)
+#[test]
+fn made_up_tokens_reach_ha_no_faster_than_the_token_check_limit() {
+    const TOKENS: usize = 16;
+    let dir = TempDir::new("ws-tokens");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let refused_ws_auth =
+        |fake: &FakeHa| fake.auth_attempts().iter().filter(|a| !a.accepted).count();
+    let checks = |fake: &FakeHa| {
+        fake.rest_requests()
+            .iter()
+            .filter(|r| r.path == "/api/" && !r.authorized)
+            .count()
+    };
+    let started = Instant::now();
+    let verdicts: Vec<String> = std::thread::scope(|s| {
+        let daemon = &daemon;
+        let handles: Vec<_> = (0..TOKENS)
+            .map(|i| {
+                s.spawn(move || {
+                    let mut c = Client::open(daemon, &[]).expect("the upgrade is accepted");
+                    assert_eq!(c.recv()["type"], "auth_required");
+                    c.send(json!({"type": "auth", "access_token": format!("made-up-token-{i}-0123456789")}));
+                    match c.next(Duration::from_secs(20)) {
+                        Ok(m) => m["type"].as_str().unwrap_or_default().to_owned(),
+                        Err(Gone::Closed(_)) => "closed unjudged".to_owned(),
+                        Err(Gone::Timeout) => "no answer".to_owned(),
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let took = started.elapsed().as_secs_f64();
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| v == "auth_invalid" || v == "closed unjudged"),
+        "{verdicts:?}"
+    );
+    assert_eq!(
+        refused_ws_auth(&fake),
+        0,
+        "links opened with made-up tokens ({verdicts:?})"
+    );
+    let asked = checks(&fake);
+    let allowed = 10 + (2.0 * took).ceil() as usize + 1;
+    assert!(
+        asked <= allowed,
+        "{asked} token checks reached HA in {took:.1} s (at most {allowed})"
+    );
+    assert_eq!(
+        verdicts.iter().filter(|v| *v == "auth_invalid").count(),
+        asked,
+        "each token HA judged got HA's verdict: {verdicts:?}"
+    );
+}
+
+/// `lovelace_updated` events for a configured dashboard make hass-edge read the dashboards
+/// again, but at most once every 3 s: each read opens a link and fetches every state, and
+/// anyone who may fire events in HA may fire that one as often as they like. (A red-team
+/// finding: 200 events, 143 reads in 2.4 s.)
+#[test]
+fn a_stream_of_dashboard_updates_is_read_at_most_every_3_s() {
+    let dir = TempDir::new("ws-lovelace");
+    let (fake, daemon) =
+        live_with(with_api_token(&dir).set("dashboards", "url_paths", r#"["lovelace"]"#));
+    let sessions = |fake: &FakeHa| fake.sessions().len();
+    // The events' subscription on the mirror's link, and the first read of the dashboards.
+    let (link, sub) = wait_until("the dashboards' event subscription", deadline(), || {
+        fake.commands()
+            .iter()
+            .find(|(_, m)| {
+                m["type"] == "subscribe_events"
+                    && m["event_type"]
+                        .as_str()
+                        .is_none_or(|t| t == "lovelace_updated")
+            })
+            .map(|(n, m)| (*n, m["id"].as_u64().unwrap()))
+            .ok_or(format!("{:?}", fake.commands()))
+    });
+    wait_until("the first read of the dashboards", deadline(), || {
+        if sessions(&fake) >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{} sessions", sessions(&fake)))
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let before = sessions(&fake);
+    let sent_at = Instant::now();
+    for n in 0..50 {
+        let event = json!({"event_type": "lovelace_updated", "data": {"url_path": null, "mode": "storage"},
+                           "origin": "LOCAL", "time_fired": "2026-11-22T12:07:28.000000+00:00",
+                           "context": {"id": format!("01JCTX{n}"), "parent_id": null, "user_id": null}});
+        assert!(fake.send_to(
+            link,
+            json!({"id": sub, "type": "event", "event": event}).to_string()
+        ));
+    }
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(sent_at.elapsed()));
+    let reads = sessions(&fake) - before;
+    assert!(
+        (1..=2).contains(&reads),
+        "50 updates in a burst: {reads} reads of the dashboards within 4 s (the update is \
+         read, and at most once more)"
+    );
+    drop(daemon);
+}
+
 /// An entity HA has made but whose `a` event has not reached the mirror yet, read meanwhile
 /// over REST (a read-through): a `subscribe_entities` for it must not show the REST copy in
 /// its snapshot, or the subscription's `a` event that follows shows the entity a second time

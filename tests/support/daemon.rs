@@ -334,6 +334,18 @@ impl Daemon {
         self.child.as_ref().expect("the daemon is running").id()
     }
 
+    /// The process's resident memory now (`VmRSS` of /proc/PID/status, proc(5)), KiB; 0
+    /// once it is gone.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()));
+        status
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// One request on a fresh connection; panics on I/O errors.
     pub fn get(&self, path: &str) -> Response {
         self.fetch("GET", path)
