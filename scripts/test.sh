@@ -6,7 +6,7 @@
 #   scripts/test.sh            all stages
 #   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser
 #                              clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3
-#                              wsclients-2025.4.4 frontend aarch64 armhf
+#                              wsclients-2025.4.4 frontend frontend-2026.11.0 aarch64 armhf
 #                              packaging bench reliability fuzz; and, outside the default
 #                              set, packaging-arm64 packaging-bullseye (slow, see packaging/)
 #
@@ -94,12 +94,14 @@ wsclients() {
 	return $rc
 }
 
-# HA's own frontend in Chromium through hass-edge (issue 15; tests/frontend).
+# HA's own frontend in Chromium through hass-edge (issue 15; tests/frontend): `frontend` with HA
+# 2024.3.3's, `frontend-2026.11.0` with the frontend of the HA users run now.
 frontend() {
-	local dir="$WORK/ha-frontend"
+	local version=${1:-2024.3.3} port=${2:-18136} dir="$WORK/ha-frontend" out="$WORK/frontend"
+	[[ $version == 2024.3.3 ]] || dir+=-$version out+=-$version
 	cargo build --quiet || return 1
-	start_peer 2024.3.3 "$dir" 18136 || return 1
-	HA_PEER_DIR=$dir OUT_DIR="$WORK/frontend" EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
+	start_peer "$version" "$dir" "$port" || return 1
+	HA_PEER_DIR=$dir OUT_DIR=$out EDGE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/hass-edge" \
 		bash tests/frontend/run.sh
 	local rc=$?
 	bash tests/ha-peer/ha-peer.sh stop "$dir" >/dev/null 2>&1 || true
@@ -175,7 +177,7 @@ fuzz() {
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 build_output() {
 	case $1 in
-		unit | e2e-* | browser | clients-* | wsclients-* | frontend) echo "$TARGET/debug" ;;
+		unit | e2e-* | browser | clients-* | wsclients-* | frontend | frontend-*) echo "$TARGET/debug" ;;
 		aarch64) echo "$TARGET/aarch64-unknown-linux-gnu/debug" ;;
 		armhf) echo "$TARGET/armv7-unknown-linux-gnueabihf/debug" ;;
 		packaging*) printf '%s\n' "$TARGET/release" "$TARGET"/{aarch64-unknown-linux-gnu,armv7-unknown-linux-gnueabihf}/release ;;
@@ -201,7 +203,7 @@ prune_after() {
 }
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3 wsclients-2025.4.4 frontend aarch64 armhf packaging bench reliability fuzz)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3 wsclients-2025.4.4 frontend frontend-2026.11.0 aarch64 armhf packaging bench reliability fuzz)
 for i in "${!STAGES[@]}"; do
 	s=${STAGES[$i]}
 	case $s in
@@ -215,6 +217,7 @@ for i in "${!STAGES[@]}"; do
 		wsclients-2024.3.3) stage "$s" wsclients 2024.3.3 18139 ;;
 		wsclients-2025.4.4) stage "$s" wsclients 2025.4.4 18140 ;;
 		frontend) stage frontend frontend ;;
+		frontend-2026.11.0) stage "$s" frontend 2026.11.0 18141 ;;
 		aarch64) stage aarch64 aarch64 ;;
 		armhf) stage armhf armhf ;;
 		packaging) stage packaging packaging ;;

@@ -203,8 +203,9 @@ peer_start_args() { # how the peer was started: --trusted-proxy or nothing
 # ---------- Home Assistant: onboarding finished, the dashboard (directly, admin token) ----------
 setup=$("$HA_PY" "$HERE/ha_helper.py" setup --url "$HA_URL" --token-file "$HA_PEER_DIR/token") ||
 	die "could not prepare Home Assistant (ha_helper.py setup)"
-DASHBOARD=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["dashboard"])' "$setup")
-VIEW=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["view_path"])' "$setup")
+json_get() { python3 -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; } # JSON KEY: its value
+DASHBOARD=$(json_get "$setup" dashboard)
+VIEW=$(json_get "$setup" view_path)
 say "HA $HA_VERSION ready: dashboard /$DASHBOARD/$VIEW ($setup)"
 
 # dashboard: HA's default dashboard (`lovelace`) gets an entities card of these before hass-edge
@@ -239,6 +240,16 @@ for scenario in $SCENARIOS; do
 		start_edge "$scenario" 127.0.0.1 false read-only
 	elif [[ $scenario == dashboard ]]; then
 		saved=$(lovelace --entities "$DASH_ENTITIES") || die "could not save HA's default dashboard (ha_helper.py lovelace)"
+		if [[ $(json_get "$saved" shown) != True ]]; then
+			# HA 2026.x: its frontend shows the saved default dashboard only once HA has made it the
+			# dashboard `lovelace` (and the default panel) at its start, as after a user's upgrade
+			# (ha_helper.py lovelace); until then it opens /home/overview
+			say "[dashboard] HA $HA_VERSION's frontend does not show the saved default dashboard until HA has moved it into the dashboard 'lovelace' at its start: restarting the peer"
+			# shellcheck disable=SC2046 # no word, or --trusted-proxy
+			peer_restart "$OUT_DIR/frontend-peer.log" $(peer_start_args) || { tail -n 20 "$OUT_DIR/frontend-peer.log" >&2; die "could not restart the HA peer"; }
+			saved=$(lovelace --entities "$DASH_ENTITIES") || die "could not save HA's default dashboard (ha_helper.py lovelace)"
+			[[ $(json_get "$saved" shown) == True ]] || die "HA's frontend does not show the saved default dashboard after HA's restart either: $saved"
+		fi
 		say "[dashboard] HA's default dashboard saved: $saved"
 		start_edge "$scenario" 127.0.0.1 false dashboards
 	else
