@@ -668,7 +668,10 @@ impl Service {
             let conn = conn.clone();
             self.executor.spawn(async move {
                 loop {
-                    conn.executor().tick().await
+                    conn.executor().tick().await;
+                    // A tick that finds more to do at once (a client with many calls in
+                    // flight) would run on without ever letting the others run.
+                    smol::future::yield_now().await;
                 }
             })
         };
