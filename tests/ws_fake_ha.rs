@@ -962,6 +962,41 @@ fn a_stream_of_dashboard_updates_is_read_at_most_every_3_s() {
     drop(daemon);
 }
 
+/// HA closing its connections (a restart: 2025.4 and later send Close 1000) gets hass-edge's
+/// Close at once on every link, the sessions' own links too: HA waits up to 10 s for it
+/// before it goes on with its stop (the helper that ran HA 2026.11's frontend through
+/// hass-edge saw HA's restarts take 19 s instead of 6 s).
+#[test]
+fn a_close_from_ha_is_answered_on_every_link() {
+    let dir = TempDir::new("ws-close");
+    let (fake, daemon) = live_with(with_api_token(&dir));
+    let mut c = Client::authed(&daemon, API_TOKEN);
+    c.send(json!({"id": 1, "type": "subscribe_events", "event_type": "lovelace_updated"}));
+    assert_eq!(c.recv_id(1, "result")["success"], true);
+    let open = fake.sessions().iter().filter(|s| s.ended.is_none()).count();
+    assert!(open >= 2, "the mirror's link and the session's: {open}");
+    let closed_at = Instant::now();
+    fake.close_all(1000);
+    let ends = wait_until("every link closed", deadline(), || {
+        let sessions = fake.sessions();
+        let ended: Vec<_> = sessions.iter().filter_map(|s| s.ended.clone()).collect();
+        if ended.len() >= open {
+            Ok(ended)
+        } else {
+            Err(format!("{sessions:?}"))
+        }
+    });
+    let prompt = Duration::from_secs(2) * support::daemon::slowdown();
+    for (at, how) in &ends {
+        assert!(
+            at.saturating_duration_since(closed_at) < prompt,
+            "a link answered HA's Close only after {:?} ({how:?})",
+            at.saturating_duration_since(closed_at)
+        );
+    }
+    drop(daemon);
+}
+
 /// An entity HA has made but whose `a` event has not reached the mirror yet, read meanwhile
 /// over REST (a read-through): a `subscribe_entities` for it must not show the REST copy in
 /// its snapshot, or the subscription's `a` event that follows shows the entity a second time
