@@ -514,8 +514,13 @@ impl WsApi {
                         outgoing.append(held.answers);
                     }
                 }
+                // HA's Close (a restart; tungstenite has answered it): the link is dropped at
+                // once. HA's server (aiohttp) waits for the client to close the connection
+                // after the Close handshake, and would hold up its stop for 10 s.
+                Wake::Link(Some(Ok(Message::Close(_)))) | Wake::Link(Some(Err(_)) | None) => {
+                    self.link_lost(&mut state, &mut outgoing)
+                }
                 Wake::Link(Some(Ok(_))) => {}
-                Wake::Link(_) => self.link_lost(&mut state, &mut outgoing),
                 Wake::Relink => self.relink(&mut state),
                 Wake::Opened(result) => {
                     Box::pin(self.opened(&mut state, result, &mut outgoing)).await;

@@ -1145,6 +1145,26 @@ async fn websocket(
     st.conn(number).info.ended = Some((Instant::now(), end));
 }
 
+/// The end of a session the fake closed, once the client has closed TCP too (or at `until`).
+/// As HA does (aiohttp's server): after its Close and the client's answer, HA waits for the
+/// client to close the connection; a client that answers Close and keeps TCP open holds up
+/// HA's stop until aiohttp's timeout (10 s).
+async fn client_gone(
+    ws: &mut WebSocketStream<TcpStream>,
+    end: SessionEnd,
+    until: Instant,
+) -> SessionEnd {
+    if matches!(end, SessionEnd::ClosedByFake(_)) {
+        let mut buf = [0u8; 256];
+        async { while let Ok(1..) = ws.get_mut().read(&mut buf).await {} }
+            .or(async {
+                Timer::at(until).await;
+            })
+            .await;
+    }
+    end
+}
+
 async fn session_loop(
     ws: &mut WebSocketStream<TcpStream>,
     hello: String,
@@ -1234,13 +1254,13 @@ async fn session_loop(
             Wake::Frame(Some(Ok(_))) => {}
             Wake::Frame(Some(Err(e))) => {
                 return match closing {
-                    Some((end, _)) => end,
+                    Some((end, until)) => client_gone(ws, end, until).await,
                     None => SessionEnd::ClientGone(e.to_string()),
                 };
             }
             Wake::Frame(None) | Wake::CloseTimeout => {
                 return match closing {
-                    Some((end, _)) => end,
+                    Some((end, until)) => client_gone(ws, end, until).await,
                     None => SessionEnd::ClientGone("end of stream".into()),
                 };
             }
