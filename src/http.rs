@@ -1,8 +1,8 @@
 //! The local HTTP/1.1 API (RFC 9112): httparse for request heads, a small responder,
 //! keep-alive and pipelining, `HEAD`, and caps on everything a client controls: header size
 //! and count (431), body size (413), connections (a slot per connection: the one idle
-//! longest makes room for a newcomer, 503 when none is idle), idle and slow clients
-//! (timeouts), and a `Host` check before anything else ([`Handler::admit`]).
+//! longest, or a request trickling in, makes room for a newcomer; 503 when none can), idle
+//! and slow clients (timeouts), and a `Host` check before anything else ([`Handler::admit`]).
 //! Errors are JSON bodies `{"message": …}`, the shape HA's REST API uses.
 //!
 //! A leaf: it knows requests, responses, limits and keep-alive, and hands each request to a
@@ -27,7 +27,8 @@ use crate::deadline::Deadline;
 use crate::shutdown::Shutdown;
 
 /// Concurrent connections. At the cap a new connection takes the slot of the connection idle
-/// longest (`Slots` in this module); only when none is idle is it answered 503 and closed.
+/// longest, or of a request arriving for over [`SLOW_REQUEST`] (`Slots` in this module); only
+/// when there is none is it answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 512;
 /// Largest request head (request line + headers), bytes.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -47,6 +48,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// blocked, which with 63 of them cost most of a core (measured, RELIABILITY.md `starve`).
 /// An event is a few KiB; this holds dozens, and a stalled client blocks at once.
 pub const STREAM_SEND_BUFFER: usize = 64 * 1024;
+/// At [`MAX_CONNECTIONS`] with no idle connection, a request still arriving after this long
+/// (its head or body incomplete) gives its slot to a new connection and is answered 408. A
+/// request sent whole arrives in milliseconds; this is for clients that trickle.
+pub const SLOW_REQUEST: Duration = Duration::from_secs(1);
 /// A response must be written within this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -217,6 +222,7 @@ pub struct Exchange<'a> {
     buffered: &'a mut Vec<u8>,
     deadline: &'a mut Deadline,
     shutdown: &'a Shutdown,
+    slot: &'a Slot,
 }
 
 impl std::fmt::Debug for Exchange<'_> {
@@ -242,7 +248,7 @@ impl<'a> Exchange<'a> {
                 self.stream,
                 self.buffered,
                 self.deadline,
-                None,
+                Wait::Request(self.slot),
                 self.shutdown,
             )
             .await?
@@ -256,6 +262,9 @@ impl<'a> Exchange<'a> {
         out.extend_from_slice(&self.buffered[..n]);
         self.buffered.drain(..n);
         self.body_left -= n;
+        if self.body_left == 0 {
+            self.slot.set(SlotState::Busy);
+        }
         Ok(n)
     }
 
@@ -330,8 +339,9 @@ pub trait Handler {
     /// for counting.
     fn refused(&self, status: u16);
 
-    /// The transport closed an idle connection to make room for a new one at
-    /// [`MAX_CONNECTIONS`], for counting.
+    /// The transport closed an idle connection, or answered 408 to a request arriving for
+    /// over [`SLOW_REQUEST`], to make room for a new one at [`MAX_CONNECTIONS`], for
+    /// counting (the 408 is also passed to [`Handler::refused`]).
     fn evicted(&self);
 }
 
@@ -429,9 +439,12 @@ pub async fn serve<H: Handler + 'static>(
 /// connections first, and that connection is closed (with nothing in flight on it: a client
 /// sees an idle keep-alive connection closed, RFC 9112 §9.6). Refusing the newcomer instead
 /// let one local process that opens 512 connections and sends nothing keep every other
-/// client out (all of them share 127.0.0.1, so a share per address would not help). Only
-/// when no connection is idle (requests in progress, event streams, WebSocket sessions,
-/// which have limits of their own) is the newcomer answered 503.
+/// client out (all of them share 127.0.0.1, so a share per address would not help). With
+/// none idle, the slot of the request that has been arriving longest, for at least
+/// [`SLOW_REQUEST`] (a head or body sent a byte at a time, the same attack one step on), is
+/// taken: that client is answered 408. Only when no connection is either (requests being
+/// answered, event streams, WebSocket sessions, which have limits of their own) is the
+/// newcomer answered 503.
 ///
 /// One small entry per connection (its state and, while idle, the waker that closes it);
 /// the vector keeps its largest size, at most [`MAX_CONNECTIONS`] entries and the few
@@ -465,6 +478,8 @@ enum SlotState {
     /// Waiting for a request's first byte since `since`; `spoken`: after a request (a
     /// kept-alive connection), rather than a new connection's first.
     Idle { spoken: bool, since: Instant },
+    /// Receiving a request (its head, or a body) that started at `since`.
+    Receiving { since: Instant },
     /// Closed to make room for a newcomer; the slot is no longer counted.
     Evicted,
 }
@@ -481,7 +496,12 @@ impl Slots {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, e)| match e.state {
-                    SlotState::Idle { spoken, since } => Some(((spoken, since), i)),
+                    SlotState::Idle { spoken, since } => Some(((u8::from(spoken), since), i)),
+                    SlotState::Receiving { since }
+                        if now.saturating_duration_since(since) >= SLOW_REQUEST =>
+                    {
+                        Some(((2, since), i))
+                    }
                     _ => None,
                 })
                 .min()?
@@ -530,15 +550,12 @@ struct Slot {
 }
 
 impl Slot {
-    /// Sets the state, unless the connection was evicted; drops a waker once not idle.
+    /// Sets the state, unless the connection was evicted.
     fn set(&self, state: SlotState) {
         let mut entries = self.slots.entries.borrow_mut();
         let entry = &mut entries[self.index];
         if entry.state != SlotState::Evicted {
             entry.state = state;
-            if !matches!(state, SlotState::Idle { .. }) {
-                entry.waker = None;
-            }
         }
     }
 
@@ -628,6 +645,7 @@ async fn connection(
                     buffered: &mut buf,
                     deadline: &mut deadline,
                     shutdown,
+                    slot,
                 };
                 if !(handler.forward(exchange).await? && keep_alive) || shutdown.is_triggered() {
                     return Ok(());
@@ -838,26 +856,42 @@ pub fn body_refusal(head: &Head, limit: usize) -> Option<Response> {
         .then(|| Response::error(413, format!("request body larger than {limit} bytes")))
 }
 
-/// Reads more bytes into `buf` before `deadline`: `Ok(None)` once it has passed, `Ok(Some(0))`
-/// on EOF. `idle`: the connection waits for a request's first byte, `Some((slot, spoken))`
-/// (see [`Slots`]); it is then marked idle in `slot` while it waits, and shutdown or an
-/// eviction end the wait as EOF does.
+/// What a connection waits for in [`fill`], for its slot (see [`Slots`]).
+#[derive(Debug, Clone, Copy)]
+enum Wait<'a> {
+    /// A request's first byte; `spoken`: after a request (kept alive), rather than a new
+    /// connection's first. The connection is idle meanwhile: shutdown or an eviction end
+    /// the wait as EOF does.
+    Idle { slot: &'a Slot, spoken: bool },
+    /// The rest of a request (its head or body): an eviction ends the wait as the deadline
+    /// does.
+    Request(&'a Slot),
+}
+
+/// Reads more bytes into `buf` before `deadline`: `Ok(None)` once it has passed (or the
+/// connection was evicted mid-request), `Ok(Some(0))` on EOF (or shutdown or an eviction
+/// while [`Wait::Idle`]).
 async fn fill(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     deadline: &mut Deadline,
-    idle: Option<(&Slot, bool)>,
+    wait: Wait<'_>,
     shutdown: &Shutdown,
 ) -> std::io::Result<Option<usize>> {
-    if let Some((slot, spoken)) = idle
-        && spoken
-    {
-        // A new connection was marked idle when it was accepted, and stays so.
-        slot.set(SlotState::Idle {
-            spoken: true,
-            since: Instant::now(),
-        });
-    }
+    let (slot, idle) = match wait {
+        Wait::Idle { slot, spoken } => {
+            if spoken {
+                // Idle from now. (A new connection was marked idle, never spoken, when it
+                // was accepted, and keeps that mark and its time.)
+                slot.set(SlotState::Idle {
+                    spoken: true,
+                    since: Instant::now(),
+                });
+            }
+            (slot, Some(spoken))
+        }
+        Wait::Request(slot) => (slot, None),
+    };
     // Read into the buffer itself, not a stack array: an array would be part of every
     // connection task's state for the task's whole life, also while a WebSocket session or a
     // forward runs on the connection.
@@ -865,7 +899,7 @@ async fn fill(
     buf.resize(start + 4096, 0);
     let read_into = &mut buf[start..];
     let n = async {
-        if idle.is_some_and(|(_, spoken)| spoken) {
+        if idle == Some(true) {
             // Between keep-alive requests the socket is almost always empty: wait for the
             // reactor first instead of a read that fails with EAGAIN (one syscall of the
             // four a request costs at 16 connections). A new connection's request usually
@@ -880,17 +914,11 @@ async fn fill(
         Ok(None)
     })
     .or(async {
-        // Between requests, shutdown or an eviction closes the connection; mid-request it
-        // may finish.
-        match idle {
-            Some((slot, _)) => {
-                slot.evicted().await;
-                Ok(Some(0))
-            }
-            None => std::future::pending().await,
-        }
+        slot.evicted().await;
+        Ok(None)
     })
     .or(async {
+        // Between requests, shutdown closes the connection; mid-request it may finish.
         if idle.is_some() {
             shutdown.wait().await;
             Ok(Some(0))
@@ -900,13 +928,15 @@ async fn fill(
     })
     .await;
     buf.truncate(start + n.as_ref().ok().copied().flatten().unwrap_or(0));
-    if let Some((slot, _)) = idle {
-        if slot.is_evicted() {
-            // Its slot is a newcomer's now: whatever came meanwhile is not read.
-            buf.truncate(start);
-            return Ok(Some(0));
-        }
-        slot.set(SlotState::Busy);
+    if slot.is_evicted() {
+        // Its slot is a newcomer's now: whatever came meanwhile is not read.
+        buf.truncate(start);
+        return Ok(if idle.is_some() { Some(0) } else { None });
+    }
+    if idle.is_some() && n.as_ref().is_ok_and(|n| n.is_some_and(|n| n > 0)) {
+        slot.set(SlotState::Receiving {
+            since: Instant::now(),
+        });
     }
     n
 }
@@ -939,16 +969,16 @@ async fn read_request(
         } else if !idle && !started {
             started = true;
             deadline.set(Instant::now() + REQUEST_TIMEOUT);
+            slot.set(SlotState::Receiving {
+                since: Instant::now(),
+            });
         }
-        match fill(
-            stream,
-            buf,
-            deadline,
-            idle.then_some((slot, spoken)),
-            shutdown,
-        )
-        .await?
-        {
+        let wait = if idle {
+            Wait::Idle { slot, spoken }
+        } else {
+            Wait::Request(slot)
+        };
+        match fill(stream, buf, deadline, wait, shutdown).await? {
             Some(0) => return Ok(Parsed::Closed),
             Some(_) => {}
             None if idle => return Ok(Parsed::Closed),
@@ -965,7 +995,6 @@ async fn read_request(
     if let Err(refusal) = handler.admit(&head) {
         return Ok(Parsed::Refused(refusal));
     }
-    slot.set(SlotState::Busy);
     let forward = handler.forwards(&head);
     if let Some(refusal) = body_refusal(&head, forward.unwrap_or(MAX_BODY_BYTES)) {
         return Ok(Parsed::Reject(refusal));
@@ -973,6 +1002,14 @@ async fn read_request(
     let needed = head_len + head.content_length;
     if buf.len() < needed && !started {
         deadline.set(Instant::now() + REQUEST_TIMEOUT);
+    }
+    if buf.len() >= needed {
+        // Received whole: from now on the request holds its slot until it is answered.
+        slot.set(SlotState::Busy);
+    } else if !started {
+        slot.set(SlotState::Receiving {
+            since: Instant::now(),
+        });
     }
     if forward.is_some() {
         if buf.len() < needed && head.expect_continue {
@@ -984,7 +1021,7 @@ async fn read_request(
         write_timed(stream, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
     while buf.len() < needed {
-        match fill(stream, buf, deadline, None, shutdown).await? {
+        match fill(stream, buf, deadline, Wait::Request(slot), shutdown).await? {
             Some(0) => return Ok(Parsed::Closed),
             Some(_) => {}
             None => {
@@ -995,6 +1032,7 @@ async fn read_request(
             }
         }
     }
+    slot.set(SlotState::Busy);
     let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
     let request = Request {
         query: form_urlencoded::parse(query.as_bytes())
@@ -1176,4 +1214,72 @@ async fn write_timed(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()
             Err(std::io::ErrorKind::TimedOut.into())
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which connection makes room at the cap: never-spoken idle ones first (oldest first),
+    /// then kept-alive idle ones, then requests arriving for over SLOW_REQUEST; none of the
+    /// others, and then the newcomer is refused.
+    #[test]
+    fn the_slot_of_the_longest_idle_is_taken() {
+        let slots = Rc::new(Slots::default());
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut held: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|i| {
+                let (slot, evicted) = Slots::take(&slots, at(i as u64)).unwrap();
+                assert!(!evicted);
+                slot.set(SlotState::Busy);
+                slot
+            })
+            .collect();
+        let now = at(10_000);
+        assert!(Slots::take(&slots, now).is_none(), "all busy: refused");
+        held[7].set(SlotState::Receiving { since: at(9_500) });
+        assert!(
+            Slots::take(&slots, now).is_none(),
+            "arriving for 0.5 s only"
+        );
+        held[5].set(SlotState::Receiving { since: at(8_000) });
+        held[3].set(SlotState::Idle {
+            spoken: true,
+            since: at(9_000),
+        });
+        held[9].set(SlotState::Idle {
+            spoken: true,
+            since: at(2_000),
+        });
+        held[300].set(SlotState::Idle {
+            spoken: false,
+            since: at(300),
+        });
+        let mut order = Vec::new();
+        let mut newcomers = Vec::new();
+        for _ in 0..4 {
+            let (slot, evicted) = Slots::take(&slots, now).unwrap();
+            assert!(evicted);
+            order.push(
+                held.iter()
+                    .position(|s| s.is_evicted() && !order.contains(&s.index))
+                    .map(|i| held[i].index)
+                    .unwrap(),
+            );
+            slot.set(SlotState::Busy);
+            newcomers.push(slot);
+        }
+        assert_eq!(
+            order,
+            [300, 9, 3, 5],
+            "never spoken, idle longest, idle, slow request"
+        );
+        assert!(Slots::take(&slots, now).is_none());
+        assert_eq!(slots.open.get(), MAX_CONNECTIONS);
+        // An evicted connection's end frees no second slot; a served one's frees one.
+        held.truncate(10);
+        assert_eq!(slots.open.get(), 10 - 3 + 4, "7 held, 4 newcomers");
+        assert!(Slots::take(&slots, now).is_some_and(|(_, evicted)| !evicted));
+    }
 }

@@ -216,7 +216,7 @@ pub fn render(status: &Status) -> String {
     o.single(
         "hass_edge_http_connections_evicted_total",
         "counter",
-        "Idle local API connections closed to make room for a new one at the connection cap.",
+        "Idle local API connections closed (or trickling requests answered 408) to make room for a new one at the connection cap.",
         status.forwarding.http.connections_evicted,
     );
     o.single(

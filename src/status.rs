@@ -185,7 +185,8 @@ pub struct ForwardStatus {
 pub struct HttpStatus {
     /// Requests refused 421 for their `Host` (the DNS-rebinding guard, `http.allowed_hosts`).
     pub hosts_refused: u64,
-    /// Idle connections closed to make room for a new one at `MAX_CONNECTIONS` (total).
+    /// Idle connections closed, or trickling requests answered 408, to make room for a new
+    /// one at `MAX_CONNECTIONS` (total).
     pub connections_evicted: u64,
 }
 
