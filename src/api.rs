@@ -8,14 +8,19 @@
 //! - `GET /api/stream`: Server-Sent Events (see [`crate::sse`]).
 //! - `GET /health`, `GET /status`, `GET /metrics`.
 //!
+//! Every request's `Host` is checked first ([`Handler::admit`], `hosts.rs`): a name that is
+//! not this machine's (DNS rebinding) is answered 421 before anything else is done.
+//!
 //! With `http.api_token_file` set, everything but `/health` and CORS preflights needs
 //! `Authorization: Bearer <token>` (or `?access_token=` on `/api/stream`, since browsers'
 //! `EventSource` cannot send headers). CORS (Fetch standard) for `http.cors_origins` only.
 //! Every route answers `HEAD` where it answers `GET`; a wrong method gets 405 with `Allow`.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use crate::broadcast::Selection;
 use crate::entity::{EntityState, valid_entity_id};
@@ -25,6 +30,7 @@ use crate::mirror::Update;
 use crate::piecewise::{Form, Piecewise};
 use crate::proxy::{Capture, Credentials, Plan, Proxy, WsAuth};
 use crate::sse::EventStream;
+use crate::status::HttpStatus;
 use crate::ws_server::WsApi;
 
 /// The routes, served by [`crate::http::serve`].
@@ -36,10 +42,18 @@ pub struct Api {
     proxy: Rc<Proxy>,
     /// `/api/websocket`.
     ws: Rc<WsApi>,
+    /// This machine's host name, read once at start (`hosts.rs`).
+    machine: Option<String>,
+    /// The transport's totals, for `/status` and `/metrics`.
+    counters: Rc<Cell<HttpStatus>>,
+    /// When a refused `Host` was last logged (at most one line a minute).
+    host_logged: Cell<Option<Instant>>,
 }
 
+/// How often a refused `Host` is logged at most.
+const HOST_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
 impl Api {
-    /// The routes over `hub`.
     /// The routes over `hub`. With `http.forward` and `http.asset_cache_mib` > 0, HA's
     /// frontend assets are kept in `assets/` beside `cache.state_file` (its directory is
     /// listed now, blocking: call at start).
@@ -57,12 +71,37 @@ impl Api {
         let proxy = Rc::new(Proxy::new(assets));
         let ws = Rc::new(WsApi::new(hub.clone()));
         let (weak, weak_ws) = (Rc::downgrade(&proxy), Rc::downgrade(&ws));
+        let counters = Rc::new(Cell::new(HttpStatus::default()));
+        let weak_counters = Rc::downgrade(&counters);
         hub.set_forward_probe(Box::new(move || {
             let mut status = weak.upgrade().map(|p| p.status()).unwrap_or_default();
             status.websocket_api = weak_ws.upgrade().map(|w| w.status()).unwrap_or_default();
+            status.http = weak_counters.upgrade().map(|c| c.get()).unwrap_or_default();
             status
         }));
-        Api { hub, proxy, ws }
+        let machine = crate::hosts::machine_name();
+        log::debug!(
+            "the local API answers Host names: IP addresses, localhost, {}http.allowed_hosts",
+            machine
+                .as_deref()
+                .map(|m| format!("{m}, {m}.local, "))
+                .unwrap_or_default()
+        );
+        Api {
+            hub,
+            proxy,
+            ws,
+            machine,
+            counters,
+            host_logged: Cell::new(None),
+        }
+    }
+
+    /// Adds to the transport's totals.
+    fn count(&self, add: impl FnOnce(&mut HttpStatus)) {
+        let mut c = self.counters.get();
+        add(&mut c);
+        self.counters.set(c);
     }
 }
 
@@ -75,6 +114,50 @@ impl Api {
 }
 
 impl Handler for Api {
+    /// The DNS-rebinding guard (`hosts.rs`): a `Host` that is not one of this machine's
+    /// names is answered 421 Misdirected Request (RFC 9110 §15.5.20: this server will not
+    /// answer for that name), whatever the route or method; nothing is forwarded.
+    fn admit(&self, head: &Head) -> Result<(), Response> {
+        let Some(host) = head.host.as_deref() else {
+            return Ok(());
+        };
+        let config = self.hub.config();
+        if crate::hosts::host_allowed(host, self.machine.as_deref(), &config.http.allowed_hosts) {
+            return Ok(());
+        }
+        self.hub.count_http("host", 421);
+        self.count(|c| c.hosts_refused += 1);
+        let now = Instant::now();
+        if self
+            .host_logged
+            .get()
+            .is_none_or(|at| now.duration_since(at) >= HOST_LOG_INTERVAL)
+        {
+            self.host_logged.set(Some(now));
+            log::warn!(
+                "refused a request for Host {host:?} (421): not an IP address, localhost or this machine's name; \
+                 a name of this machine must be listed in http.allowed_hosts (a web page on another name may be \
+                 a DNS rebinding attack); at most one such line a minute"
+            );
+        }
+        Err(Response::error(
+            421,
+            format!(
+                "hass-edge does not answer for Host {host:?}: only IP addresses, localhost, this machine's host name{} \
+                 and the names in http.allowed_hosts are (a guard against DNS rebinding); add the name to \
+                 http.allowed_hosts in hass-edge's config to use it",
+                self.machine
+                    .as_deref()
+                    .map(|m| format!(" ({m}, {m}.local)"))
+                    .unwrap_or_default()
+            ),
+        ))
+    }
+
+    fn evicted(&self) {
+        self.count(|c| c.connections_evicted += 1);
+    }
+
     fn handle<'a>(&'a self, request: &'a Request) -> Pin<Box<dyn Future<Output = Response> + 'a>> {
         Box::pin(async move {
             let (route, response) = handle(&self.hub, request).await;
@@ -202,6 +285,8 @@ async fn authorized(hub: &Hub, request: &Request, allow_query: bool) -> Result<(
 
 /// Whether a request's `Origin` (RFC 6454) may use the API: absent (not from a browser's
 /// cross-site request), listed in `http.cors_origins`, or our own (`http://` + `Host`).
+/// "Our own" is safe only because the `Host` was checked first ([`Handler::admit`]): a page
+/// on a rebound attacker's name never gets here.
 fn origin_allowed(origin: Option<&str>, host: Option<&str>, cors_origins: &[String]) -> bool {
     let Some(origin) = origin else {
         return true;

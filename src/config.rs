@@ -61,6 +61,9 @@ pub const MAX_WEBSOCKET_COALESCE_MS: u64 = 1000;
 /// hyphen in every other one (`lovelace/__init__.py` `_validate_url_slug`).
 pub const DEFAULT_DASHBOARD: &str = "lovelace";
 
+/// Most entries in `http.allowed_hosts`.
+pub const MAX_ALLOWED_HOSTS: usize = 256;
+
 /// Most entries in each of `dashboards.url_paths`, `dashboards.always`, `dashboards.never`.
 pub const MAX_DASHBOARD_LIST: usize = 1024;
 
@@ -82,6 +85,7 @@ const LIST_KEYS: &[&str] = &[
     "include_prefixes",
     "exclude_domains",
     "cors_origins",
+    "allowed_hosts",
     "url_paths",
     "always",
     "never",
@@ -241,6 +245,7 @@ struct RawHttp {
     api_token_file: PathBuf,
     allow_service_calls: bool,
     cors_origins: Vec<String>,
+    allowed_hosts: Vec<String>,
     forward: bool,
     x_forwarded_for: bool,
     max_forward_body_bytes: usize,
@@ -256,6 +261,7 @@ impl Default for RawHttp {
             api_token_file: PathBuf::new(),
             allow_service_calls: true,
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             forward: true,
             x_forwarded_for: false,
             max_forward_body_bytes: DEFAULT_FORWARD_BODY_BYTES,
@@ -431,6 +437,11 @@ pub struct HttpConfig {
     pub allow_service_calls: bool,
     /// Browser origins allowed by CORS (exact `scheme://host[:port]`).
     pub cors_origins: Vec<String>,
+    /// Host names the local API answers besides IP literals, `localhost` (`*.localhost`)
+    /// and the machine's own name (`hosts.rs`, the DNS-rebinding guard): lower case, no
+    /// trailing dot, at most [`MAX_ALLOWED_HOSTS`]. A request with any other `Host` is
+    /// answered 421.
+    pub allowed_hosts: Vec<String>,
     /// Whether requests hass-edge does not answer itself are forwarded to HA (`true`), or
     /// answered 404 (`false`). See `proxy.rs`.
     pub forward: bool,
@@ -812,6 +823,27 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
     }
+    if raw.http.allowed_hosts.len() > MAX_ALLOWED_HOSTS {
+        return Err(invalid(
+            "http.allowed_hosts",
+            format!(
+                "{} names, at most {MAX_ALLOWED_HOSTS}",
+                raw.http.allowed_hosts.len()
+            ),
+        ));
+    }
+    let mut allowed_hosts = Vec::with_capacity(raw.http.allowed_hosts.len());
+    for name in &raw.http.allowed_hosts {
+        if !crate::hosts::valid_name(name) {
+            return Err(invalid(
+                "http.allowed_hosts",
+                format!(
+                    "{name:?} is not a host name like \"kiosk.lan\" (no scheme, port, path or wildcard)"
+                ),
+            ));
+        }
+        allowed_hosts.push(crate::hosts::normalize(name));
+    }
     let max_forward_body_bytes = raw.http.max_forward_body_bytes;
     if !(1024..=MAX_FORWARD_BODY_BYTES).contains(&max_forward_body_bytes) {
         return Err(invalid(
@@ -893,6 +925,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             api_token_file,
             allow_service_calls: raw.http.allow_service_calls,
             cors_origins: raw.http.cors_origins,
+            allowed_hosts,
             forward: raw.http.forward,
             x_forwarded_for: raw.http.x_forwarded_for,
             max_forward_body_bytes,
@@ -1238,6 +1271,40 @@ mod tests {
                 .to_string();
             assert!(e.contains("http.cors_origins"), "{e}");
         }
+    }
+
+    /// `http.allowed_hosts` (the DNS-rebinding guard, hosts.rs): host names only, kept lower
+    /// case without a trailing dot; from the environment as a comma-separated list.
+    #[test]
+    fn allowed_hosts_are_host_names() {
+        assert!(parse("").unwrap().http.allowed_hosts.is_empty());
+        let c = parse("[http]\nallowed_hosts = [\"Kiosk.LAN\", \"pi.example.com.\"]").unwrap();
+        assert_eq!(c.http.allowed_hosts, ["kiosk.lan", "pi.example.com"]);
+        let c = parse_config(
+            "",
+            env(&[("HASS_EDGE_HTTP_ALLOWED_HOSTS", "kiosk.lan, hall.lan")]),
+        )
+        .unwrap();
+        assert_eq!(c.http.allowed_hosts, ["kiosk.lan", "hall.lan"]);
+        for bad in [
+            "http://kiosk.lan",
+            "kiosk.lan:8124",
+            "*.lan",
+            "",
+            "kiosk.lan/",
+        ] {
+            let e = parse(&format!("[http]\nallowed_hosts = [\"{bad}\"]"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("http.allowed_hosts"), "{bad:?}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_ALLOWED_HOSTS)
+            .map(|i| format!("\"h{i}.lan\""))
+            .collect();
+        let e = parse(&format!("[http]\nallowed_hosts = [{}]", many.join(",")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http.allowed_hosts"), "{e}");
     }
 
     /// Issue 13: a refused `ha.url` was echoed with its password.

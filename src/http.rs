@@ -1,17 +1,20 @@
 //! The local HTTP/1.1 API (RFC 9112): httparse for request heads, a small responder,
 //! keep-alive and pipelining, `HEAD`, and caps on everything a client controls: header size
-//! and count (431), body size (413), connections (503), idle and slow clients (timeouts).
+//! and count (431), body size (413), connections (a slot per connection: the one idle
+//! longest, or a request trickling in, makes room for a newcomer; 503 when none can), idle
+//! and slow clients (timeouts), and a `Host` check before anything else ([`Handler::admit`]).
 //! Errors are JSON bodies `{"message": …}`, the shape HA's REST API uses.
 //!
 //! A leaf: it knows requests, responses, limits and keep-alive, and hands each request to a
 //! [`Handler`] (the routes, `api.rs`); a body produced in pieces (a long list, an event
 //! stream) is a [`Pieces`] writer, whatever it holds.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -23,7 +26,9 @@ use smol::{LocalExecutor, Timer};
 use crate::deadline::Deadline;
 use crate::shutdown::Shutdown;
 
-/// Concurrent connections; more are answered 503 and closed.
+/// Concurrent connections. At the cap a new connection takes the slot of the connection idle
+/// longest, or of a request arriving for over [`SLOW_REQUEST`] (`Slots` in this module); only
+/// when there is none is it answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 512;
 /// Largest request head (request line + headers), bytes.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -31,9 +36,11 @@ pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 48;
 /// Largest request body, bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// A connection with no request in progress is closed after this long.
+/// A kept-alive connection with no request in progress is closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A started request must arrive completely within this long (slow-loris guard).
+/// A started request must arrive completely within this long (slow-loris guard); a new
+/// connection's first request must also start within this long of the accept, or the
+/// connection is closed (a connection that says nothing holds a slot for at most this).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Kernel send buffer of a close-delimited (event stream) response, bytes. Linux autotunes
 /// a socket's buffer up to 4 MiB (`net.ipv4.tcp_wmem`): a stream client that stops reading
@@ -41,6 +48,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// blocked, which with 63 of them cost most of a core (measured, RELIABILITY.md `starve`).
 /// An event is a few KiB; this holds dozens, and a stalled client blocks at once.
 pub const STREAM_SEND_BUFFER: usize = 64 * 1024;
+/// At [`MAX_CONNECTIONS`] with no idle connection, a request still arriving after this long
+/// (its head or body incomplete) gives its slot to a new connection and is answered 408. A
+/// request sent whole arrives in milliseconds; this is for clients that trickle.
+pub const SLOW_REQUEST: Duration = Duration::from_secs(1);
 /// A response must be written within this long.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -211,6 +222,7 @@ pub struct Exchange<'a> {
     buffered: &'a mut Vec<u8>,
     deadline: &'a mut Deadline,
     shutdown: &'a Shutdown,
+    slot: &'a Slot,
 }
 
 impl std::fmt::Debug for Exchange<'_> {
@@ -236,7 +248,7 @@ impl<'a> Exchange<'a> {
                 self.stream,
                 self.buffered,
                 self.deadline,
-                false,
+                Wait::Request(self.slot),
                 self.shutdown,
             )
             .await?
@@ -250,6 +262,9 @@ impl<'a> Exchange<'a> {
         out.extend_from_slice(&self.buffered[..n]);
         self.buffered.drain(..n);
         self.body_left -= n;
+        if self.body_left == 0 {
+            self.slot.set(SlotState::Busy);
+        }
         Ok(n)
     }
 
@@ -311,9 +326,23 @@ pub trait Handler {
         Box::pin(std::future::ready(Ok(false)))
     }
 
+    /// Checks a request's head before anything else is done with it (nothing of its body
+    /// read, no `100 Continue` sent, nothing forwarded): `Err(response)` refuses it, the
+    /// response is written and the connection closed. The handler counts its own refusals
+    /// ([`Handler::refused`] is not called for them). The default admits every request.
+    fn admit(&self, _head: &Head) -> Result<(), Response> {
+        Ok(())
+    }
+
     /// The transport refused a request itself with `status` (malformed or over a limit:
-    /// 400, 408, 411, 413, 431; or 503 over [`MAX_CONNECTIONS`]), for counting.
+    /// 400, 408, 411, 413, 431; or 503 over [`MAX_CONNECTIONS`] with no idle connection),
+    /// for counting.
     fn refused(&self, status: u16);
+
+    /// The transport closed an idle connection, or answered 408 to a request arriving for
+    /// over [`SLOW_REQUEST`], to make room for a new one at [`MAX_CONNECTIONS`], for
+    /// counting (the 408 is also passed to [`Handler::refused`]).
+    fn evicted(&self);
 }
 
 fn reason(status: u16) -> &'static str {
@@ -330,6 +359,7 @@ fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
+        421 => "Misdirected Request",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -348,7 +378,7 @@ pub async fn serve<H: Handler + 'static>(
     executor: Rc<LocalExecutor<'static>>,
     shutdown: Shutdown,
 ) {
-    let open = Rc::new(Cell::new(0usize));
+    let slots = Rc::new(Slots::default());
     loop {
         let accepted = async { Some(listener.accept().await) }
             .or(async {
@@ -369,77 +399,271 @@ pub async fn serve<H: Handler + 'static>(
         stream.set_nodelay(true).ok();
         // A connect flood keeps the listener always ready: let the other tasks run.
         smol::future::yield_now().await;
-        if open.get() >= MAX_CONNECTIONS {
-            handler.refused(503);
-            let r = Response::error(503, "too many connections").with_header("Retry-After", "1");
-            executor
-                .spawn(async move {
-                    let _ = write_response(&mut stream, r, false, false, None).await;
-                })
-                .detach();
-            continue;
+        let (slot, evicted) = match Slots::take(&slots, Instant::now()) {
+            Some(taken) => taken,
+            None => {
+                handler.refused(503);
+                let r = Response::error(
+                    503,
+                    "too many connections, none of them idle; try again in a second",
+                )
+                .with_header("Retry-After", "1");
+                executor
+                    .spawn(async move {
+                        let _ = write_response(&mut stream, r, false, false, None).await;
+                    })
+                    .detach();
+                continue;
+            }
+        };
+        if evicted {
+            handler.evicted();
         }
-        open.set(open.get() + 1);
-        let (handler, shutdown, open) = (handler.clone(), shutdown.clone(), open.clone());
+        let (handler, shutdown) = (handler.clone(), shutdown.clone());
         executor
             .spawn(async move {
-                if let Err(e) = connection(stream, peer, &*handler, &shutdown).await {
+                // `slot` is released when this task ends, however it ends.
+                if let Err(e) = connection(stream, peer, &*handler, &shutdown, &slot).await {
                     log::debug!("HTTP connection ended: {e}");
                 }
-                open.set(open.get() - 1);
             })
             .detach();
     }
 }
 
-/// Serves one connection: requests in order until close, error, timeout or shutdown.
+/// The [`MAX_CONNECTIONS`] connection slots, and which connections are idle: waiting for
+/// the first byte of a request, either a new connection's first (since the accept) or the
+/// next one on a kept-alive connection (since the last response).
+///
+/// At the cap, a new connection takes the slot of the one idle longest, never-spoken
+/// connections first, and that connection is closed (with nothing in flight on it: a client
+/// sees an idle keep-alive connection closed, RFC 9112 §9.6). Refusing the newcomer instead
+/// let one local process that opens 512 connections and sends nothing keep every other
+/// client out (all of them share 127.0.0.1, so a share per address would not help). With
+/// none idle, the slot of the request that has been arriving longest, for at least
+/// [`SLOW_REQUEST`] (a head or body sent a byte at a time, the same attack one step on), is
+/// taken: that client is answered 408. Only when no connection is either (requests being
+/// answered, event streams, WebSocket sessions, which have limits of their own) is the
+/// newcomer answered 503.
+///
+/// One small entry per connection (its state and, while idle, the waker that closes it);
+/// the vector keeps its largest size, at most [`MAX_CONNECTIONS`] entries and the few
+/// evicted in the same turn of the executor.
+#[derive(Debug, Default)]
+struct Slots {
+    /// The entries, indexed by [`Slot::index`]; freed ones are reused.
+    entries: RefCell<Vec<Entry>>,
+    /// Indexes of free entries.
+    free: RefCell<Vec<usize>>,
+    /// Entries taken and not evicted: what counts against [`MAX_CONNECTIONS`].
+    open: std::cell::Cell<usize>,
+}
+
+/// One connection's entry in [`Slots`].
+#[derive(Debug)]
+struct Entry {
+    /// What the connection is doing.
+    state: SlotState,
+    /// Wakes the connection's idle wait when it is evicted.
+    waker: Option<Waker>,
+}
+
+/// What a connection is doing, as far as [`Slots`] cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// No connection.
+    Free,
+    /// A request in progress, a response being written, a stream or a WebSocket session.
+    Busy,
+    /// Waiting for a request's first byte since `since`; `spoken`: after a request (a
+    /// kept-alive connection), rather than a new connection's first.
+    Idle { spoken: bool, since: Instant },
+    /// Receiving a request (its head, or a body) that started at `since`.
+    Receiving { since: Instant },
+    /// Closed to make room for a newcomer; the slot is no longer counted.
+    Evicted,
+}
+
+impl Slots {
+    /// A slot for a connection accepted `now`, idle (nothing read yet): a free one, or the
+    /// slot of the connection idle longest, which is evicted (`true`). `None` when all
+    /// [`MAX_CONNECTIONS`] are taken and none is idle.
+    fn take(slots: &Rc<Slots>, now: Instant) -> Option<(Slot, bool)> {
+        let mut entries = slots.entries.borrow_mut();
+        let mut evicted = false;
+        if slots.open.get() >= MAX_CONNECTIONS {
+            let oldest = entries
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| match e.state {
+                    SlotState::Idle { spoken, since } => Some(((u8::from(spoken), since), i)),
+                    SlotState::Receiving { since }
+                        if now.saturating_duration_since(since) >= SLOW_REQUEST =>
+                    {
+                        Some(((2, since), i))
+                    }
+                    _ => None,
+                })
+                .min()?
+                .1;
+            let victim = &mut entries[oldest];
+            victim.state = SlotState::Evicted;
+            if let Some(waker) = victim.waker.take() {
+                waker.wake();
+            }
+            slots.open.set(slots.open.get() - 1);
+            evicted = true;
+        }
+        let entry = Entry {
+            state: SlotState::Idle {
+                spoken: false,
+                since: now,
+            },
+            waker: None,
+        };
+        let index = match slots.free.borrow_mut().pop() {
+            Some(i) => {
+                entries[i] = entry;
+                i
+            }
+            None => {
+                entries.push(entry);
+                entries.len() - 1
+            }
+        };
+        slots.open.set(slots.open.get() + 1);
+        let slot = Slot {
+            slots: slots.clone(),
+            index,
+        };
+        Some((slot, evicted))
+    }
+}
+
+/// A connection's hold on its entry in [`Slots`]; released on drop.
+#[derive(Debug)]
+struct Slot {
+    /// The slots.
+    slots: Rc<Slots>,
+    /// This connection's entry.
+    index: usize,
+}
+
+impl Slot {
+    /// Sets the state, unless the connection was evicted.
+    fn set(&self, state: SlotState) {
+        let mut entries = self.slots.entries.borrow_mut();
+        let entry = &mut entries[self.index];
+        if entry.state != SlotState::Evicted {
+            entry.state = state;
+        }
+    }
+
+    /// Whether the connection was evicted (it must then close).
+    fn is_evicted(&self) -> bool {
+        self.slots.entries.borrow()[self.index].state == SlotState::Evicted
+    }
+
+    /// Resolves once the connection is evicted.
+    async fn evicted(&self) {
+        std::future::poll_fn(|cx| {
+            let mut entries = self.slots.entries.borrow_mut();
+            let entry = &mut entries[self.index];
+            if entry.state == SlotState::Evicted {
+                Poll::Ready(())
+            } else {
+                if !entry
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    entry.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut entries = self.slots.entries.borrow_mut();
+        let entry = &mut entries[self.index];
+        if entry.state != SlotState::Evicted {
+            self.slots.open.set(self.slots.open.get() - 1);
+        }
+        entry.state = SlotState::Free;
+        entry.waker = None;
+        self.slots.free.borrow_mut().push(self.index);
+    }
+}
+
+/// Serves one connection: requests in order until close, error, timeout, eviction (see
+/// [`Slots`]) or shutdown.
 async fn connection(
     mut stream: TcpStream,
     peer: std::net::SocketAddr,
     handler: &dyn Handler,
     shutdown: &Shutdown,
+    slot: &Slot,
 ) -> std::io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut deadline = Deadline::new(Instant::now() + IDLE_TIMEOUT);
+    // The first request must start within REQUEST_TIMEOUT of the accept.
+    let mut deadline = Deadline::new(Instant::now() + REQUEST_TIMEOUT);
+    let mut spoken = false;
     loop {
-        let (request, consumed, keep_alive) =
-            match read_request(&mut stream, &mut buf, &mut deadline, handler, shutdown).await? {
-                Parsed::Request {
-                    request,
-                    consumed,
-                    keep_alive,
-                } => (request, consumed, keep_alive),
-                Parsed::Forward { head, head_len } => {
-                    let keep_alive = head.keep_alive;
-                    let raw_head = buf.drain(..head_len).collect();
-                    // A forward may be a WebSocket session that lasts for days: meanwhile the
-                    // read buffer (4 KiB once `fill` has read into it) keeps only what came
-                    // after the head, usually nothing.
-                    buf.shrink_to_fit();
-                    let exchange = Exchange {
-                        raw_head,
-                        body_left: head.content_length,
-                        head,
-                        peer,
-                        stream: &mut stream,
-                        buffered: &mut buf,
-                        deadline: &mut deadline,
-                        shutdown,
-                    };
-                    if !(handler.forward(exchange).await? && keep_alive) || shutdown.is_triggered()
-                    {
-                        return Ok(());
-                    }
-                    smol::future::yield_now().await;
-                    continue;
-                }
-                Parsed::Closed => return Ok(()),
-                Parsed::Reject(response) => {
-                    handler.refused(response.status);
-                    Box::pin(write_response(&mut stream, response, false, false, None)).await?;
+        let parsed = read_request(
+            &mut stream,
+            &mut buf,
+            &mut deadline,
+            handler,
+            shutdown,
+            (slot, spoken),
+        )
+        .await?;
+        spoken = true;
+        let (request, consumed, keep_alive) = match parsed {
+            Parsed::Request {
+                request,
+                consumed,
+                keep_alive,
+            } => (request, consumed, keep_alive),
+            Parsed::Forward { head, head_len } => {
+                let keep_alive = head.keep_alive;
+                let raw_head = buf.drain(..head_len).collect();
+                // A forward may be a WebSocket session that lasts for days: meanwhile the
+                // read buffer (4 KiB once `fill` has read into it) keeps only what came
+                // after the head, usually nothing.
+                buf.shrink_to_fit();
+                let exchange = Exchange {
+                    raw_head,
+                    body_left: head.content_length,
+                    head,
+                    peer,
+                    stream: &mut stream,
+                    buffered: &mut buf,
+                    deadline: &mut deadline,
+                    shutdown,
+                    slot,
+                };
+                if !(handler.forward(exchange).await? && keep_alive) || shutdown.is_triggered() {
                     return Ok(());
                 }
-            };
+                smol::future::yield_now().await;
+                continue;
+            }
+            Parsed::Closed => return Ok(()),
+            Parsed::Reject(response) => {
+                handler.refused(response.status);
+                Box::pin(write_response(&mut stream, response, false, false, None)).await?;
+                return Ok(());
+            }
+            Parsed::Refused(response) => {
+                Box::pin(write_response(&mut stream, response, false, false, None)).await?;
+                return Ok(());
+            }
+        };
         buf.drain(..consumed);
         let head = request.method == "HEAD";
         let response = handler.handle(&request).await;
@@ -476,7 +700,10 @@ enum Parsed {
         head_len: usize,
     },
     Closed,
+    /// Refused by the transport: counted with [`Handler::refused`], answered, closed.
     Reject(Response),
+    /// Refused by [`Handler::admit`] (which counted it): answered, closed.
+    Refused(Response),
 }
 
 /// The parts of a request head we keep.
@@ -629,15 +856,42 @@ pub fn body_refusal(head: &Head, limit: usize) -> Option<Response> {
         .then(|| Response::error(413, format!("request body larger than {limit} bytes")))
 }
 
-/// Reads more bytes into `buf` before `deadline`: `Ok(None)` once it has passed, `Ok(Some(0))`
-/// on EOF (or shutdown when `idle`).
+/// What a connection waits for in [`fill`], for its slot (see [`Slots`]).
+#[derive(Debug, Clone, Copy)]
+enum Wait<'a> {
+    /// A request's first byte; `spoken`: after a request (kept alive), rather than a new
+    /// connection's first. The connection is idle meanwhile: shutdown or an eviction end
+    /// the wait as EOF does.
+    Idle { slot: &'a Slot, spoken: bool },
+    /// The rest of a request (its head or body): an eviction ends the wait as the deadline
+    /// does.
+    Request(&'a Slot),
+}
+
+/// Reads more bytes into `buf` before `deadline`: `Ok(None)` once it has passed (or the
+/// connection was evicted mid-request), `Ok(Some(0))` on EOF (or shutdown or an eviction
+/// while [`Wait::Idle`]).
 async fn fill(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     deadline: &mut Deadline,
-    idle: bool,
+    wait: Wait<'_>,
     shutdown: &Shutdown,
 ) -> std::io::Result<Option<usize>> {
+    let (slot, idle) = match wait {
+        Wait::Idle { slot, spoken } => {
+            if spoken {
+                // Idle from now. (A new connection was marked idle, never spoken, when it
+                // was accepted, and keeps that mark and its time.)
+                slot.set(SlotState::Idle {
+                    spoken: true,
+                    since: Instant::now(),
+                });
+            }
+            (slot, Some(spoken))
+        }
+        Wait::Request(slot) => (slot, None),
+    };
     // Read into the buffer itself, not a stack array: an array would be part of every
     // connection task's state for the task's whole life, also while a WebSocket session or a
     // forward runs on the connection.
@@ -645,10 +899,11 @@ async fn fill(
     buf.resize(start + 4096, 0);
     let read_into = &mut buf[start..];
     let n = async {
-        if idle {
+        if idle == Some(true) {
             // Between keep-alive requests the socket is almost always empty: wait for the
             // reactor first instead of a read that fails with EAGAIN (one syscall of the
-            // four a request costs at 16 connections).
+            // four a request costs at 16 connections). A new connection's request usually
+            // came with it: read at once.
             let source: std::sync::Arc<smol::Async<std::net::TcpStream>> = stream.clone().into();
             source.readable().await?;
         }
@@ -659,8 +914,12 @@ async fn fill(
         Ok(None)
     })
     .or(async {
+        slot.evicted().await;
+        Ok(None)
+    })
+    .or(async {
         // Between requests, shutdown closes the connection; mid-request it may finish.
-        if idle {
+        if idle.is_some() {
             shutdown.wait().await;
             Ok(Some(0))
         } else {
@@ -669,17 +928,30 @@ async fn fill(
     })
     .await;
     buf.truncate(start + n.as_ref().ok().copied().flatten().unwrap_or(0));
+    if slot.is_evicted() {
+        // Its slot is a newcomer's now: whatever came meanwhile is not read.
+        buf.truncate(start);
+        return Ok(if idle.is_some() { Some(0) } else { None });
+    }
+    if idle.is_some() && n.as_ref().is_ok_and(|n| n.is_some_and(|n| n > 0)) {
+        slot.set(SlotState::Receiving {
+            since: Instant::now(),
+        });
+    }
     n
 }
 
-/// Reads one request from `buf` + `stream`. `deadline` is the connection's: idle, it is
-/// [`IDLE_TIMEOUT`] from now; once a request has started, [`REQUEST_TIMEOUT`] from then.
+/// Reads one request from `buf` + `stream`. `deadline` is the connection's: idle between
+/// requests (`spoken`), it is [`IDLE_TIMEOUT`] from now; before a new connection's first
+/// request, as the connection set it ([`REQUEST_TIMEOUT`] from the accept); once a request
+/// has started, [`REQUEST_TIMEOUT`] from then. [`Handler::admit`] sees the head first.
 async fn read_request(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     deadline: &mut Deadline,
     handler: &dyn Handler,
     shutdown: &Shutdown,
+    (slot, spoken): (&Slot, bool),
 ) -> std::io::Result<Parsed> {
     let mut started = false;
     let (head, head_len) = loop {
@@ -692,13 +964,21 @@ async fn read_request(
         if idle && shutdown.is_triggered() {
             return Ok(Parsed::Closed);
         }
-        if idle {
+        if idle && spoken {
             deadline.set(Instant::now() + IDLE_TIMEOUT);
-        } else if !started {
+        } else if !idle && !started {
             started = true;
             deadline.set(Instant::now() + REQUEST_TIMEOUT);
+            slot.set(SlotState::Receiving {
+                since: Instant::now(),
+            });
         }
-        match fill(stream, buf, deadline, idle, shutdown).await? {
+        let wait = if idle {
+            Wait::Idle { slot, spoken }
+        } else {
+            Wait::Request(slot)
+        };
+        match fill(stream, buf, deadline, wait, shutdown).await? {
             Some(0) => return Ok(Parsed::Closed),
             Some(_) => {}
             None if idle => return Ok(Parsed::Closed),
@@ -710,6 +990,11 @@ async fn read_request(
             }
         }
     };
+    // Before anything is done with the request (the Host check, DNS rebinding): nothing is
+    // read of its body, answered or forwarded.
+    if let Err(refusal) = handler.admit(&head) {
+        return Ok(Parsed::Refused(refusal));
+    }
     let forward = handler.forwards(&head);
     if let Some(refusal) = body_refusal(&head, forward.unwrap_or(MAX_BODY_BYTES)) {
         return Ok(Parsed::Reject(refusal));
@@ -717,6 +1002,14 @@ async fn read_request(
     let needed = head_len + head.content_length;
     if buf.len() < needed && !started {
         deadline.set(Instant::now() + REQUEST_TIMEOUT);
+    }
+    if buf.len() >= needed {
+        // Received whole: from now on the request holds its slot until it is answered.
+        slot.set(SlotState::Busy);
+    } else if !started {
+        slot.set(SlotState::Receiving {
+            since: Instant::now(),
+        });
     }
     if forward.is_some() {
         if buf.len() < needed && head.expect_continue {
@@ -728,7 +1021,7 @@ async fn read_request(
         write_timed(stream, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
     while buf.len() < needed {
-        match fill(stream, buf, deadline, false, shutdown).await? {
+        match fill(stream, buf, deadline, Wait::Request(slot), shutdown).await? {
             Some(0) => return Ok(Parsed::Closed),
             Some(_) => {}
             None => {
@@ -739,6 +1032,7 @@ async fn read_request(
             }
         }
     }
+    slot.set(SlotState::Busy);
     let (path, query) = head.target.split_once('?').unwrap_or((&head.target, ""));
     let request = Request {
         query: form_urlencoded::parse(query.as_bytes())
@@ -920,4 +1214,72 @@ async fn write_timed(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()
             Err(std::io::ErrorKind::TimedOut.into())
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which connection makes room at the cap: never-spoken idle ones first (oldest first),
+    /// then kept-alive idle ones, then requests arriving for over SLOW_REQUEST; none of the
+    /// others, and then the newcomer is refused.
+    #[test]
+    fn the_slot_of_the_longest_idle_is_taken() {
+        let slots = Rc::new(Slots::default());
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut held: Vec<Slot> = (0..MAX_CONNECTIONS)
+            .map(|i| {
+                let (slot, evicted) = Slots::take(&slots, at(i as u64)).unwrap();
+                assert!(!evicted);
+                slot.set(SlotState::Busy);
+                slot
+            })
+            .collect();
+        let now = at(10_000);
+        assert!(Slots::take(&slots, now).is_none(), "all busy: refused");
+        held[7].set(SlotState::Receiving { since: at(9_500) });
+        assert!(
+            Slots::take(&slots, now).is_none(),
+            "arriving for 0.5 s only"
+        );
+        held[5].set(SlotState::Receiving { since: at(8_000) });
+        held[3].set(SlotState::Idle {
+            spoken: true,
+            since: at(9_000),
+        });
+        held[9].set(SlotState::Idle {
+            spoken: true,
+            since: at(2_000),
+        });
+        held[300].set(SlotState::Idle {
+            spoken: false,
+            since: at(300),
+        });
+        let mut order = Vec::new();
+        let mut newcomers = Vec::new();
+        for _ in 0..4 {
+            let (slot, evicted) = Slots::take(&slots, now).unwrap();
+            assert!(evicted);
+            order.push(
+                held.iter()
+                    .position(|s| s.is_evicted() && !order.contains(&s.index))
+                    .map(|i| held[i].index)
+                    .unwrap(),
+            );
+            slot.set(SlotState::Busy);
+            newcomers.push(slot);
+        }
+        assert_eq!(
+            order,
+            [300, 9, 3, 5],
+            "never spoken, idle longest, idle, slow request"
+        );
+        assert!(Slots::take(&slots, now).is_none());
+        assert_eq!(slots.open.get(), MAX_CONNECTIONS);
+        // An evicted connection's end frees no second slot; a served one's frees one.
+        held.truncate(10);
+        assert_eq!(slots.open.get(), 10 - 3 + 4, "7 held, 4 newcomers");
+        assert!(Slots::take(&slots, now).is_some_and(|(_, evicted)| !evicted));
+    }
 }

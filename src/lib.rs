@@ -24,6 +24,7 @@ pub mod files;
 pub mod filter;
 pub mod ha;
 pub mod ha_tokens;
+pub mod hosts;
 pub mod http;
 pub mod hub;
 pub mod logging;

@@ -208,6 +208,18 @@ pub fn render(status: &Status) -> String {
         );
     }
     o.single(
+        "hass_edge_http_hosts_refused_total",
+        "counter",
+        "Local API requests refused (421) for a Host that is not one of hass-edge's names (http.allowed_hosts).",
+        status.forwarding.http.hosts_refused,
+    );
+    o.single(
+        "hass_edge_http_connections_evicted_total",
+        "counter",
+        "Idle local API connections closed (or trickling requests answered 408) to make room for a new one at the connection cap.",
+        status.forwarding.http.connections_evicted,
+    );
+    o.single(
         "hass_edge_sse_clients",
         "gauge",
         "Connected /api/stream clients.",

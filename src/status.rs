@@ -152,8 +152,10 @@ pub struct Status {
     pub forwarding: ForwardStatus,
 }
 
-/// Forwarding to HA now (`proxy.rs`, `assets.rs`, `events.rs`): open forwards and tunnels,
-/// the frontend asset cache, and the stream clients of HA's other events.
+/// What the layers above the hub report (`api.rs` gathers it): forwarding to HA now
+/// (`proxy.rs`, `assets.rs`, `events.rs`: open forwards and tunnels, the frontend asset
+/// cache, the stream clients of HA's other events), the local WebSocket API, and the HTTP
+/// transport's refusals and evictions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ForwardStatus {
     /// Requests being forwarded now.
@@ -174,6 +176,18 @@ pub struct ForwardStatus {
     pub event_clients_dropped: u64,
     /// The local WebSocket API.
     pub websocket_api: WsApiStatus,
+    /// The local HTTP transport.
+    pub http: HttpStatus,
+}
+
+/// The local HTTP transport's own totals (`http.rs`, `hosts.rs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HttpStatus {
+    /// Requests refused 421 for their `Host` (the DNS-rebinding guard, `http.allowed_hosts`).
+    pub hosts_refused: u64,
+    /// Idle connections closed, or trickling requests answered 408, to make room for a new
+    /// one at `MAX_CONNECTIONS` (total).
+    pub connections_evicted: u64,
 }
 
 /// The local WebSocket API (`ws_server.rs`, issue 16).
@@ -286,6 +300,10 @@ impl Status {
                 "auth_failures": self.forwarding.websocket_api.auth_failures,
                 "refused_full": self.forwarding.websocket_api.refused_full,
                 "commands_refused": self.forwarding.websocket_api.commands_refused,
+            },
+            "http": {
+                "hosts_refused": self.forwarding.http.hosts_refused,
+                "connections_evicted": self.forwarding.http.connections_evicted,
             },
             "warm_start": self.warm_start.map(|(n, at)| json!({"restored": n, "saved_at": iso(Some(at))})),
             "serving_stale": self.serving_stale(),

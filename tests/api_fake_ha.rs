@@ -38,7 +38,7 @@ impl Stream {
             .unwrap();
         write!(
             s,
-            "GET /api/stream{query} HTTP/1.1\r\nHost: x\r\n{headers}\r\n"
+            "GET /api/stream{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n"
         )
         .unwrap();
         let mut r = BufReader::new(s);
@@ -160,7 +160,7 @@ fn a_stream_client_that_never_reads_is_dropped_not_buffered() {
     let (fake, daemon) = live_with(DaemonOptions::default());
     // Connects, asks for everything, and never reads a byte.
     let mut idle = TcpStream::connect(daemon.addr).unwrap();
-    idle.write_all(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle.write_all(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     wait_until("the stream client is registered", deadline(), || {
         if metric(&daemon, "hass_edge_sse_clients") == 1.0 {
@@ -410,7 +410,7 @@ fn cors_only_for_configured_origins_and_service_calls_can_be_disabled() {
     assert_eq!(other.header("Access-Control-Allow-Origin"), None);
     assert_eq!(other.status, 403, "a foreign origin is refused");
     let mut raw = daemon.connect();
-    raw.send(format!("POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: x\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
+    raw.send(format!("POST /api/services/input_boolean/toggle HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").as_bytes()).unwrap();
     let r = raw.read_response(false).unwrap();
     assert_eq!(r.status, 403, "allow_service_calls = false");
 }

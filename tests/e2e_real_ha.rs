@@ -532,7 +532,7 @@ fn a_long_states_list_is_whole_and_exactly_framed() {
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    std::io::Write::write_all(&mut conn, b"HEAD /api/states HTTP/1.1\r\nHost: x\r\n\r\nGET /api/states HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    std::io::Write::write_all(&mut conn, b"HEAD /api/states HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /api/states HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw).unwrap();
     let mut rest = &raw[..];
@@ -839,7 +839,7 @@ fn open_stream(daemon: &Daemon, query: &str) -> BufReader<std::net::TcpStream> {
         .unwrap();
     write!(
         s,
-        "GET /api/stream{query} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+        "GET /api/stream{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
     )
     .unwrap();
     let mut r = BufReader::new(s);

@@ -34,7 +34,7 @@ fn a_stream_client_that_stops_reading_is_dropped_by_bytes_and_reset_at_once() {
     // Asks for everything and never reads a byte.
     let mut stalled = TcpStream::connect(daemon.addr).unwrap();
     stalled
-        .write_all(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     wait_until(
         "the stream client is registered",

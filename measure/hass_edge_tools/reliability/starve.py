@@ -261,7 +261,7 @@ def health_probe(ports: list[int], period: float, out, stop, ready) -> None:
     turn (spread evenly over the period). Sends [(t, ms, status, port index)] on stop. A request
     with no answer within 5 s counts as 5000 ms and its connection is re-opened."""
     rows = []
-    req = b"GET /health HTTP/1.1\r\nHost: probe\r\n\r\n"
+    req = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
     def connect(port: int) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -296,7 +296,7 @@ def sse_observer(port: int, out, stop, ready) -> None:
     monotonic times of the response head and of each `: keep-alive`."""
     times = []
     s = socket.create_connection(("127.0.0.1", port), timeout=1)
-    s.sendall(b"GET /api/stream?entity_id=sensor.starve_never_changes HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"GET /api/stream?entity_id=sensor.starve_never_changes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     buf = b""
     head = None
     ready.set()
@@ -327,7 +327,7 @@ def pipeline_flood(port: int, path: bytes, stop, out) -> None:
     """One connection: a writer pipelines requests as fast as the socket takes them, a reader
     drains the answers. Sends {requests sent, answers read}."""
     s = socket.create_connection(("127.0.0.1", port))
-    req = b"GET " + path + b" HTTP/1.1\r\nHost: pipe\r\n\r\n"
+    req = b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     batch = req * 64
     answers = [0]
     sent = 0
@@ -405,7 +405,7 @@ def hammer_flood(port: int, conns: int, paths: list[str], stop, out) -> None:
             i = itertools.count(k)
             return lambda: paths[next(i) % len(paths)]
 
-        await asyncio.gather(*(keep_alive_client(port, walker(k), "h", stop, tally) for k in range(conns)))
+        await asyncio.gather(*(keep_alive_client(port, walker(k), "127.0.0.1", stop, tally) for k in range(conns)))
         return tally
 
     out.send(asyncio.run(run()))
@@ -424,7 +424,7 @@ def sse_sinks(port: int, n: int, stop, out) -> None:
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.connect(("127.0.0.1", port))
-            s.sendall(b"GET /api/stream HTTP/1.1\r\nHost: sink\r\n\r\n")
+            s.sendall(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             return s
         except OSError:
             return None
@@ -461,7 +461,7 @@ def made_up_reads(port: int, first: int, conns: int, stop, out) -> None:
 
     async def run() -> dict:
         tally: dict[str, int] = {}
-        await asyncio.gather(*(keep_alive_client(port, next_path, "g", stop, tally) for _ in range(conns)))
+        await asyncio.gather(*(keep_alive_client(port, next_path, "127.0.0.1", stop, tally) for _ in range(conns)))
         tally["ids"] = paths_done[0]
         return tally
 
