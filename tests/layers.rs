@@ -9,8 +9,9 @@ use std::path::Path;
 /// Bottom first. Pure parts first (no sockets, no clock), then the transports and clients,
 /// the shared hub and the stream body, the services that serve it, and the wiring.
 const LAYERS: &[&[&str]] = &[
-    // Leaf helpers that import nothing of the crate: reading a file without blocking on it.
-    &["files"],
+    // Leaf helpers that import nothing of the crate: reading a file without blocking on it;
+    // which `Host` names are ours.
+    &["files", "hosts"],
     // Primitives: the HA entity model, config, timers, shutdown, systemd glue.
     &[
         "entity", "config", "deadline", "shutdown", "notify", "tls", "bucket",
