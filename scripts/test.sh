@@ -6,7 +6,8 @@
 #   scripts/test.sh            all stages
 #   scripts/test.sh STAGE...   some: unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser
 #                              clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3
-#                              wsclients-2025.4.4 frontend frontend-2026.11.0 aarch64 armhf
+#                              wsclients-2025.4.4 wsclients-2026.11.0 frontend
+#                              frontend-2026.11.0 aarch64 armhf
 #                              packaging bench reliability fuzz; and, outside the default
 #                              set, packaging-arm64 packaging-bullseye (slow, see packaging/)
 #
@@ -207,7 +208,7 @@ prune_after() {
 }
 
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3 wsclients-2025.4.4 frontend frontend-2026.11.0 aarch64 armhf packaging bench reliability fuzz)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(unit e2e-2024.3.3 e2e-2025.4.4 e2e-2026.11.0 browser clients-2024.3.3 clients-2025.4.4 wsclients-2024.3.3 wsclients-2025.4.4 wsclients-2026.11.0 frontend frontend-2026.11.0 aarch64 armhf packaging bench reliability fuzz)
 for i in "${!STAGES[@]}"; do
 	s=${STAGES[$i]}
 	case $s in
@@ -220,6 +221,7 @@ for i in "${!STAGES[@]}"; do
 		clients-2025.4.4) stage "$s" clients 2025.4.4 18138 ;;
 		wsclients-2024.3.3) stage "$s" wsclients 2024.3.3 18139 ;;
 		wsclients-2025.4.4) stage "$s" wsclients 2025.4.4 18140 ;;
+		wsclients-2026.11.0) stage "$s" wsclients 2026.11.0 18142 ;;
 		frontend) stage frontend frontend ;;
 		frontend-2026.11.0) stage "$s" frontend 2026.11.0 18141 "password api-token dashboard read-only" ;;
 		aarch64) stage aarch64 aarch64 ;;
