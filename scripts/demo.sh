@@ -47,7 +47,7 @@ hass-edge serves it at http://127.0.0.1:$EDGE_PORT. Try, in another terminal:
   curl -si 127.0.0.1:$EDGE_PORT/api/states/light.kitchen          # X-Cache: hit, Age: 0
   curl -s 127.0.0.1:$EDGE_PORT/api/states | head -c 300
   curl -sN '127.0.0.1:$EDGE_PORT/api/stream?entity_id=light.,input_boolean.'   # push stream
-  curl -s -X POST -d '{"entity_id":"input_boolean.kitchen"}' \\
+  curl -s -X POST -H 'Content-Type: application/json' -d '{"entity_id":"input_boolean.kitchen"}' \\
        127.0.0.1:$EDGE_PORT/api/services/input_boolean/toggle      # light.kitchen follows
   curl -s 127.0.0.1:$EDGE_PORT/status
   curl -s 127.0.0.1:$EDGE_PORT/metrics | grep hass_edge_events
